@@ -1,0 +1,48 @@
+# Every target sets itself up: .venv, dependencies, the compiled extension.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-installed
+EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd)
+
+.PHONY: demo test build bench sanitize soak clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "setuptools>=64" "Cython>=3.1" "numpy>=2" wheel
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,cli,plot]"
+	touch $(STAMP)
+
+# build_ext --inplace is a no-op when the .so is newer than its sources.
+build: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+
+demo: build
+	$(PY) -m capsule_sessions demo
+
+# The whole suite on both backends; conftest fails (not skips) without the extension.
+test: build
+	CAPSULE_SESSIONS_REQUIRE_CYTHON=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: build
+	$(PY) -m capsule_sessions bench --json bench-results/bench.json --plot bench-results/bench.png
+
+soak: build
+	CAPSULE_SESSIONS_REQUIRE_CYTHON=1 CAPSULE_SESSIONS_SOAK_SECONDS=600 $(PY) -m pytest -q -m soak tests
+
+# ASan + UBSan build of the extension in a separate tree, then the Cython-backend tests.
+sanitize: $(STAMP)
+	rm -rf build/sanitize && mkdir -p build/sanitize
+	CAPSULE_SESSIONS_SANITIZE=1 $(PY) setup.py --quiet build_ext --build-temp build/sanitize/tmp --build-lib build/sanitize/lib --force
+	cp -r capsule_sessions build/sanitize/pkg-src && rm -f build/sanitize/pkg-src/*.so
+	cp build/sanitize/lib/capsule_sessions/*.so build/sanitize/pkg-src/
+	mkdir -p build/sanitize/root && rm -rf build/sanitize/root/capsule_sessions && mv build/sanitize/pkg-src build/sanitize/root/capsule_sessions
+	cd build/sanitize/root && \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  CAPSULE_SESSIONS_BACKEND=cython CAPSULE_SESSIONS_REQUIRE_CYTHON=1 PYTHONPATH=. \
+	  ../../../$(PY) -m pytest -q -p no:cacheprovider -x -m "not soak" ../../../tests -k "cython"
+
+clean:
+	rm -rf build $(VENV) capsule_sessions/*.so ext/*.c ext/*.html .cache

@@ -1,0 +1,72 @@
+"""The one place that chooses a frame-buffer backend (the pure or the compiled twin).
+
+``CAPSULE_SESSIONS_BACKEND=python|cython`` forces the process default; ``backend=`` on
+``Session``/``SessionManager`` picks one per object. Asking for ``cython`` when the
+extension is missing is an ``ImportError`` that says why, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Optional
+
+from . import _framebuf_py
+
+try:
+    from . import _framebuf as _framebuf_c
+except ImportError as exc:  # not built, or built for another interpreter
+    _framebuf_c = None
+    _cython_import_error: Optional[ImportError] = exc
+else:
+    _cython_import_error = None
+
+ENV_VAR = "CAPSULE_SESSIONS_BACKEND"
+_MODULES = {"python": _framebuf_py}
+if _framebuf_c is not None:
+    _MODULES["cython"] = _framebuf_c
+
+
+def _missing_cython_message() -> str:
+    return (
+        "the Cython backend of capsule_sessions is not available "
+        f"(importing capsule_sessions._framebuf failed: {_cython_import_error}). "
+        "Reinstall with a C compiler present (`pip install .` builds it), or choose the "
+        f"pure backend with {ENV_VAR}=python or backend='python'."
+    )
+
+
+def available_backends() -> list:
+    """The backends this installation can run, fastest first."""
+    return [name for name in ("cython", "python") if name in _MODULES]
+
+
+def module_for(backend: Optional[str] = None) -> ModuleType:
+    """The frame-buffer module for ``backend`` (None: the process default)."""
+    name = BACKEND if backend is None else backend
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be 'python', 'cython' or None, got {type(name).__name__}")
+    if name == "cython" and _framebuf_c is None:
+        raise ImportError(_missing_cython_message())
+    try:
+        return _MODULES[name]
+    except KeyError:
+        raise ValueError(f"backend must be 'python', 'cython' or None, got {name!r}") from None
+
+
+def _default_backend() -> str:
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced == "cython" and _framebuf_c is None:
+        raise ImportError(f"{ENV_VAR}=cython, but " + _missing_cython_message())
+    if forced in ("python", "cython"):
+        return forced
+    if forced:
+        raise ImportError(f"{ENV_VAR} must be 'python' or 'cython', got {forced!r}")
+    return "cython" if _framebuf_c is not None else "python"
+
+
+BACKEND: str = _default_backend()
+
+
+def name_of(module: ModuleType) -> str:
+    return "cython" if module is _framebuf_c else "python"

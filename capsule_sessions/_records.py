@@ -1,0 +1,145 @@
+"""Enums and plain records shared by every layer (the Go package's value types)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+
+class SessionState(enum.IntEnum):
+    INIT = 0
+    CONNECTED = 1
+    LISTENING = 2
+    PROCESSING = 3
+    SPEAKING = 4
+    CLOSED = 5
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class PipelineMode(enum.IntEnum):
+    OMNI = 0
+    STANDARD = 1
+    # Kept as an alias for older callers, exactly like Go's ModeVoiceLLM.
+    VOICE_LLM = 0
+
+
+def rfc3339_from_instant(instant: float, clock: Optional[Callable[[], float]] = None) -> str:
+    """Render a clock instant as wall time: wall = now_wall - (clock() - instant)."""
+    clock = time.monotonic if clock is None else clock
+    wall = time.time() - (clock() - instant)
+    text = _dt.datetime.fromtimestamp(wall, tz=_dt.timezone.utc).isoformat()
+    return text.replace("+00:00", "Z")
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str
+    timestamp: Optional[float] = None
+    turn_seq: int = 0
+
+    def to_dict(self, clock: Optional[Callable[[], float]] = None) -> dict:
+        out: dict = {"role": self.role, "content": self.content}
+        # Go's omitempty: the zero timestamp and turn 0 are left out.
+        if self.timestamp is not None:
+            out["timestamp"] = rfc3339_from_instant(self.timestamp, clock)
+        if self.turn_seq:
+            out["turn_seq"] = self.turn_seq
+        return out
+
+
+@dataclass
+class DialogContextItem:
+    role: str
+    text: str
+    timestamp: int = 0
+
+
+class ConversationSnapshot(NamedTuple):
+    session_id: str
+    character_id: str
+    created_at: float
+    last_active_at: float
+    history: list
+
+
+def frame_bytes(data: Any) -> bytes:
+    """The bytes of any buffer-protocol object, as ``np.asarray(data).tobytes()`` gives them."""
+    return np.asarray(memoryview(data)).tobytes()
+
+
+_FIELDS = ("data", "mime_type", "width", "height", "source", "timestamp_ms", "frame_seq", "received_at")
+
+
+class VisualFrame:
+    """One video/image frame.
+
+    On input ``data`` is any buffer-protocol object. Frames handed out by the library
+    carry ``data`` as a read-only 1-D ``numpy.uint8`` array that never changes; both
+    backends build frames of this one class.
+    """
+
+    __slots__ = _FIELDS + ("__weakref__",)
+
+    def __init__(
+        self,
+        data: Any = b"",
+        mime_type: str = "",
+        width: int = 0,
+        height: int = 0,
+        source: str = "",
+        timestamp_ms: int = 0,
+        frame_seq: int = 0,
+        received_at: float = 0.0,
+    ) -> None:
+        self.data = data
+        self.mime_type = mime_type
+        self.width = width
+        self.height = height
+        self.source = source
+        self.timestamp_ms = timestamp_ms
+        self.frame_seq = frame_seq
+        self.received_at = received_at
+
+    @property
+    def nbytes(self) -> int:
+        return memoryview(self.data).nbytes
+
+    def as_array(self, shape: Optional[Sequence[int]] = None, dtype: Any = np.uint8) -> np.ndarray:
+        """A read-only view of the bytes as ``dtype``, reshaped to ``shape`` (zero-copy when
+        ``data`` is contiguous, which every frame the library hands out is)."""
+        view = memoryview(self.data)
+        if view.contiguous:
+            arr = np.frombuffer(view.cast("B") if view.ndim != 1 or view.format != "B" else view, dtype=dtype)
+        else:
+            arr = np.frombuffer(frame_bytes(self.data), dtype=dtype)
+        arr.flags.writeable = False
+        return arr if shape is None else arr.reshape(shape)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VisualFrame):
+            return NotImplemented
+        for name in _FIELDS[1:]:
+            if getattr(self, name) != getattr(other, name):
+                return False
+        return frame_bytes(self.data) == frame_bytes(other.data)
+
+    __hash__ = None  # type: ignore[assignment]  # frames are mutable records
+
+    def __repr__(self) -> str:
+        try:
+            size = f"{memoryview(self.data).nbytes} bytes"
+        except TypeError:
+            size = type(self.data).__name__
+        return (
+            f"VisualFrame(<{size}>, mime_type={self.mime_type!r}, width={self.width}, "
+            f"height={self.height}, source={self.source!r}, timestamp_ms={self.timestamp_ms}, "
+            f"frame_seq={self.frame_seq}, received_at={self.received_at!r})"
+        )

@@ -1,0 +1,113 @@
+"""Argument checks and time conversions shared by the pure backend and the session layer.
+
+The Cython backend implements the same rules in C; ``tests/test_validation.py`` holds
+both to them. Time is kept as int64 nanoseconds so that both backends compare instants
+exactly alike: ``ns = int(seconds * 1e9)`` (the product rounded as a C double, then
+truncated toward zero, which is what a C cast does).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import operator
+from typing import Any
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Instants stay within +-2**62 ns (about 146 years) so that the difference of any two
+# of them still fits an int64.
+MAX_INSTANT_SECONDS = 2**62 / 1e9
+# max_recent and buffer are clamped here: storage grows with what is stored, not with
+# the bound, so a huge bound is harmless and needs no error.
+MAX_COUNT = 2**31 - 1
+POLICIES = ("drop_newest", "drop_oldest")
+
+
+def _real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, _dt.timedelta):
+            return value.total_seconds()
+        raise TypeError(f"{name} must be a float number of seconds or a timedelta, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def instant(value: Any, name: str = "now") -> tuple[float, int]:
+    """An instant as (float seconds, int ns); finite and within +-MAX_INSTANT_SECONDS."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float instant in seconds, got {type(value).__name__}")
+    seconds = _real(value, name)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{name} must be finite, got {seconds!r}")
+    if abs(seconds) >= MAX_INSTANT_SECONDS:
+        raise ValueError(f"{name} is out of range (|{name}| must be < {MAX_INSTANT_SECONDS:.0f} s)")
+    return seconds, int(seconds * 1e9)
+
+
+def duration_ns(value: Any, name: str) -> int:
+    """A duration in int ns; infinities and huge values clamp to the int64 range."""
+    seconds = _real(value, name)
+    if math.isnan(seconds):
+        raise ValueError(f"{name} must not be NaN")
+    scaled = seconds * 1e9
+    if scaled >= 9.223372036854775e18:
+        return INT64_MAX
+    if scaled <= -9.223372036854775e18:
+        return -INT64_MAX
+    return int(scaled)
+
+
+def timeout_seconds(value: Any, name: str = "timeout") -> float | None:
+    """A blocking timeout: None waits forever; negative or NaN is an error (like queue.Queue)."""
+    if value is None:
+        return None
+    seconds = _real(value, name)
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds or None, got {value!r}")
+    return None if math.isinf(seconds) else seconds
+
+
+def integer(value: Any, name: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+def count(value: Any, name: str) -> int:
+    """A bound like max_recent/buffer: Go treats <= 0 as 1; huge values clamp."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    return 1 if number <= 0 else min(number, MAX_COUNT)
+
+
+def text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return str(value)  # an exact str: a subclass's hooks never run inside the ring
+
+
+def policy(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"policy must be a str, got {type(value).__name__}")
+    if value not in POLICIES:
+        raise ValueError(f"policy must be 'drop_newest' or 'drop_oldest', got {value!r}")
+    return str(value)
+
+
+def clock(value: Any) -> Any:
+    if not callable(value):
+        raise TypeError(f"clock must be a callable returning float seconds, got {type(value).__name__}")
+    return value

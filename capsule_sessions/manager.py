@@ -1,0 +1,166 @@
+"""``SessionManager``: the set of live sessions, their limit, and idle eviction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from typing import Any, Callable, Optional
+
+from . import _backend
+from . import _validate as v
+from ._records import PipelineMode
+from .errors import MaxSessionsError, SessionExistsError, SessionNotFoundError
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+
+def _cleanup_loop(manager_ref: "weakref.ref[SessionManager]", stopped: threading.Event, interval: float) -> None:
+    # A weak reference, so a manager dropped without stop() is still collected; its
+    # thread then ends at the next tick.
+    while not stopped.wait(interval):
+        manager = manager_ref()
+        if manager is None:
+            return
+        try:
+            manager.evict_idle()
+        except Exception:
+            log.exception("capsule_sessions: idle eviction failed")
+        del manager
+
+
+class SessionManager:
+    """Thread-safe registry of sessions with a concurrency limit and idle eviction.
+
+    Unlike the Go original, ``on_session_end`` runs outside the manager's lock (it may
+    call the manager), ``stop()`` is idempotent, and ending a session closes its
+    subscriptions so their readers wake up and finish.
+    """
+
+    def __init__(
+        self,
+        max_concurrent: int,
+        idle_timeout: Any = 300.0,
+        *,
+        cleanup_interval: Any = 30.0,
+        on_session_end: Optional[Callable[[Session], Any]] = None,
+        clock: Optional[Callable[[], float]] = None,
+        backend: Optional[str] = None,
+    ) -> None:
+        self.max_concurrent = v.integer(max_concurrent, "max_concurrent", 0)
+        v.duration_ns(idle_timeout, "idle_timeout")
+        self.idle_timeout = idle_timeout.total_seconds() if hasattr(idle_timeout, "total_seconds") else float(idle_timeout)
+        if cleanup_interval is not None:
+            cleanup_interval = v.timeout_seconds(cleanup_interval, "cleanup_interval")
+            if cleanup_interval == 0:
+                raise ValueError("cleanup_interval must be > 0 seconds, or None for no background eviction")
+        if on_session_end is not None and not callable(on_session_end):
+            raise TypeError(f"on_session_end must be callable or None, got {type(on_session_end).__name__}")
+        self.on_session_end = on_session_end
+        self._clock = time.monotonic if clock is None else v.clock(clock)
+        self.backend = _backend.name_of(_backend.module_for(backend))
+        self._sessions: dict = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if cleanup_interval is not None:
+            self._thread = threading.Thread(
+                target=_cleanup_loop,
+                args=(weakref.ref(self), self._stopped, cleanup_interval),
+                name="capsule-sessions-cleanup",
+                daemon=True,
+            )
+            self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<SessionManager {self.count()}/{self.max_concurrent} sessions backend={self.backend}>"
+
+    def create(self, id: str, mode: PipelineMode = PipelineMode.OMNI, character_id: str = "") -> Session:
+        id = v.text(id, "id")
+        with self._lock:
+            if len(self._sessions) >= self.max_concurrent:
+                raise MaxSessionsError(f"max concurrent sessions reached ({self.max_concurrent})")
+            if id in self._sessions:
+                raise SessionExistsError(f"session {id!r} already exists")
+            session = Session(id, mode, character_id, clock=self._clock, backend=self.backend)
+            self._sessions[id] = session
+            return session
+
+    def get(self, id: str) -> Session:
+        with self._lock:
+            try:
+                return self._sessions[id]
+            except (KeyError, TypeError):
+                raise SessionNotFoundError(f"session {id!r} not found") from None
+
+    def touch(self, id: str) -> None:
+        self.get(id).touch()
+
+    def delete(self, id: str) -> None:
+        """End session ``id``: on_session_end, CLOSED, subscriptions closed. Unknown id: no-op."""
+        with self._lock:
+            session = self._sessions.pop(id, None)
+        if session is not None:
+            self._end([session])
+
+    def list(self) -> list:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def __contains__(self, id: object) -> bool:
+        with self._lock:
+            try:
+                return id in self._sessions
+            except TypeError:
+                return False
+
+    def evict_idle(self, now: Any = None) -> list:
+        """End every session idle for longer than ``idle_timeout``; returns them."""
+        now_s = v.instant(self._clock() if now is None else now, "now")[0]
+        with self._lock:
+            idle = [s for s in self._sessions.values() if now_s - s.last_active_at > self.idle_timeout]
+            for session in idle:
+                del self._sessions[session.id]
+        self._end(idle)
+        return idle
+
+    def _end(self, sessions: list) -> None:
+        # Outside the manager lock: the callback may call back into the manager.
+        errors = []
+        for session in sessions:
+            try:
+                if self.on_session_end is not None:
+                    self.on_session_end(session)
+            except Exception as exc:  # the other sessions must still be ended
+                errors.append(exc)
+            finally:
+                session._close()
+        if errors:
+            raise errors[0]
+
+    def stop(self) -> None:
+        """Stop the background eviction thread (idempotent; returns once it has ended)."""
+        self._stopped.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def __enter__(self) -> "SessionManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        stopped = getattr(self, "_stopped", None)
+        if stopped is not None:
+            stopped.set()

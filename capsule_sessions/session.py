@@ -1,0 +1,265 @@
+"""``Session``: one conversation's state, sequencing, history, dialog context and visual input."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Iterable, Optional
+
+from . import _backend
+from . import _validate as v
+from .ingest import check_frame
+from ._records import (
+    ChatMessage,
+    ConversationSnapshot,
+    DialogContextItem,
+    PipelineMode,
+    SessionState,
+    VisualFrame,
+    rfc3339_from_instant,
+)
+
+# The ring's public methods that Session exposes unchanged. __init__ binds them onto the
+# instance so a camera loop calls the backend directly (no extra Python frame per
+# frame); the methods of the same names below exist for help() and type checkers.
+_RING_METHODS = (
+    "touch",
+    "start_visual_input",
+    "stop_visual_input",
+    "store_frame",
+    "store_visual_frame",
+    "latest_visual_frames",
+    "subscribe_visual_frames",
+    "visual_stats",
+)
+
+
+def _mode(value: Any) -> PipelineMode:
+    try:
+        return PipelineMode(value)
+    except ValueError:
+        raise ValueError(f"mode must be a PipelineMode (0 or 1), got {value!r}") from None
+
+
+class Session:
+    """A voice/vision session. Every method is safe to call from many threads at once."""
+
+    def __init__(
+        self,
+        id: str,
+        mode: PipelineMode = PipelineMode.OMNI,
+        character_id: str = "",
+        *,
+        clock: Optional[Callable[[], float]] = None,
+        backend: Optional[str] = None,
+    ) -> None:
+        self.id = v.text(id, "id")
+        self.mode = _mode(mode)
+        self.character_id = v.text(character_id, "character_id")
+        self._clock = time.monotonic if clock is None else v.clock(clock)
+        self.created_at, _ = v.instant(self._clock(), "clock()")
+        module = _backend.module_for(backend)
+        self.backend = _backend.name_of(module)
+        self._ring = module.FrameRing(self._clock, self.created_at)
+        for name in _RING_METHODS:
+            setattr(self, name, getattr(self._ring, name))
+        self.pipeline_cancel: Optional[Callable[[], Any]] = None
+        self.recording_dir: Optional[str] = None
+        self._lock = threading.Lock()
+        self._state = SessionState.INIT
+        self._owner_id = ""
+        self._pipeline_seq = 0
+        self._pipeline_done: Optional[threading.Event] = None
+        self._turn_seq = 0
+        self._greeting_started = False
+        self._history: list = []
+        self._dialog_context: list = []
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id!r} state={self.state} mode={self.mode.name} backend={self.backend}>"
+
+    # -- clock and state ---------------------------------------------------------
+    def _now(self) -> float:
+        return v.instant(self._clock(), "clock()")[0]
+
+    @property
+    def last_active_at(self) -> float:
+        return self._ring.last_active_at
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    def set_state(self, state: SessionState) -> None:
+        try:
+            state = SessionState(state)
+        except ValueError:
+            raise ValueError(f"state must be a SessionState (0..5), got {state!r}") from None
+        with self._lock:
+            self._state = state
+        self._ring.touch()
+
+    def touch(self, now: Any = None) -> None:
+        """Mark the session active at ``now`` (default: the clock)."""
+        self._ring.touch(now)
+
+    @property
+    def owner_id(self) -> str:
+        return self._owner_id
+
+    def set_owner_id(self, owner_id: str) -> None:
+        owner_id = v.text(owner_id, "owner_id")
+        with self._lock:
+            self._owner_id = owner_id
+
+    # -- pipeline and turn sequencing -------------------------------------------
+    def mark_pipeline_running(self) -> int:
+        """Start a new pipeline generation; returns its sequence number."""
+        with self._lock:
+            self._pipeline_seq += 1
+            self._pipeline_done = threading.Event()
+            return self._pipeline_seq
+
+    def mark_pipeline_finished(self, seq: int) -> None:
+        """Signal that pipeline ``seq`` ended; a stale (older) ``seq`` is ignored."""
+        seq = v.integer(seq, "seq")
+        with self._lock:
+            if seq != self._pipeline_seq or self._pipeline_done is None:
+                return
+            done = self._pipeline_done
+        done.set()
+
+    def is_current_pipeline(self, seq: int) -> bool:
+        with self._lock:
+            return self._pipeline_seq == seq
+
+    def wait_pipeline_done(self, timeout: Any) -> bool:
+        """Wait for the current pipeline; True when it is done or none was started."""
+        seconds = v.timeout_seconds(timeout)
+        with self._lock:
+            done = self._pipeline_done
+        return True if done is None else done.wait(seconds)
+
+    def mark_turn_started(self) -> int:
+        with self._lock:
+            self._turn_seq += 1
+            seq = self._turn_seq
+        self._ring.touch()
+        return seq
+
+    @property
+    def current_turn_seq(self) -> int:
+        return self._turn_seq
+
+    def is_current_turn(self, seq: int) -> bool:
+        with self._lock:
+            return self._turn_seq == seq
+
+    def try_start_voice_startup_greeting(self) -> bool:
+        """True exactly once per session: the startup greeting is never replayed."""
+        with self._lock:
+            if self._greeting_started:
+                return False
+            self._greeting_started = True
+        self._ring.touch()
+        return True
+
+    # -- history and dialog context ---------------------------------------------
+    def add_message(self, msg: ChatMessage) -> None:
+        """Append ``msg`` (a copy). An assistant message of turn N > 0 goes right after
+        the last message of turn N, so a late reply lands in its own turn."""
+        if not isinstance(msg, ChatMessage):
+            raise TypeError(f"msg must be a ChatMessage, got {type(msg).__name__}")
+        now = self._now()
+        msg = dataclasses.replace(msg)
+        if msg.timestamp is None:
+            msg.timestamp = now
+        with self._lock:
+            history = self._history
+            index = len(history)
+            if msg.turn_seq > 0 and msg.role == "assistant":
+                for i in range(len(history) - 1, -1, -1):
+                    if history[i].turn_seq == msg.turn_seq:
+                        index = i + 1
+                        break
+            history.insert(index, msg)
+        self._ring.touch(now)
+
+    def history_snapshot(self) -> list:
+        with self._lock:
+            return [dataclasses.replace(m) for m in self._history]
+
+    def conversation_snapshot(self) -> ConversationSnapshot:
+        with self._lock:
+            history = [dataclasses.replace(m) for m in self._history]
+        return ConversationSnapshot(self.id, self.character_id, self.created_at, self.last_active_at, history)
+
+    def set_dialog_context(self, items: Iterable[DialogContextItem]) -> None:
+        copied = []
+        for item in items:
+            if not isinstance(item, DialogContextItem):
+                raise TypeError(f"items must hold DialogContextItem objects, got {type(item).__name__}")
+            copied.append(dataclasses.replace(item))
+        with self._lock:
+            self._dialog_context = copied
+
+    def dialog_context_snapshot(self) -> list:
+        with self._lock:
+            return [dataclasses.replace(item) for item in self._dialog_context]
+
+    def to_dict(self) -> dict:
+        """JSON-ready, like Go's json.Marshal of the session: instants in RFC 3339 UTC."""
+        snapshot = self.conversation_snapshot()
+        return {
+            "id": self.id,
+            "character_id": self.character_id,
+            "mode": int(self.mode),
+            "history": [m.to_dict(self._clock) for m in snapshot.history],
+            "created_at": rfc3339_from_instant(snapshot.created_at, self._clock),
+            "last_active_at": rfc3339_from_instant(snapshot.last_active_at, self._clock),
+        }
+
+    # -- visual input (the backend's methods; see _RING_METHODS) -----------------
+    def start_visual_input(self, source: str, now: Any = None) -> None:
+        """Make ``source`` active; a different source clears the ring and the rate limiter."""
+        self._ring.start_visual_input(source, now)
+
+    def stop_visual_input(self, source: str = "", now: Any = None) -> None:
+        """Clear everything when ``source`` is empty, none is active, or it is the active one."""
+        self._ring.stop_visual_input(source, now)
+
+    def store_frame(self, data: Any, *, source: str, max_recent: int, min_interval: Any = 0.0,
+                    mime_type: str = "", width: int = 0, height: int = 0, timestamp_ms: int = 0,
+                    frame_seq: int = 0, now: Any = None) -> bool:
+        """Store one frame's bytes (one copy); False when rate-limited. See SPEC."""
+        return self._ring.store_frame(data, source=source, max_recent=max_recent, min_interval=min_interval,
+                                      mime_type=mime_type, width=width, height=height,
+                                      timestamp_ms=timestamp_ms, frame_seq=frame_seq, now=now)
+
+    def store_visual_frame(self, frame: VisualFrame, max_recent: int, min_interval: Any = 0.0, now: Any = None) -> bool:
+        """Go's StoreVisualFrame: store a copy of ``frame`` unless rate-limited."""
+        return self._ring.store_visual_frame(frame, max_recent, min_interval, now)
+
+    def ingest_visual_frame(self, frame: VisualFrame, config: Any, now: Any = None) -> bool:
+        """Validate ``frame`` against a ``VisualInputConfig``, then store it."""
+        check_frame(frame, config)
+        return self._ring.store_visual_frame(frame, config.max_recent_frames, config.frame_interval, now)
+
+    def latest_visual_frames(self, ttl: Any, now: Any = None) -> list:
+        """Frames no older than ``ttl`` (inclusive), oldest first; [] when ttl <= 0."""
+        return self._ring.latest_visual_frames(ttl, now)
+
+    def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> Any:
+        """A bounded queue of every frame accepted from now on."""
+        return self._ring.subscribe_visual_frames(buffer, policy=policy)
+
+    def visual_stats(self) -> dict:
+        """accepted, rate_limited, source_resets (since creation); frames, bytes (held now)."""
+        return self._ring.visual_stats()
+
+    def _close(self) -> None:
+        """Called by the manager on delete/evict: CLOSED, and every subscriber woken."""
+        with self._lock:
+            self._state = SessionState.CLOSED
+        self._ring.close_subscriptions()
