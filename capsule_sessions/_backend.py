@@ -7,17 +7,22 @@ extension is missing is an ``ImportError`` that says why, never a silent fallbac
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 from typing import Optional
 
 from . import _framebuf_py
 
+_cython_import_error: Optional[str]
 try:
-    from . import _framebuf as _framebuf_c
-except ImportError as exc:  # not built, or built for another interpreter
+    _framebuf_c: Optional[ModuleType] = importlib.import_module("capsule_sessions._framebuf")
+except ModuleNotFoundError as exc:
     _framebuf_c = None
-    _cython_import_error: Optional[ImportError] = exc
+    _cython_import_error = f"the extension was not built ({exc})"
+except ImportError as exc:  # built, but for another interpreter or numpy
+    _framebuf_c = None
+    _cython_import_error = f"importing capsule_sessions._framebuf failed: {exc}"
 else:
     _cython_import_error = None
 
@@ -29,8 +34,8 @@ if _framebuf_c is not None:
 
 def _missing_cython_message() -> str:
     return (
-        "the Cython backend of capsule_sessions is not available "
-        f"(importing capsule_sessions._framebuf failed: {_cython_import_error}). "
+        "the Cython backend of capsule_sessions is not available: "
+        f"{_cython_import_error}. "
         "Reinstall with a C compiler present (`pip install .` builds it), or choose the "
         f"pure backend with {ENV_VAR}=python or backend='python'."
     )

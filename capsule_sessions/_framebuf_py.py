@@ -54,9 +54,10 @@ from .errors import SubscriptionClosed
 __all__ = ["FrameRing", "Subscription"]
 
 
-def _buffer(data: Any) -> memoryview:
+def _check_buffer(data: Any) -> None:
+    # Released at once: a rejected call must not leave the caller's buffer exported.
     try:
-        return memoryview(data)
+        memoryview(data).release()
     except TypeError:
         raise TypeError(
             "data must support the buffer protocol (bytes, bytearray, memoryview, numpy array), "
@@ -327,7 +328,7 @@ class FrameRing:
         frame_seq: int = 0,
         now: Any = None,
     ) -> bool:
-        view = _buffer(data)
+        _check_buffer(data)
         source = v.text(source, "source")
         keep = v.count(max_recent, "max_recent")
         min_ns = v.duration_ns(min_interval, "min_interval")
@@ -343,7 +344,7 @@ class FrameRing:
                 return False
         # The copy runs outside the lock; the decision is taken again under it below,
         # because another producer may have stored meanwhile.
-        payload = _copy_bytes(view)
+        payload = _copy_bytes(memoryview(data))
         frame = VisualFrame(payload, mime_type, width, height, source, timestamp_ms, frame_seq, seconds)
         with self._lock:
             if self._rate_limited_at(now_ns, min_ns):

@@ -86,7 +86,9 @@ class VisualFrame:
     backends build frames of this one class.
     """
 
-    __slots__ = _FIELDS + ("__weakref__",)
+    # No __weakref__: a frame the library hands out must be kept alive only by strong
+    # references, which the Cython ring counts to know when a buffer is free again.
+    __slots__ = _FIELDS
 
     def __init__(
         self,
@@ -116,7 +118,7 @@ class VisualFrame:
         """A read-only view of the bytes as ``dtype``, reshaped to ``shape`` (zero-copy when
         ``data`` is contiguous, which every frame the library hands out is)."""
         view = memoryview(self.data)
-        if view.contiguous:
+        if view.c_contiguous:  # an F-ordered buffer cannot be cast; it is gathered below
             arr = np.frombuffer(view.cast("B") if view.ndim != 1 or view.format != "B" else view, dtype=dtype)
         else:
             arr = np.frombuffer(frame_bytes(self.data), dtype=dtype)
