@@ -23,12 +23,25 @@ HOW_TO_GO_PURE = (
 
 
 class BuildExtLoudly(build_ext):
+    """Cythonizes at build time (not when setup.py is read), and fails with directions."""
+
     def run(self):
         try:
+            from Cython.Build import cythonize
+
+            for ext in self.extensions:
+                (translated,) = cythonize(
+                    [ext],
+                    language_level=3,
+                    compiler_directives={"embedsignature": True},
+                    annotate=os.environ.get("CAPSULE_SESSIONS_ANNOTATE", "") not in ("", "0"),
+                    quiet=True,
+                )
+                ext.sources = translated.sources  # keep setuptools' Extension object
             super().run()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             sys.stderr.write(HOW_TO_GO_PURE)
-            raise SystemExit(f"error: building the Cython extension failed: {exc}") from exc
+            raise SystemExit(f"error: building the Cython extension failed: {exc!r}") from exc
 
 
 def extensions():
@@ -36,7 +49,6 @@ def extensions():
         return []
     try:
         import numpy
-        from Cython.Build import cythonize
     except ImportError as exc:
         raise SystemExit(f"error: {exc}.{HOW_TO_GO_PURE}") from exc
     from setuptools import Extension
@@ -55,12 +67,7 @@ def extensions():
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     )
-    return cythonize(
-        [ext],
-        language_level=3,
-        compiler_directives={"embedsignature": True},
-        annotate=os.environ.get("CAPSULE_SESSIONS_ANNOTATE", "") not in ("", "0"),
-    )
+    return [ext]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtLoudly})

@@ -1048,7 +1048,7 @@ cdef class FrameRing:
     cdef void fan_out(self, Slot *meta, PyObject **subs, Py_ssize_t n, uint64_t ticket) noexcept:
         """Offer one accepted frame to a snapshot of the subscribers, in accept order.
         Owns meta's owner/source/mime references and the subs array."""
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i = 0, j
         cdef bint saw_closed = False
         cdef _SubQueue q
         frame = None
@@ -1059,21 +1059,20 @@ cdef class FrameRing:
                     pthread_cond_wait(&self.fan_cond, &self.mu)
         pthread_mutex_unlock(&self.mu)
         try:
-            for i in range(n):
+            while i < n:
                 q = <_SubQueue>subs[i]
                 if q.closed:
                     saw_closed = True
-                    continue
-                if not q.wants_frame():
-                    continue
-                if frame is None:
-                    frame = make_frame(make_view(meta.owner, meta.nbytes), meta)
-                q.push(frame)
+                elif q.wants_frame():
+                    if frame is None:
+                        frame = make_frame(make_view(meta.owner, meta.nbytes), meta)
+                    q.push(frame)
+                i += 1
         except BaseException:
-            # Only MemoryError can get here (making the frame): whoever did not get
-            # the frame has it counted as dropped, so the books still balance.
-            for i in range(n):
-                q = <_SubQueue>subs[i]
+            # Only making the frame can fail (MemoryError): the subscribers from i on
+            # never got it, so it is counted as dropped for them and the books balance.
+            for j in range(i, n):
+                q = <_SubQueue>subs[j]
                 lock_with_gil(&q.mu)
                 if not q.closed:
                     q.dropped += 1
@@ -1143,6 +1142,9 @@ cdef class FrameRing:
         finally:
             for i in range(k):
                 if picked[i].owner != NULL:
+                    # Made here but not handed to a slot (an error stopped us first).
+                    grave_add(&grave, picked[i].frame)
+                    grave_add(&grave, picked[i].view)
                     grave_add(&grave, picked[i].owner)
                     grave_add(&grave, picked[i].source)
                     grave_add(&grave, picked[i].mime)
@@ -1171,6 +1173,8 @@ cdef class FrameRing:
             if made[i].frame != NULL:
                 grave_add(grave, made[i].frame)
                 grave_add(grave, made[i].view)
+                made[i].frame = NULL
+                made[i].view = NULL
         pthread_mutex_unlock(&self.mu)
 
     def visual_stats(self):
