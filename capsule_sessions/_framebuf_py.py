@@ -55,7 +55,9 @@ __all__ = ["FrameRing", "Subscription"]
 
 
 def _check_buffer(data: Any) -> None:
-    # Released at once: a rejected call must not leave the caller's buffer exported.
+    # Only whether data has the buffer protocol at all (the compiled twin's
+    # PyObject_CheckBuffer); the export is released at once so a rejected call leaves
+    # the caller's buffer unexported.
     try:
         memoryview(data).release()
     except TypeError:
@@ -63,12 +65,19 @@ def _check_buffer(data: Any) -> None:
             "data must support the buffer protocol (bytes, bytearray, memoryview, numpy array), "
             f"got {type(data).__name__}"
         ) from None
+    except (ValueError, BufferError):
+        pass  # an exporter that refuses: reported by _copy_bytes, after the rate check
 
 
-def _copy_bytes(view: memoryview) -> np.ndarray:
+def _copy_bytes(data: Any) -> np.ndarray:
+    try:
+        view = memoryview(data)
+    except (ValueError, BufferError) as exc:
+        raise TypeError(f"data cannot be read as bytes: {exc}") from None
     with view:
-        # tobytes() is the one copy; frombuffer wraps it read-only without another.
-        return np.frombuffer(np.asarray(view).tobytes(), dtype=np.uint8)
+        # tobytes() is the one copy (C order, whatever the strides); frombuffer wraps it
+        # read-only without another.
+        return np.frombuffer(view.tobytes(), dtype=np.uint8)
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -344,7 +353,7 @@ class FrameRing:
                 return False
         # The copy runs outside the lock; the decision is taken again under it below,
         # because another producer may have stored meanwhile.
-        payload = _copy_bytes(memoryview(data))
+        payload = _copy_bytes(data)
         frame = VisualFrame(payload, mime_type, width, height, source, timestamp_ms, frame_seq, seconds)
         with self._lock:
             if self._rate_limited_at(now_ns, min_ns):

@@ -26,8 +26,9 @@ what differs is how the bytes move:
 Locks (pthread mutexes, so they work without the GIL):
 - one per ring (``FrameRing.mu``) and one per subscriber queue (``_SubQueue.mu``);
 - lock order: ring lock, then a queue lock; never the other way round;
-- a thread that holds the GIL takes a lock with ``trylock`` first and otherwise waits
-  with the GIL released, because the holder may be copying without the GIL;
+- a thread that holds the GIL never blocks on one of these locks: it tries once, and
+  otherwise waits with the GIL released, because the holder may be copying without the
+  GIL and need it back before it unlocks (``lock_with_gil``; ``__dealloc__`` included);
 - under a lock: only C, and reference-count changes on objects whose release cannot
   run Python code. Releases that could (frames, views) are deferred to a ``Grave`` and
   done after unlocking. No Python call and no exception happen under a lock.
@@ -58,6 +59,7 @@ cnp.import_array()
 
 import asyncio
 import queue as _queue_mod
+import weakref as _weakref
 
 from capsule_sessions import _validate
 from capsule_sessions._records import VisualFrame
@@ -457,15 +459,20 @@ cdef class _SubQueue:
         if not waiters:
             return
         self.async_waiters = []
-        for loop, fut in waiters:
+        for loop_ref, fut_ref in waiters:
+            loop = loop_ref()
+            fut = fut_ref()
+            if loop is None or fut is None:
+                continue
             try:
                 loop.call_soon_threadsafe(_wake_future, fut)
             except Exception:  # a closed loop: its waiter went with it
                 pass
 
-    cdef void close_c(self) noexcept nogil:
-        """Close without Python: usable from __dealloc__. Wakes blocked threads only."""
-        pthread_mutex_lock(&self.mu)
+    cdef void close_c(self) noexcept:
+        """Close without calling Python: usable from __dealloc__. Wakes blocked threads
+        only (a parked asyncio waiter keeps its Subscription, so none is parked here)."""
+        lock_with_gil(&self.mu)
         self.closed = True
         pthread_cond_broadcast(&self.cond)
         pthread_mutex_unlock(&self.mu)
@@ -619,7 +626,9 @@ cdef class Subscription:
         deadline = None if seconds is None else loop.time() + seconds
         while True:
             fut = loop.create_future()
-            waiter = (loop, fut)
+            # Weak: the ring holds this queue through a pointer the GC cannot see, so a
+            # strong reference here would keep an abandoned task and its loop alive.
+            waiter = (_weakref.ref(loop), _weakref.ref(fut))
             result = self.q.try_pop(True)
             if result is not None:
                 return result
@@ -954,7 +963,10 @@ cdef class FrameRing:
             return False
         pthread_mutex_unlock(&self.mu)
 
-        PyObject_GetBuffer(data, &buf, PyBUF_RECORDS_RO)
+        try:
+            PyObject_GetBuffer(data, &buf, PyBUF_RECORDS_RO)
+        except (ValueError, BufferError) as exc:
+            raise TypeError(f"data cannot be read as bytes: {exc}") from None
         grave_init(&grave)
         try:
             contiguous = PyBuffer_IsContiguous(&buf, b'C')
