@@ -11,15 +11,19 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "setuptools>=64" "Cython>=3.1" "numpy>=2" wheel
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,cli,plot]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,cli,plot,video]"
 	touch $(STAMP)
 
 # build_ext --inplace is a no-op when the .so is newer than its sources.
 build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
+# The synthetic multi-camera demo, then the real-video ingest on a sample clip that
+# the project encodes itself on first use (cached under .cache/).
 demo: build
-	$(PY) -m capsule_sessions demo
+	$(PY) -m capsule_sessions demo --seconds 3
+	$(PY) -m capsule_sessions ingest --realtime --frame-interval 0.025 --report .cache/demo-report.png \
+	  sample synthetic:1280x720@60 synthetic:640x360@30
 
 # The whole suite on both backends; conftest fails (not skips) without the extension.
 test: build

@@ -1,0 +1,8 @@
+"""``python -m capsule_sessions ...`` runs the ``capsule-sessions`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""What a person watches: a live view while the run goes, then the summary tables.
+
+With rich (optional extra ``cli``) on a terminal the live view is a table redrawn four
+times a second; otherwise (no rich, output piped) a plain line per session every second
+on stderr. The summary tables go to stdout, drawn by rich when it is installed and as
+aligned plain text when it is not.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Callable, List, Optional, Sequence
+
+from ._extras import available, require
+
+MODES = ("auto", "live", "plain", "none")
+
+
+def _fmt_ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _fmt_int(value: int) -> str:
+    return f"{value:,}"
+
+
+def _live_rows(run: Any) -> tuple:
+    """Headers and one row per session from the running state (read without locks)."""
+    rejected = run.options.config is not None
+    headers = ["session", "source", "status", "time s", "fps", "accepted", "rate-limited"]
+    headers += ["rejected"] if rejected else []
+    headers += ["dropped per subscriber", "p50 ms", "p99 ms"]
+    rows = []
+    for s in run.sessions:
+        producer = s.producer
+        drops = " ".join(f"{c.label} {c.subscription.dropped}" for c in s.consumers) or "-"
+        timed = next((c for c in s.consumers if c.spec.kind == "fast"), s.consumers[0] if s.consumers else None)
+        p50 = p99 = None
+        if timed is not None:
+            p50 = timed.latency.percentile(50)
+            p99 = timed.latency.percentile(99)
+        status = producer.status if not producer.message else f"{producer.status}: {producer.message}"
+        row = [s.id, s.source.label, status, f"{producer.active_seconds:.1f}", f"{s.recent_fps():.1f}",
+               _fmt_int(producer.accepted), _fmt_int(producer.rate_limited)]
+        row += [_fmt_int(producer.rejected)] if rejected else []
+        row += [drops, _fmt_ms(None if p50 is None else p50 * 1e3), _fmt_ms(None if p99 is None else p99 * 1e3)]
+        rows.append(row)
+    return headers, rows
+
+
+def session_table(summary: dict) -> tuple:
+    headers = ["session", "source", "status", "offered", "accepted", "rate-limited"]
+    if summary["uses_config"]:
+        headers.append("rejected")
+    headers += ["fps", "MB/s", "backend"]
+    rows = []
+    for s in summary["sessions"]:
+        row = [s["id"], s["source"], s["status"], _fmt_int(s["offered"]), _fmt_int(s["accepted"]),
+               _fmt_int(s["rate_limited"])]
+        if summary["uses_config"]:
+            row.append(_fmt_int(s["rejected"]))
+        row += [f"{s['fps']:.1f}", f"{s['mb_per_s']:.1f}", summary["backend"]]
+        rows.append(row)
+    return headers, rows
+
+
+def subscriber_table(summary: dict) -> tuple:
+    """Headers, rows, and the index of each session's first row (for section lines)."""
+    headers = ["session", "subscriber", "queue", "delivered", "dropped", "queued", "p50 ms", "p99 ms", "max ms"]
+    rows, starts = [], []
+    for s in summary["sessions"]:
+        starts.append(len(rows))
+        first = True
+        for sub in s["subscribers"]:
+            lat = sub["latency_ms"]
+            rows.append([s["id"] if first else "", sub["label"], f"{sub['policy']}/{sub['buffer']}",
+                         _fmt_int(sub["delivered"]), _fmt_int(sub["dropped"]), _fmt_int(sub["queued"]),
+                         _fmt_ms(lat["p50"]), _fmt_ms(lat["p99"]), _fmt_ms(lat["max"])])
+            first = False
+        for sampler in s["samplers"]:
+            age = sampler["newest_age_ms"]
+            rows.append([s["id"] if first else "", sampler["label"],
+                         f"latest(ttl={sampler['ttl']:g}s)/{sampler['interval']:g}s",
+                         f"{_fmt_int(sampler['frames'])} in {sampler['calls']} calls", "-", "-",
+                         _fmt_ms(age["p50"]), _fmt_ms(age["p99"]), _fmt_ms(age["max"])])
+            first = False
+    return headers, rows, starts
+
+
+def footnotes(summary: dict) -> List[str]:
+    notes = []
+    for s in summary["sessions"]:
+        text = f"{s['id']}: {s['source']}"
+        if s["description"]:
+            text += f" ({s['description']})"
+        if s["message"]:
+            text += f" - {s['status']}: {s['message']}"
+        notes.append(text)
+    notes.append("latency: session clock at receive - frame.received_at (time.monotonic); "
+                 "a sampler's p50/p99 is the age of the newest frame latest_visual_frames() returned")
+    problems = summary["accounting_problems"]
+    if problems:
+        notes += [f"ACCOUNTING ERROR {p}" for p in problems]
+    else:
+        notes.append("accounting: offered = accepted + rate-limited + rejected, and "
+                     "delivered + dropped + queued = accepted for every subscriber")
+    return notes
+
+
+def _numeric(header: str) -> bool:
+    return header not in ("session", "source", "status", "subscriber", "queue", "backend")
+
+
+def plain_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
+                starts: Sequence[int] = ()) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if _numeric(h) else c.ljust(w) for c, w, h in zip(cells, widths, headers)]
+        return "  ".join(out).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [title, line(headers), rule]
+    for i, row in enumerate(rows):
+        if i and i in starts:
+            lines.append("")
+        lines.append(line(row))
+    return "\n".join(lines)
+
+
+def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
+                starts: Sequence[int] = ()) -> Any:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for header in headers:
+        if _numeric(header):
+            table.add_column(header, justify="right", no_wrap=True)
+        elif header == "source":
+            table.add_column(header, overflow="ellipsis", max_width=28, no_wrap=True)
+        else:
+            table.add_column(header, no_wrap=header != "status")
+    for i, row in enumerate(rows):
+        # Text, not str: a file name like "cam[1].mp4" is not rich markup.
+        table.add_row(*(Text(cell) for cell in row), end_section=(i + 1) in starts)
+    return table
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        # Piped or captured output has no width to ask for; do not squeeze the tables.
+        console = Console(stderr=stderr, width=160)
+    return console
+
+
+def print_summary(summary: dict, *, title: str, use_rich: Optional[bool] = None,
+                  out: Callable[[str], None] = print) -> None:
+    use_rich = available("rich") if use_rich is None else use_rich
+    sessions = session_table(summary)
+    subscribers = subscriber_table(summary)
+    notes = footnotes(summary)
+    if use_rich:
+        console = _console()
+        console.print(_rich_table(title, *sessions))
+        console.print(_rich_table("Subscribers", *subscribers))
+        for note in notes:
+            style = "bold red" if note.startswith("ACCOUNTING ERROR") else "dim"
+            console.print(note, style=style, markup=False, highlight=False, soft_wrap=True)
+        return
+    out(plain_table(title, *sessions))
+    out("")
+    out(plain_table("Subscribers", *subscribers))
+    out("")
+    for note in notes:
+        out(note)
+
+
+class _Display:
+    """Shared: messages are printed once, one line each, on stderr."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.messages: List[str] = []
+
+    def message(self, text: str) -> None:
+        with self._lock:
+            self.messages.append(text)
+            self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def start(self, run: Any) -> None:
+        pass
+
+    def update(self, run: Any) -> None:
+        pass
+
+    def stop(self, run: Any) -> None:
+        pass
+
+
+class NoDisplay(_Display):
+    pass
+
+
+class PlainDisplay(_Display):
+    """A line per session about every second, on stderr (keeps stdout for the tables)."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        super().__init__()
+        self.every = every
+        self._next = every
+
+    def update(self, run: Any) -> None:
+        elapsed = run.elapsed()
+        if elapsed < self._next:
+            return
+        self._next = elapsed + self.every
+        headers, rows = _live_rows(run)
+        for s, row in zip(run.sessions, rows):
+            if s.producer.status != "running":  # failures were reported as they happened
+                continue
+            cells = dict(zip(headers, row))
+            print(f"[{elapsed:6.1f}s] {cells['session']}: {cells['fps']} fps, "
+                  f"accepted {cells['accepted']}, rate-limited {cells['rate-limited']}, "
+                  + (f"rejected {cells['rejected']}, " if "rejected" in cells else "")
+                  + f"dropped {cells['dropped per subscriber']}, "
+                  f"p50 {cells['p50 ms']} ms, p99 {cells['p99 ms']} ms", file=sys.stderr, flush=True)
+
+
+class LiveDisplay(_Display):
+    """A rich Live table; messages are held until it stops, so they do not tear it."""
+
+    def __init__(self, title: str) -> None:
+        super().__init__()
+        self.title = title
+        self._live: Any = None
+        self._held: List[str] = []
+
+    def _render(self, run: Any) -> Any:
+        headers, rows = _live_rows(run)
+        return _rich_table(f"{self.title} - backend {run.backend} - {run.elapsed():.1f} s", headers, rows)
+
+    def _emit(self, text: str) -> None:
+        if self._live is None:
+            super()._emit(text)
+        else:
+            self._held.append(text)
+
+    def start(self, run: Any) -> None:
+        from rich.live import Live
+
+        self._live = Live(self._render(run), console=_console(), refresh_per_second=4,
+                          redirect_stdout=False, redirect_stderr=False)
+        self._live.start()
+
+    def update(self, run: Any) -> None:
+        if self._live is not None:
+            self._live.update(self._render(run))
+
+    def stop(self, run: Any) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            live.update(self._render(run))
+            live.stop()
+        with self._lock:
+            held, self._held = self._held, []
+        for text in held:
+            super()._emit(text)
+
+
+def make_display(mode: str, title: str) -> _Display:
+    """The display for ``--display MODE`` (MissingExtra when live is asked without rich)."""
+    if mode == "none":
+        return NoDisplay()
+    if mode == "plain":
+        return PlainDisplay()
+    if mode == "live":
+        require("rich", "--display live")
+        return LiveDisplay(title)
+    if available("rich") and sys.stdout.isatty():
+        return LiveDisplay(title)
+    return PlainDisplay()
+
+
+__all__ = ["MODES", "make_display", "print_summary", "plain_table"]

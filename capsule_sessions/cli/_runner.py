@@ -1,0 +1,340 @@
+"""The one runner behind ``demo`` and ``ingest``: sources into sessions, consumers out.
+
+Each source gets its own session of one ``SessionManager``, a producer thread that
+stores its frames, and the subscribers of ``RunOptions.subscribers``. Every
+subscription exists before the first frame is stored and is closed (then drained) after
+the last one, so for each subscriber ``delivered + dropped + queued == accepted``.
+
+Shutdown order: producers end (their source ended, failed, hit ``seconds``, or the run
+was interrupted); the samplers stop; the sessions are deleted from the manager, which
+closes their subscriptions, so the consumers drain what is queued and finish.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence
+
+from .. import SessionManager, VisualFrame, VisualInputConfig
+from ._consumers import AsyncConsumer, AsyncLoop, Consumer, ThreadConsumer, VisionSampler, plan
+from ._errors import SourceError
+from ._extras import MissingExtra, require
+from ._sources import Source
+
+RAW_MIME = "video/x-raw-rgb"
+JPEG_MIME = "image/jpeg"
+
+
+@dataclass
+class RunOptions:
+    backend: Optional[str] = None
+    subscribers: Sequence[str] = ("fast", "slow", "async")
+    max_recent: int = 2
+    min_interval: float = 0.0
+    realtime: bool = True
+    # A wall-clock limit for every source; live sources (cameras) without it run for
+    # live_seconds.
+    seconds: Optional[float] = None
+    live_seconds: float = 10.0
+    # Set: frames go through ingest_visual_frame(frame, config) (its max_recent_frames
+    # and frame_interval win over max_recent/min_interval). None: the store_frame hot path.
+    config: Optional[VisualInputConfig] = None
+    jpeg_quality: Optional[int] = None
+    buffer: int = 16
+    slow_work: float = 0.05
+    ttl: float = 10.0
+    sampler_interval: float = 1.0
+    refresh: float = 0.25
+    session_prefix: str = "s"
+    clock: Callable[[], float] = time.monotonic
+
+
+class Producer:
+    """Reads one source on its own thread and stores every frame into one session."""
+
+    def __init__(self, session: Any, source: Source, options: RunOptions, stop: threading.Event,
+                 notify: Callable[["Producer"], None]) -> None:
+        self.session = session
+        self.source = source
+        self.options = options
+        self._stop = stop
+        self._notify = notify
+        self.offered = 0
+        self.accepted = 0
+        self.rate_limited = 0
+        self.rejected = 0
+        self.bytes = 0
+        self.status = "starting"
+        self.message = ""
+        self.first_reject = ""
+        self.started_at: Optional[float] = None
+        self.ended_at: Optional[float] = None
+        self.failed = False
+        self.thread = threading.Thread(target=self._run, name=f"producer-{session.id}", daemon=True)
+
+    # -- the store strategies ---------------------------------------------------
+    def _store_function(self) -> Callable[[Any, int, float], tuple]:
+        options, session, label = self.options, self.session, self.source.label
+        config = options.config
+        encode = None
+        if options.jpeg_quality is not None:
+            simplejpeg = require("simplejpeg", "--jpeg")
+            quality = options.jpeg_quality
+
+            def encode(rgb: Any) -> bytes:
+                return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB")
+
+        mime = RAW_MIME if encode is None else JPEG_MIME
+        if config is None and encode is None:
+            store_frame = session.store_frame
+            max_recent, min_interval = options.max_recent, options.min_interval
+
+            def store(rgb: Any, seq: int, t: float) -> tuple:
+                height, width = rgb.shape[:2]
+                ok = store_frame(rgb, source=label, max_recent=max_recent, min_interval=min_interval,
+                                 mime_type=mime, width=width, height=height,
+                                 timestamp_ms=int(t * 1000), frame_seq=seq)
+                return ok, rgb.nbytes
+
+            return store
+
+        def store_checked(rgb: Any, seq: int, t: float) -> tuple:
+            height, width = rgb.shape[:2]
+            data = rgb if encode is None else encode(rgb)
+            frame = VisualFrame(data, mime, width, height, label, int(t * 1000), seq)
+            if config is None:
+                ok = session.store_visual_frame(frame, options.max_recent, options.min_interval)
+            else:
+                ok = session.ingest_visual_frame(frame, config)
+            return ok, (rgb.nbytes if encode is None else len(data))
+
+        return store_checked
+
+    # -- the loop -------------------------------------------------------------
+    def _run(self) -> None:
+        source, options, clock = self.source, self.options, self.options.clock
+        try:
+            config = options.config
+            source.open(config.max_width if config else None, config.max_height if config else None)
+            store = self._store_function()
+            self.status = "running"
+            self.started_at = t0 = clock()
+            limit = options.seconds if options.seconds is not None else (options.live_seconds if source.live else None)
+            deadline = None if limit is None else t0 + limit
+            pace = options.realtime and not source.live  # a camera paces itself
+            first_t = None
+            stopped = ""
+            for seq, (rgb, t) in enumerate(source.frames()):
+                if self._stop.is_set():
+                    stopped = "interrupted"
+                    break
+                if first_t is None:
+                    first_t = t
+                if pace:
+                    wait = t0 + (t - first_t) - clock()
+                    if deadline is not None:
+                        wait = min(wait, deadline - clock())
+                    if wait > 0 and self._stop.wait(wait):
+                        stopped = "interrupted"
+                        break
+                if deadline is not None and clock() >= deadline:
+                    stopped = "stopped"
+                    break
+                self._store_one(store, rgb, seq, t)
+            self.status = stopped or "done"
+            expected = source.expected_frames
+            if not stopped and expected and self.offered < expected - max(1, expected // 100):
+                self._fail(f"ended early after {self.offered} of {expected} frames")
+            elif not stopped and source.live and deadline is not None:
+                # A camera has no end of its own: it stopped sending (unplugged, taken).
+                self._fail(f"ended early after {self.offered} frames: the stream stopped at "
+                           f"{clock() - t0:.1f} s of {limit:g} s")
+        except (SourceError, MissingExtra) as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # one broken source must not stop the other sessions
+            self._fail(f"unexpected {type(exc).__name__}: {exc}")
+        finally:
+            source.close()
+            self.ended_at = clock()
+            if self.started_at is None:
+                self.started_at = self.ended_at
+            self._notify(self)
+
+    def _store_one(self, store: Callable[[Any, int, float], tuple], rgb: Any, seq: int, t: float) -> None:
+        self.offered += 1
+        try:
+            ok, nbytes = store(rgb, seq, t)
+        except ValueError as exc:
+            if self.options.config is None:  # only the ingest config may turn frames down
+                raise
+            self.rejected += 1
+            if not self.first_reject:
+                self.first_reject = f"frame {seq} rejected by the ingest config: {exc}"
+            return
+        if ok:
+            self.accepted += 1
+            self.bytes += nbytes
+        else:
+            self.rate_limited += 1
+
+    def _fail(self, message: str) -> None:
+        self.failed = True
+        self.status = "ended early" if message.startswith("ended early") else "failed"
+        self.message = message
+
+    @property
+    def active_seconds(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        end = self.ended_at if self.ended_at is not None else self.options.clock()
+        return max(0.0, end - self.started_at)
+
+
+@dataclass
+class SessionRun:
+    """Everything the run keeps for one source: its session, producer and subscribers."""
+
+    session: Any
+    source: Source
+    producer: Producer
+    consumers: List[Consumer] = field(default_factory=list)
+    samplers: List[VisionSampler] = field(default_factory=list)
+    timeline: List[tuple] = field(default_factory=list)  # (seconds since start, accepted)
+
+    @property
+    def id(self) -> str:
+        return self.session.id
+
+    def recent_fps(self, window: float = 1.0) -> float:
+        points = self.timeline
+        if len(points) < 2:
+            return 0.0
+        t1, n1 = points[-1]
+        for t0, n0 in reversed(points):
+            if t1 - t0 >= window:
+                break
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+@dataclass
+class RunResult:
+    backend: str
+    sessions: List[SessionRun]
+    seconds: float
+    interrupted: bool
+    options: RunOptions
+
+    @property
+    def failed(self) -> List[SessionRun]:
+        return [s for s in self.sessions if s.producer.failed]
+
+
+class Run:
+    """Build, start, watch and tear down one run. ``execute()`` does all of it."""
+
+    def __init__(self, sources: Sequence[Source], options: RunOptions,
+                 on_message: Callable[[str], None] = lambda text: None) -> None:
+        self.options = options
+        self.on_message = on_message
+        self._stop = threading.Event()
+        self._changed = threading.Event()
+        self.manager = SessionManager(max(1, len(sources)), backend=options.backend)
+        self.backend = self.manager.backend
+        self.sessions: List[SessionRun] = []
+        async_consumers: List[AsyncConsumer] = []
+        specs = plan(options.subscribers, buffer=options.buffer, slow_work=options.slow_work)
+        stamped_raw = options.jpeg_quality is None
+        for index, source in enumerate(sources):
+            session = self.manager.create(f"{options.session_prefix}{index}")
+            producer = Producer(session, source, options, self._stop, self._producer_done)
+            run = SessionRun(session, source, producer)
+            for spec in specs:
+                if spec.kind == "sampler":
+                    run.samplers.append(VisionSampler(spec, session, ttl=options.ttl,
+                                                      interval=options.sampler_interval, clock=options.clock))
+                    continue
+                sub = session.subscribe_visual_frames(spec.buffer, policy=spec.policy)
+                cls = AsyncConsumer if spec.kind == "async" else ThreadConsumer
+                consumer = cls(spec, sub, clock=options.clock, verify_stamp=stamped_raw and source.stamped)
+                run.consumers.append(consumer)
+                if isinstance(consumer, AsyncConsumer):
+                    async_consumers.append(consumer)
+            self.sessions.append(run)
+        self.async_loop = AsyncLoop(async_consumers)
+        self.started_at = options.clock()
+        self.interrupted = False
+
+    def _producer_done(self, producer: Producer) -> None:
+        if producer.failed:
+            self.on_message(f"{producer.session.id} {producer.source.label}: {producer.message}")
+        if producer.first_reject:
+            self.on_message(f"{producer.session.id} {producer.source.label}: warning: {producer.first_reject}")
+        self._changed.set()
+
+    def start(self) -> None:
+        self.started_at = self.options.clock()
+        for run in self.sessions:
+            for consumer in run.consumers:
+                if isinstance(consumer, ThreadConsumer):
+                    consumer.start()
+            for sampler in run.samplers:
+                sampler.start()
+        self.async_loop.start()
+        for run in self.sessions:
+            run.producer.thread.start()
+
+    def elapsed(self) -> float:
+        return self.options.clock() - self.started_at
+
+    def tick(self) -> None:
+        t = self.elapsed()
+        for run in self.sessions:
+            run.timeline.append((t, run.producer.accepted))
+
+    def running(self) -> bool:
+        # ended_at is set before the producer says it is done, so the loop below never
+        # waits a whole extra tick for a thread that is only unwinding.
+        return any(run.producer.ended_at is None for run in self.sessions)
+
+    def wait(self, on_tick: Callable[["Run"], None] = lambda run: None) -> None:
+        """Tick (and call ``on_tick``) every ``refresh`` seconds until every producer ended."""
+        try:
+            while self.running():
+                self._changed.wait(self.options.refresh)
+                self._changed.clear()
+                self.tick()
+                on_tick(self)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self._stop.set()
+
+    def finish(self) -> RunResult:
+        self._stop.set()
+        for run in self.sessions:
+            run.producer.thread.join()
+        self.tick()
+        for run in self.sessions:
+            for sampler in run.samplers:
+                sampler.stop()
+        for run in self.sessions:
+            for sampler in run.samplers:
+                sampler.join()
+            # Deleting closes the session's subscriptions: consumers drain and finish.
+            self.manager.delete(run.id)
+        for run in self.sessions:
+            for consumer in run.consumers:
+                if isinstance(consumer, ThreadConsumer):
+                    consumer.join()
+        self.async_loop.join()
+        self.manager.stop()
+        return RunResult(self.backend, self.sessions, self.elapsed(), self.interrupted, self.options)
+
+    def execute(self, on_tick: Callable[["Run"], None] = lambda run: None) -> RunResult:
+        self.start()
+        try:
+            self.wait(on_tick)
+        finally:
+            result = self.finish()
+        return result

@@ -1,0 +1,111 @@
+"""A run's results as one JSON-ready dict: what the tables, the report and --json show."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ._latency import LatencyHistogram
+from ._runner import RunResult, SessionRun
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else round(seconds * 1000.0, 4)
+
+
+def latency_ms(hist: LatencyHistogram) -> dict:
+    return {
+        "count": hist.count,
+        "p50": _ms(hist.percentile(50)),
+        "p99": _ms(hist.percentile(99)),
+        "max": _ms(hist.max) if hist.count else None,
+    }
+
+
+def _error(exc: Optional[BaseException]) -> str:
+    return "" if exc is None else f"{type(exc).__name__}: {exc}"
+
+
+def session_summary(run: SessionRun) -> dict:
+    producer, source = run.producer, run.source
+    seconds = producer.active_seconds
+    subscribers = []
+    for consumer in run.consumers:
+        spec = consumer.spec
+        subscribers.append({
+            "label": spec.label, "kind": spec.kind, "policy": spec.policy, "buffer": spec.buffer,
+            **consumer.counters(),
+            "received": consumer.received,
+            "integrity_errors": consumer.integrity_errors,
+            "latency_ms": latency_ms(consumer.latency),
+            "error": _error(consumer.error),
+        })
+    samplers = []
+    for sampler in run.samplers:
+        samplers.append({
+            "label": sampler.label, "kind": "sampler", "ttl": sampler.ttl, "interval": sampler.interval,
+            "calls": sampler.calls, "frames": sampler.frames, "empty_calls": sampler.empty_calls,
+            "violations": sampler.violations, "newest_age_ms": latency_ms(sampler.latency),
+            "error": _error(sampler.error),
+        })
+    return {
+        "id": run.id,
+        "source": source.label,
+        "kind": source.kind,
+        "description": source.describe() if source.width else "",
+        "status": producer.status,
+        "message": producer.message,
+        "warning": producer.first_reject,
+        "width": source.width,
+        "height": source.height,
+        "nominal_fps": source.fps,
+        "offered": producer.offered,
+        "accepted": producer.accepted,
+        "rate_limited": producer.rate_limited,
+        "rejected": producer.rejected,
+        "bytes": producer.bytes,
+        "ring": run.session.visual_stats(),
+        "active_seconds": round(seconds, 4),
+        "fps": round(producer.accepted / seconds, 2) if seconds > 0 else 0.0,
+        "mb_per_s": round(producer.bytes / seconds / 1e6, 2) if seconds > 0 else 0.0,
+        "subscribers": subscribers,
+        "samplers": samplers,
+        "timeline": [[round(t, 3), n] for t, n in run.timeline],
+    }
+
+
+def accounting_problems(summary: dict) -> list:
+    """Every way the counts fail to add up (an empty list when they all do)."""
+    problems = []
+    for s in summary["sessions"]:
+        ring = s["ring"]
+        if s["offered"] != s["accepted"] + s["rate_limited"] + s["rejected"]:
+            problems.append(f"{s['id']}: offered {s['offered']} != accepted + rate-limited + rejected")
+        if (ring["accepted"], ring["rate_limited"]) != (s["accepted"], s["rate_limited"]):
+            problems.append(f"{s['id']}: the session's visual_stats() disagree with the producer's counts")
+        for sub in s["subscribers"]:
+            total = sub["delivered"] + sub["dropped"] + sub["queued"]
+            if total != s["accepted"]:
+                problems.append(f"{s['id']} {sub['label']}: delivered + dropped + queued = {total}, "
+                                f"accepted = {s['accepted']}")
+            if sub["received"] != sub["delivered"]:
+                problems.append(f"{s['id']} {sub['label']}: received {sub['received']} != delivered {sub['delivered']}")
+            if sub["integrity_errors"]:
+                problems.append(f"{s['id']} {sub['label']}: {sub['integrity_errors']} frames with wrong bytes")
+        for sampler in s["samplers"]:
+            if sampler["violations"]:
+                problems.append(f"{s['id']} {sampler['label']}: {sampler['violations']} calls broke the ttl/order rule")
+    return problems
+
+
+def summarize(result: RunResult, *, command: str = "") -> dict:
+    out: dict[str, Any] = {
+        "command": command,
+        "backend": result.backend,
+        "seconds": round(result.seconds, 3),
+        "interrupted": result.interrupted,
+        "uses_config": result.options.config is not None,
+        "jpeg": result.options.jpeg_quality is not None,
+        "sessions": [session_summary(run) for run in result.sessions],
+    }
+    out["accounting_problems"] = accounting_problems(out)
+    return out

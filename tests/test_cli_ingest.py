@@ -1,0 +1,378 @@
+"""``capsule-sessions ingest`` on synthetic sources (no PyAV needed), and the pieces the
+main job is built from: the consumers, the vision sampler and the latency histogram."""
+
+from __future__ import annotations
+
+import json
+import sys
+import numpy as np
+import pytest
+
+from capsule_sessions import Session
+from capsule_sessions import cli
+from capsule_sessions.cli._consumers import AsyncConsumer, AsyncLoop, ThreadConsumer, VisionSampler, plan
+from capsule_sessions.cli._latency import LatencyHistogram
+from capsule_sessions.cli._runner import Run, RunOptions
+from capsule_sessions.cli._sources import Source, SyntheticSource, parse_source
+from support import FakeClock, payload
+
+FAST = ["--display", "none", "--slow-ms", "2"]
+
+
+def ingest(tmp_path, *args):
+    out = tmp_path / "summary.json"
+    code = cli.main(["ingest", *FAST, *args, "--json", str(out)])
+    return code, json.loads(out.read_text()) if out.exists() else None
+
+
+def assert_counts_add_up(summary):
+    assert summary["accounting_problems"] == []
+    for s in summary["sessions"]:
+        assert s["offered"] == s["accepted"] + s["rate_limited"] + s["rejected"]
+        for sub in s["subscribers"]:
+            assert sub["delivered"] + sub["dropped"] + sub["queued"] == s["accepted"], sub
+            assert sub["received"] == sub["delivered"]
+            assert sub["integrity_errors"] == 0
+
+
+# -- the command on synthetic sources ------------------------------------------------
+def test_ingest_synthetic_counts_add_up(tmp_path, backend):
+    # --seconds is also a wall-clock cap; far above what producing these frames takes.
+    code, summary = ingest(tmp_path, "--backend", backend, "--seconds", "20",
+                           "synthetic:32x24@2.5", "synthetic:16x8@1")
+    assert code == 0
+    assert summary["backend"] == backend
+    first, second = summary["sessions"]
+    # Without --realtime a synthetic source is --seconds of video produced flat out.
+    assert (first["offered"], second["offered"]) == (50, 20)
+    assert first["accepted"] == 50 and first["rejected"] == 0
+    assert [sub["label"] for sub in first["subscribers"]] == ["fast", "slow", "async"]
+    assert [sm["label"] for sm in first["samplers"]] == ["sampler"]
+    assert_counts_add_up(summary)
+
+
+def test_ingest_frame_interval_rate_limits(tmp_path, backend):
+    code, summary = ingest(tmp_path, "--backend", backend, "--seconds", "20", "--frame-interval", "100",
+                           "synthetic:8x8@2")
+    assert code == 0
+    (s,) = summary["sessions"]
+    assert (s["accepted"], s["rate_limited"]) == (1, 39)
+    assert_counts_add_up(summary)
+
+
+def test_ingest_config_rejections_are_counted_and_warned(tmp_path, backend, capsys):
+    code, summary = ingest(tmp_path, "--backend", backend, "--seconds", "10", "--max-frame-bytes", "100",
+                           "synthetic:32x24@1")
+    assert code == 0  # a policy decision, not a failed source
+    (s,) = summary["sessions"]
+    assert (s["offered"], s["accepted"], s["rejected"]) == (10, 0, 10)
+    assert "over max_frame_bytes=100" in s["warning"]
+    err = capsys.readouterr().err
+    assert "s0 synthetic:32x24@1: warning: frame 0 rejected by the ingest config" in err
+    assert_counts_add_up(summary)
+
+
+def test_ingest_scales_sources_over_the_maximum(tmp_path):
+    code, summary = ingest(tmp_path, "--seconds", "10", "--max-width", "40", "--max-height", "40",
+                           "synthetic:80x60@0.2")
+    assert code == 0
+    (s,) = summary["sessions"]
+    assert (s["width"], s["height"]) == (40, 30)
+    assert "80x60 scaled to 40x30" in s["description"]
+
+
+def test_ingest_jpeg_stores_jpeg(backend):
+    simplejpeg = pytest.importorskip("simplejpeg")
+    from capsule_sessions.cli.ingest import build_config
+    import argparse
+
+    args = argparse.Namespace(max_width=1280, max_height=720, max_frame_bytes=None, jpeg=True,
+                              frame_interval=0.0, max_recent=3, ttl=10.0)
+    config = build_config(args)
+    assert config.mime_types == ("image/jpeg",) and config.max_frame_bytes == 1_048_576
+    source = SyntheticSource("synthetic:64x48@10", 64, 48, 10.0, 5)
+    options = RunOptions(backend=backend, subscribers=["fast"], realtime=False, config=config,
+                         jpeg_quality=95, max_recent=3)
+    result = Run([source], options).execute()
+    session = result.sessions[0].session
+    frames = session.latest_visual_frames(1e6)
+    assert [f.frame_seq for f in frames] == [2, 3, 4]
+    for frame in frames:
+        assert frame.mime_type == "image/jpeg"
+        assert bytes(frame.data[:3]) == b"\xff\xd8\xff"
+        image = simplejpeg.decode_jpeg(bytes(frame.data), colorspace="RGB")
+        assert image.shape == (48, 64, 3)
+    assert result.sessions[0].producer.accepted == 5
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ([], "nothing to ingest: give at least one SOURCE, or --sample"),
+        (["synthetic:10x10"], "expected synthetic:WxH@FPS"),
+        (["synthetic:0x10@5"], "width and height must be >= 1"),
+        (["synthetic:10x10@0"], "FPS must be in (0, 10000]"),
+        (["--frame-interval", "-2", "synthetic:8x8@5"], "--frame-interval: must be a number of seconds >= 0"),
+        (["--jpeg-quality", "101", "synthetic:8x8@5"], "--jpeg-quality: must be an integer in 1..100"),
+        (["--max-width", "0", "synthetic:8x8@5"], "--max-width: must be an integer"),
+        (["--subscribers", "", "synthetic:8x8@5"], None),
+        ([""], "a SOURCE must not be empty"),
+    ],
+)
+def test_ingest_usage_errors_exit_2(args, fragment, capsys):
+    code = cli.main(["ingest", *FAST, *args])
+    err = capsys.readouterr().err
+    if fragment is None:  # an empty subscriber list is allowed: sessions with no subscribers
+        assert code == 0, err
+        return
+    assert code == 2
+    assert fragment in err
+    assert "Traceback" not in err
+
+
+def test_ingest_help_documents_sources_and_exit_codes(capsys):
+    assert cli.main(["ingest", "--help"]) == 0
+    out = capsys.readouterr().out
+    for text in ("synthetic:WxH@FPS", "/dev/videoN", "sample", "--realtime", "--jpeg", "exit status", "130"):
+        assert text in out
+
+
+# -- the consumers against both backends ---------------------------------------------
+def test_async_consumer_receives_every_frame_stored_from_another_thread(backend):
+    clock = FakeClock()
+    session = Session("s", clock=clock, backend=backend)
+    (spec,) = plan(["async"], buffer=64, slow_work=0.0)
+    consumer = AsyncConsumer(spec, session.subscribe_visual_frames(spec.buffer, policy=spec.policy),
+                             clock=clock, verify_stamp=True)
+    loop = AsyncLoop([consumer])
+    loop.start()
+    for seq in range(40):
+        assert session.store_frame(payload(seq), source="cam", max_recent=2, frame_seq=seq)
+    consumer.subscription.close()  # the consumer drains what is queued, then ends
+    loop.join(timeout=10)
+    assert not loop.thread.is_alive()
+    assert consumer.error is None
+    assert consumer.received == consumer.subscription.delivered
+    assert consumer.received + consumer.subscription.dropped == 40
+    assert consumer.integrity_errors == 0
+    assert consumer.latency.count == consumer.received
+    assert consumer.latency.max == 0.0  # the fake clock never moved
+
+
+def test_async_consumer_accounts_for_drops(backend):
+    clock = FakeClock()
+    session = Session("s", clock=clock, backend=backend)
+    (spec,) = plan(["async"], buffer=4, slow_work=0.0)
+    assert spec.policy == "drop_oldest"
+    consumer = AsyncConsumer(spec, session.subscribe_visual_frames(spec.buffer, policy=spec.policy), clock=clock)
+    for seq in range(50):
+        clock.advance(0.01)
+        session.store_frame(payload(seq), source="cam", max_recent=2, frame_seq=seq)
+    consumer.subscription.close()
+    clock.advance(0.5)
+    loop = AsyncLoop([consumer])
+    loop.start()
+    loop.join(timeout=10)
+    sub = consumer.subscription
+    assert (sub.delivered, sub.dropped, sub.qsize()) == (4, 46, 0)
+    assert consumer.received == 4
+    # drop_oldest keeps the newest four; their ages are 0.5 s plus their distance from the last.
+    assert consumer.latency.min == pytest.approx(0.5, rel=0.05)
+    assert consumer.latency.max == pytest.approx(0.53, rel=0.05)
+
+
+def test_thread_consumers_fast_and_slow(backend):
+    clock = FakeClock()
+    session = Session("s", clock=clock, backend=backend)
+    fast_spec, slow_spec = plan(["fast", "slow"], buffer=64, slow_work=0.0)
+    assert (slow_spec.buffer, slow_spec.policy) == (1, "drop_newest")
+    fast = ThreadConsumer(fast_spec, session.subscribe_visual_frames(64, policy="drop_oldest"), clock=clock,
+                          verify_stamp=True)
+    slow = ThreadConsumer(slow_spec, session.subscribe_visual_frames(1, policy="drop_newest"), clock=clock)
+    for seq in range(10):  # before the slow one runs: its queue of one keeps the first frame
+        session.store_frame(payload(seq), source="cam", max_recent=2, frame_seq=seq)
+    fast.start()
+    slow.start()
+    for consumer in (fast, slow):
+        consumer.subscription.close()
+        consumer.join(timeout=10)
+        assert not consumer.thread.is_alive() and consumer.error is None
+    assert (fast.received, fast.subscription.dropped, fast.integrity_errors) == (10, 0, 0)
+    assert (slow.received, slow.subscription.dropped) == (1, 9)
+
+
+def test_stamp_check_catches_wrong_bytes(backend):
+    clock = FakeClock()
+    session = Session("s", clock=clock, backend=backend)
+    (spec,) = plan(["fast"], buffer=8, slow_work=0.0)
+    consumer = ThreadConsumer(spec, session.subscribe_visual_frames(8), clock=clock, verify_stamp=True)
+    session.store_frame(payload(7), source="cam", max_recent=2, frame_seq=8)  # bytes of 7, seq 8
+    session.store_frame(payload(9), source="cam", max_recent=2, frame_seq=9)
+    consumer.subscription.close()
+    consumer.start()
+    consumer.join(timeout=10)
+    assert (consumer.received, consumer.integrity_errors) == (2, 1)
+
+
+def test_vision_sampler_takes_latest_frames_within_ttl(backend):
+    clock = FakeClock(1000.0)
+    session = Session("s", clock=clock, backend=backend)
+    (spec,) = plan(["sampler"], buffer=1, slow_work=0.0)
+    sampler = VisionSampler(spec, session, ttl=1.0, interval=1.0, clock=clock)
+    assert sampler.sample() == []
+    session.store_frame(payload(0), source="cam", max_recent=3, frame_seq=0)  # at 1000.0
+    clock.advance(0.4)
+    session.store_frame(payload(1), source="cam", max_recent=3, frame_seq=1)  # at 1000.4
+    clock.advance(0.6)
+    frames = sampler.sample()  # at 1001.0: frame 0 is exactly ttl old, which still counts
+    assert [f.frame_seq for f in frames] == [0, 1]
+    clock.advance(0.1)
+    assert [f.frame_seq for f in sampler.sample()] == [1]
+    clock.advance(5.0)
+    assert sampler.sample() == []
+    assert (sampler.calls, sampler.frames, sampler.empty_calls, sampler.violations) == (4, 3, 2, 0)
+    # The newest frame's age per non-empty call: 0.6 s, then 0.7 s.
+    assert sampler.latency.count == 2
+    assert sampler.latency.min == pytest.approx(0.6)
+    assert sampler.latency.max == pytest.approx(0.7)
+
+
+def test_vision_sampler_with_ttl_zero_sees_nothing(backend):
+    clock = FakeClock()
+    session = Session("s", clock=clock, backend=backend)
+    (spec,) = plan(["sampler"], buffer=1, slow_work=0.0)
+    sampler = VisionSampler(spec, session, ttl=0.0, interval=1.0, clock=clock)
+    session.store_frame(payload(0), source="cam", max_recent=3)
+    assert sampler.sample() == [] and sampler.empty_calls == 1
+
+
+def test_vision_sampler_thread_stops_promptly(backend):
+    session = Session("s", backend=backend)
+    (spec,) = plan(["sampler"], buffer=1, slow_work=0.0)
+    sampler = VisionSampler(spec, session, ttl=10.0, interval=3600.0)
+    sampler.start()
+    sampler.stop()
+    sampler.join(timeout=10)
+    assert not sampler.thread.is_alive() and sampler.calls == 0 and sampler.error is None
+
+
+def test_plan_rejects_unknown_kinds():
+    with pytest.raises(ValueError, match="unknown subscriber 'nope'"):
+        plan(["fast", "nope"], buffer=1, slow_work=0.0)
+
+
+# -- sources and the latency histogram -------------------------------------------------
+def test_synthetic_source_stamps_each_frame_with_its_index():
+    source = parse_source("synthetic:16x4@10", seconds=0.5)
+    source.open()
+    seen = []
+    for index, (rgb, t) in enumerate(source.frames()):
+        assert rgb.shape == (4, 16, 3) and rgb.dtype == np.uint8 and rgb.flags.c_contiguous
+        assert int.from_bytes(rgb.tobytes()[:8], "little") == index
+        assert t == pytest.approx(index / 10)
+        seen.append(rgb.tobytes()[8:])
+    assert len(seen) == 5
+    assert len(set(seen)) > 1  # the pattern moves
+
+
+def test_latency_histogram_percentiles():
+    hist = LatencyHistogram()
+    assert hist.percentile(50) is None
+    for ms in range(1, 101):  # 1 ms .. 100 ms
+        hist.record(ms / 1000)
+    assert hist.count == 100
+    assert hist.percentile(50) == pytest.approx(0.050, rel=0.05)
+    assert hist.percentile(99) == pytest.approx(0.099, rel=0.05)
+    assert hist.percentile(100) == pytest.approx(0.100)
+    assert hist.percentile(0) == pytest.approx(0.001, rel=0.05)
+    assert hist.mean == pytest.approx(0.0505)
+    with pytest.raises(ValueError):
+        hist.percentile(101)
+
+
+def test_latency_histogram_extremes_and_merge():
+    a, b = LatencyHistogram(), LatencyHistogram()
+    a.record(-1.0)  # clamped, not lost
+    a.record(1e-9)
+    b.record(500.0)  # above the top bin
+    merged = LatencyHistogram.merged([a, b])
+    assert merged.count == 3 and merged.min == 0.0 and merged.max == 500.0
+    assert merged.percentile(100) == 500.0  # the overflow bin reports the largest sample
+    assert merged.percentile(1) == 0.0  # the underflow bin reports the smallest
+    lows, highs, counts = merged.nonzero_bins()
+    assert sum(counts) == 3 and all(lo < hi for lo, hi in zip(lows, highs))
+
+
+# -- optional extras ---------------------------------------------------------------------
+def test_without_pyav_synthetic_sources_still_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
+    code, summary = ingest(tmp_path, "--seconds", "10", "synthetic:8x8@0.2")
+    assert code == 0 and summary["sessions"][0]["accepted"] == 2
+
+
+@pytest.mark.parametrize("args", [["clip.mp4"], ["--sample"], ["/dev/video0"]])
+def test_without_pyav_video_sources_are_a_usage_error(args, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "av", None)
+    assert cli.main(["ingest", *FAST, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "needs av, which is not installed (pip install 'capsule_sessions[video]')" in err
+
+
+def test_without_simplejpeg_jpeg_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)
+    assert cli.main(["ingest", *FAST, "--jpeg", "synthetic:8x8@10"]) == 2
+    assert "--jpeg needs simplejpeg" in capsys.readouterr().err
+
+
+# -- sources that stop or break mid-stream -----------------------------------------------
+class ScriptedSource(Source):
+    """A source that yields ``count`` frames, then ends or raises ``error``."""
+
+    def __init__(self, label, count, *, live=False, error=None):
+        super().__init__(label)
+        self.live, self.count, self.error = live, count, error
+        self.closed = False
+
+    def open(self, max_width=None, max_height=None):
+        self.width, self.height, self.fps = 8, 4, 30.0
+
+    def frames(self):
+        for i in range(self.count):
+            yield np.full((4, 8, 3), i, dtype=np.uint8), i / 30
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_live_source_that_stops_sending_ended_early(backend):
+    camera = ScriptedSource("cam", 3, live=True)
+    other = SyntheticSource("synthetic:8x8@10", 8, 8, 10.0, 10)
+    options = RunOptions(backend=backend, subscribers=["fast"], realtime=False, live_seconds=3600.0)
+    result = Run([camera, other], options).execute()
+    bad, good = result.sessions
+    assert bad.producer.status == "ended early" and bad.producer.failed
+    assert bad.producer.message.startswith("ended early after 3 frames: the stream stopped at ")
+    assert bad.producer.message.endswith(" of 3600 s")
+    assert camera.closed
+    assert good.producer.status == "done" and good.producer.accepted == 10
+    assert [run.id for run in result.failed] == ["s0"]
+
+
+def test_an_unexpected_error_fails_that_source_only(backend):
+    messages = []
+    broken = ScriptedSource("broken", 2, error=RuntimeError("boom"))
+    other = SyntheticSource("synthetic:8x8@10", 8, 8, 10.0, 10)
+    options = RunOptions(backend=backend, subscribers=["fast", "slow"], realtime=False, slow_work=0.0)
+    result = Run([broken, other], options, on_message=messages.append).execute()
+    bad, good = result.sessions
+    assert (bad.producer.status, bad.producer.message) == ("failed", "unexpected RuntimeError: boom")
+    assert bad.producer.accepted == 2 and broken.closed
+    assert messages == ["s0 broken: unexpected RuntimeError: boom"]
+    assert good.producer.accepted == 10
+    for run in result.sessions:
+        for consumer in run.consumers:
+            sub = consumer.subscription
+            assert sub.delivered + sub.dropped + sub.qsize() == run.producer.accepted
