@@ -31,8 +31,8 @@ def _real(value: Any, name: str) -> float:
         raise TypeError(f"{name} must be a float number of seconds or a timedelta, got {type(value).__name__}")
     try:
         return float(value)
-    except OverflowError:
-        return math.copysign(math.inf, value)
+    except OverflowError:  # an int beyond any float; copysign would overflow on it too
+        return math.inf if value > 0 else -math.inf
 
 
 def instant(value: Any, name: str = "now") -> tuple[float, int]:
@@ -67,7 +67,9 @@ def timeout_seconds(value: Any, name: str = "timeout") -> float | None:
     seconds = _real(value, name)
     if math.isnan(seconds) or seconds < 0:
         raise ValueError(f"{name} must be a non-negative number of seconds or None, got {value!r}")
-    return None if math.isinf(seconds) else seconds
+    # Past ~146 years a wait is forever; a deadline that far out overflows threading's
+    # time_t (OverflowError) and the compiled twin's int64 ns deadline (an instant Empty).
+    return None if seconds >= MAX_INSTANT_SECONDS else seconds
 
 
 def integer(value: Any, name: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:

@@ -101,7 +101,10 @@ class SessionManager:
     def delete(self, id: str) -> None:
         """End session ``id``: on_session_end, CLOSED, subscriptions closed. Unknown id: no-op."""
         with self._lock:
-            session = self._sessions.pop(id, None)
+            try:
+                session = self._sessions.pop(id, None)
+            except TypeError:  # unhashable: never the id of a session, so unknown: no-op
+                session = None
         if session is not None:
             self._end([session])
 

@@ -196,6 +196,10 @@ class Session:
         return ConversationSnapshot(self.id, self.character_id, self.created_at, self.last_active_at, history)
 
     def set_dialog_context(self, items: Iterable[DialogContextItem]) -> None:
+        try:
+            items = iter(items)
+        except TypeError:
+            raise TypeError(f"items must be an iterable of DialogContextItem, got {type(items).__name__}") from None
         copied = []
         for item in items:
             if not isinstance(item, DialogContextItem):
