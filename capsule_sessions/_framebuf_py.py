@@ -17,7 +17,8 @@ public methods as its own, so a call on the hot path goes straight to the backen
     - ``latest_visual_frames(ttl, now=None) -> list[VisualFrame]``
     - ``subscribe_visual_frames(buffer=1, *, policy="drop_newest") -> Subscription``
     - ``visual_stats() -> dict``, ``subscriber_count`` (int),
-      ``close_subscriptions()`` (closes every live subscription; used on delete/evict)
+      ``close_subscriptions()`` (the session ended: closes every live subscription, and
+      any subscription made afterwards starts closed; used on delete/evict)
 
 ``Subscription``
     ``get(timeout=None)``, ``get_nowait()``, ``aget(timeout=None)``, ``qsize()``,
@@ -277,6 +278,7 @@ class FrameRing:
         self._source = ""
         self._last_accepted_ns: Optional[int] = None
         self._subscribers: list[_Queue] = []
+        self._ended = False
         self._accepted = 0
         self._rate_limited = 0
         self._source_resets = 0
@@ -417,7 +419,12 @@ class FrameRing:
     def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> Subscription:
         q = _Queue(v.count(buffer, "buffer"), v.policy(policy))
         with self._lock:
-            self._subscribers.append(q)
+            # The session has ended: nothing will ever close this one, so it starts closed
+            # and a reader finishes at once instead of waiting forever.
+            if self._ended:
+                q.closed = True
+            else:
+                self._subscribers.append(q)
         return Subscription(self, q)
 
     @property
@@ -434,6 +441,7 @@ class FrameRing:
 
     def close_subscriptions(self) -> None:
         with self._lock:
+            self._ended = True
             subscribers, self._subscribers = self._subscribers, []
         for q in subscribers:
             q.close()

@@ -719,6 +719,7 @@ cdef class FrameRing:
     cdef Py_ssize_t pool_n
     cdef PyObject **subs
     cdef Py_ssize_t nsubs, subs_cap
+    cdef bint ended
 
     def __cinit__(self, clock, created_at):
         if pthread_mutex_init(&self.mu, NULL) != 0:
@@ -1213,6 +1214,11 @@ cdef class FrameRing:
         cdef PyObject **grown
         cdef Py_ssize_t newcap
         lock_with_gil(&self.mu)
+        if self.ended:
+            # Nothing would ever close it: it starts closed, so a reader finishes at once.
+            q.closed = True
+            pthread_mutex_unlock(&self.mu)
+            return sub
         if self.nsubs == self.subs_cap:
             newcap = self.subs_cap * 2 if self.subs_cap else 4
             grown = <PyObject **>realloc(self.subs, newcap * sizeof(PyObject *))
@@ -1274,6 +1280,7 @@ cdef class FrameRing:
         cdef PyObject **subs
         cdef Py_ssize_t n, i
         lock_with_gil(&self.mu)
+        self.ended = True
         subs = self.subs
         n = self.nsubs
         self.subs = NULL

@@ -33,6 +33,16 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+# A test that blocks forever (a lost wake-up, say) must fail, not stall `make test`.
+DEFAULT_TEST_TIMEOUT = 300
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    for item in items:
+        if item.get_closest_marker("timeout") is None and item.get_closest_marker("soak") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT))
+
+
 def _backend_params() -> list:
     return [
         pytest.param(name, id=name, marks=[pytest.mark.cython] if name == "cython" else [])

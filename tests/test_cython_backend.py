@@ -29,6 +29,7 @@ needs_cython = pytest.mark.skipif(
 )
 
 MB = 1 << 20
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")  # make sanitize
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +181,8 @@ def test_memory_is_flat_in_steady_state(backend, stores):
     checkpoint (after 10% of the stores, past warm-up) and at the end. Tolerances: RSS
     may grow by at most 16 MiB (allocator slack, thread stacks; a leak of one frame per
     store would be ~90 GiB), and tracemalloc's traced Python memory by at most 1 MiB
-    (a leaked frame object or view per store would be several MiB).
+    (a leaked frame object or view per store would be several MiB). Under AddressSanitizer
+    (``make sanitize``) only the tracemalloc bound is checked.
     """
     session = Session("mem", clock=FakeClock(), backend=backend)
     frame = np.random.default_rng(1).integers(0, 256, MB, dtype=np.uint8)
@@ -215,5 +217,6 @@ def test_memory_is_flat_in_steady_state(backend, stores):
     for sub in subs:
         assert sub.delivered + sub.dropped == stores
     (rss_early, traced_early), (rss_end, traced_end) = readings
-    assert rss_end - rss_early <= 16 * MB, f"RSS grew by {(rss_end - rss_early) / MB:.1f} MiB"
+    if not UNDER_ASAN:  # ASan's quarantine keeps freed blocks resident on purpose
+        assert rss_end - rss_early <= 16 * MB, f"RSS grew by {(rss_end - rss_early) / MB:.1f} MiB"
     assert traced_end - traced_early <= 1 * MB, f"traced memory grew by {(traced_end - traced_early) / MB:.2f} MiB"

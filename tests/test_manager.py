@@ -149,6 +149,19 @@ def test_delete_closes_subscriptions_and_wakes_readers(make_manager):
         queued.get_nowait()
 
 
+def test_subscribing_to_an_ended_session_gives_a_closed_subscription(make_manager, clock):
+    m = make_manager()
+    s = m.create("a")
+    m.delete("a")
+    late = s.subscribe_visual_frames(4)
+    assert late.closed
+    s.store_frame(b"after", source="cam", max_recent=1, frame_seq=7)  # storing still works
+    assert late.qsize() == 0 and late.dropped == 0
+    with pytest.raises(SubscriptionClosed):
+        late.get(timeout=5)  # returns at once; never waits for a close that cannot come
+    assert list(late) == []
+
+
 def test_callback_may_call_the_manager(make_manager):
     seen = []
     holder = {}
