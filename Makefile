@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd)
 
-.PHONY: demo test build bench sanitize soak clean
+.PHONY: demo test build bench sanitize soak fuzz valgrind clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,10 +43,22 @@ sanitize: $(STAMP)
 	cp build/sanitize/lib/capsule_sessions/*.so build/sanitize/pkg-src/
 	mkdir -p build/sanitize/root && rm -rf build/sanitize/root/capsule_sessions && mv build/sanitize/pkg-src build/sanitize/root/capsule_sessions
 	cd build/sanitize/root && \
-	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  CAPSULE_SESSIONS_BACKEND=cython CAPSULE_SESSIONS_REQUIRE_CYTHON=1 PYTHONPATH=. \
 	  ../../../$(PY) -m pytest -q -p no:cacheprovider -x -m "not soak" ../../../tests -k "cython"
+
+# libFuzzer-driven (atheris) operation sequences on both twins side by side; a plain
+# random loop where atheris does not install.
+fuzz: build
+	$(PY) -m pip install --quiet "atheris>=2.3" || echo "atheris did not install: running the plain random loop"
+	mkdir -p build/fuzz-corpus
+	if $(PY) -c "import atheris" 2>/dev/null; then \
+	  $(PY) fuzz/fuzz_framebuf.py -max_total_time=60 -max_len=4096 build/fuzz-corpus; \
+	else $(PY) fuzz/fuzz_framebuf.py --no-atheris --runs 20000; fi
+
+valgrind: build
+	tools/valgrind.sh
 
 clean:
 	rm -rf build $(VENV) capsule_sessions/*.so ext/*.c ext/*.html .cache

@@ -42,7 +42,7 @@ cimport cython
 from cpython.buffer cimport PyBUF_RECORDS_RO, PyBuffer_IsContiguous, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
-from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.unicode cimport PyUnicode_CheckExact
@@ -59,7 +59,6 @@ cnp.import_array()
 
 import asyncio
 import queue as _queue_mod
-import weakref as _weakref
 
 from capsule_sessions import _validate
 from capsule_sessions._records import VisualFrame
@@ -459,11 +458,7 @@ cdef class _SubQueue:
         if not waiters:
             return
         self.async_waiters = []
-        for loop_ref, fut_ref in waiters:
-            loop = loop_ref()
-            fut = fut_ref()
-            if loop is None or fut is None:
-                continue
+        for loop, fut in waiters:
             try:
                 loop.call_soon_threadsafe(_wake_future, fut)
             except Exception:  # a closed loop: its waiter went with it
@@ -626,9 +621,10 @@ cdef class Subscription:
         deadline = None if seconds is None else loop.time() + seconds
         while True:
             fut = loop.create_future()
-            # Weak: the ring holds this queue through a pointer the GC cannot see, so a
-            # strong reference here would keep an abandoned task and its loop alive.
-            waiter = (_weakref.ref(loop), _weakref.ref(fut))
+            # Strong, like asyncio.Queue: a live session keeps a task parked on it alive.
+            # An abandoned one is still collected: the GC sees ring -> subs -> queue ->
+            # waiter -> task -> subscription -> ring as a cycle.
+            waiter = (loop, fut)
             result = self.q.try_pop(True)
             if result is not None:
                 return result
@@ -717,8 +713,9 @@ cdef class FrameRing:
     cdef uint64_t fan_next, fan_serving
     cdef PyObject *pool[POOL_MAX]
     cdef Py_ssize_t pool_n
-    cdef PyObject **subs
-    cdef Py_ssize_t nsubs, subs_cap
+    # A list, not a C array, so the garbage collector sees the ring's queues (and an
+    # abandoned asyncio waiter parked on one can be collected).
+    cdef list subs
     cdef bint ended
 
     def __cinit__(self, clock, created_at):
@@ -730,6 +727,7 @@ cdef class FrameRing:
             pthread_mutex_destroy(&self.mu)
             raise
         self.ready = True
+        self.subs = []
         empty = ""
         Py_INCREF(empty)
         self.active_source = <PyObject *>empty
@@ -747,14 +745,10 @@ cdef class FrameRing:
         for i in range(self.pool_n):
             grave_add(&grave, self.pool[i])
         self.pool_n = 0
-        for i in range(self.nsubs):
-            grave_add(&grave, self.subs[i])
-        self.nsubs = 0
         grave_add(&grave, self.active_source)
         self.active_source = NULL
         grave_flush(&grave)
         free(self.slots)
-        free(self.subs)
         if self.ready:
             pthread_cond_destroy(&self.fan_cond)
             pthread_mutex_destroy(&self.mu)
@@ -1024,13 +1018,13 @@ cdef class FrameRing:
             self.last_active = now_s
             self.accepted += 1
 
-            if self.nsubs > 0:
-                fan_subs = <PyObject **>malloc(self.nsubs * sizeof(PyObject *))
+            fan_n = PyList_GET_SIZE(self.subs)
+            if fan_n > 0:
+                fan_subs = <PyObject **>malloc(fan_n * sizeof(PyObject *))
                 if fan_subs != NULL:
                     fan = True
-                    fan_n = self.nsubs
                     for i in range(fan_n):
-                        fan_subs[i] = self.subs[i]
+                        fan_subs[i] = PyList_GET_ITEM(self.subs, i)
                         Py_INCREF(<object>fan_subs[i])
                     meta = slot[0]  # its references are taken just below
                     Py_INCREF(<object>meta.owner)
@@ -1041,8 +1035,9 @@ cdef class FrameRing:
                 else:
                     # Out of memory for the subscriber list: count the frame as dropped
                     # for every subscriber rather than lose it silently.
-                    for i in range(self.nsubs):
-                        (<_SubQueue>self.subs[i]).dropped += 1
+                    for i in range(fan_n):
+                        (<_SubQueue>PyList_GET_ITEM(self.subs, i)).dropped += 1
+                    fan_n = 0
 
             if buf.len >= NOGIL_COPY_MIN:
                 with nogil:
@@ -1211,26 +1206,16 @@ cdef class FrameRing:
         cdef Subscription sub = Subscription.__new__(Subscription)
         sub.q = q
         sub.ring = self
-        cdef PyObject **grown
-        cdef Py_ssize_t newcap
         lock_with_gil(&self.mu)
-        if self.ended:
-            # Nothing would ever close it: it starts closed, so a reader finishes at once.
-            q.closed = True
+        try:
+            if self.ended:
+                # Nothing would ever close it: it starts closed, so a reader finishes at once.
+                q.closed = True
+            else:
+                # A list append runs no Python code; it can only raise MemoryError.
+                self.subs.append(q)
+        finally:
             pthread_mutex_unlock(&self.mu)
-            return sub
-        if self.nsubs == self.subs_cap:
-            newcap = self.subs_cap * 2 if self.subs_cap else 4
-            grown = <PyObject **>realloc(self.subs, newcap * sizeof(PyObject *))
-            if grown == NULL:
-                pthread_mutex_unlock(&self.mu)
-                raise MemoryError()
-            self.subs = grown
-            self.subs_cap = newcap
-        Py_INCREF(q)
-        self.subs[self.nsubs] = <PyObject *>q
-        self.nsubs += 1
-        pthread_mutex_unlock(&self.mu)
         return sub
 
     @property
@@ -1238,56 +1223,45 @@ cdef class FrameRing:
         cdef Py_ssize_t n
         self.prune_closed()
         lock_with_gil(&self.mu)
-        n = self.nsubs
+        n = PyList_GET_SIZE(self.subs)
         pthread_mutex_unlock(&self.mu)
         return n
 
     cdef void remove_queue(self, _SubQueue q) noexcept:
         cdef Py_ssize_t i
-        cdef PyObject *found = NULL
+        cdef list subs = self.subs
         lock_with_gil(&self.mu)
-        for i in range(self.nsubs):
-            if self.subs[i] == <PyObject *>q:
-                found = self.subs[i]
-                self.nsubs -= 1
-                self.subs[i] = self.subs[self.nsubs]
+        for i in range(PyList_GET_SIZE(subs)):
+            if PyList_GET_ITEM(subs, i) == <PyObject *>q:
+                # The list drops its reference here, but the caller's `q` still holds
+                # one, so nothing is freed (and no Python runs) under the lock.
+                del subs[i:i + 1]
                 break
         pthread_mutex_unlock(&self.mu)
-        if found != NULL:
-            Py_DECREF(<object>found)
 
     cdef void prune_closed(self) noexcept:
         """Forget queues whose handle was dropped (closed from __dealloc__)."""
-        cdef Grave grave
-        cdef Py_ssize_t i = 0
-        cdef _SubQueue q
-        grave_init(&grave)
+        cdef Py_ssize_t i
+        cdef list open_subs = []  # made before locking: no allocation under the lock
+        cdef list old
         lock_with_gil(&self.mu)
-        while i < self.nsubs:
-            q = <_SubQueue>self.subs[i]
-            if q.closed:
-                grave_add(&grave, self.subs[i])
-                self.nsubs -= 1
-                self.subs[i] = self.subs[self.nsubs]
-            else:
-                i += 1
+        old = self.subs
+        for i in range(PyList_GET_SIZE(old)):
+            if not (<_SubQueue>PyList_GET_ITEM(old, i)).closed:
+                open_subs.append(<object>PyList_GET_ITEM(old, i))
+        self.subs = open_subs
         pthread_mutex_unlock(&self.mu)
-        q = None
-        grave_flush(&grave)
+        # `old` is released here, after unlocking: a queue's last reference may go with it.
 
     def close_subscriptions(self):
         """Close every live subscription (the session ended): their readers wake up."""
-        cdef PyObject **subs
-        cdef Py_ssize_t n, i
+        cdef list none_left = []  # made before locking: no allocation under the lock
+        cdef list subs
+        cdef _SubQueue q
         lock_with_gil(&self.mu)
         self.ended = True
         subs = self.subs
-        n = self.nsubs
-        self.subs = NULL
-        self.nsubs = 0
-        self.subs_cap = 0
+        self.subs = none_left
         pthread_mutex_unlock(&self.mu)
-        for i in range(n):
-            (<_SubQueue>subs[i]).close()
-            Py_DECREF(<object>subs[i])
-        free(subs)
+        for q in subs:
+            q.close()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import capsule_sessions
-from capsule_sessions import Session, SessionManager, SubscriptionClosed
+from capsule_sessions import Session, SessionManager
 from support import FakeClock, payload
 
 pytestmark = pytest.mark.timeout(180)
@@ -69,6 +69,13 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
         proc.wait()
         pytest.fail(f"child hung even past its faulthandler deadline\nstdout:\n{proc.stdout.read()}\nstderr:\n{proc.stderr.read()}")
     return proc.returncode, proc.stdout.read(), proc.stderr.read()
+
+
+def native_allocator() -> bool:
+    """False under ASan or valgrind: their allocators keep freed blocks in quarantine,
+    so freed frames do not leave the resident set at once."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    return "asan" not in preload and "vgpreload" not in preload
 
 
 def rss_bytes() -> int:
@@ -261,14 +268,17 @@ def test_session_collected_with_live_subscription_releases_frames(backend, clock
     del session
     gc.collect()
     assert session_ref() is None, "the Session outlived its last reference"
-    # Whether the ring outlives its session while a subscription lives is the
-    # backend's business; the queued frames must stay readable either way.
-    assert [int(sub.get(timeout=1).data[0]) for _ in range(3)] == [0, 1, 2]
+    # The queue still holds all three frames (so they are resident). Whether the ring
+    # outlives its session while a subscription lives is the backend's business; the
+    # queued frames must stay readable either way.
     grown = rss_bytes() - baseline
-    assert grown > 2 * (FRAME_MB << 20), f"frames were never resident? grew {grown >> 20} MB"
+    assert grown > 2 * (FRAME_MB << 20) or not native_allocator(), f"frames were never resident? grew {grown >> 20} MB"
+    assert [int(sub.get(timeout=1).data[0]) for _ in range(3)] == [0, 1, 2]
     del sub
     gc.collect()
     assert all(view() is None for view in views), "frame arrays outlived the ring"
+    if not native_allocator():
+        return
     leftover = rss_bytes() - baseline
     assert leftover < 16 << 20, f"{leftover >> 20} MB still resident after the ring went away"
 
@@ -279,14 +289,14 @@ def test_manager_and_sessions_collected_with_blocked_readers(backend, clock):
     sub = session.subscribe_visual_frames(2)
     errors = []
 
-    def reader():
+    def reader(sub):
         try:
             for _ in sub:
                 pass
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             errors.append(exc)
 
-    t = threading.Thread(target=reader, daemon=True)
+    t = threading.Thread(target=reader, args=(sub,), daemon=True)
     t.start()
     session.store_frame(b"x" * 100, source="cam", max_recent=1)
     manager_ref, session_ref = weakref.ref(manager), weakref.ref(session)
@@ -314,6 +324,31 @@ def test_abandoned_async_reader_is_collectable(backend, clock):
     for _ in range(3):
         gc.collect()
     assert task_ref() is None and loop_ref() is None, "a parked aget() keeps its task and loop alive forever"
+
+
+def test_fire_and_forget_async_reader_is_kept_alive_by_its_session(backend, clock):
+    """A task parked in aget() whose handle nobody kept (asyncio.create_task(...) and
+    forget) still gets the next frame: like asyncio.Queue, the live subscription keeps
+    its waiter, and so the task, alive. Collecting it would silently end a consumer."""
+    session = Session("fire-and-forget", clock=clock, backend=backend)
+    sub = session.subscribe_visual_frames(2)
+    got = []
+
+    async def consumer():
+        got.append((await sub.aget()).frame_seq)
+
+    async def main():
+        asyncio.get_running_loop().create_task(consumer())  # the handle is dropped
+        await asyncio.sleep(0.01)
+        gc.collect()
+        session.store_frame(b"x", source="cam", max_recent=1, frame_seq=5)
+        for _ in range(100):
+            if got:
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert got == [5], "the parked consumer task was garbage-collected"
 
 
 # -- manager stopped while producers run ----------------------------------------------

@@ -1,0 +1,782 @@
+"""Hostile input for every entry point, run through every backend side by side.
+
+Each example builds the same session on every available backend (same fake clock, same
+frames already stored), makes one call whose arguments hypothesis drew from valid values
+mixed with hostile ones (wrong types, extreme ints, NaN/inf/-0.0 and huge floats,
+timedeltas, odd buffers: dtypes, byte orders, 0-d, Fortran order, negative and zero
+strides, frames the library handed out fed back in), and demands:
+
+- the call works, or raises TypeError/ValueError/OverflowError whose message names one
+  of the arguments that were made hostile (never anything else, never a crash);
+- a rejected call changes nothing: visual_stats, the frames held, the session's activity
+  instant, the subscribers and their queues are identical before and after;
+- the caller's buffer is not kept: its reference count is unchanged and a bytearray can
+  still be resized (nothing left it exported);
+- every backend gives the same outcome: the same exception type, or the same result and
+  the same state afterwards (messages may differ in wording, not in the name).
+
+Counters of what was tried are written as JSON to $CAPSULE_SESSIONS_FUZZ_STATS when set
+(RELIABILITY.md quotes them). CAPSULE_SESSIONS_FUZZ_EXAMPLES scales the example counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import json
+import math
+import os
+import queue
+import sys
+from decimal import Decimal
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from capsule_sessions import (
+    PipelineMode,
+    Session,
+    SessionError,
+    SessionManager,
+    SubscriptionClosed,
+    VisualFrame,
+    VisualInputConfig,
+    available_backends,
+)
+from support import FakeClock
+
+pytestmark = pytest.mark.timeout(300)
+
+ALLOWED = (TypeError, ValueError, OverflowError)
+SCALE = float(os.environ.get("CAPSULE_SESSIONS_FUZZ_EXAMPLES", "1"))
+STATS: collections.Counter = collections.Counter()
+
+
+def fuzz_settings(examples: int):
+    return settings(
+        max_examples=max(1, int(examples * SCALE)),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+        derandomize=os.environ.get("CAPSULE_SESSIONS_FUZZ_RANDOM", "") in ("", "0"),
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_stats():
+    yield
+    path = os.environ.get("CAPSULE_SESSIONS_FUZZ_STATS")
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(sorted(STATS.items())), f, indent=1)
+
+
+def _twin_params():
+    names = available_backends()
+    marks = [pytest.mark.cython] if "cython" in names else []
+    return [pytest.param(names, id="-vs-".join(names), marks=marks)]
+
+
+@pytest.fixture(params=_twin_params())
+def twins(request) -> list:
+    """Every available backend: each example runs on all of them and compares."""
+    return request.param
+
+
+# -- hostile values -------------------------------------------------------------------
+
+NAN = float("nan")
+HOSTILE_INTS = [
+    0, 1, -1, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1,
+    2**64, 2**100, -(2**100), True, False, np.int64(7), np.uint64(2**64 - 1), np.int8(-3),
+]
+HOSTILE_FLOATS = [
+    NAN, math.inf, -math.inf, -0.0, 0.0, 1e300, -1e300, 5e-324, 1e-9, 4.6e9, 9.3e9, 1e19,
+    np.float64(NAN), np.float32(1.5), np.float64(-math.inf),
+]
+HOSTILE_TIMEDELTAS = [
+    dt.timedelta(0), dt.timedelta.max, dt.timedelta.min, dt.timedelta(microseconds=1),
+    dt.timedelta(days=-1), dt.timedelta(seconds=1.5),
+]
+WRONG_TYPES = [None, "1", b"1", [], {}, (), object(), 1 + 2j, Decimal("1.5"), Fraction(1, 3), Decimal("NaN")]
+HOSTILE_TEXT = ["", "\x00", "\ud800", "cam" * 10_000, "é", "cam"]
+
+hostile_number = st.sampled_from(HOSTILE_INTS + HOSTILE_FLOATS + HOSTILE_TIMEDELTAS + WRONG_TYPES)
+hostile_text = st.sampled_from(HOSTILE_TEXT + [None, b"cam", 1, 1.0, ["cam"], True])
+
+
+def arg(valid, hostile, p_hostile=0.2):
+    """A strategy of (value, hostile?) pairs; about ``p_hostile`` of them hostile, so
+    most examples bend one or two arguments and the rest must still be honoured."""
+    copies = max(1, round((1 - p_hostile) / p_hostile))
+    return st.one_of(*[valid.map(lambda v: (v, False))] * copies, hostile.map(lambda v: (v, True)))
+
+
+# -- buffers --------------------------------------------------------------------------
+
+DTYPES = [
+    "u1", "i1", "<i2", ">i2", "<u4", ">i4", "<i8", ">u8", "<f2", "<f4", ">f8", "<c8", ">c16", "?",
+    "S3", "V5", [("a", "<i4"), ("b", ">f8")],
+]
+
+
+@st.composite
+def numpy_buffers(draw):
+    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=7))
+    base = np.frombuffer(draw(st.binary(min_size=dtype.itemsize * int(np.prod(shape)),
+                                        max_size=dtype.itemsize * int(np.prod(shape)))), dtype=dtype).reshape(shape).copy()
+    layout = draw(st.sampled_from(["c", "f", "transpose", "reverse", "step", "broadcast", "readonly", "sliced"]))
+    if layout == "f":
+        return np.asfortranarray(base)
+    if layout == "transpose":
+        return base.T
+    if layout == "reverse" and base.ndim:
+        return base[(slice(None, None, -1),) * base.ndim]
+    if layout == "step" and base.ndim:
+        return base[(slice(None, None, 2),) * base.ndim]
+    if layout == "broadcast":
+        return np.broadcast_to(base, (3,) + base.shape)  # a zero stride
+    if layout == "readonly":
+        base.flags.writeable = False
+        return base
+    if layout == "sliced" and base.ndim:
+        return base[1:]
+    return base
+
+
+plain_buffers = st.one_of(
+    st.binary(max_size=3000),
+    st.binary(max_size=3000).map(bytearray),
+    st.binary(max_size=3000).map(memoryview),
+    st.binary(max_size=300).map(lambda b: memoryview(b)[::-3]),
+    st.binary(min_size=8, max_size=64).map(lambda b: memoryview(b[: len(b) // 8 * 8]).cast("q")),
+)
+valid_data = st.one_of(plain_buffers, numpy_buffers())
+# Objects that cannot be exported as a buffer at all. (Objects that are buffers but that
+# numpy refuses to export, e.g. datetime64 arrays, raise a message that does not name
+# `data`; tests/test_bad_input.py::test_data_without_a_c_buffer_format holds that bug.)
+hostile_data = st.sampled_from(["frame", None, 5, 1.5, [1, 2], {"a": 1}, object(), np.array([1, 2]).tolist()])
+
+
+def expected_bytes(data) -> bytes:
+    # Through memoryview: np.asarray(b"") is a 0-d |S1 array whose tobytes() is b"\x00".
+    return np.asarray(memoryview(data)).tobytes()
+
+
+# -- the twin harness -----------------------------------------------------------------
+
+
+def frame_key(frame) -> tuple:
+    data = frame.data
+    assert isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1
+    assert not data.flags.writeable
+    return (frame.frame_seq, frame.source, frame.mime_type, frame.width, frame.height,
+            frame.timestamp_ms, frame.received_at, bytes(data))
+
+
+def state(session, subs) -> tuple:
+    return (
+        session.visual_stats(),
+        [frame_key(f) for f in session.latest_visual_frames(math.inf)],
+        session.last_active_at,
+        session._ring.subscriber_count,
+        [(s.qsize(), s.dropped, s.delivered, s.closed) for s in subs],
+    )
+
+
+@st.composite
+def preludes(draw):
+    """What the session went through before the fuzzed call: frames stored so far (with
+    their instants, sources and rate limits), so every branch of a store is reachable."""
+    steps = draw(st.lists(
+        st.tuples(
+            st.sampled_from(["cam", "cam", "other"]),
+            st.integers(0, 3),           # fake seconds to advance first
+            st.sampled_from([0.0, 0.0, 1.5]),
+            st.integers(1, 3),           # max_recent
+            st.integers(0, 40),          # payload length
+        ),
+        max_size=4,
+    ))
+    return steps
+
+
+def build(backend, prelude, sub_specs=((4, "drop_newest"), (2, "drop_oldest"))):
+    clock = FakeClock(1000.0)
+    session = Session("fuzz", clock=clock, backend=backend)
+    subs = [session.subscribe_visual_frames(n, policy=p) for n, p in sub_specs]
+    for seq, (source, advance, min_interval, keep, size) in enumerate(prelude):
+        clock.advance(advance)
+        session.store_frame(bytes([seq]) * size, source=source, max_recent=keep, min_interval=min_interval,
+                            frame_seq=seq, width=size, height=1)
+    return clock, session, subs
+
+
+def outcome(call):
+    try:
+        return ("ok", call())
+    except ALLOWED as exc:
+        return ("rejected", type(exc), str(exc))
+
+
+def normalise(result):
+    if isinstance(result, list):
+        return [frame_key(f) for f in result]
+    if isinstance(result, VisualFrame):
+        return frame_key(result)
+    return result
+
+
+def run_twins(twins, entry, prelude, call, hostile_names, data=None, prepare=None):
+    """Run ``call(session, clock, subs)`` on every backend; check the contract; compare.
+    ``prepare(session, subs)`` runs first, outside what a rejection must leave alone."""
+    results = []
+    for backend in twins:
+        clock, session, subs = build(backend, prelude)
+        if prepare is not None:
+            prepare(session, subs)
+        before = state(session, subs)
+        # bytes may be interned or cached (b"", one-byte strings): their count moves on its own.
+        counted = data is not None and type(data) is not bytes
+        refs = sys.getrefcount(data) if counted else None
+        got = outcome(lambda: call(session, clock, subs))
+        if counted:
+            assert sys.getrefcount(data) == refs, "the call kept (or lost) a reference to the caller's buffer"
+            if isinstance(data, bytearray):
+                data.append(0)  # BufferError here: the call left the buffer exported
+                del data[-1]
+        after = state(session, subs)
+        if got[0] == "rejected":
+            _, kind, message = got
+            assert after == before, f"rejected call changed the state: {message}"
+            assert any(name in message for name in hostile_names), (
+                f"{kind.__name__}({message!r}) names none of the hostile arguments {sorted(hostile_names)}")
+            STATS[f"{entry}.rejected.{kind.__name__}"] += 1
+            results.append(("rejected", kind, after))
+        else:
+            STATS[f"{entry}.ok"] += 1
+            results.append(("ok", normalise(got[1]), after))
+        # Whatever reached the subscribers is part of the outcome too.
+        delivered = [[frame_key(f) for f in _drain(s)] for s in subs]
+        results[-1] += (delivered,)
+    STATS[f"{entry}.examples"] += 1
+    STATS[f"{entry}.hostile_arguments"] += len(hostile_names)
+    first = results[0]
+    for backend, other in zip(twins[1:], results[1:]):
+        assert other == first, f"{twins[0]} and {backend} disagree on {entry}:\n{first}\n{other}"
+    return first
+
+
+def _drain(sub):
+    out = []
+    while True:
+        try:
+            out.append(sub.get_nowait())
+        except (queue.Empty, SubscriptionClosed):
+            return out
+
+
+# -- store_frame ----------------------------------------------------------------------
+
+finite_instants = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+store_kwargs = st.fixed_dictionaries({
+    "source": arg(st.sampled_from(["cam", "other", ""]), hostile_text),
+    "max_recent": arg(st.integers(-2, 5), hostile_number),
+    "min_interval": arg(st.sampled_from([0.0, 0.5, 2.0, 0]), hostile_number),
+    "mime_type": arg(st.sampled_from(["", "image/jpeg"]), hostile_text),
+    "width": arg(st.integers(-5, 2000), hostile_number),
+    "height": arg(st.integers(-5, 2000), hostile_number),
+    "timestamp_ms": arg(st.integers(-(2**63), 2**63 - 1), hostile_number),
+    "frame_seq": arg(st.integers(-(2**63), 2**63 - 1), hostile_number),
+    "now": arg(st.one_of(st.none(), finite_instants), hostile_number),
+})
+
+
+def split(drawn: dict) -> tuple[dict, set]:
+    return {k: v for k, (v, _) in drawn.items()}, {k for k, (_, bad) in drawn.items() if bad}
+
+
+@fuzz_settings(1000)
+@given(prelude=preludes(), data=arg(valid_data, hostile_data, 0.15), kwargs=store_kwargs,
+       odd_call=st.sampled_from([None, None, None, None, "drop_source", "drop_max_recent", "extra", "feed_back"]))
+def test_store_frame(twins, prelude, data, kwargs, odd_call):
+    data, data_bad = data
+    kwargs, hostile = split(kwargs)
+    if data_bad:
+        hostile.add("data")
+    if odd_call == "drop_source":
+        del kwargs["source"]
+        hostile.add("source")
+    elif odd_call == "drop_max_recent":
+        del kwargs["max_recent"]
+        hostile.add("max_recent")
+    elif odd_call == "extra":
+        kwargs["colour"] = "red"
+        hostile.add("colour")
+
+    def call(session, clock, subs):
+        payload = data
+        if odd_call == "feed_back":
+            # A frame the ring handed out, stored into the same ring: its buffer may
+            # never be the one the copy writes into.
+            held = session.latest_visual_frames(math.inf)
+            if held:
+                payload = held[0].data
+        accepted = session.store_frame(payload, **kwargs)
+        assert accepted in (True, False)
+        if accepted:
+            newest = session.latest_visual_frames(math.inf, now=session.last_active_at)[-1]
+            assert bytes(newest.data) == expected_bytes(payload)
+        return accepted
+
+    run_twins(twins, "store_frame", prelude, call, hostile, data=None if data_bad or odd_call == "feed_back" else data)
+
+
+# -- store_visual_frame and ingest_visual_frame ---------------------------------------
+
+frame_fields = st.fixed_dictionaries({
+    "data": arg(valid_data, hostile_data, 0.15),
+    "mime_type": arg(st.sampled_from(["image/jpeg", "video/x-raw-rgb", "video/x-raw-gray", "image/png", ""]), hostile_text),
+    "width": arg(st.integers(-2, 64), hostile_number),
+    "height": arg(st.integers(-2, 64), hostile_number),
+    "source": arg(st.sampled_from(["cam", "other"]), hostile_text),
+    "timestamp_ms": arg(st.integers(-(2**63), 2**63 - 1), hostile_number),
+    "frame_seq": arg(st.integers(0, 2**63 - 1), hostile_number),
+})
+
+
+@fuzz_settings(500)
+@given(prelude=preludes(), fields=frame_fields,
+       max_recent=arg(st.integers(0, 4), hostile_number), min_interval=arg(st.sampled_from([0.0, 1.0]), hostile_number),
+       now=arg(st.one_of(st.none(), finite_instants), hostile_number), not_a_frame=st.booleans())
+def test_store_visual_frame(twins, prelude, fields, max_recent, min_interval, now, not_a_frame):
+    values, hostile = split(fields)
+    frame = VisualFrame(**values)
+    if not_a_frame and not hostile:
+        frame, hostile = dict(values), {"frame"}
+    (max_recent, b1), (min_interval, b2), (now, b3) = max_recent, min_interval, now
+    hostile |= {n for n, bad in (("max_recent", b1), ("min_interval", b2), ("now", b3)) if bad}
+    run_twins(twins, "store_visual_frame", prelude,
+              lambda s, c, subs: s.store_visual_frame(frame, max_recent, min_interval, now), hostile)
+
+
+JPEG = b"\xff\xd8\xff"
+configs = st.builds(
+    VisualInputConfig,
+    frame_interval=st.sampled_from([0.0, 0.5, 1.0, dt.timedelta(seconds=2)]),
+    max_width=st.integers(1, 64),
+    max_height=st.integers(1, 64),
+    max_frame_bytes=st.integers(1, 20000),
+    max_recent_frames=st.integers(-1, 4),
+    frame_ttl=st.sampled_from([1.0, 10.0]),
+    mime_types=st.lists(st.sampled_from(["image/jpeg", "video/x-raw-rgb", "video/x-raw-gray", "video/x-raw-bgra"]),
+                        min_size=1, max_size=3, unique=True).map(tuple),
+)
+
+
+CHANNELS = {"video/x-raw-rgb": 3, "video/x-raw-gray": 1, "video/x-raw-bgra": 4}
+BENDS = [None, None, None, None, "mime", "width", "height", "size", "magic", "empty", "too_big"]
+
+
+@st.composite
+def ingest_cases(draw):
+    """A config and a frame that fits it, or breaks exactly one of its rules."""
+    config = draw(configs)
+    bend = draw(st.sampled_from(BENDS))
+    mime = draw(st.sampled_from(config.mime_types)) if bend != "mime" else "image/png"
+    width, height = draw(st.integers(1, config.max_width)), draw(st.integers(1, config.max_height))
+    if bend == "width":
+        width = draw(st.sampled_from([0, -1, config.max_width + 1]))
+    elif bend == "height":
+        height = draw(st.sampled_from([0, -1, config.max_height + 1]))
+    channels = CHANNELS.get(mime)
+    size = width * height * channels if channels else draw(st.integers(3, 600))
+    if bend == "size":
+        size += draw(st.sampled_from([-1, 1]))
+    elif bend == "empty":
+        size = 0
+    elif bend == "too_big":
+        size = config.max_frame_bytes + 1
+    head = b"\xff\xd8\x00" if bend == "magic" else JPEG
+    data = (head + bytes(max(size, 0)))[:max(size, 0)]
+    layout = draw(st.sampled_from(["bytes", "array", "fortran"]))
+    if layout == "array":
+        data = np.frombuffer(data, dtype=np.uint8)
+    elif layout == "fortran" and size and size % 2 == 0:
+        data = np.asfortranarray(np.frombuffer(data, dtype=np.uint8).reshape(2, size // 2))
+    return config, VisualFrame(data, mime, width, height, "cam", 0, draw(st.integers(0, 100)))
+
+
+# Names ingest's ValueErrors use for the rule a frame broke.
+INGEST_NAMES = {"mime_type", "width", "height", "data"}
+
+
+@fuzz_settings(600)
+@given(prelude=preludes(), case=ingest_cases(),
+       now=arg(st.one_of(st.none(), finite_instants), hostile_number, 0.1))
+def test_ingest_visual_frame(twins, prelude, case, now):
+    config, frame = case
+    now, now_bad = now
+    hostile = INGEST_NAMES | ({"now"} if now_bad else set())
+
+    def call(session, clock, subs):
+        accepted = session.ingest_visual_frame(frame, config, now)
+        if accepted:
+            assert bytes(session.latest_visual_frames(math.inf, now=session.last_active_at)[-1].data) == expected_bytes(frame.data)
+        return accepted
+
+    run_twins(twins, "ingest_visual_frame", prelude, call, hostile)
+
+
+@fuzz_settings(40)
+@given(prelude=preludes(), frame=st.sampled_from([None, b"\xff\xd8\xff", {"data": b""}]), config=configs,
+       swap=st.booleans())
+def test_ingest_rejects_wrong_objects(twins, prelude, frame, config, swap):
+    args, hostile = ((frame, config), {"frame"}) if not swap else ((VisualFrame(JPEG, "image/jpeg", 1, 1), frame), {"config"})
+    run_twins(twins, "ingest_visual_frame", prelude, lambda s, c, subs: s.ingest_visual_frame(*args), hostile)
+
+
+# -- latest, start/stop, touch --------------------------------------------------------
+
+
+@fuzz_settings(300)
+@given(prelude=preludes(), ttl=arg(st.sampled_from([0.0, 0.5, 1.0, 3.0, 10.0, -1.0]), hostile_number),
+       now=arg(st.one_of(st.none(), st.floats(990, 1020)), hostile_number))
+def test_latest_visual_frames(twins, prelude, ttl, now):
+    (ttl, b1), (now, b2) = ttl, now
+    hostile = {n for n, bad in (("ttl", b1), ("now", b2)) if bad}
+
+    def call(session, clock, subs):
+        frames = session.latest_visual_frames(ttl, now)
+        seqs = [f.frame_seq for f in frames]
+        assert seqs == sorted(seqs)
+        return frames
+
+    run_twins(twins, "latest_visual_frames", prelude, call, hostile)
+
+
+@fuzz_settings(300)
+@given(prelude=preludes(), op=st.sampled_from(["start", "stop", "touch"]),
+       source=arg(st.sampled_from(["cam", "other", ""]), hostile_text),
+       now=arg(st.one_of(st.none(), finite_instants), hostile_number))
+def test_start_stop_touch(twins, prelude, op, source, now):
+    (source, b1), (now, b2) = source, now
+    hostile = {n for n, bad in (("source", b1 and op != "touch"), ("now", b2)) if bad}
+
+    def call(session, clock, subs):
+        if op == "start":
+            return session.start_visual_input(source, now)
+        if op == "stop":
+            return session.stop_visual_input(source, now)
+        return session.touch(now)
+
+    run_twins(twins, f"{op}_visual_input" if op != "touch" else "touch", prelude, call, hostile)
+
+
+# -- subscriptions --------------------------------------------------------------------
+
+
+@fuzz_settings(300)
+@given(prelude=preludes(), buffer=arg(st.integers(-3, 6), hostile_number),
+       policy=arg(st.sampled_from(["drop_newest", "drop_oldest"]), st.sampled_from(["", "DROP_NEWEST", "fifo", None, 1, b"drop_oldest"])),
+       positional=st.booleans(), then_store=st.integers(0, 8))
+def test_subscribe_visual_frames(twins, prelude, buffer, policy, positional, then_store):
+    (buffer, b1), (policy, b2) = buffer, policy
+    hostile = {n for n, bad in (("buffer", b1), ("policy", b2)) if bad}
+
+    def call(session, clock, subs):
+        sub = session.subscribe_visual_frames(buffer, policy=policy)
+        for seq in range(then_store):
+            session.store_frame(bytes([seq]) * 9, source="cam", max_recent=2, frame_seq=100 + seq)
+        got = [f.frame_seq for f in _drain(sub)]
+        assert sub.dropped + len(got) == then_store
+        result = (sub.maxsize, sub.policy, got, sub.dropped, sub.delivered)
+        sub.close()
+        return result
+
+    if positional:
+        # policy is keyword-only: passing it positionally must be a TypeError naming it.
+        hostile = {"positional", "2 were given", "takes"}
+        run_twins(twins, "subscribe_visual_frames", prelude,
+                  lambda s, c, subs: s.subscribe_visual_frames(buffer, policy), hostile)
+    else:
+        run_twins(twins, "subscribe_visual_frames", prelude, call, hostile)
+
+
+queue_states = st.sampled_from(["queued", "closed_empty", "closed_queued", "empty"])
+timeouts = arg(st.one_of(st.none(), st.sampled_from([0, 0.0, 0.001, 1e-9, 5.0, 3600.0, dt.timedelta(milliseconds=1)])),
+               hostile_number)
+
+
+def _blocks(timeout) -> bool:
+    """A read that would wait more than a moment on an empty open queue."""
+    if timeout is None:
+        return True
+    try:
+        t = timeout.total_seconds() if isinstance(timeout, dt.timedelta) else float(timeout)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return not math.isnan(t) and t > 0.5
+
+
+def _prepare(qstate):
+    def prepare(session, subs):
+        if qstate in ("queued", "closed_queued"):
+            session.store_frame(b"q" * 5, source="cam", max_recent=1, frame_seq=77)
+        if qstate.startswith("closed"):
+            subs[0].close()
+    return prepare
+
+
+@fuzz_settings(300)
+@given(qstate=queue_states, timeout=timeouts, use_async=st.booleans())
+def test_get_and_aget(twins, qstate, timeout, use_async):
+    (timeout, bad) = timeout
+    hostile = {"timeout"} if bad else set()
+    if qstate == "empty" and not bad and _blocks(timeout):
+        qstate = "queued"  # a wait that long on an empty queue is test_huge_timeouts_block
+    if qstate == "empty" and bad and _blocks(timeout) and not isinstance(timeout, (complex, Decimal, Fraction)):
+        qstate = "queued"
+
+    def call(session, clock, subs):
+        sub = subs[0]
+        try:
+            if use_async:
+                return asyncio.run(sub.aget(timeout))
+            return sub.get(timeout)
+        except (queue.Empty, SubscriptionClosed) as exc:
+            return type(exc).__name__
+
+    run_twins(twins, "aget" if use_async else "get", [], call, hostile, prepare=_prepare(qstate))
+
+
+@pytest.mark.parametrize("timeout", [None, 1e300, 2**100, 9.3e9, 4.6e9, dt.timedelta.max])
+def test_huge_timeouts_block_until_a_frame_arrives(twins, timeout):
+    """A huge timeout is a long wait, not an instant queue.Empty or an OverflowError."""
+    import threading
+
+    for backend in twins:
+        session = Session("t", clock=FakeClock(), backend=backend)
+        sub = session.subscribe_visual_frames(1)
+        result = []
+        reader = threading.Thread(target=lambda: result.append(outcome(lambda: sub.get(timeout))), daemon=True)
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive(), f"{backend}: get(timeout={timeout!r}) returned {result} at once"
+        session.store_frame(b"late", source="cam", max_recent=1, frame_seq=9)
+        reader.join(10)
+        assert not reader.is_alive() and result[0][0] == "ok" and result[0][1].frame_seq == 9, result
+
+        async def wait_async():
+            return await asyncio.wait_for(sub.aget(timeout), 0.2)
+
+        with pytest.raises(asyncio.TimeoutError):  # still waiting after 0.2 s, not Empty
+            asyncio.run(wait_async())
+        sub.close()
+
+
+# -- constructors ---------------------------------------------------------------------
+
+
+def _clock_returning(value):
+    return lambda: value
+
+
+clocks = st.one_of(
+    st.just(None).map(lambda _: (FakeClock(), False)),
+    st.sampled_from([NAN, math.inf, 1e300, -1e300, 2**100, "now", None, True, dt.timedelta(1), 4.7e9])
+      .map(lambda v: (_clock_returning(v), True)),
+    st.sampled_from([5, "time.monotonic", 1.0]).map(lambda v: (v, True)),
+)
+
+
+@fuzz_settings(300)
+@given(id_=arg(st.sampled_from(["s", "", "\x00", "é" * 100]), st.sampled_from([None, 1, b"s", ["s"], 1.5])),
+       mode=arg(st.sampled_from([PipelineMode.OMNI, PipelineMode.STANDARD, 0, 1]), st.sampled_from([2, -1, "omni", None, 1.0, 2**100])),
+       character_id=arg(st.sampled_from(["", "c"]), st.sampled_from([None, 1, b"c"])), clock=clocks)
+def test_session_constructor(twins, id_, mode, character_id, clock):
+    (id_, b1), (mode, b2), (character_id, b3), (clock, b4) = id_, mode, character_id, clock
+    hostile = {n for n, bad in (("id", b1), ("mode", b2), ("character_id", b3), ("clock", b4)) if bad}
+    outcomes = []
+    for backend in twins:
+        got = outcome(lambda: Session(id_, mode, character_id, clock=clock, backend=backend))
+        if got[0] == "rejected":
+            assert any(n in got[2] for n in hostile), f"{got[1].__name__}({got[2]!r}) names none of {hostile}"
+            STATS[f"Session.rejected.{got[1].__name__}"] += 1
+            outcomes.append(got[1])
+        else:
+            session = got[1]
+            assert session.backend == backend
+            session.store_frame(b"ok", source="cam", max_recent=1)
+            outcomes.append((session.id, session.mode, session.character_id, session.created_at))
+            STATS["Session.ok"] += 1
+    STATS["Session.examples"] += 1
+    assert all(o == outcomes[0] for o in outcomes), outcomes
+
+
+@fuzz_settings(300)
+@given(max_concurrent=arg(st.integers(0, 5), hostile_number),
+       idle_timeout=arg(st.sampled_from([0.0, 1.0, 300.0, dt.timedelta(seconds=5)]), hostile_number),
+       cleanup_interval=arg(st.sampled_from([None, 30.0, 0.5]), hostile_number),
+       on_session_end=arg(st.sampled_from([None, print]), st.sampled_from([1, "print", b""])), clock=clocks)
+def test_manager_constructor(twins, max_concurrent, idle_timeout, cleanup_interval, on_session_end, clock):
+    values = (max_concurrent, idle_timeout, cleanup_interval, on_session_end, clock)
+    names = ("max_concurrent", "idle_timeout", "cleanup_interval", "on_session_end", "clock")
+    hostile = {n for n, (_, bad) in zip(names, values) if bad}
+    (max_concurrent, idle_timeout, cleanup_interval, on_session_end, clock) = (v for v, _ in values)
+    outcomes = []
+    for backend in twins:
+        got = outcome(lambda: SessionManager(max_concurrent, idle_timeout, cleanup_interval=cleanup_interval,
+                                             on_session_end=on_session_end, clock=clock, backend=backend))
+        if got[0] == "rejected":
+            assert any(n in got[2] for n in hostile), f"{got[1].__name__}({got[2]!r}) names none of {hostile}"
+            STATS[f"SessionManager.rejected.{got[1].__name__}"] += 1
+            outcomes.append(got[1])
+            continue
+        manager = got[1]
+        try:
+            STATS["SessionManager.ok"] += 1
+            try:
+                made = outcome(lambda: manager.create("a"))  # a clock gone bad shows up here
+                made = (made[0], made[1] if made[0] == "rejected" else None)
+            except SessionError as exc:  # max_concurrent=0: full from the start
+                made = ("session-error", type(exc))
+            outcomes.append((manager.max_concurrent, manager.idle_timeout, made))
+        finally:
+            manager.stop()
+            assert manager._thread is None or not manager._thread.is_alive()
+    STATS["SessionManager.examples"] += 1
+    assert all(o == outcomes[0] for o in outcomes), outcomes
+
+
+@fuzz_settings(300)
+@given(st.fixed_dictionaries({
+    "frame_interval": arg(st.sampled_from([0.0, 1.0, dt.timedelta(seconds=1)]), hostile_number),
+    "max_width": arg(st.integers(1, 4096), hostile_number),
+    "max_height": arg(st.integers(1, 4096), hostile_number),
+    "max_frame_bytes": arg(st.integers(1, 2**40), hostile_number),
+    "max_recent_frames": arg(st.integers(-2, 10), hostile_number),
+    "frame_ttl": arg(st.sampled_from([0.0, 10.0]), hostile_number),
+    "mime_types": arg(st.sampled_from([("image/jpeg",), ["video/x-raw-rgb"], ()]),
+                      st.sampled_from(["image/jpeg", None, 5, (1,), [b"image/jpeg"], ("ok", None)])),
+}))
+def test_visual_input_config_constructor(fields):
+    values, hostile = split(fields)
+    got = outcome(lambda: VisualInputConfig(**values))
+    STATS["VisualInputConfig.examples"] += 1
+    if got[0] == "rejected":
+        STATS[f"VisualInputConfig.rejected.{got[1].__name__}"] += 1
+        assert any(n in got[2] for n in hostile), f"{got[1].__name__}({got[2]!r}) names none of {hostile}"
+    else:
+        STATS["VisualInputConfig.ok"] += 1
+        assert isinstance(got[1].mime_types, tuple)
+
+
+@fuzz_settings(300)
+@given(ops=st.lists(st.tuples(st.sampled_from(["create", "get", "delete", "contains", "touch", "evict"]),
+                              st.one_of(st.sampled_from(["a", "b", ""]), st.sampled_from([None, 1, ["a"], b"a", 1.5]),
+                                        st.floats(allow_nan=True), st.sampled_from(HOSTILE_FLOATS))),
+                    max_size=8))
+def test_manager_operations(twins, ops):
+    logs = []
+    for backend in twins:
+        clock = FakeClock()
+        manager = SessionManager(2, 5.0, cleanup_interval=None, clock=clock, backend=backend)
+        log = []
+        for op, value in ops:
+            clock.advance(1.0)
+
+            def call():
+                if op == "create":
+                    return manager.create(value).id
+                if op == "get":
+                    return manager.get(value).id
+                if op == "delete":
+                    return manager.delete(value)
+                if op == "contains":
+                    return value in manager
+                if op == "touch":
+                    return manager.touch(value)
+                return [s.id for s in manager.evict_idle(value)]
+
+            try:
+                got = outcome(call)
+                log.append(got[:2])
+                STATS[f"manager.{op}.{got[0]}"] += 1
+            except SessionError as exc:  # not found / exists / full: the manager's own errors
+                log.append(("session-error", type(exc)))
+                STATS[f"manager.{op}.session_error"] += 1
+            else:
+                if got[0] == "rejected":
+                    expected = "now" if op == "evict" else "id"
+                    assert expected in got[2], got
+        log.append(sorted(s.id for s in manager.list()))
+        logs.append(log)
+    STATS["manager.examples"] += 1
+    assert all(entry == logs[0] for entry in logs), logs
+
+
+# -- big buffers ----------------------------------------------------------------------
+
+MB = 1 << 20
+
+
+def _big(layout: str, size: int):
+    rng = np.random.default_rng(size)
+    if layout == "contiguous":
+        return rng.integers(0, 256, size, dtype=np.uint8)
+    if layout == "reversed":
+        return rng.integers(0, 256, size, dtype=np.uint8)[::-1]
+    if layout == "fortran":
+        return np.asfortranarray(rng.integers(0, 256, (size // 64, 16), dtype=np.uint32))
+    return rng.integers(0, 256, 2 * size, dtype=np.uint8)[::2]  # every other byte
+
+
+@fuzz_settings(6)
+@given(size=st.sampled_from([0, 1, 16383, 16384, 16385, MB + 7, 8 * MB]),
+       layout=st.sampled_from(["contiguous", "reversed", "fortran", "strided"]))
+def test_buffers_of_every_size(twins, size, layout):
+    data = _big(layout, size)
+    run_twins(twins, "store_frame.big", [], lambda s, c, subs: s.store_frame(data, source="cam", max_recent=2), set(), data=data)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "reversed", "fortran"])
+def test_64_megabyte_frames(twins, layout):
+    data = _big(layout, 64 * MB)
+    want = data.tobytes()
+    for backend in twins:
+        session = Session("big", clock=FakeClock(), backend=backend)
+        sub = session.subscribe_visual_frames(1)
+        assert session.store_frame(data, source="cam", max_recent=1)
+        assert session.visual_stats()["bytes"] == 64 * MB
+        assert bytes(sub.get_nowait().data) == want
+        assert bytes(session.latest_visual_frames(1.0)[0].data) == want
+    STATS["store_frame.64MB"] += len(twins)
+
+
+def _huge_allocations_fail_softly() -> bool:
+    if open("/proc/sys/vm/overcommit_memory").read().strip() == "1":
+        return False  # a 1 TiB allocation would succeed, and the copy exhaust memory
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        return "allocator_may_return_null=1" in os.environ.get("ASAN_OPTIONS", "")
+    return "vgpreload" not in os.environ.get("LD_PRELOAD", "")
+
+
+@pytest.mark.skipif(not _huge_allocations_fail_softly(),
+                    reason="this allocator aborts (ASan without allocator_may_return_null=1, valgrind) or "
+                           "overcommits (vm.overcommit_memory=1) instead of failing a 1 TiB allocation")
+def test_absurd_broadcast_view_is_refused_and_changes_nothing(twins):
+    """A 1 TiB zero-stride view: MemoryError (the one allowed non-argument error), nothing stored."""
+    data = np.broadcast_to(np.uint8(7), (1 << 40,))
+    for backend in twins:
+        _, session, subs = build(backend, [("cam", 0, 0.0, 2, 5)])
+        before = state(session, subs)
+        with pytest.raises(MemoryError):
+            session.store_frame(data, source="cam", max_recent=2)
+        assert state(session, subs) == before
+        assert session.store_frame(b"after", source="cam", max_recent=2)  # no lock left held
