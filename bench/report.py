@@ -1,0 +1,161 @@
+"""The markdown report of a run (what ``capsule-sessions bench`` prints)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+RATIOS = ("cython/python", "cython/naive", "cython/memcpy")
+
+
+def _ns(value: Optional[float]) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _num(value: Optional[float], digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:,.{digits}f}"
+
+
+def _table(header: list, rows: list) -> list:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _heading(results: dict) -> list:
+    m, s = results["machine"], results["settings"]
+    load = m.get("load_average_at_start")
+    return [
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}; Python {m['python']}, numpy {m['numpy']}, "
+        f"capsule_sessions {m['capsule_sessions']} (backends: {', '.join(m['backends'])}); {m['date']}"
+        + (f"; load average at start {load[0]}" if load else "") + ".",
+        f"Mode {s['mode']}: medians of {s['repeats']} interleaved repeats, each a calibrated batch of "
+        f">= {s['min_batch_s'] * 1e3:g} ms; ratios are medians of the per-repeat ratios; fake clock +1 ms "
+        "per store; random payloads passed as numpy arrays.",
+    ]
+
+
+def _timed_table(results: dict, aux: bool) -> list:
+    names = results["targets"]
+    rows = []
+    for wid, entry in results.get("timed", {}).items():
+        if entry["aux"] != aux:
+            continue
+        r = entry["results"]
+        row = [wid] + [_ns(r[t]["ns_per_op"]) if t in r else "" for t in names]
+        if not aux:
+            row.append(_ns(entry["reference_ns"]["go"]))
+        row += [_ratio(entry["ratios"].get(name)) for name in RATIOS]
+        rows.append(row)
+    if not rows:
+        return []
+    header = ["workload"] + [f"{t} ns/op" for t in names] + ([] if aux else ["Go ns/op (BENCH.md)"]) + list(RATIOS)
+    return _table(header, rows)
+
+
+def _alloc_table(results: dict) -> list:
+    rows = []
+    for wid, by_target in results.get("alloc", {}).items():
+        for target, a in by_target.items():
+            rows.append([wid, target, _num(a["peak_alloc_bytes_per_store"]), _num(a["minflt_per_store"], 2)])
+    if not rows:
+        return []
+    return _table(["workload", "target", "bytes allocated per store (tracemalloc peak)",
+                   "minor page faults per store"], rows)
+
+
+def _threads_table(results: dict) -> list:
+    rows = [[t, _num(r["fps_1"]), _num(r["fps_2"]), _ratio(r["ratio"]), _ratio(r.get("ratio_of_memcpy_ratio")),
+             _num(r.get("cores_used_2"), 2), _num(r.get("other_cores_busy"), 2)]
+            for t, r in results.get("threads", {}).items()]
+    if not rows:
+        return []
+    return _table(["target", "1 thread frames/s", "2 threads frames/s", "2/1 ratio", "2/1 ratio / memcpy's",
+                   "CPU cores busy (2 threads)", "other processes (cores)"], rows)
+
+
+def _fanout_table(results: dict) -> list:
+    rows = []
+    for target, by_subs in results.get("fanout", {}).items():
+        for subs, phases in sorted(by_subs.items(), key=lambda kv: int(kv[0])):
+            free, paced = phases["free"], phases["paced"]
+            offered = free["frames"] * int(subs) * free.get("runs", 1)
+            lost = sum(p[k] for p in (free, paced)
+                       for k in ("lost", "corrupt", "counter_mismatch", "out_of_order", "hung_readers"))
+            rows.append([
+                target, subs, _num(free["stored_fps"]), _num(free["delivered_fps_per_subscriber"]),
+                f"{100 * free['dropped'] / offered:.0f}%" if offered else "",
+                _num(free["p50_us"]), _num(free["p99_us"]),
+                _num(paced["p50_us"]), _num(paced["p99_us"]), _num(paced["p99_over_p50"], 1), str(lost),
+            ])
+    if not rows:
+        return []
+    return _table(["target", "subscribers", "stored frames/s", "delivered frames/s per subscriber", "dropped",
+                   "p50 us", "p99 us", "paced p50 us", "paced p99 us", "paced p99/p50", "lost uncounted"], rows)
+
+
+def _checks_table(results: dict) -> list:
+    rows = [[c["backend"], c["workload"], c["target"], c["figure"],
+             "" if c["met"] is None else ("met" if c["met"] else "**not met**")]
+            for c in results.get("checks", [])]
+    if not rows:
+        return []
+    return _table(["backend", "workload", "target (BENCH.md)", "measured", "verdict"], rows)
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    out = ["## capsule_sessions benchmark", ""] + _heading(results) + [""]
+    sections = [
+        ("### W1-W7: ns per operation (lower is better; ratios below 1 favour cython)", _timed_table(results, False),
+         "Go ns/op is BENCH.md's reference figure for the Go original, not measured in this run."),
+        ("### Size-independence points (aux)", _timed_table(results, True),
+         "W2_aux and W5_aux repeat W2 and W5 with 4 KiB frames or no subscribers; the W2 and W5 "
+         "size-independence targets are judged from them."),
+        ("### Allocation and page faults per 1080p store", _alloc_table(results),
+         "tracemalloc sees Python's allocators and numpy buffers, not a bare C malloc; page faults see both."),
+        (f"### W8: producer threads storing 1080p RGB frames, each into its own session "
+         f"({s['w8_seconds']:g} s windows, median of {s['w8_repeats']})", _threads_table(results),
+         "memcpy is the machine's own scaling for the same copies: the ceiling for every target "
+         "(\"2/1 ratio / memcpy's\" compares with it repeat by repeat). memcpy_2buf copies into two "
+         "buffers in turn, the least memory a ring keeping 2 frames can write to: its working set is what "
+         "the backends' is. "
+         "CPU cores busy is process CPU time over wall time during the 2-thread run: near 2 when both "
+         "producers ran at once, near 1 when the GIL serialised them. Other processes: what the rest of "
+         "the machine ran meanwhile (/proc/stat); above ~0.2 the 2-thread figures are not the machine's."),
+        (f"### W9: fan-out of 64 KiB frames to subscribers drained by their own threads "
+         f"(buffer={_fanout_buffer(results)})", _fanout_table(results),
+         f"Free-running: the producer stores {s['w9_frames']:,} frames as fast as it can (throughput, drops). "
+         f"Paced: {s['w9_paced_frames']:,} frames, one every {s['w9_interval_s'] * 1e3:g} ms (wake-up latency). "
+         "Lost uncounted: frames neither received nor counted as dropped, plus any corrupt, "
+         "out-of-order or miscounted delivery (must be 0)."),
+        ("### Targets", _checks_table(results), ""),
+    ]
+    for title, lines, note in sections:
+        if not lines:
+            continue
+        out += [title, ""] + lines + [""]
+        if note:
+            out += [note, ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _fanout_buffer(results: dict) -> str:
+    for by_subs in results.get("fanout", {}).values():
+        for phases in by_subs.values():
+            return str(phases["free"]["buffer"])
+    return ""
+
+
+def verdict_counts(results: dict) -> tuple:
+    checks = results.get("checks", [])
+    return sum(1 for c in checks if c["met"]), sum(1 for c in checks if c["met"] is False)
+

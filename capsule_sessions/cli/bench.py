@@ -1,0 +1,188 @@
+"""``capsule-sessions bench``: BENCH.md's workload matrix on every backend, in one process.
+
+Times W1..W7 on each library backend, the naive port and the memcpy limit with
+interleaved repeats (medians), measures allocation and page faults of the 1080p stores,
+runs the threaded workloads W8 (producer scaling) and W9 (fan-out latency), then prints
+a markdown table with the ratios and BENCH.md's targets judged. The workloads live in
+the source checkout's ``bench/`` (they are not installed with the package), so this
+command runs from a checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator, Optional
+
+from ._errors import UsageError
+from ._extras import MissingExtra, available, missing_message
+
+HELP = "benchmark both backends (see BENCH.md)"
+# A name of its own, so the checkout's bench/ never shadows or is shadowed by another
+# top-level "bench" on sys.path.
+PACKAGE = "capsule_sessions_bench"
+
+
+def default_bench_dir() -> Path:
+    import capsule_sessions
+
+    return Path(capsule_sessions.__file__).resolve().parents[1] / "bench"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n", 1)[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--quick", action="store_true",
+                        help="short batches and windows: the whole matrix in well under a minute")
+    parser.add_argument("--targets", metavar="LIST",
+                        help="comma-separated targets to run (default: every backend, naive, memcpy)")
+    parser.add_argument("--workloads", metavar="LIST",
+                        help="comma-separated workload ids or prefixes, e.g. W1,W3,W8 (default: all)")
+    parser.add_argument("--repeats", type=_positive_int, metavar="N",
+                        help="interleaved repeats per figure (default: 5 with --quick, else 9)")
+    parser.add_argument("--json", metavar="PATH", help="write every raw figure to PATH as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG chart to PATH (needs matplotlib: the 'plot' extra)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--list", action="store_true", help="list the workloads and targets, then exit")
+    parser.add_argument("--bench-dir", metavar="DIR", type=Path, default=None,
+                        help="the checkout's bench/ directory (default: next to the package)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def load_bench(bench_dir: Optional[Path] = None) -> ModuleType:
+    """The checkout's ``bench`` package (as ``capsule_sessions_bench``), or UsageError."""
+    directory = Path(bench_dir) if bench_dir is not None else default_bench_dir()
+    init, runner = directory / "__init__.py", directory / "runner.py"
+    if not (init.is_file() and runner.is_file()):
+        raise UsageError(
+            f"the benchmark workloads are not here ({directory} has no bench package). "
+            "They ship with the source checkout, not the installed package: clone the "
+            "repository and run `make bench` (or `python -m capsule_sessions bench`) from it, "
+            "or pass --bench-dir"
+        )
+    loaded = sys.modules.get(PACKAGE)
+    if loaded is not None and Path(loaded.__file__).resolve() == init.resolve():
+        return importlib.import_module(PACKAGE + ".runner")
+    for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
+        del sys.modules[name]
+    spec = importlib.util.spec_from_file_location(PACKAGE, init, submodule_search_locations=[str(directory)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module(PACKAGE + ".runner")
+
+
+class _PlainProgress:
+    """Progress on stderr without rich: a line every few percent."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.shown = max(total, 1), 0, -1
+        self.start = time.monotonic()
+
+    def advance(self, label: str) -> None:
+        self.done += 1
+        percent = 100 * self.done // self.total
+        if percent // 5 != self.shown // 5 or self.done == self.total:
+            self.shown = percent
+            elapsed = time.monotonic() - self.start
+            print(f"bench: {percent:3d}% ({self.done}/{self.total}, {elapsed:.0f} s) {label}",
+                  file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool) -> Iterator:
+    if not enabled:
+        yield lambda label: None
+        return
+    if available("rich"):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            columns = (TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.description}"))
+            with Progress(*columns, console=console, transient=True) as bar:
+                task = bar.add_task("", total=total)
+                yield lambda label: bar.update(task, advance=1, description=label)
+            return
+    plain = _PlainProgress(total)
+    yield plain.advance
+
+
+def _list(runner: ModuleType) -> str:
+    lines = ["workloads:"]
+    for wid in runner.ALL_IDS:
+        workload = runner.BY_ID.get(wid)
+        description = workload.description if workload else ("1 and 2 producer threads, 1080p RGB" if wid.startswith("W8")
+                                                             else "64 KiB frames, 1/4/16 subscribers drained by threads")
+        lines.append(f"  {wid:26s} {description}")
+    lines.append("targets: " + ", ".join(runner.all_targets()))
+    return "\n".join(lines)
+
+
+def _write_json(path: str, results: dict) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(results, indent=2, allow_nan=False, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def _finite(value):
+    """JSON has no NaN: an undefined figure (no sample) is written as null."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    runner = load_bench(args.bench_dir)
+    if args.list:
+        print(_list(runner))
+        return 0
+    if args.plot and not available("matplotlib"):
+        raise MissingExtra(missing_message("matplotlib", "--plot"))
+    try:
+        selection = runner.select(args.workloads, args.targets)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    settings = runner.QUICK if args.quick else runner.FULL
+    if args.repeats:
+        settings = dataclasses.replace(settings, repeats=args.repeats)
+    with _progress(runner.total_steps(selection, settings), not args.no_progress) as tick:
+        results = _finite(runner.run(selection, settings, tick))
+    report = importlib.import_module(PACKAGE + ".report")
+    print(report.markdown(results), end="")
+    if args.json:
+        _write_json(args.json, results)
+        print(f"\nraw figures: {args.json}")
+    if args.plot:
+        plot = importlib.import_module(PACKAGE + ".plot")
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot.write(results, args.plot)
+        print(f"chart: {args.plot}")
+    return 0

@@ -1,0 +1,220 @@
+"""``capsule-sessions bench``: it runs, prints the table, writes the JSON; the workloads
+and the naive port do what BENCH.md says. No speed is asserted anywhere."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from capsule_sessions import Session, available_backends, cli
+from capsule_sessions.cli import bench as bench_cli
+from capsule_sessions.cli._errors import UsageError
+from capsule_sessions.cli._extras import MissingExtra, available
+
+# The checkout's bench/ beside these tests, even when the package under test is installed.
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+runner = bench_cli.load_bench(BENCH_DIR)
+workloads = importlib.import_module(bench_cli.PACKAGE + ".workloads")
+naive = importlib.import_module(bench_cli.PACKAGE + ".naive")
+
+RATIO_COLUMNS = ["cython/python", "cython/naive", "cython/memcpy"]
+# A miniature of --quick, so the runner's every section (alloc, W8, W9) runs in seconds.
+TINY = runner.Settings("tiny", repeats=5, min_batch_s=0.0005, alloc_stores=2, w8_seconds=0.03, w8_repeats=1,
+                       w9_frames=60, w9_paced_frames=6, w9_interval_s=0.0005, w9_repeats=1)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    if args.bench_dir is None:
+        args.bench_dir = BENCH_DIR
+    return args
+
+
+def table_header(text: str, first_column: str) -> list:
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == first_column:
+            return cells
+    raise AssertionError(f"no table starting with {first_column!r} in:\n{text}")
+
+
+def test_quick_run_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "results" / "bench.json"
+    chosen = available_backends() + ["naive", "memcpy"]
+    code = bench_cli.run(parse("--quick", "--workloads", "W1,W6", "--targets", ",".join(chosen),
+                               "--json", str(out)))
+    assert code == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "bench: 100%" in captured.err  # the plain progress (stderr is not a terminal here)
+    header = table_header(printed, "workload")
+    expected_targets = [t for t in workloads.targets() if t in chosen]
+    assert header == ["workload"] + [f"{t} ns/op" for t in expected_targets] + ["Go ns/op (BENCH.md)"] + RATIO_COLUMNS
+    assert "| W1_store_4k_0sub |" in printed and "| W6_rate_limited_reject |" in printed
+    assert "W3_store" not in printed  # the filter held
+
+    results = json.loads(out.read_text())
+    assert {"schema", "machine", "settings", "targets", "workloads", "timed", "alloc", "checks"} <= set(results)
+    assert results["settings"]["mode"] == "quick"
+    assert results["workloads"] == ["W1_store_4k_0sub", "W6_rate_limited_reject"]
+    assert set(results["timed"]) == {"W1_store_4k_0sub", "W6_rate_limited_reject"}
+    w1 = results["timed"]["W1_store_4k_0sub"]["results"]
+    assert set(w1) == set(expected_targets)
+    for figures in w1.values():
+        assert len(figures["repeats_ns"]) == 5
+        assert figures["ns_per_op"] > 0 and figures["ops_per_batch"] >= 1
+    # BENCH.md has no memcpy figure for a rejected store.
+    assert "memcpy" not in results["timed"]["W6_rate_limited_reject"]["results"]
+    ratios = results["timed"]["W1_store_4k_0sub"]["ratios"]
+    if "cython" in available_backends():
+        assert set(ratios) == {"cython/python", "cython/naive", "cython/memcpy"}
+        assert all(r > 0 for r in ratios.values())
+    else:
+        assert ratios == {}
+    for check in results["checks"]:
+        assert {"backend", "workload", "target", "figure", "met"} <= set(check)
+        assert check["backend"] in available_backends()
+
+
+def test_every_section_of_the_runner_on_every_target(tmp_path):
+    """Alloc, W8 and W9 too (with TINY settings): the JSON has every figure and the
+    markdown has every section; W9's accounting finds nothing lost."""
+    selection = runner.select("W3,W8,W9", None)
+    steps = []
+    results = runner.run(selection, TINY, steps.append)
+    assert len(steps) == runner.total_steps(selection, TINY)
+    json.dumps(results, allow_nan=False)  # JSON-ready as it stands (no NaN with samples)
+
+    assert set(results["alloc"]) == {"W3_store_6m_0sub"}
+    for target, figures in results["alloc"]["W3_store_6m_0sub"].items():
+        assert figures["peak_alloc_bytes_per_store"] >= 0 and figures["minflt_per_store"] >= 0
+    assert set(results["threads"]) == set(workloads.targets()) | {"memcpy_2buf"}
+    for figures in results["threads"].values():
+        assert figures["fps_1"] > 0 and figures["fps_2"] > 0 and figures["ratio"] > 0
+    assert set(results["fanout"]) == set(workloads.backends()) | {"naive"}
+    for by_subs in results["fanout"].values():
+        assert set(by_subs) == {"1", "4", "16"}
+        for subs, phases in by_subs.items():
+            for phase in ("free", "paced"):
+                r = phases[phase]
+                assert r["received"] + r["dropped"] == r["frames"] * int(subs)
+                assert (r["lost"], r["corrupt"], r["counter_mismatch"], r["out_of_order"], r["hung_readers"]) == (0,) * 5
+    report = importlib.import_module(bench_cli.PACKAGE + ".report").markdown(results)
+    for title in ("### W1-W7", "### Allocation and page faults", "### W8", "### W9", "### Targets"):
+        assert title in report
+    assert table_header(report, "target")[:4] == ["target", "1 thread frames/s", "2 threads frames/s", "2/1 ratio"]
+
+
+@pytest.mark.skipif(not available("matplotlib"), reason="matplotlib (the 'plot' extra) is not installed")
+def test_plot_writes_a_png(tmp_path):
+    results = runner.run(runner.select("W1,W5,W8", None), TINY)
+    path = tmp_path / "chart.png"
+    importlib.import_module(bench_cli.PACKAGE + ".plot").write(results, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(bench_cli, "available", lambda module: module != "matplotlib")
+    with pytest.raises(MissingExtra, match=r"matplotlib.*capsule_sessions\[plot\]"):
+        bench_cli.run(parse("--quick", "--workloads", "W1", "--plot", "x.png", "--no-progress"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--workloads", "W99"), "unknown workload 'W99'"),
+    (("--targets", "fortran"), "unknown or unavailable target 'fortran'"),
+])
+def test_bad_filters_are_usage_errors(flags, message):
+    with pytest.raises(UsageError, match=message):
+        bench_cli.run(parse("--quick", "--no-progress", *flags))
+
+
+def test_without_a_checkout_the_message_says_where_bench_lives(tmp_path):
+    with pytest.raises(UsageError, match="source checkout"):
+        bench_cli.run(parse("--quick", "--bench-dir", str(tmp_path)))
+
+
+def test_the_command_is_wired(capsys):
+    assert cli.main(["bench", "--list", "--bench-dir", str(BENCH_DIR)]) == 0
+    listed = capsys.readouterr().out
+    for wid in runner.ALL_IDS:
+        assert wid in listed
+    assert cli.main(["bench", "--workloads", "nope", "--no-progress", "--bench-dir", str(BENCH_DIR)]) == 2
+
+
+# -- the workloads measure what BENCH.md describes ----------------------------------
+
+def stats_after(workload_id: str, target: str, calls: int):
+    case = workloads.BY_ID[workload_id].setup(target)
+    try:
+        case.run(calls)
+        session, subs = case.keep
+        return session.visual_stats(), [(s.dropped, s.qsize()) for s in subs]
+    finally:
+        case.close()
+
+
+@pytest.mark.parametrize("target", available_backends())
+def test_store_workloads_drive_the_ring_as_described(target):
+    calls = 100
+    stats, subs = stats_after("W1_store_4k_0sub", target, calls)
+    assert (stats["accepted"], stats["frames"], stats["bytes"]) == (calls, 2, 2 * 4096)
+    stats, subs = stats_after("W2_store_64k_4sub", target, calls)
+    assert stats["accepted"] == calls
+    assert subs == [(calls - 8, 8)] * 4  # never drained: full after 8, then every offer dropped
+    stats, subs = stats_after("W4_store_6m_4sub", target, 10)
+    assert stats["bytes"] == 2 * workloads.FRAME_1080P_RGB and subs == [(8, 2)] * 4
+    stats, _ = stats_after("W6_rate_limited_reject", target, 330)
+    # 1 ms steps against a 33 ms interval: one accepted call in 33 (float steps may make it 34).
+    assert 9 <= stats["accepted"] <= 10 and stats["rate_limited"] == 330 - stats["accepted"]
+    stats, _ = stats_after("W7_source_switch", target, calls)
+    assert stats["source_resets"] == calls - 1 and stats["frames"] == 1
+
+
+@pytest.mark.parametrize("target", available_backends() + ["naive"])
+def test_latest_workload_reads_eight_frames(target):
+    case = workloads.BY_ID["W5_latest_8x64k"].setup(target)
+    frames = case.op()
+    assert len(frames) == 8 and all(len(bytes(f.data)) == 65536 for f in frames)
+
+
+def test_memcpy_copies_the_same_bytes():
+    case = workloads.BY_ID["W3_store_6m_0sub"].setup("memcpy")
+    case.op()
+    (dst, src), = case.keep
+    assert dst.nbytes == workloads.FRAME_1080P_RGB and (dst == src).all()
+    assert workloads.BY_ID["W6_rate_limited_reject"].setup("memcpy") is None
+
+
+def test_naive_port_keeps_the_go_semantics_of_the_reference():
+    """Same script on the naive port and the python backend, same answers: the naive
+    reference is a faithful port, so the comparison measures speed, not shortcuts."""
+    script = [  # (data, source, max_recent, min_interval, now)
+        (b"a", "camera", 2, 0.0, 1.0), (b"b", "camera", 2, 0.0, 1.001), (b"c", "camera", 2, 0.0, 1.002),
+        (b"d", "camera", 2, 0.5, 1.2), (b"e", "camera", 2, 0.5, 1.6), (b"f", "screen", 0, 0.0, 1.7),
+        (b"g", "screen", 3, 0.0, 1.8), (b"h", "screen", 3, 0.0, 15.0),
+    ]
+    ref = Session("ref", clock=lambda: 0.0, backend="python")
+    port = naive.NaiveSession(clock=lambda: 0.0)
+    ref_sub, port_sub = ref.subscribe_visual_frames(2), port.subscribe_visual_frames(2)
+    for data, source, keep, interval, now in script:
+        expected = ref.store_frame(data, source=source, max_recent=keep, min_interval=interval, now=now)
+        assert port.store_frame(data, source=source, max_recent=keep, min_interval=interval, now=now) == expected
+        for ttl, at in ((10.0, now), (0.1, now + 0.05), (0.0, now)):
+            assert [bytes(f.data) for f in port.latest_visual_frames(ttl, now=at)] == \
+                   [bytes(f.data) for f in ref.latest_visual_frames(ttl, now=at)]
+    assert (port_sub.dropped, port_sub.qsize()) == (ref_sub.dropped, ref_sub.qsize())
+    assert [bytes(port_sub.get(timeout=0).data) for _ in range(2)] == [bytes(ref_sub.get(timeout=0).data) for _ in range(2)]
+    port_sub.close()
+    with pytest.raises(naive.NaiveClosed):
+        port_sub.get(timeout=0)
+
+
+def test_json_never_holds_nan():
+    assert bench_cli._finite({"a": [math.nan, 1.0], "b": {"c": math.nan}}) == {"a": [None, 1.0], "b": {"c": None}}
