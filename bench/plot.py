@@ -95,7 +95,7 @@ def _threads_panel(ax, results: dict) -> None:
         ax.text(i, ratios[i], f"{ratios[i]:.2f}x\n{scaling[t]['fps_1']:,.0f} fps",
                 ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names)
+    ax.set_xticklabels([name.replace("_", "\n") for name in names], fontsize=8)
     ax.set_ylim(0, max(ratios + [T.W8_SCALING_LIMIT]) * 1.3)
     ax.set_ylabel("frames/s with 2 threads / with 1")
     ax.set_title("W8: 1080p producer scaling")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from .targets import format_ratio
+
 RATIOS = ("cython/python", "cython/naive", "cython/memcpy")
 
 
@@ -15,7 +17,7 @@ def _ns(value: Optional[float]) -> str:
 
 
 def _ratio(value: Optional[float]) -> str:
-    return "" if value is None else f"{value:.2f}"
+    return "" if value is None else format_ratio(value)
 
 
 def _num(value: Optional[float], digits: int = 0) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
-import random
 import platform
+import random
 import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional

@@ -67,7 +67,12 @@ def _ratio_check(backend: str, wid: str, ratio: Optional[float], limit: float,
     if ratio is None:
         return None
     met = ratio < limit if strict else ratio <= limit
-    return _check(backend, wid, text, f"{ratio:.2f}x {ref_name}", met)
+    return _check(backend, wid, text, f"{format_ratio(ratio)}x {ref_name}", met)
+
+
+def format_ratio(value: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (so 0.0011 does not print as 0.00)."""
+    return f"{value:.2g}" if abs(value) < 0.1 else f"{value:.2f}"
 
 
 def _rounds(results: dict, pairs: dict) -> Optional[dict]:

@@ -4,7 +4,7 @@ Times W1..W7 on each library backend, the naive port and the memcpy limit with
 interleaved repeats (medians), measures allocation and page faults of the 1080p stores,
 runs the threaded workloads W8 (producer scaling) and W9 (fan-out latency), then prints
 a markdown table with the ratios and BENCH.md's targets judged. The workloads live in
-the source checkout's ``bench/`` (they are not installed with the package), so this
+the source checkout's bench/ (they are not installed with the package), so this
 command runs from a checkout.
 """
 
