@@ -59,3 +59,15 @@ def assert_handed_out(frame) -> None:
 def assert_payload_matches(frame) -> None:
     """Every delivered frame carries exactly the bytes stored for its frame_seq."""
     assert bytes(frame.data) == payload(frame.frame_seq), f"frame {frame.frame_seq} carries foreign bytes"
+
+
+def assert_counts_add_up(summary) -> None:
+    """The CLI's --json summary balances: every offer is accepted, rate-limited or
+    rejected, and every accepted frame is delivered, dropped or still queued."""
+    assert summary["accounting_problems"] == []
+    for s in summary["sessions"]:
+        assert s["offered"] == s["accepted"] + s["rate_limited"] + s["rejected"]
+        for sub in s["subscribers"]:
+            assert sub["delivered"] + sub["dropped"] + sub["queued"] == s["accepted"], sub
+            assert sub["received"] == sub["delivered"]
+            assert sub["integrity_errors"] == 0

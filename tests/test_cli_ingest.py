@@ -14,7 +14,7 @@ from capsule_sessions.cli._consumers import AsyncConsumer, AsyncLoop, ThreadCons
 from capsule_sessions.cli._latency import LatencyHistogram
 from capsule_sessions.cli._runner import Run, RunOptions
 from capsule_sessions.cli._sources import Source, SyntheticSource, parse_source
-from support import FakeClock, payload
+from support import FakeClock, assert_counts_add_up, payload
 
 FAST = ["--display", "none", "--slow-ms", "2"]
 
@@ -23,16 +23,6 @@ def ingest(tmp_path, *args):
     out = tmp_path / "summary.json"
     code = cli.main(["ingest", *FAST, *args, "--json", str(out)])
     return code, json.loads(out.read_text()) if out.exists() else None
-
-
-def assert_counts_add_up(summary):
-    assert summary["accounting_problems"] == []
-    for s in summary["sessions"]:
-        assert s["offered"] == s["accepted"] + s["rate_limited"] + s["rejected"]
-        for sub in s["subscribers"]:
-            assert sub["delivered"] + sub["dropped"] + sub["queued"] == s["accepted"], sub
-            assert sub["received"] == sub["delivered"]
-            assert sub["integrity_errors"] == 0
 
 
 # -- the command on synthetic sources ------------------------------------------------

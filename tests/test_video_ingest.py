@@ -16,6 +16,7 @@ from capsule_sessions import cli  # noqa: E402
 from capsule_sessions.cli import _sample  # noqa: E402
 from capsule_sessions.cli._runner import Run, RunOptions  # noqa: E402
 from capsule_sessions.cli._sources import VideoSource  # noqa: E402
+from support import assert_counts_add_up  # noqa: E402
 
 W, H, FPS, SECONDS = 320, 240, 30, 2
 FRAMES = FPS * SECONDS
@@ -65,15 +66,6 @@ def ingest(tmp_path, *args):
     out = tmp_path / "summary.json"
     code = cli.main(["ingest", *QUIET, *args, "--json", str(out)])
     return code, json.loads(out.read_text()) if out.exists() else None
-
-
-def assert_counts_add_up(summary):
-    assert summary["accounting_problems"] == []
-    for s in summary["sessions"]:
-        assert s["offered"] == s["accepted"] + s["rate_limited"] + s["rejected"]
-        for sub in s["subscribers"]:
-            assert sub["delivered"] + sub["dropped"] + sub["queued"] == s["accepted"]
-            assert sub["received"] == sub["delivered"]
 
 
 def raw_config(**overrides):
