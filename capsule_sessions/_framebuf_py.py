@@ -86,6 +86,14 @@ def _wake(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
+def _wake_async(waiters: list) -> None:
+    for loop, fut in waiters:
+        try:
+            loop.call_soon_threadsafe(_wake, fut)
+        except RuntimeError:  # that loop is closed; its waiter is gone with it
+            pass
+
+
 class _Queue:
     """A subscriber's bounded queue. The ring holds this, the user holds a Subscription."""
 
@@ -101,18 +109,21 @@ class _Queue:
         self.delivered = 0
         self.async_waiters: list = []
 
-    def offer(self, frame: VisualFrame) -> None:
+    def offer(self, frame: VisualFrame) -> bool:
+        """Queue frame (or count it dropped); False when this queue is closed."""
         with self.cond:
             if self.closed:
-                return
+                return False
             if len(self.items) >= self.maxsize:
                 self.dropped += 1
                 if self.policy == "drop_newest":
-                    return
+                    return True
                 self.items.popleft()
             self.items.append(frame)
             self.cond.notify()
-            self._wake_async()
+            waiters = self._take_async_waiters()
+        _wake_async(waiters)
+        return True
 
     def close(self) -> None:
         with self.cond:
@@ -120,17 +131,16 @@ class _Queue:
                 return
             self.closed = True
             self.cond.notify_all()
-            self._wake_async()
+            waiters = self._take_async_waiters()
+        _wake_async(waiters)
 
-    def _wake_async(self) -> None:
-        # Only parked asyncio waiters cost anything here; none parked, no loop call.
-        if self.async_waiters:
-            for loop, fut in self.async_waiters:
-                try:
-                    loop.call_soon_threadsafe(_wake, fut)
-                except RuntimeError:  # that loop is closed; its waiter is gone with it
-                    pass
-            self.async_waiters.clear()
+    def _take_async_waiters(self) -> list:
+        # Only parked asyncio waiters cost anything; none parked, no loop call. They are
+        # woken after the queue lock is released: waking calls into the loop.
+        waiters = self.async_waiters
+        if waiters:
+            self.async_waiters = []
+        return waiters
 
     def take(self) -> VisualFrame:
         self.delivered += 1
@@ -234,10 +244,11 @@ class Subscription:
     unsubscribe = close
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to tell
-            pass
+        # No lock here: a garbage collection may run this while the same thread holds the
+        # ring's or this queue's lock. Nobody can read this queue any more (a reader would
+        # hold this handle), so marking it closed is enough; the ring forgets closed
+        # queues on its next fan-out.
+        self._queue.closed = True
 
     def __enter__(self) -> "Subscription":
         return self
@@ -373,8 +384,11 @@ class FrameRing:
             self._last_accepted_ns = now_ns
             self._last_active_s = seconds
             self._accepted += 1
+            stale = False
             for sub in self._subscribers:
-                sub.offer(frame)
+                stale |= not sub.offer(frame)
+            if stale:
+                self._subscribers = [q for q in self._subscribers if not q.closed]
         return True
 
     def _rate_limited_at(self, now_ns: int, min_ns: int) -> bool:
@@ -430,6 +444,7 @@ class FrameRing:
     @property
     def subscriber_count(self) -> int:
         with self._lock:
+            self._subscribers = [q for q in self._subscribers if not q.closed]
             return len(self._subscribers)
 
     def _remove(self, q: _Queue) -> None:

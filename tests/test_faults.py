@@ -384,17 +384,18 @@ def test_manager_stopped_while_producers_run(backend):
     before = list(stored)
     while any(now - then < 50 for now, then in zip(stored, before)):
         time.sleep(0.001)
-    # Stopped means no background eviction, not a dead manager: explicit calls work.
-    clock.advance(60.0)
-    sessions[0].touch()
-    evicted = manager.evict_idle()
-    assert {s.id for s in evicted} == {"s1", "s2", "s3"}
-    manager.delete("s0")
     stop.set()
     for t in producers:
         t.join(10)
     assert not any(t.is_alive() for t in producers)
     assert not errors, errors
+    # Stopped means no background eviction, not a dead manager: explicit calls work.
+    # (After the producers end: every store touches its session.)
+    clock.advance(60.0)
+    sessions[0].touch()
+    evicted = manager.evict_idle()
+    assert {s.id for s in evicted} == {"s1", "s2", "s3"}
+    manager.delete("s0")
     assert {s.id for s in ended} == {"s0", "s1", "s2", "s3"} and len(manager) == 0
     for i, session in enumerate(sessions):
         frames = session.latest_visual_frames(1e9)
