@@ -417,6 +417,27 @@ def test_dropped_subscription_stops_costing_the_producer(session):
     assert [kept.get_nowait().frame_seq for _ in range(2)] == [1, 2]
 
 
+def test_pure_finalizer_takes_no_lock():
+    """A garbage collection can finalize a Subscription while the same thread holds the
+    ring's or the queue's (non-reentrant) lock; the pure twin's __del__ must not take
+    either. Run it with both held, in a thread, so a regression fails instead of hanging."""
+    session = Session("gc-under-lock", backend="python")
+    sub = session.subscribe_visual_frames(2)
+    ring, q = session._ring, sub._queue
+    finished = threading.Event()
+
+    def finalize_under_locks():
+        with ring._lock, q.cond:
+            type(sub).__del__(sub)
+        finished.set()
+
+    threading.Thread(target=finalize_under_locks, daemon=True).start()
+    assert finished.wait(10), "Subscription.__del__ blocked on a lock its thread held"
+    assert sub.closed
+    session.store_frame(payload(1), source="cam", max_recent=1, frame_seq=1)
+    assert ring.subscriber_count == 0  # forgotten on the next fan-out
+
+
 def test_dropped_subscriptions_do_not_accumulate(session):
     for seq in range(200):
         sub = session.subscribe_visual_frames(2)
