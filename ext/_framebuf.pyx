@@ -78,6 +78,7 @@ cdef Py_ssize_t SHRINK_FLOOR = 256 * 1024
 cdef enum:
     POOL_MAX = 8
     GRAVE_INLINE = 16
+    FEW_SUBS = 16
 cdef Py_ssize_t BUFFER_ALIGN = 64
 cdef double MAX_INSTANT_SECONDS = 4611686018.427388  # 2**62 ns, as in _validate
 cdef Py_ssize_t MAX_COUNT = 2147483647
@@ -933,6 +934,7 @@ cdef class FrameRing:
         cdef Slot meta
         cdef _FrameBuffer spare = None
         cdef PyObject **fan_subs = NULL
+        cdef PyObject *few_subs[FEW_SUBS]  # no allocation per frame for a handful of subscribers
         cdef Py_ssize_t fan_n = 0, i
         cdef uint64_t ticket = 0
         cdef bint fan = False
@@ -1020,7 +1022,10 @@ cdef class FrameRing:
 
             fan_n = PyList_GET_SIZE(self.subs)
             if fan_n > 0:
-                fan_subs = <PyObject **>malloc(fan_n * sizeof(PyObject *))
+                if fan_n <= FEW_SUBS:
+                    fan_subs = few_subs
+                else:
+                    fan_subs = <PyObject **>malloc(fan_n * sizeof(PyObject *))
                 if fan_subs != NULL:
                     fan = True
                     for i in range(fan_n):
@@ -1055,7 +1060,8 @@ cdef class FrameRing:
 
     cdef void fan_out(self, Slot *meta, PyObject **subs, Py_ssize_t n, uint64_t ticket) noexcept:
         """Offer one accepted frame to a snapshot of the subscribers, in accept order.
-        Owns meta's owner/source/mime references and the subs array."""
+        Owns meta's owner/source/mime references and the subs array (freed when it was
+        malloc'd, i.e. n > FEW_SUBS)."""
         cdef Py_ssize_t i = 0, j
         cdef bint saw_closed = False
         cdef _SubQueue q
@@ -1092,7 +1098,8 @@ cdef class FrameRing:
             pthread_mutex_unlock(&self.mu)
             for i in range(n):
                 Py_DECREF(<object>subs[i])
-            free(subs)
+            if n > FEW_SUBS:
+                free(subs)
             Py_DECREF(<object>meta.owner)
             Py_DECREF(<object>meta.source)
             Py_DECREF(<object>meta.mime)
