@@ -16,8 +16,10 @@ what differs is how the bytes move:
 - Buffer size policy: a buffer is reused for a frame that fits in it and fills at least
   a quarter of it (buffers up to ``SHRINK_FLOOR`` are always reused when they fit);
   otherwise it is released and a right-sized one is allocated. The pool keeps at most
-  ``POOL_MAX`` buffers that readers still held when they left the ring, so memory is
-  bounded by (max_recent + POOL_MAX) x the largest recent frame, plus what readers hold.
+  ``POOL_MAX`` buffers that readers still held when they left the ring; a free pool
+  buffer too large for the frame being stored (by the same rule) is released, so after
+  frames get smaller memory shrinks back to (max_recent + POOL_MAX) x the current frame
+  size, plus what readers still hold.
 - Frame objects (``VisualFrame``) are made lazily: by the first ``latest_visual_frames``
   that returns a slot (then cached in the slot), or by the fan-out when at least one
   subscriber takes the frame. Storing into a ring nobody reads, or whose subscribers
@@ -253,10 +255,6 @@ cdef class _FrameBuffer:
     def __dealloc__(self):
         free(self.ptr)
 
-    @property
-    def nbytes(self):
-        return self.capacity
-
 
 cdef _FrameBuffer new_buffer(Py_ssize_t nbytes):
     cdef Py_ssize_t capacity = nbytes if nbytes > BUFFER_ALIGN else BUFFER_ALIGN
@@ -474,11 +472,7 @@ cdef class _SubQueue:
         pthread_mutex_unlock(&self.mu)
 
     cdef void close(self) noexcept:
-        lock_with_gil(&self.mu)
-        self.closed = True
-        pthread_cond_broadcast(&self.cond)
-        self.async_hint = False
-        pthread_mutex_unlock(&self.mu)
+        self.close_c()
         self.wake_async_waiters()
 
     # -- consumer side -------------------------------------------------------------
@@ -774,6 +768,18 @@ cdef class FrameRing:
         else:
             grave_add(grave, owner)
 
+    cdef void release_oversized_spares(self, Py_ssize_t nbytes, Grave *grave) noexcept nogil:
+        """Frames got smaller: let go of free pool buffers this frame would not reuse."""
+        cdef Py_ssize_t i = 0, capacity
+        while i < self.pool_n:
+            capacity = (<_FrameBuffer>self.pool[i]).capacity
+            if _refcnt(self.pool[i]) == 1 and capacity > SHRINK_FLOOR and capacity > 4 * nbytes:
+                grave_add(grave, self.pool[i])
+                self.pool_n -= 1
+                self.pool[i] = self.pool[self.pool_n]
+            else:
+                i += 1
+
     cdef void evict_oldest(self, Py_ssize_t k, Grave *grave, Py_ssize_t keep_owner_of) noexcept nogil:
         """Drop the k oldest slots. The owner of logical slot keep_owner_of is left in
         the slot struct for the caller to take; the others go to the pool or the grave."""
@@ -995,6 +1001,7 @@ cdef class FrameRing:
                 owner = <PyObject *>spare
                 Py_INCREF(spare)
             self.evict_oldest(plan.evict, &grave, plan.reuse_slot)
+            self.release_oversized_spares(buf.len, &grave)
 
             slot = self.slot_at(self.count)
             slot.owner = owner

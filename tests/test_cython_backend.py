@@ -220,3 +220,30 @@ def test_memory_is_flat_in_steady_state(backend, stores):
     if not UNDER_ASAN:  # ASan's quarantine keeps freed blocks resident on purpose
         assert rss_end - rss_early <= 16 * MB, f"RSS grew by {(rss_end - rss_early) / MB:.1f} MiB"
     assert traced_end - traced_early <= 1 * MB, f"traced memory grew by {(traced_end - traced_early) / MB:.2f} MiB"
+
+
+@pytest.mark.skipif(UNDER_ASAN, reason="ASan's allocator keeps freed memory quarantined, so RSS says nothing")
+def test_memory_shrinks_back_when_frames_get_smaller(backend):
+    """Buffers grow for large frames and are released once frames get smaller (the ring's
+    documented size policy): after 32 MiB frames, then small ones, RSS is back within
+    16 MiB of where it started, with frames that readers held now released too."""
+    session = Session("shrink", clock=FakeClock(), backend=backend)
+    big = np.random.default_rng(2).integers(0, 256, 32 * MB, dtype=np.uint8)
+    sub = session.subscribe_visual_frames(2, policy="drop_oldest")
+    gc.collect()
+    before = _rss_bytes()
+    for seq in range(6):
+        session.store_frame(big, source="cam", max_recent=2, frame_seq=seq)
+        held = sub.get_nowait()  # a reader holding a frame forces fresh buffers
+    grown = _rss_bytes()
+    assert grown - before > 64 * MB  # the big frames really were resident
+    del held
+    while sub.qsize():
+        sub.get_nowait()
+    for seq in range(6, 40):
+        session.store_frame(payload(seq, 4096), source="cam", max_recent=2, frame_seq=seq)
+        sub.get_nowait()
+    gc.collect()
+    after = _rss_bytes()
+    assert after - before < 16 * MB, f"RSS {before / MB:.0f} -> {grown / MB:.0f} -> {after / MB:.0f} MiB"
+    assert session.visual_stats()["bytes"] == 2 * 4096
