@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import queue
 import threading
 import weakref
@@ -50,9 +51,47 @@ import numpy as np
 
 from . import _validate as v
 from ._records import VisualFrame
-from .errors import SubscriptionClosed
+from .errors import FORKED_MESSAGE, NOT_BY_HAND_MESSAGE, REENTERED_MESSAGE, SubscriptionClosed
 
 __all__ = ["FrameRing", "Subscription"]
+
+# The ring's private key for making a Subscription (a handle made by hand is refused).
+_MAKE = object()
+
+class _Fork:
+    """Counts fork()s into this process: every ring and queue remembers the count it was
+    made under and refuses use in a child (see FORKED_MESSAGE)."""
+
+    generation = 0
+
+
+_fork = _Fork()
+
+
+def _after_fork_in_child() -> None:
+    _fork.generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# Blocking waits wake this often, so a signal handler (Ctrl-C) runs promptly.
+WAIT_SLICE_S = 0.1
+
+
+class _FanRuns(threading.local):
+    """How many fan-outs this thread is running (it is their runner): such a thread never
+    waits for another thread's fan-out, which is what rules out two waiting on each other."""
+
+    depth = 0
+
+
+_fan_runs = _FanRuns()
+
+
+def _check_not_forked(generation: int) -> None:
+    if generation != _fork.generation:
+        raise RuntimeError(FORKED_MESSAGE)
 
 
 def _check_buffer(data: Any) -> None:
@@ -87,43 +126,76 @@ def _wake(fut: asyncio.Future) -> None:
 
 
 def _wake_async(waiters: list) -> None:
-    for loop, fut in waiters:
+    """Wake every parked asyncio waiter not woken yet. Each wake runs the loop's Python
+    code (where a signal handler may raise): the first error is raised after all were
+    tried, so one broken loop or one Ctrl-C never leaves another waiter asleep."""
+    error: Optional[BaseException] = None
+    for loop, fut in list(waiters):
+        if fut.done():
+            continue
         try:
             loop.call_soon_threadsafe(_wake, fut)
         except RuntimeError:  # that loop is closed; its waiter is gone with it
             pass
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 class _Queue:
-    """A subscriber's bounded queue. The ring holds this, the user holds a Subscription."""
+    """A subscriber's bounded queue. The ring holds this, the user holds a Subscription.
 
-    __slots__ = ("maxsize", "policy", "items", "cond", "closed", "dropped", "delivered", "async_waiters")
+    ``offer`` books each accepted frame once, by its accept number: queued, or counted in
+    ``dropped``. Booking is a pair of statements with no call between them, so no signal
+    handler can run half-way; an offer cut short by one (KeyboardInterrupt) is simply
+    made again and books nothing twice. The lock is reentrant: a finalizer the garbage
+    collector runs while this thread holds it may still close the queue.
+    """
 
-    def __init__(self, maxsize: int, policy: str) -> None:
+    __slots__ = ("maxsize", "policy", "items", "cond", "closed", "dropped", "delivered", "async_waiters",
+                 "booked_seq", "fork_gen")
+
+    def __init__(self, maxsize: int, policy: str, booked_seq: int) -> None:
         self.maxsize = maxsize
         self.policy = policy
-        self.items: collections.deque = collections.deque()
-        self.cond = threading.Condition(threading.Lock())
+        # drop_oldest: a bounded deque evicts the oldest within the one append call.
+        self.items: collections.deque = collections.deque(maxlen=maxsize if policy == "drop_oldest" else None)
+        self.cond = threading.Condition(threading.RLock())
         self.closed = False
         self.dropped = 0
         self.delivered = 0
         self.async_waiters: list = []
+        self.booked_seq = booked_seq
+        self.fork_gen = _fork.generation
 
-    def offer(self, frame: VisualFrame) -> bool:
-        """Queue frame (or count it dropped); False when this queue is closed."""
+    def offer(self, frame: VisualFrame, seq: int) -> bool:
+        """Book accepted frame ``seq`` (once) and wake readers; False when closed."""
         with self.cond:
             if self.closed:
                 return False
-            if len(self.items) >= self.maxsize:
-                self.dropped += 1
-                if self.policy == "drop_newest":
-                    return True
-                self.items.popleft()
-            self.items.append(frame)
+            if seq > self.booked_seq:
+                if len(self.items) < self.maxsize:
+                    self.booked_seq = seq
+                    self.items.append(frame)
+                elif self.policy == "drop_newest":
+                    self.booked_seq = seq
+                    self.dropped += 1
+                else:
+                    self.booked_seq = seq
+                    self.dropped += 1
+                    self.items.append(frame)
             self.cond.notify()
-            waiters = self._take_async_waiters()
+            waiters = self.async_waiters
         _wake_async(waiters)
         return True
+
+    def settle(self, seq: int) -> None:
+        """An offer of ``seq`` failed twice: count it dropped unless it was booked."""
+        with self.cond:
+            if not self.closed and seq > self.booked_seq:
+                self.booked_seq = seq
+                self.dropped += 1
 
     def close(self) -> None:
         with self.cond:
@@ -131,16 +203,8 @@ class _Queue:
                 return
             self.closed = True
             self.cond.notify_all()
-            waiters = self._take_async_waiters()
+            waiters = self.async_waiters
         _wake_async(waiters)
-
-    def _take_async_waiters(self) -> list:
-        # Only parked asyncio waiters cost anything; none parked, no loop call. They are
-        # woken after the queue lock is released: waking calls into the loop.
-        waiters = self.async_waiters
-        if waiters:
-            self.async_waiters = []
-        return waiters
 
     def take(self) -> VisualFrame:
         self.delivered += 1
@@ -152,9 +216,19 @@ class Subscription:
 
     __slots__ = ("_queue", "_ring", "__weakref__")
 
-    def __init__(self, ring: "FrameRing", q: _Queue) -> None:
-        self._queue = q
-        self._ring = ring
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Subscription":
+        # Only the ring makes these; one made by hand would have no queue behind it.
+        if len(args) != 3 or args[0] is not _MAKE or kwargs:
+            raise TypeError(NOT_BY_HAND_MESSAGE)
+        sub = super().__new__(cls)
+        sub._ring = args[1]
+        sub._queue = args[2]
+        return sub
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A second handle on one queue would close it when collected (as threading.Lock,
+        # it is neither copied nor pickled).
+        raise TypeError(f"cannot pickle or copy {type(self).__name__!r} object")
 
     @property
     def maxsize(self) -> int:
@@ -182,6 +256,7 @@ class Subscription:
     def get(self, timeout: Any = None) -> VisualFrame:
         seconds = v.timeout_seconds(timeout)
         q = self._queue
+        _check_not_forked(q.fork_gen)
         with q.cond:
             if seconds is None:
                 while not q.items:
@@ -200,6 +275,7 @@ class Subscription:
 
     def get_nowait(self) -> VisualFrame:
         q = self._queue
+        _check_not_forked(q.fork_gen)
         with q.cond:
             if q.items:
                 return q.take()
@@ -212,6 +288,7 @@ class Subscription:
         loop = asyncio.get_running_loop()
         deadline = None if seconds is None else loop.time() + seconds
         q = self._queue
+        _check_not_forked(q.fork_gen)
         while True:
             with q.cond:
                 if q.items:
@@ -238,8 +315,9 @@ class Subscription:
                         q.async_waiters.remove(waiter)
 
     def close(self) -> None:
-        self._ring._remove(self._queue)
+        _check_not_forked(self._queue.fork_gen)
         self._queue.close()
+        self._ring._remove(self._queue)
 
     unsubscribe = close
 
@@ -248,7 +326,9 @@ class Subscription:
         # ring's or this queue's lock. Nobody can read this queue any more (a reader would
         # hold this handle), so marking it closed is enough; the ring forgets closed
         # queues on its next fan-out.
-        self._queue.closed = True
+        q = getattr(self, "_queue", None)  # a handle refused at the door has none
+        if q is not None:
+            q.closed = True
 
     def __enter__(self) -> "Subscription":
         return self
@@ -277,22 +357,61 @@ class Subscription:
         return f"<Subscription {state} policy={self.policy} maxsize={self.maxsize} queued={self.qsize()} dropped={self.dropped} delivered={self.delivered}>"
 
 
+class _Slot:
+    """The ring's own record of one stored frame: its bookkeeping never reads fields of a
+    frame it has handed out (a reader cannot change the ring's books by editing one)."""
+
+    __slots__ = ("frame", "nbytes", "received_ns")
+
+    def __init__(self, frame: VisualFrame, nbytes: int, received_ns: int) -> None:
+        self.frame = frame
+        self.nbytes = nbytes
+        self.received_ns = received_ns
+
+
 class FrameRing:
-    """A session's newest frames, rate limiter, source tracking, subscribers and counters."""
+    """A session's newest frames, rate limiter, source tracking, subscribers and counters.
+
+    The lock is reentrant and every change runs under a claim (``_claim``): a call made on
+    the same thread by code that interrupted a change (a finalizer the garbage collector
+    runs, a signal handler) raises RuntimeError instead of waiting forever or seeing the
+    change half made. Reads take the lock without a claim and always complete.
+    """
 
     def __init__(self, clock: Callable[[], float], created_at: float) -> None:
         self._clock = v.clock(clock)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._busy = False
+        self._fork_gen = _fork.generation
         self._last_active_s, _ = v.instant(created_at, "created_at")
-        self._frames: collections.deque = collections.deque()
+        self._slots: collections.deque = collections.deque()
         self._bytes = 0
         self._source = ""
         self._last_accepted_ns: Optional[int] = None
+        # Copy-on-write: a fan-out iterates the list it read while others replace it.
         self._subscribers: list[_Queue] = []
         self._ended = False
         self._accepted = 0
         self._rate_limited = 0
         self._source_resets = 0
+        # Accepted frames not yet offered to every subscriber, oldest first, and whether
+        # a thread is offering them (the fan-out runner).
+        self._pending: collections.deque = collections.deque()
+        self._fanning = False
+        self._fan_runner = 0
+        self._offered_through = 0
+        self._fan_done = threading.Condition(self._lock)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"cannot pickle or copy {type(self).__name__!r} object")
+
+    # -- locking ---------------------------------------------------------------
+    def _claim(self) -> None:
+        """Start a change (ring lock held): refuse a forked child and a same-thread re-entry."""
+        _check_not_forked(self._fork_gen)
+        if self._busy:
+            raise RuntimeError(REENTERED_MESSAGE)
+        self._busy = True
 
     # -- time ------------------------------------------------------------------
     def _now(self, now: Any) -> tuple[float, int]:
@@ -307,34 +426,49 @@ class FrameRing:
     def touch(self, now: Any = None) -> None:
         seconds, _ = self._now(now)
         with self._lock:
-            self._last_active_s = seconds
+            self._claim()
+            try:
+                self._last_active_s = seconds
+            finally:
+                self._busy = False
 
     # -- visual input ----------------------------------------------------------
     def _clear_frames(self) -> None:
-        self._frames.clear()
+        self._slots.clear()
         self._bytes = 0
+
+    def _switch_source(self, source: str) -> None:
+        if self._source:
+            self._source_resets += 1
+        self._source = source
+        self._clear_frames()
 
     def start_visual_input(self, source: str, now: Any = None) -> None:
         source = v.text(source, "source")
         seconds, _ = self._now(now)
         with self._lock:
-            if self._source != source:
-                if self._source:
-                    self._source_resets += 1
-                self._clear_frames()
-                self._last_accepted_ns = None
-            self._source = source
-            self._last_active_s = seconds
+            self._claim()
+            try:
+                if self._source != source:
+                    self._switch_source(source)
+                    self._last_accepted_ns = None
+                self._last_active_s = seconds
+            finally:
+                self._busy = False
 
     def stop_visual_input(self, source: str = "", now: Any = None) -> None:
         source = v.text(source, "source")
         seconds, _ = self._now(now)
         with self._lock:
-            if not source or not self._source or self._source == source:
-                self._clear_frames()
-                self._source = ""
-                self._last_accepted_ns = None
-            self._last_active_s = seconds
+            self._claim()
+            try:
+                if not source or not self._source or self._source == source:
+                    self._clear_frames()
+                    self._source = ""
+                    self._last_accepted_ns = None
+                self._last_active_s = seconds
+            finally:
+                self._busy = False
 
     def store_frame(
         self,
@@ -360,40 +494,138 @@ class FrameRing:
         timestamp_ms = v.integer(timestamp_ms, "timestamp_ms")
         frame_seq = v.integer(frame_seq, "frame_seq")
         seconds, now_ns = self._now(now)
-        with self._lock:
-            if self._rate_limited_at(now_ns, min_ns):
-                self._rate_limited += 1
-                return False
+        # Cheap early rejection: most calls of a rate-limited camera loop end here.
+        if self._count_if_rate_limited(now_ns, min_ns):
+            return False
         # The copy runs outside the lock; the decision is taken again under it below,
         # because another producer may have stored meanwhile.
         payload = _copy_bytes(data)
         frame = VisualFrame(payload, mime_type, width, height, source, timestamp_ms, frame_seq, seconds)
-        with self._lock:
-            if self._rate_limited_at(now_ns, min_ns):
-                self._rate_limited += 1
-                return False
-            if self._source != source:
-                if self._source:
-                    self._source_resets += 1
-                self._source = source
-                self._clear_frames()
-            self._frames.append(frame)
-            self._bytes += payload.nbytes
-            while len(self._frames) > keep:
-                self._bytes -= self._frames.popleft().data.nbytes
-            self._last_accepted_ns = now_ns
-            self._last_active_s = seconds
-            self._accepted += 1
-            stale = False
-            for sub in self._subscribers:
-                stale |= not sub.offer(frame)
-            if stale:
-                self._subscribers = [q for q in self._subscribers if not q.closed]
+        seq = self._commit(frame, payload.nbytes, keep, min_ns, seconds, now_ns)
+        if seq < 0:
+            return False
+        if seq:
+            self._fan_out(seq)
         return True
+
+    def _count_if_rate_limited(self, now_ns: int, min_ns: int) -> bool:
+        with self._lock:
+            self._claim()
+            try:
+                limited = self._rate_limited_at(now_ns, min_ns)
+                if limited:
+                    self._rate_limited += 1
+                return limited
+            finally:
+                self._busy = False
 
     def _rate_limited_at(self, now_ns: int, min_ns: int) -> bool:
         last = self._last_accepted_ns
         return last is not None and min_ns > 0 and now_ns - last < min_ns
+
+    def _commit(self, frame: VisualFrame, nbytes: int, keep: int, min_ns: int, seconds: float, now_ns: int) -> int:
+        """Accept ``frame`` into the ring and queue it for the fan-out: its accept number
+        (0 when there is no subscriber to offer it to), or -1 when rate-limited."""
+        with self._lock:
+            self._claim()
+            try:
+                if self._rate_limited_at(now_ns, min_ns):
+                    self._rate_limited += 1
+                    return -1
+                if self._source != frame.source:
+                    self._switch_source(frame.source)
+                self._slots.append(_Slot(frame, nbytes, now_ns))
+                self._bytes += nbytes
+                while len(self._slots) > keep:
+                    self._bytes -= self._slots.popleft().nbytes
+                self._last_accepted_ns = now_ns
+                self._last_active_s = seconds
+                self._accepted += 1
+                if not self._subscribers:
+                    return 0
+                self._pending.append((self._accepted, frame))
+                return self._accepted
+            finally:
+                self._busy = False
+
+    def _fan_out(self, seq: int) -> None:
+        """Offer accepted frame ``seq`` (and every other pending one) to the subscribers.
+
+        One thread at a time offers the pending frames, oldest first (the runner); a store
+        made meanwhile leaves its frame to it and waits until it was offered, so each
+        subscriber receives frames in accept order and has been offered a frame when its
+        store returns. A runner never waits for another (a store made by a finalizer or
+        signal handler that interrupted a fan-out returns at once: the runner offers its
+        frame), so no two threads can wait for each other.
+        """
+        with self._lock:
+            if self._fanning:
+                if _fan_runs.depth or self._fan_runner == threading.get_ident():
+                    return
+                # Interrupted (KeyboardInterrupt) here: the frame stays pending, so the
+                # runner still offers it and the books balance.
+                while self._offered_through < seq and self._fanning:
+                    self._fan_done.wait(WAIT_SLICE_S)
+                if self._offered_through >= seq:
+                    return
+            if not self._pending:
+                return
+            self._fanning = True
+            self._fan_runner = threading.get_ident()
+        self._run_fan_out()
+
+    def _run_fan_out(self) -> None:
+        # An error (KeyboardInterrupt from a signal handler, a failing event loop) is
+        # raised only after every pending frame was offered to every subscriber: offers
+        # book each frame once, so an interrupted one is simply made again.
+        running = True
+        error: Optional[BaseException] = None
+        failures = 0
+        _fan_runs.depth += 1
+        try:
+            while running:
+                try:
+                    running = self._offer_oldest_pending(give_up=failures >= 2)
+                    failures = 0
+                except BaseException as exc:
+                    error = error or exc
+                    failures += 1
+        finally:
+            _fan_runs.depth -= 1
+            if running:  # left by an error the loop could not catch: let another run
+                with self._lock:
+                    self._fanning = False
+                    self._fan_done.notify_all()
+        if error is not None:
+            raise error
+
+    def _offer_oldest_pending(self, give_up: bool) -> bool:
+        """One step of the fan-out; False (runner role handed back) when none is left."""
+        with self._lock:
+            if not self._pending:
+                self._fanning = False
+                self._fan_done.notify_all()
+                return False
+            seq, frame = self._pending[0]
+            queues = self._subscribers
+        error = None
+        if give_up:  # offering it failed over and over: counted as dropped instead
+            for q in queues:
+                q.settle(seq)
+        else:
+            error = _offer_to_all(queues, frame, seq)
+        with self._lock:
+            # Forgotten only now that it was offered: a runner interrupted before this
+            # line leaves it pending, and the next step offers it again.
+            if self._pending and self._pending[0][0] == seq:
+                self._pending.popleft()
+                self._offered_through = seq
+                self._fan_done.notify_all()
+            if any(q.closed for q in queues):
+                self._subscribers = [q for q in self._subscribers if not q.closed]
+        if error is not None:
+            raise error
+        return True
 
     def store_visual_frame(self, frame: VisualFrame, max_recent: int, min_interval: Any = 0.0, now: Any = None) -> bool:
         if not isinstance(frame, VisualFrame):
@@ -416,47 +648,84 @@ class FrameRing:
         _, now_ns = self._now(now)
         if ttl_ns <= 0:
             return []
+        _check_not_forked(self._fork_gen)
         with self._lock:
-            return [f for f in self._frames if now_ns - int(f.received_at * 1e9) <= ttl_ns]
+            return [s.frame for s in self._slots if now_ns - s.received_ns <= ttl_ns]
 
     def visual_stats(self) -> dict:
+        _check_not_forked(self._fork_gen)
         with self._lock:
             return {
                 "accepted": self._accepted,
                 "rate_limited": self._rate_limited,
                 "source_resets": self._source_resets,
-                "frames": len(self._frames),
+                "frames": len(self._slots),
                 "bytes": self._bytes,
             }
 
     # -- subscribers -----------------------------------------------------------
     def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> Subscription:
-        q = _Queue(v.count(buffer, "buffer"), v.policy(policy))
+        maxsize = v.count(buffer, "buffer")
+        policy = v.policy(policy)
         with self._lock:
-            # The session has ended: nothing will ever close this one, so it starts closed
-            # and a reader finishes at once instead of waiting forever.
-            if self._ended:
-                q.closed = True
-            else:
-                self._subscribers.append(q)
-        return Subscription(self, q)
+            self._claim()
+            try:
+                # Frames accepted before now are not this subscriber's, even those still
+                # waiting for the fan-out.
+                q = _Queue(maxsize, policy, self._accepted)
+                # The session has ended: nothing will ever close this one, so it starts
+                # closed and a reader finishes at once instead of waiting forever.
+                if self._ended:
+                    q.closed = True
+                else:
+                    self._subscribers = self._subscribers + [q]
+            finally:
+                self._busy = False
+        return Subscription(_MAKE, self, q)
 
     @property
     def subscriber_count(self) -> int:
+        _check_not_forked(self._fork_gen)
         with self._lock:
-            self._subscribers = [q for q in self._subscribers if not q.closed]
-            return len(self._subscribers)
+            return sum(1 for q in self._subscribers if not q.closed)
 
     def _remove(self, q: _Queue) -> None:
+        # Closing is never refused: a re-entered close (a finalizer during a change) leaves
+        # the closed queue for the next fan-out to forget.
         with self._lock:
-            try:
-                self._subscribers.remove(q)
-            except ValueError:
-                pass
+            if self._busy:
+                return
+            self._subscribers = [other for other in self._subscribers if other is not q]
 
     def close_subscriptions(self) -> None:
         with self._lock:
-            self._ended = True
-            subscribers, self._subscribers = self._subscribers, []
+            self._claim()
+            try:
+                self._ended = True
+                subscribers, self._subscribers = self._subscribers, []
+            finally:
+                self._busy = False
+        error: Optional[BaseException] = None
         for q in subscribers:
-            q.close()
+            try:
+                q.close()
+            except BaseException as exc:  # every reader is still woken, then it is raised
+                error = error or exc
+        if error is not None:
+            raise error
+
+
+def _offer_to_all(queues: list, frame: VisualFrame, seq: int) -> Optional[BaseException]:
+    """Offer accepted frame ``seq`` to every queue; returns the first error instead of
+    raising it, after every queue got the frame or had it counted as dropped."""
+    error: Optional[BaseException] = None
+    for q in queues:
+        for attempt in range(2):
+            try:
+                q.offer(frame, seq)
+                break
+            except BaseException as exc:
+                error = error or exc
+        else:
+            q.settle(seq)
+    return error

@@ -76,18 +76,18 @@ def frame_bytes(data: Any) -> bytes:
 
 
 _FIELDS = ("data", "mime_type", "width", "height", "source", "timestamp_ms", "frame_seq", "received_at")
+_set = object.__setattr__
 
 
 class VisualFrame:
-    """One video/image frame.
+    """One video/image frame: an immutable value, as the Go original passes it by value.
 
     On input ``data`` is any buffer-protocol object. Frames handed out by the library
     carry ``data`` as a read-only 1-D ``numpy.uint8`` array that never changes; both
-    backends build frames of this one class.
+    backends build frames of this one class. Assigning a field raises
+    ``AttributeError``; ``frame.replace(**changes)`` returns a new frame.
     """
 
-    # No __weakref__: a frame the library hands out must be kept alive only by strong
-    # references, which the Cython ring counts to know when a buffer is free again.
     __slots__ = _FIELDS
 
     def __init__(
@@ -101,14 +101,34 @@ class VisualFrame:
         frame_seq: int = 0,
         received_at: float = 0.0,
     ) -> None:
-        self.data = data
-        self.mime_type = mime_type
-        self.width = width
-        self.height = height
-        self.source = source
-        self.timestamp_ms = timestamp_ms
-        self.frame_seq = frame_seq
-        self.received_at = received_at
+        # The one way in besides the rings' own factory (which sets the slots the same
+        # way from C): a frame's fields are written once, here.
+        _set(self, "data", data)
+        _set(self, "mime_type", mime_type)
+        _set(self, "width", width)
+        _set(self, "height", height)
+        _set(self, "source", source)
+        _set(self, "timestamp_ms", timestamp_ms)
+        _set(self, "frame_seq", frame_seq)
+        _set(self, "received_at", received_at)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"VisualFrame is immutable: cannot set {name!r} (use frame.replace({name}=...))")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"VisualFrame is immutable: cannot delete {name!r}")
+
+    def replace(self, **changes: Any) -> "VisualFrame":
+        """A new frame with ``changes`` applied (like ``dataclasses.replace``)."""
+        unknown = set(changes).difference(_FIELDS)
+        if unknown:
+            raise TypeError(f"VisualFrame.replace() got unexpected field(s): {', '.join(sorted(unknown))}")
+        values = [changes[name] if name in changes else getattr(self, name) for name in _FIELDS]
+        return VisualFrame(*values)
+
+    def __reduce__(self) -> tuple:
+        # Slots plus a refusing __setattr__ defeat the default copy/pickle protocol.
+        return (VisualFrame, tuple(getattr(self, name) for name in _FIELDS))
 
     @property
     def nbytes(self) -> int:
@@ -133,7 +153,9 @@ class VisualFrame:
                 return False
         return frame_bytes(self.data) == frame_bytes(other.data)
 
-    __hash__ = None  # type: ignore[assignment]  # frames are mutable records
+    # Unhashable although immutable: equality is by bytes, and input data (a bytearray,
+    # a writable array) may still change under a frame the caller built.
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         try:

@@ -22,3 +22,15 @@ class SessionNotFoundError(SessionError, KeyError):
 
 class SubscriptionClosed(SessionError):
     """The subscription is closed and every frame it queued has been read."""
+
+
+# The texts both twins raise RuntimeError with (one source, so they cannot drift apart).
+FORKED_MESSAGE = (
+    "this session was inherited through os.fork(): its locks may be held by threads that "
+    "do not exist in this process, so it cannot be used here; make new sessions in the child"
+)
+REENTERED_MESSAGE = (
+    "a call on this session was made from code that interrupted another call on it in the "
+    "same thread (a finalizer, signal handler or weakref callback); retry it outside that code"
+)
+NOT_BY_HAND_MESSAGE = "subscriptions are made by Session.subscribe_visual_frames()"

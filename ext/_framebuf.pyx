@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, auto_pickle=False
 """The compiled frame-buffer backend: the twin of ``capsule_sessions._framebuf_py``.
 
 Same interface and results as the pure twin (its module docstring is the contract);
@@ -41,11 +41,12 @@ lock and fans out when its ticket is served.
 """
 
 cimport cython
-from cpython.buffer cimport PyBUF_RECORDS_RO, PyBuffer_IsContiguous, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_FULL_RO, PyBuffer_IsContiguous, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.object cimport PyObject_GenericSetAttr
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.unicode cimport PyUnicode_CheckExact
 from libc.math cimport fabs, isfinite, isnan
@@ -60,11 +61,12 @@ from _pthread cimport *
 cnp.import_array()
 
 import asyncio
+import os
 import queue as _queue_mod
 
 from capsule_sessions import _validate
 from capsule_sessions._records import VisualFrame
-from capsule_sessions.errors import SubscriptionClosed
+from capsule_sessions.errors import FORKED_MESSAGE, NOT_BY_HAND_MESSAGE, SubscriptionClosed
 
 cdef extern from "Python.h":
     # Only ever called with the GIL held; declared nogil so the ring's C helpers can
@@ -72,6 +74,18 @@ cdef extern from "Python.h":
     Py_ssize_t _refcnt "Py_REFCNT"(PyObject *o) nogil
     int PyUnicode_Compare(object left, object right) except? -1
     int posix_memalign(void **memptr, size_t alignment, size_t size) nogil
+    unsigned long PyThread_get_thread_ident() nogil
+
+cdef extern from *:
+    """
+    /* How many fan-outs this thread is running: a runner never waits for another
+       thread's fan-out, which is what rules out two threads waiting on each other. */
+    static __thread int capsule_fan_run_depth = 0;
+    /* fork()s into this process; rings and queues made before the last one refuse use. */
+    static unsigned long capsule_fork_generation = 0;
+    """
+    int fan_run_depth "capsule_fan_run_depth"
+    unsigned long fork_generation "capsule_fork_generation"
 
 __all__ = ["FrameRing", "Subscription"]
 
@@ -80,10 +94,13 @@ cdef Py_ssize_t SHRINK_FLOOR = 256 * 1024
 cdef enum:
     POOL_MAX = 8
     GRAVE_INLINE = 16
-    FEW_SUBS = 16
 cdef Py_ssize_t BUFFER_ALIGN = 64
+# What memoryview (so the pure twin) accepts; more dimensions are refused on both.
+cdef enum:
+    GATHER_MAX_NDIM = 64
 cdef double MAX_INSTANT_SECONDS = 4611686018.427388  # 2**62 ns, as in _validate
 cdef Py_ssize_t MAX_COUNT = 2147483647
+cdef uint64_t NO_FAN_OUT = <uint64_t>-1
 cdef int64_t WAIT_SLICE_NS = 100000000  # blocking waits wake this often to see Ctrl-C
 
 NOGIL_COPY_MIN_BYTES = NOGIL_COPY_MIN
@@ -91,6 +108,26 @@ SHRINK_FLOOR_BYTES = SHRINK_FLOOR
 POOL_MAX_BUFFERS = POOL_MAX
 
 cdef object _object_new = object.__new__
+# The module's private key for making a Subscription (one made by hand is refused).
+cdef object _MAKE = object()
+
+
+def _after_fork_in_child():
+    global fork_generation
+    fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+cdef inline int check_not_forked(unsigned long generation) except -1:
+    if generation != fork_generation:
+        raise RuntimeError(FORKED_MESSAGE)
+    return 0
+
+
+def _refuse_copy(obj):
+    raise TypeError(f"cannot pickle or copy {type(obj).__name__!r} object")
 
 
 # --------------------------------------------------------------------------------------
@@ -273,29 +310,50 @@ cdef inline bint buffer_fits(PyObject *owner, Py_ssize_t nbytes) noexcept nogil:
     return capacity >= nbytes and (capacity <= SHRINK_FLOOR or capacity <= 4 * nbytes)
 
 
-cdef void gather(char *dst, const Py_buffer *src, bint contiguous) noexcept nogil:
-    """Copy src's bytes in C order into dst: one pass, whatever the strides."""
-    cdef Py_ssize_t index[64]
+cdef inline const char *row_start(const Py_buffer *src, const Py_ssize_t *index, Py_ssize_t inner) noexcept nogil:
+    """The first item of the innermost row at index[:inner], following suboffsets
+    (PIL-style buffers store pointers to their rows)."""
+    cdef const char *p = <const char *>src.buf
+    cdef Py_ssize_t d
+    for d in range(inner):
+        p += index[d] * src.strides[d]
+        if src.suboffsets != NULL and src.suboffsets[d] >= 0:
+            p = (<const char **>p)[0] + src.suboffsets[d]
+    return p
+
+
+cdef int gather(char *dst, const Py_buffer *src, bint contiguous) noexcept nogil:
+    """Copy src's bytes in C order into dst: one pass, whatever the strides and
+    suboffsets. -1 (nothing copied) for more than GATHER_MAX_NDIM dimensions, which the
+    caller refuses before it gets here."""
+    cdef Py_ssize_t index[GATHER_MAX_NDIM]
     cdef Py_ssize_t ndim = src.ndim, itemsize = src.itemsize, inner, run, i, d
+    cdef Py_ssize_t inner_suboffset = -1
     cdef const char *row
+    cdef const char *item
     if src.len == 0:
-        return
-    if contiguous or ndim == 0:
+        return 0
+    if contiguous or ndim == 0 or src.strides == NULL:
         memcpy(dst, src.buf, src.len)
-        return
+        return 0
+    if ndim > GATHER_MAX_NDIM:
+        return -1
     inner = ndim - 1
     run = src.shape[inner]
-    memset(index, 0, sizeof(index))
+    if src.suboffsets != NULL:
+        inner_suboffset = src.suboffsets[inner]
+    memset(index, 0, ndim * sizeof(Py_ssize_t))
     while True:
-        row = <const char *>src.buf
-        for d in range(inner):
-            row += index[d] * src.strides[d]
-        if src.strides[inner] == itemsize:
+        row = row_start(src, index, inner)
+        if inner_suboffset < 0 and src.strides[inner] == itemsize:
             memcpy(dst, row, run * itemsize)
             dst += run * itemsize
         else:
             for i in range(run):
-                memcpy(dst, row + i * src.strides[inner], itemsize)
+                item = row + i * src.strides[inner]
+                if inner_suboffset >= 0:
+                    item = (<const char **>item)[0] + inner_suboffset
+                memcpy(dst, item, itemsize)
                 dst += itemsize
         d = inner - 1
         while d >= 0:
@@ -305,7 +363,7 @@ cdef void gather(char *dst, const Py_buffer *src, bint contiguous) noexcept nogi
             index[d] = 0
             d -= 1
         if d < 0:
-            return
+            return 0
 
 
 cdef struct Slot:
@@ -333,15 +391,17 @@ cdef object make_view(PyObject *owner, Py_ssize_t nbytes):
 
 
 cdef object make_frame(object view, const Slot *meta):
+    # VisualFrame refuses assignment (it is immutable); the generic setter is what its
+    # own __init__ uses to write each field once.
     frame = _object_new(VisualFrame)
-    frame.data = view
-    frame.mime_type = <object>meta.mime
-    frame.width = meta.width
-    frame.height = meta.height
-    frame.source = <object>meta.source
-    frame.timestamp_ms = meta.timestamp_ms
-    frame.frame_seq = meta.frame_seq
-    frame.received_at = meta.received_at
+    PyObject_GenericSetAttr(frame, "data", view)
+    PyObject_GenericSetAttr(frame, "mime_type", <object>meta.mime)
+    PyObject_GenericSetAttr(frame, "width", meta.width)
+    PyObject_GenericSetAttr(frame, "height", meta.height)
+    PyObject_GenericSetAttr(frame, "source", <object>meta.source)
+    PyObject_GenericSetAttr(frame, "timestamp_ms", meta.timestamp_ms)
+    PyObject_GenericSetAttr(frame, "frame_seq", meta.frame_seq)
+    PyObject_GenericSetAttr(frame, "received_at", meta.received_at)
     return frame
 
 
@@ -359,7 +419,11 @@ _wake_future = wake_future
 
 @cython.final
 cdef class _SubQueue:
-    """A bounded ring of frame references with its own lock and condition."""
+    """A bounded ring of frame references with its own lock and condition.
+
+    Each accepted frame is booked once, by its accept number (``booked_seq``): queued,
+    or counted in ``dropped``.
+    """
 
     cdef pthread_mutex_t mu
     cdef pthread_cond_t cond
@@ -368,12 +432,13 @@ cdef class _SubQueue:
     cdef Py_ssize_t cap, head, n, maxsize
     cdef bint drop_oldest
     cdef bint closed
-    cdef uint64_t dropped, delivered
+    cdef uint64_t dropped, delivered, booked_seq
     cdef bint async_hint
     cdef list async_waiters
     cdef str policy
+    cdef unsigned long fork_gen
 
-    def __cinit__(self, Py_ssize_t maxsize, str policy):
+    def __cinit__(self, Py_ssize_t maxsize, str policy, uint64_t booked_seq):
         if pthread_mutex_init(&self.mu, NULL) != 0:
             raise MemoryError("pthread_mutex_init failed")
         try:
@@ -385,7 +450,9 @@ cdef class _SubQueue:
         self.maxsize = maxsize
         self.policy = policy
         self.drop_oldest = policy == "drop_oldest"
+        self.booked_seq = booked_seq
         self.async_waiters = []
+        self.fork_gen = fork_generation
 
     def __dealloc__(self):
         cdef Py_ssize_t i
@@ -393,22 +460,34 @@ cdef class _SubQueue:
             for i in range(self.n):
                 Py_DECREF(<object>self.items[(self.head + i) % self.cap])
             free(self.items)
-        if self.ready:
+        if self.ready and self.fork_gen == fork_generation:
             pthread_cond_destroy(&self.cond)
             pthread_mutex_destroy(&self.mu)
 
+    __reduce_ex__ = _refuse_copy
+
     # -- producer side (GIL held) ------------------------------------------------
-    cdef bint wants_frame(self) noexcept:
-        """False when the offer ends here: closed, or full under drop_newest (counted)."""
+    cdef bint wants_frame(self, uint64_t seq) noexcept:
+        """False when the offer of ``seq`` ends here: closed, booked already, or full
+        under drop_newest (then booked as dropped)."""
         cdef bint wants = True
         lock_with_gil(&self.mu)
-        if self.closed:
+        if self.closed or seq <= self.booked_seq:
             wants = False
         elif self.n >= self.maxsize and not self.drop_oldest:
+            self.booked_seq = seq
             self.dropped += 1
             wants = False
         pthread_mutex_unlock(&self.mu)
         return wants
+
+    cdef void settle(self, uint64_t seq) noexcept:
+        """Offering ``seq`` failed: count it dropped unless it was booked."""
+        lock_with_gil(&self.mu)
+        if not self.closed and seq > self.booked_seq:
+            self.booked_seq = seq
+            self.dropped += 1
+        pthread_mutex_unlock(&self.mu)
 
     cdef bint grow(self) noexcept nogil:
         cdef Py_ssize_t newcap = 16 if self.cap == 0 else self.cap * 2, i
@@ -425,12 +504,15 @@ cdef class _SubQueue:
         self.head = 0
         return True
 
-    cdef void push(self, object frame) noexcept:
+    cdef int push(self, object frame, uint64_t seq) except -1:
+        """Book ``seq`` as queued (or dropped), then wake readers. Raises only what an
+        event loop's wake-up raised, after the frame was booked."""
         cdef Grave grave
         cdef bint wake_async = False
         grave_init(&grave)
         lock_with_gil(&self.mu)
-        if not self.closed:
+        if not self.closed and seq > self.booked_seq:
+            self.booked_seq = seq
             if self.n >= self.maxsize:
                 self.dropped += 1
                 if self.drop_oldest:
@@ -451,29 +533,43 @@ cdef class _SubQueue:
         grave_flush(&grave)
         if wake_async:
             self.wake_async_waiters()
+        return 0
 
-    cdef void wake_async_waiters(self) noexcept:
+    cdef int wake_async_waiters(self) except -1:
+        """Wake every parked asyncio waiter. Waking runs the loop's Python code (where a
+        signal handler may raise): the first error is raised after all were tried."""
         waiters = self.async_waiters
         if not waiters:
-            return
+            return 0
         self.async_waiters = []
+        error = None
         for loop, fut in waiters:
             try:
                 loop.call_soon_threadsafe(_wake_future, fut)
-            except Exception:  # a closed loop: its waiter went with it
+            except RuntimeError:  # a closed loop: its waiter went with it
                 pass
+            except BaseException as exc:
+                if error is None:
+                    error = exc
+        if error is not None:
+            raise error
+        return 0
 
     cdef void close_c(self) noexcept:
         """Close without calling Python: usable from __dealloc__. Wakes blocked threads
-        only (a parked asyncio waiter keeps its Subscription, so none is parked here)."""
+        only (a parked asyncio waiter keeps its Subscription, so none is parked here).
+        In a forked child the lock may be held by a thread that is gone: no locking."""
+        if self.fork_gen != fork_generation:
+            self.closed = True
+            return
         lock_with_gil(&self.mu)
         self.closed = True
         pthread_cond_broadcast(&self.cond)
         pthread_mutex_unlock(&self.mu)
 
-    cdef void close(self) noexcept:
+    cdef int close(self) except -1:
         self.close_c()
-        self.wake_async_waiters()
+        return self.wake_async_waiters()
 
     # -- consumer side -------------------------------------------------------------
     cdef PyObject *pop_locked(self) noexcept nogil:
@@ -545,12 +641,18 @@ cdef class Subscription:
     cdef _SubQueue q
     cdef FrameRing ring
 
-    def __init__(self):
-        raise TypeError("subscriptions are made by Session.subscribe_visual_frames()")
+    def __cinit__(self, *args, **kwargs):
+        # At the door: a handle without a queue behind it must never exist.
+        if len(args) != 1 or args[0] is not _MAKE or kwargs:
+            raise TypeError(NOT_BY_HAND_MESSAGE)
 
     def __dealloc__(self):
         if self.q is not None:
             self.q.close_c()
+
+    # A second handle on one queue would close it when collected (as threading.Lock, it
+    # is neither copied nor pickled).
+    __reduce_ex__ = _refuse_copy
 
     @property
     def maxsize(self):
@@ -587,6 +689,7 @@ cdef class Subscription:
             if seconds is not None:
                 forever = False
                 deadline_ns = monotonic_ns() + <int64_t>(<double>seconds * 1e9)
+        check_not_forked(self.q.fork_gen)
         result = self.q.try_pop(False)
         if result is not None:
             return result
@@ -604,6 +707,7 @@ cdef class Subscription:
             PyErr_CheckSignals()
 
     def get_nowait(self):
+        check_not_forked(self.q.fork_gen)
         result = self.q.try_pop(False)
         if result is None:
             raise _queue_mod.Empty
@@ -614,6 +718,7 @@ cdef class Subscription:
         seconds = _validate.timeout_seconds(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if seconds is None else loop.time() + seconds
+        check_not_forked(self.q.fork_gen)
         while True:
             fut = loop.create_future()
             # Strong, like asyncio.Queue: a live session keeps a task parked on it alive.
@@ -645,8 +750,11 @@ cdef class Subscription:
 
     def close(self):
         """Stop receiving; wakes every waiter. Idempotent."""
-        self.q.close()
-        self.ring.remove_queue(self.q)
+        check_not_forked(self.q.fork_gen)
+        try:
+            self.q.close()
+        finally:
+            self.ring.remove_queue(self.q)
 
     unsubscribe = close
 
@@ -682,13 +790,6 @@ cdef class Subscription:
 # The ring
 
 
-cdef struct Plan:
-    Py_ssize_t evict           # how many of the oldest slots leave the ring
-    bint reset                 # the source changed: every slot leaves
-    Py_ssize_t reuse_slot      # logical index of an evicted slot whose buffer we reuse, or -1
-    Py_ssize_t reuse_pool      # pool index whose buffer we reuse, or -1
-
-
 @cython.final
 cdef class FrameRing:
     """One session's newest frames, rate limiter, source, subscribers and counters."""
@@ -704,16 +805,33 @@ cdef class FrameRing:
     cdef bint has_last
     cdef int64_t last_accepted_ns
     cdef double last_active
-    cdef uint64_t accepted, rate_limited, source_resets, gen
-    cdef uint64_t fan_next, fan_serving
+    cdef uint64_t accepted, rate_limited, source_resets
+    # Accepted frames not yet offered to every subscriber (a ring of slot copies that
+    # own their owner/source/mime references), and the fan-out runner's state.
+    cdef Slot *pending
+    cdef Py_ssize_t pending_cap, pending_head, pending_n
+    cdef bint fanning
+    cdef unsigned long fan_runner
+    cdef Py_ssize_t fan_waiters
+    cdef uint64_t offered_through
     cdef PyObject *pool[POOL_MAX]
     cdef Py_ssize_t pool_n
     # A list, not a C array, so the garbage collector sees the ring's queues (and an
-    # abandoned asyncio waiter parked on one can be collected).
+    # abandoned asyncio waiter parked on one can be collected). Copy-on-write: a fan-out
+    # iterates the list it read while others replace it.
     cdef list subs
     cdef bint ended
+    cdef unsigned long fork_gen
 
     def __cinit__(self, clock, created_at):
+        cdef int64_t ignored
+        self.clock = _validate.clock(clock)
+        parse_instant(created_at, "created_at", &self.last_active, &ignored)
+        self.subs = []
+        empty = ""
+        Py_INCREF(empty)
+        self.active_source = <PyObject *>empty
+        self.fork_gen = fork_generation
         if pthread_mutex_init(&self.mu, NULL) != 0:
             raise MemoryError("pthread_mutex_init failed")
         try:
@@ -722,21 +840,14 @@ cdef class FrameRing:
             pthread_mutex_destroy(&self.mu)
             raise
         self.ready = True
-        self.subs = []
-        empty = ""
-        Py_INCREF(empty)
-        self.active_source = <PyObject *>empty
-
-    def __init__(self, clock, created_at):
-        cdef int64_t ignored
-        self.clock = _validate.clock(clock)
-        parse_instant(created_at, "created_at", &self.last_active, &ignored)
 
     def __dealloc__(self):
         cdef Grave grave
         cdef Py_ssize_t i
         grave_init(&grave)
-        self.evict_oldest(self.count, &grave, -1)
+        self.evict_oldest(self.count, &grave)
+        while self.pending_n > 0:
+            self.pop_pending(&grave)
         for i in range(self.pool_n):
             grave_add(&grave, self.pool[i])
         self.pool_n = 0
@@ -744,29 +855,70 @@ cdef class FrameRing:
         self.active_source = NULL
         grave_flush(&grave)
         free(self.slots)
-        if self.ready:
+        free(self.pending)
+        if self.ready and self.fork_gen == fork_generation:
             pthread_cond_destroy(&self.fan_cond)
             pthread_mutex_destroy(&self.mu)
+
+    __reduce_ex__ = _refuse_copy
 
     # -- slot bookkeeping (ring lock held) -------------------------------------------
     cdef inline Slot *slot_at(self, Py_ssize_t i) noexcept nogil:
         return &self.slots[(self.head + i) % self.slot_cap]
 
-    cdef inline bint exclusive(self, Slot *s) noexcept nogil:
-        # Who may hold what: the slot holds frame and view; the frame holds the view;
-        # the view holds the owner. Any reference beyond those is a reader's.
-        if s.frame != NULL and _refcnt(s.frame) != 1:
-            return False
-        if s.view != NULL and _refcnt(s.view) != 1 + (s.frame != NULL):
-            return False
-        return _refcnt(s.owner) == 1 + (s.view != NULL)
-
     cdef void retire_owner(self, PyObject *owner, Grave *grave) noexcept nogil:
+        """Take over a reference to a buffer that left the ring: into the pool, where it
+        is written again only once nothing else references it (no view of it exists)."""
+        cdef Py_ssize_t i
         if self.pool_n < POOL_MAX:
             self.pool[self.pool_n] = owner
             self.pool_n += 1
-        else:
-            grave_add(grave, owner)
+            return
+        # Full: a buffer readers still hold is worth less than one free now (subscribers
+        # that never drain would otherwise fill the pool and make every store allocate).
+        for i in range(self.pool_n):
+            if _refcnt(self.pool[i]) > 1:
+                grave_add(grave, self.pool[i])
+                self.pool[i] = owner
+                return
+        grave_add(grave, owner)
+
+    cdef PyObject *take_free_buffer(self, Py_ssize_t nbytes) noexcept nogil:
+        """A pool buffer that fits and that only the pool references (so no view or frame
+        of it is alive, weakly referenced or not), removed from the pool; or NULL."""
+        cdef Py_ssize_t i
+        cdef PyObject *found
+        for i in range(self.pool_n):
+            found = self.pool[i]
+            if _refcnt(found) == 1 and buffer_fits(found, nbytes):
+                self.pool_n -= 1
+                self.pool[i] = self.pool[self.pool_n]
+                return found
+        return NULL
+
+    cdef PyObject *take_evicted_buffer(self, Py_ssize_t nbytes, object source, Py_ssize_t keep,
+                                       Grave *grave) noexcept:
+        """When this store evicts the oldest slot anyway (same source, ring full) and only
+        the ring references its buffer (no view or frame of it is alive), evict it now and
+        return the buffer, so a camera loop cycles through max_recent buffers, not one
+        more. If the store is then rate-limited after all (another producer stored during
+        the copy), the evicted frame stays gone: it was the next to leave."""
+        cdef Slot *s
+        if self.count == 0 or self.count < keep:
+            return NULL
+        if PyUnicode_Compare(<object>self.active_source, source) != 0:
+            return NULL
+        s = self.slot_at(0)
+        if s.frame != NULL or s.view != NULL or _refcnt(s.owner) != 1 or not buffer_fits(s.owner, nbytes):
+            return NULL
+        grave_add(grave, s.source)
+        grave_add(grave, s.mime)
+        self.total_bytes -= s.nbytes
+        self.head = (self.head + 1) % self.slot_cap
+        self.count -= 1
+        if self.count == 0:
+            self.head = 0
+        return s.owner
 
     cdef void release_oversized_spares(self, Py_ssize_t nbytes, Grave *grave) noexcept nogil:
         """Frames got smaller: let go of free pool buffers this frame would not reuse."""
@@ -780,9 +932,8 @@ cdef class FrameRing:
             else:
                 i += 1
 
-    cdef void evict_oldest(self, Py_ssize_t k, Grave *grave, Py_ssize_t keep_owner_of) noexcept nogil:
-        """Drop the k oldest slots. The owner of logical slot keep_owner_of is left in
-        the slot struct for the caller to take; the others go to the pool or the grave."""
+    cdef void evict_oldest(self, Py_ssize_t k, Grave *grave) noexcept nogil:
+        """Drop the k oldest slots; their buffers go to the pool (or the grave)."""
         cdef Py_ssize_t i
         cdef Slot *s
         for i in range(k):
@@ -791,8 +942,7 @@ cdef class FrameRing:
             grave_add(grave, s.view)
             grave_add(grave, s.source)
             grave_add(grave, s.mime)
-            if i != keep_owner_of:
-                self.retire_owner(s.owner, grave)
+            self.retire_owner(s.owner, grave)
             self.total_bytes -= s.nbytes
             self.head = (self.head + 1) % self.slot_cap
             self.count -= 1
@@ -818,6 +968,41 @@ cdef class FrameRing:
         self.head = 0
         return True
 
+    cdef bint push_pending(self, const Slot *accepted) noexcept:
+        """Queue a copy of an accepted slot for the fan-out (GIL and ring lock held: the
+        references are taken here, and no Python runs). False when out of memory."""
+        cdef Py_ssize_t newcap, i
+        cdef Slot *grown
+        cdef Slot *entry
+        if self.pending_n == self.pending_cap:
+            newcap = self.pending_cap * 2 if self.pending_cap else 4
+            grown = <Slot *>malloc(newcap * sizeof(Slot))
+            if grown == NULL:
+                return False
+            for i in range(self.pending_n):
+                grown[i] = self.pending[(self.pending_head + i) % self.pending_cap]
+            free(self.pending)
+            self.pending = grown
+            self.pending_cap = newcap
+            self.pending_head = 0
+        entry = &self.pending[(self.pending_head + self.pending_n) % self.pending_cap]
+        entry[0] = accepted[0]
+        entry.view = NULL
+        entry.frame = NULL
+        Py_INCREF(<object>entry.owner)
+        Py_INCREF(<object>entry.source)
+        Py_INCREF(<object>entry.mime)
+        self.pending_n += 1
+        return True
+
+    cdef void pop_pending(self, Grave *grave) noexcept nogil:
+        cdef Slot *entry = &self.pending[self.pending_head]
+        grave_add(grave, entry.owner)
+        grave_add(grave, entry.source)
+        grave_add(grave, entry.mime)
+        self.pending_head = (self.pending_head + 1) % self.pending_cap
+        self.pending_n -= 1
+
     cdef inline bint is_rate_limited(self, int64_t now_ns, int64_t min_ns) noexcept nogil:
         return self.has_last and min_ns > 0 and now_ns - self.last_accepted_ns < min_ns
 
@@ -831,6 +1016,7 @@ cdef class FrameRing:
 
     # -- time ---------------------------------------------------------------------
     cdef int read_now(self, object now, double *seconds, int64_t *ns) except -1:
+        check_not_forked(self.fork_gen)
         if now is None:
             return parse_instant(self.clock(), "clock()", seconds, ns)
         return parse_instant(now, "now", seconds, ns)
@@ -838,6 +1024,7 @@ cdef class FrameRing:
     @property
     def last_active_at(self):
         cdef double value
+        check_not_forked(self.fork_gen)
         lock_with_gil(&self.mu)
         value = self.last_active
         pthread_mutex_unlock(&self.mu)
@@ -862,7 +1049,7 @@ cdef class FrameRing:
         lock_with_gil(&self.mu)
         if PyUnicode_Compare(<object>self.active_source, source) != 0:
             self.reset_source(source, &grave)
-            self.evict_oldest(self.count, &grave, -1)
+            self.evict_oldest(self.count, &grave)
             self.has_last = False
         self.last_active = seconds
         pthread_mutex_unlock(&self.mu)
@@ -878,7 +1065,7 @@ cdef class FrameRing:
         lock_with_gil(&self.mu)
         active = <object>self.active_source
         if not source or not active or PyUnicode_Compare(active, source) == 0:
-            self.evict_oldest(self.count, &grave, -1)
+            self.evict_oldest(self.count, &grave)
             grave_add(&grave, self.active_source)
             empty = ""
             Py_INCREF(empty)
@@ -901,49 +1088,16 @@ cdef class FrameRing:
         return self.store(frame.data, frame.source, max_recent, min_interval, frame.mime_type,
                           frame.width, frame.height, frame.timestamp_ms, frame.frame_seq, now)
 
-    cdef bint plan_store(self, Plan *plan, object source, Py_ssize_t keep, Py_ssize_t nbytes,
-                         _FrameBuffer spare) noexcept:
-        """Decide, without changing anything, which slots leave and whose buffer the
-        new frame reuses. False when no buffer is free (the caller allocates one)."""
-        cdef Py_ssize_t i
-        cdef Slot *s
-        plan.reset = PyUnicode_Compare(<object>self.active_source, source) != 0
-        if plan.reset:
-            plan.evict = self.count
-        else:
-            plan.evict = self.count - keep + 1 if self.count >= keep else 0
-        plan.reuse_slot = -1
-        plan.reuse_pool = -1
-        for i in range(plan.evict):
-            s = self.slot_at(i)
-            if buffer_fits(s.owner, nbytes) and self.exclusive(s):
-                plan.reuse_slot = i
-                return True
-        for i in range(self.pool_n):
-            if _refcnt(self.pool[i]) == 1 and buffer_fits(self.pool[i], nbytes):
-                plan.reuse_pool = i
-                return True
-        return spare is not None and buffer_fits(<PyObject *>spare, nbytes)
-
     cdef bint store(self, object data, object source, object max_recent, object min_interval,
                     object mime_type, object width, object height, object timestamp_ms,
                     object frame_seq, object now) except -1:
-        cdef Py_ssize_t keep
-        cdef int64_t min_ns, w, h, ts_ms, seq, now_ns
-        cdef double now_s
-        cdef Py_buffer buf
-        cdef bint contiguous
-        cdef Plan plan
-        cdef Grave grave
-        cdef PyObject *owner
-        cdef Slot *slot
         cdef Slot meta
-        cdef _FrameBuffer spare = None
-        cdef PyObject **fan_subs = NULL
-        cdef PyObject *few_subs[FEW_SUBS]  # no allocation per frame for a handful of subscribers
-        cdef Py_ssize_t fan_n = 0, i
-        cdef uint64_t ticket = 0
-        cdef bint fan = False
+        cdef Py_ssize_t keep
+        cdef int64_t min_ns
+        cdef Py_buffer buf
+        cdef _FrameBuffer target
+        cdef uint64_t seq
+        cdef bint run
 
         if not PyObject_CheckBuffer(data):
             raise TypeError("data must support the buffer protocol (bytes, bytearray, "
@@ -952,166 +1106,281 @@ cdef class FrameRing:
         keep = parse_count(max_recent, "max_recent")
         min_ns = parse_duration_ns(min_interval, "min_interval")
         mime_type = parse_text(mime_type, "mime_type")
-        w = parse_int(width, "width", INT32_MIN, INT32_MAX)
-        h = parse_int(height, "height", INT32_MIN, INT32_MAX)
-        ts_ms = parse_int(timestamp_ms, "timestamp_ms", -INT64_MAX - 1, INT64_MAX)
-        seq = parse_int(frame_seq, "frame_seq", -INT64_MAX - 1, INT64_MAX)
-        self.read_now(now, &now_s, &now_ns)
+        meta.width = parse_int(width, "width", INT32_MIN, INT32_MAX)
+        meta.height = parse_int(height, "height", INT32_MIN, INT32_MAX)
+        meta.timestamp_ms = parse_int(timestamp_ms, "timestamp_ms", -INT64_MAX - 1, INT64_MAX)
+        meta.frame_seq = parse_int(frame_seq, "frame_seq", -INT64_MAX - 1, INT64_MAX)
+        self.read_now(now, &meta.received_at, &meta.received_ns)
+        meta.source = <PyObject *>source
+        meta.mime = <PyObject *>mime_type
 
         # Cheap early rejection: most calls of a rate-limited camera loop end here.
-        lock_with_gil(&self.mu)
-        if self.is_rate_limited(now_ns, min_ns):
-            self.rate_limited += 1
-            pthread_mutex_unlock(&self.mu)
+        if self.count_if_rate_limited(meta.received_ns, min_ns):
             return False
-        pthread_mutex_unlock(&self.mu)
-
         try:
-            PyObject_GetBuffer(data, &buf, PyBUF_RECORDS_RO)
+            PyObject_GetBuffer(data, &buf, PyBUF_FULL_RO)
         except (ValueError, BufferError) as exc:
             raise TypeError(f"data cannot be read as bytes: {exc}") from None
-        grave_init(&grave)
         try:
-            contiguous = PyBuffer_IsContiguous(&buf, b'C')
-            while True:
-                lock_with_gil(&self.mu)
-                if self.is_rate_limited(now_ns, min_ns):
-                    self.rate_limited += 1
-                    pthread_mutex_unlock(&self.mu)
-                    return False
-                if self.plan_store(&plan, source, keep, buf.len, spare):
-                    if self.ensure_slots(self.count - plan.evict + 1):
-                        break
-                    pthread_mutex_unlock(&self.mu)
-                    raise MemoryError("cannot grow the frame ring")
-                pthread_mutex_unlock(&self.mu)
-                # Allocate outside the lock, then decide again: the ring may have moved.
-                spare = new_buffer(buf.len)
-
-            # Committed from here on; nothing below can fail or call Python.
-            if plan.reset:
-                self.reset_source(source, &grave)
-            if plan.reuse_slot >= 0:
-                owner = self.slot_at(plan.reuse_slot).owner
-            elif plan.reuse_pool >= 0:
-                owner = self.pool[plan.reuse_pool]
-                self.pool_n -= 1
-                self.pool[plan.reuse_pool] = self.pool[self.pool_n]
-            else:
-                owner = <PyObject *>spare
-                Py_INCREF(spare)
-            self.evict_oldest(plan.evict, &grave, plan.reuse_slot)
-            self.release_oversized_spares(buf.len, &grave)
-
-            slot = self.slot_at(self.count)
-            slot.owner = owner
-            slot.view = NULL
-            slot.frame = NULL
-            Py_INCREF(source)
-            slot.source = <PyObject *>source
-            Py_INCREF(mime_type)
-            slot.mime = <PyObject *>mime_type
-            slot.nbytes = buf.len
-            slot.width = w
-            slot.height = h
-            slot.timestamp_ms = ts_ms
-            slot.frame_seq = seq
-            slot.received_ns = now_ns
-            slot.received_at = now_s
-            self.gen += 1
-            slot.gen = self.gen
-            self.count += 1
-            self.total_bytes += buf.len
-            self.has_last = True
-            self.last_accepted_ns = now_ns
-            self.last_active = now_s
-            self.accepted += 1
-
-            fan_n = PyList_GET_SIZE(self.subs)
-            if fan_n > 0:
-                if fan_n <= FEW_SUBS:
-                    fan_subs = few_subs
-                else:
-                    fan_subs = <PyObject **>malloc(fan_n * sizeof(PyObject *))
-                if fan_subs != NULL:
-                    fan = True
-                    for i in range(fan_n):
-                        fan_subs[i] = PyList_GET_ITEM(self.subs, i)
-                        Py_INCREF(<object>fan_subs[i])
-                    meta = slot[0]  # its references are taken just below
-                    Py_INCREF(<object>meta.owner)
-                    Py_INCREF(<object>meta.source)
-                    Py_INCREF(<object>meta.mime)
-                    ticket = self.fan_next
-                    self.fan_next += 1
-                else:
-                    # Out of memory for the subscriber list: count the frame as dropped
-                    # for every subscriber rather than lose it silently.
-                    for i in range(fan_n):
-                        (<_SubQueue>PyList_GET_ITEM(self.subs, i)).dropped += 1
-                    fan_n = 0
-
-            if buf.len >= NOGIL_COPY_MIN:
-                with nogil:
-                    gather((<_FrameBuffer>owner).ptr, &buf, contiguous)
-            else:
-                gather((<_FrameBuffer>owner).ptr, &buf, contiguous)
-            pthread_mutex_unlock(&self.mu)
+            target = self.copy_into_free_buffer(&buf, source, keep)
+            meta.nbytes = buf.len
         finally:
             PyBuffer_Release(&buf)
-            grave_flush(&grave)
-
-        if fan:
-            self.fan_out(&meta, fan_subs, fan_n, ticket)
+        seq = self.commit(target, &meta, keep, min_ns, &run)
+        if seq == 0:
+            return False
+        if run:
+            self.run_fan_out()
+        elif seq != NO_FAN_OUT:
+            self.await_offer(seq)
         return True
 
-    cdef void fan_out(self, Slot *meta, PyObject **subs, Py_ssize_t n, uint64_t ticket) noexcept:
-        """Offer one accepted frame to a snapshot of the subscribers, in accept order.
-        Owns meta's owner/source/mime references and the subs array (freed when it was
-        malloc'd, i.e. n > FEW_SUBS)."""
-        cdef Py_ssize_t i = 0, j
-        cdef bint saw_closed = False
-        cdef _SubQueue q
-        frame = None
+    cdef bint count_if_rate_limited(self, int64_t now_ns, int64_t min_ns) noexcept:
+        cdef bint limited
         lock_with_gil(&self.mu)
-        if self.fan_serving != ticket:
-            with nogil:
-                while self.fan_serving != ticket:
-                    pthread_cond_wait(&self.fan_cond, &self.mu)
+        limited = self.is_rate_limited(now_ns, min_ns)
+        if limited:
+            self.rate_limited += 1
         pthread_mutex_unlock(&self.mu)
+        return limited
+
+    cdef _FrameBuffer copy_into_free_buffer(self, const Py_buffer *buf, object source, Py_ssize_t keep):
+        """Copy buf's bytes into a buffer nothing else references: the buffer of the slot
+        this store evicts, a free pool buffer, else a new one. The copy runs without the
+        ring lock (readers never wait behind it, and a thread stopped at interpreter exit
+        holds no lock) and, for large frames, without the GIL."""
+        cdef PyObject *free_buffer
+        cdef _FrameBuffer target
+        cdef Grave grave
+        cdef bint contiguous = PyBuffer_IsContiguous(buf, b'C')
+        if buf.ndim > GATHER_MAX_NDIM:
+            # memoryview's own refusal, word for word: the pure twin raises it.
+            raise TypeError("data cannot be read as bytes: memoryview: number of "
+                            f"dimensions must not exceed {GATHER_MAX_NDIM}")
+        grave_init(&grave)
+        lock_with_gil(&self.mu)
+        free_buffer = self.take_evicted_buffer(buf.len, source, keep, &grave)
+        if free_buffer == NULL:
+            free_buffer = self.take_free_buffer(buf.len)
+        pthread_mutex_unlock(&self.mu)
+        grave_flush(&grave)
+        if free_buffer != NULL:
+            target = <_FrameBuffer>free_buffer
+            Py_DECREF(target)  # the pool's reference is now `target`
+        else:
+            target = new_buffer(buf.len)
+        if buf.len >= NOGIL_COPY_MIN:
+            with nogil:
+                gather(target.ptr, buf, contiguous)
+        else:
+            gather(target.ptr, buf, contiguous)
+        return target
+
+    cdef uint64_t commit(self, _FrameBuffer target, Slot *meta, Py_ssize_t keep, int64_t min_ns,
+                         bint *run) except? 0:
+        """Accept the copied frame into the ring and queue it for the fan-out. Returns its
+        accept number (``run``: this thread is now the fan-out's runner), 0 when
+        rate-limited (another producer stored meanwhile), or NO_FAN_OUT when nobody
+        subscribes. Nothing here calls Python or fails half-way."""
+        cdef Grave grave
+        cdef Slot *slot
+        cdef Py_ssize_t evict
+        cdef bint reset
+        cdef uint64_t result
+        grave_init(&grave)
+        Py_INCREF(target)  # from here on the ring's: a slot's, or back in the pool
+        lock_with_gil(&self.mu)
+        if self.is_rate_limited(meta.received_ns, min_ns):
+            self.rate_limited += 1
+            self.retire_owner(<PyObject *>target, &grave)
+            pthread_mutex_unlock(&self.mu)
+            grave_flush(&grave)
+            return 0
+        reset = PyUnicode_Compare(<object>self.active_source, <object>meta.source) != 0
+        evict = self.count if reset else (self.count - keep + 1 if self.count >= keep else 0)
+        if not self.ensure_slots(self.count - evict + 1):
+            self.retire_owner(<PyObject *>target, &grave)
+            pthread_mutex_unlock(&self.mu)
+            grave_flush(&grave)
+            raise MemoryError("cannot grow the frame ring")
+        if reset:
+            self.reset_source(<object>meta.source, &grave)
+        self.evict_oldest(evict, &grave)
+        self.release_oversized_spares(meta.nbytes, &grave)
+
+        self.accepted += 1
+        slot = self.slot_at(self.count)
+        slot[0] = meta[0]
+        slot.owner = <PyObject *>target
+        slot.view = NULL
+        slot.frame = NULL
+        slot.gen = self.accepted
+        Py_INCREF(<object>slot.source)
+        Py_INCREF(<object>slot.mime)
+        self.count += 1
+        self.total_bytes += meta.nbytes
+        self.has_last = True
+        self.last_accepted_ns = meta.received_ns
+        self.last_active = meta.received_at
+        result = NO_FAN_OUT
+        run[0] = False
+        if PyList_GET_SIZE(self.subs) > 0:
+            if self.push_pending(slot):
+                result = self.accepted
+                run[0] = not self.fanning
+                if run[0]:
+                    self.claim_fan_out()
+            else:
+                # Out of memory for the fan-out: counted as dropped for every subscriber
+                # rather than lost silently.
+                for q in self.subs:
+                    (<_SubQueue>q).settle(self.accepted)
+        pthread_mutex_unlock(&self.mu)
+        grave_flush(&grave)
+        return result
+
+    # -- fan-out ---------------------------------------------------------------------
+    # One thread at a time offers the pending frames, oldest first: the runner. A store
+    # that finds a runner at work leaves its frame to it and waits until it was offered,
+    # so each subscriber receives frames in accept order and has been offered a frame
+    # when its store returns. A runner never waits for another thread's fan-out (a store
+    # made by a finalizer or signal handler that interrupted a fan-out returns at once:
+    # the runner offers its frame), so no two threads can wait for each other.
+
+    cdef int await_offer(self, uint64_t seq) except -1:
+        """Wait until accepted frame ``seq`` was offered, or run the fan-out ourselves
+        if its runner left (an error made it stop early)."""
+        cdef unsigned long me = PyThread_get_thread_ident()
+        cdef bint run
+        while True:
+            lock_with_gil(&self.mu)
+            if self.offered_through >= seq or self.pending_n == 0 or (
+                    self.fanning and (fan_run_depth > 0 or self.fan_runner == me)):
+                pthread_mutex_unlock(&self.mu)
+                return 0
+            run = not self.fanning
+            if run:
+                self.claim_fan_out()
+            else:
+                self.fan_waiters += 1
+            pthread_mutex_unlock(&self.mu)
+            if run:
+                return self.run_fan_out()
+            with nogil:
+                self.wait_for_runner(seq)
+            # Interrupted here (Ctrl-C): the frame stays pending, so the runner still
+            # offers it and the books balance.
+            PyErr_CheckSignals()
+
+    cdef inline void claim_fan_out(self) noexcept nogil:
+        self.fanning = True
+        self.fan_runner = PyThread_get_thread_ident()
+
+    cdef void wait_for_runner(self, uint64_t seq) noexcept nogil:
+        # The lock is released before the GIL is taken back: a thread stopped at
+        # interpreter exit while it waits for the GIL then holds no lock.
+        cdef timespec ts
+        pthread_mutex_lock(&self.mu)
+        if self.offered_through < seq and self.fanning:
+            to_timespec(monotonic_ns() + WAIT_SLICE_NS, &ts)
+            pthread_cond_timedwait(&self.fan_cond, &self.mu, &ts)
+        self.fan_waiters -= 1
+        pthread_mutex_unlock(&self.mu)
+
+    cdef int run_fan_out(self) except -1:
+        """Offer pending frames until none is left (the caller claimed the runner role).
+        An error (KeyboardInterrupt from a signal handler in an event loop's wake-up,
+        MemoryError) is raised only after every pending frame was offered to every
+        subscriber, or counted as dropped for it."""
+        global fan_run_depth
+        cdef Slot meta
+        cdef list queues
+        cdef int failures = 0
+        cdef bint more = True
+        error = None
+        lock_with_gil(&self.mu)
+        if self.pending_n == 0:
+            self.release_fan_out()
+            pthread_mutex_unlock(&self.mu)
+            return 0
+        meta = self.pending[self.pending_head]  # its references stay the entry's until popped
+        queues = self.subs
+        pthread_mutex_unlock(&self.mu)
+        fan_run_depth += 1
         try:
-            while i < n:
-                q = <_SubQueue>subs[i]
-                if q.closed:
-                    saw_closed = True
-                elif q.wants_frame():
+            while more:
+                try:
+                    self.offer_to(queues, &meta, failures >= 2)
+                except BaseException as exc:
+                    if error is None:
+                        error = exc
+                    failures += 1
+                    continue  # offers book each frame once: making it again is safe
+                failures = 0
+                queues = self.next_pending(&meta)
+                more = queues is not None
+        finally:
+            fan_run_depth -= 1
+        if error is not None:
+            raise error
+        return 0
+
+    cdef inline void release_fan_out(self) noexcept nogil:
+        self.fanning = False
+        if self.fan_waiters:
+            pthread_cond_broadcast(&self.fan_cond)
+
+    cdef list next_pending(self, Slot *meta):
+        """Forget the frame just offered and take the next (into meta): the subscribers
+        to offer it to, or None when none is left (the runner role is then handed back
+        under the same lock, so no frame is stranded)."""
+        cdef Grave grave
+        cdef bint more
+        cdef list queues = None
+        grave_init(&grave)
+        lock_with_gil(&self.mu)
+        self.pop_pending(&grave)
+        self.offered_through = meta.gen
+        more = self.pending_n > 0
+        if more:
+            meta[0] = self.pending[self.pending_head]
+            queues = self.subs
+            if self.fan_waiters:
+                pthread_cond_broadcast(&self.fan_cond)
+        else:
+            self.release_fan_out()
+        pthread_mutex_unlock(&self.mu)
+        grave_flush(&grave)
+        return queues
+
+    cdef int offer_to(self, list queues, Slot *meta, bint give_up) except -1:
+        """Offer one pending frame to every open queue (made into a frame object only if
+        one takes it); the first error is raised after every queue had its offer."""
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(queues)
+        cdef _SubQueue q
+        cdef bint saw_closed = False
+        error = None
+        frame = None
+        for i in range(n):
+            q = <_SubQueue>PyList_GET_ITEM(queues, i)
+            if q.closed:
+                saw_closed = True
+            elif give_up:  # offering it failed over and over: counted as dropped instead
+                q.settle(meta.gen)
+            elif q.wants_frame(meta.gen):
+                try:
                     if frame is None:
                         frame = make_frame(make_view(meta.owner, meta.nbytes), meta)
-                    q.push(frame)
-                i += 1
-        except BaseException:
-            # Only making the frame can fail (MemoryError): the subscribers from i on
-            # never got it, so it is counted as dropped for them and the books balance.
-            for j in range(i, n):
-                q = <_SubQueue>subs[j]
-                lock_with_gil(&q.mu)
-                if not q.closed:
-                    q.dropped += 1
-                pthread_mutex_unlock(&q.mu)
-        finally:
-            lock_with_gil(&self.mu)
-            self.fan_serving += 1
-            pthread_cond_broadcast(&self.fan_cond)
-            pthread_mutex_unlock(&self.mu)
-            for i in range(n):
-                Py_DECREF(<object>subs[i])
-            if n > FEW_SUBS:
-                free(subs)
-            Py_DECREF(<object>meta.owner)
-            Py_DECREF(<object>meta.source)
-            Py_DECREF(<object>meta.mime)
+                    q.push(frame, meta.gen)
+                except BaseException as exc:
+                    if error is None:
+                        error = exc
+                    q.settle(meta.gen)  # a no-op when push booked it before the error
         if saw_closed:
             self.prune_closed()
+        if error is not None:
+            raise error
+        return 0
 
     def latest_visual_frames(self, ttl, now=None):
         """Frames no older than ttl (inclusive), oldest first; [] when ttl <= 0."""
@@ -1202,6 +1471,7 @@ cdef class FrameRing:
     def visual_stats(self):
         cdef uint64_t accepted, rate_limited, resets
         cdef Py_ssize_t frames, nbytes
+        check_not_forked(self.fork_gen)
         lock_with_gil(&self.mu)
         accepted = self.accepted
         rate_limited = self.rate_limited
@@ -1215,26 +1485,37 @@ cdef class FrameRing:
     # -- subscribers ----------------------------------------------------------------
     def subscribe_visual_frames(self, buffer=1, *, policy="drop_newest"):
         cdef Py_ssize_t maxsize = parse_count(buffer, "buffer")
+        cdef _SubQueue q
+        cdef list old, grown
         policy = _validate.policy(policy)
-        cdef _SubQueue q = _SubQueue(maxsize, policy)
-        cdef Subscription sub = Subscription.__new__(Subscription)
-        sub.q = q
-        sub.ring = self
-        lock_with_gil(&self.mu)
-        try:
-            if self.ended:
-                # Nothing would ever close it: it starts closed, so a reader finishes at once.
-                q.closed = True
-            else:
-                # A list append runs no Python code; it can only raise MemoryError.
-                self.subs.append(q)
-        finally:
+        check_not_forked(self.fork_gen)
+        # Made before locking: no allocation (so no garbage collection) under the lock.
+        q = _SubQueue.__new__(_SubQueue, maxsize, policy, 0)
+        while True:
+            old = self.subs
+            grown = old + [q]
+            lock_with_gil(&self.mu)
+            if self.subs is old or self.ended:
+                break
             pthread_mutex_unlock(&self.mu)
+        # Frames accepted before now are not this subscriber's, even those still waiting
+        # for the fan-out.
+        q.booked_seq = self.accepted
+        if self.ended:
+            # Nothing would ever close it: it starts closed, so a reader finishes at once.
+            q.closed = True
+        else:
+            self.subs = grown
+        pthread_mutex_unlock(&self.mu)
+        sub = Subscription.__new__(Subscription, _MAKE)
+        (<Subscription>sub).q = q
+        (<Subscription>sub).ring = self
         return sub
 
     @property
     def subscriber_count(self):
         cdef Py_ssize_t n
+        check_not_forked(self.fork_gen)
         self.prune_closed()
         lock_with_gil(&self.mu)
         n = PyList_GET_SIZE(self.subs)
@@ -1242,40 +1523,49 @@ cdef class FrameRing:
         return n
 
     cdef void remove_queue(self, _SubQueue q) noexcept:
-        cdef Py_ssize_t i
-        cdef list subs = self.subs
-        lock_with_gil(&self.mu)
-        for i in range(PyList_GET_SIZE(subs)):
-            if PyList_GET_ITEM(subs, i) == <PyObject *>q:
-                # The list drops its reference here, but the caller's `q` still holds
-                # one, so nothing is freed (and no Python runs) under the lock.
-                del subs[i:i + 1]
-                break
-        pthread_mutex_unlock(&self.mu)
+        self.replace_subs(q)
 
     cdef void prune_closed(self) noexcept:
         """Forget queues whose handle was dropped (closed from __dealloc__)."""
-        cdef Py_ssize_t i
-        cdef list open_subs = []  # made before locking: no allocation under the lock
-        cdef list old
-        lock_with_gil(&self.mu)
-        old = self.subs
-        for i in range(PyList_GET_SIZE(old)):
-            if not (<_SubQueue>PyList_GET_ITEM(old, i)).closed:
-                open_subs.append(<object>PyList_GET_ITEM(old, i))
-        self.subs = open_subs
-        pthread_mutex_unlock(&self.mu)
-        # `old` is released here, after unlocking: a queue's last reference may go with it.
+        self.replace_subs(None)
+
+    cdef void replace_subs(self, _SubQueue leaving) noexcept:
+        """Replace the subscriber list by one without ``leaving`` (None: without the
+        closed queues). The list is built with the GIL but without the lock, then
+        swapped in if nobody replaced it meanwhile."""
+        cdef list old, kept
+        while True:
+            old = self.subs
+            if leaving is None:
+                kept = [q for q in old if not (<_SubQueue>q).closed]
+            else:
+                kept = [q for q in old if q is not leaving]
+            if len(kept) == len(old):
+                return
+            lock_with_gil(&self.mu)
+            if self.subs is old:
+                self.subs = kept
+                pthread_mutex_unlock(&self.mu)
+                return  # `old` is released after unlocking: a queue's last reference may go with it
+            pthread_mutex_unlock(&self.mu)
 
     def close_subscriptions(self):
         """Close every live subscription (the session ended): their readers wake up."""
         cdef list none_left = []  # made before locking: no allocation under the lock
         cdef list subs
         cdef _SubQueue q
+        check_not_forked(self.fork_gen)
         lock_with_gil(&self.mu)
         self.ended = True
         subs = self.subs
         self.subs = none_left
         pthread_mutex_unlock(&self.mu)
+        error = None
         for q in subs:
-            q.close()
+            try:
+                q.close()
+            except BaseException as exc:  # every reader is still woken, then it is raised
+                if error is None:
+                    error = exc
+        if error is not None:
+            raise error
