@@ -24,6 +24,8 @@ def _cleanup_loop(manager_ref: "weakref.ref[SessionManager]", stopped: threading
         manager = manager_ref()
         if manager is None:
             return
+        # A BaseException from a callback is not caught: it ends this thread, as it would
+        # any thread, once evict_idle has ended every session of the round.
         try:
             manager.evict_idle()
         except Exception:
@@ -36,7 +38,8 @@ class SessionManager:
 
     Unlike the Go original, ``on_session_end`` runs outside the manager's lock (it may
     call the manager), ``stop()`` is idempotent, and ending a session closes its
-    subscriptions so their readers wake up and finish.
+    subscriptions so their readers wake up and finish. A callback that raises, even
+    ``KeyboardInterrupt``, does not keep the other sessions from being ended (``_end``).
     """
 
     def __init__(
@@ -137,18 +140,31 @@ class SessionManager:
         return idle
 
     def _end(self, sessions: list) -> None:
+        """Call back, close, for every session, even when a callback raises; then re-raise.
+
+        The sessions are already out of the registry, so one skipped here would stay
+        half-ended for good (state INIT, its readers blocked forever). That holds for a
+        ``BaseException`` too (``KeyboardInterrupt``, ``SystemExit``,
+        ``asyncio.CancelledError``). When several callbacks raise, the first
+        ``BaseException`` that is not an ``Exception`` is re-raised, since it asks the
+        caller to stop; otherwise the first error.
+        """
         # Outside the manager lock: the callback may call back into the manager.
-        errors = []
+        raised: Optional[BaseException] = None
         for session in sessions:
             try:
                 if self.on_session_end is not None:
                     self.on_session_end(session)
-            except Exception as exc:  # the other sessions must still be ended
-                errors.append(exc)
+            except BaseException as exc:
+                if raised is None or (isinstance(raised, Exception) and not isinstance(exc, Exception)):
+                    raised = exc
             finally:
                 session._close()
-        if errors:
-            raise errors[0]
+        if raised is not None:
+            try:
+                raise raised
+            finally:
+                raised = None  # the traceback references this frame: break the cycle
 
     def stop(self) -> None:
         """Stop the background eviction thread (idempotent; returns once it has ended)."""
