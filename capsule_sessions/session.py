@@ -168,13 +168,20 @@ class Session:
     # -- history and dialog context ---------------------------------------------
     def add_message(self, msg: ChatMessage) -> None:
         """Append ``msg`` (a copy). An assistant message of turn N > 0 goes right after
-        the last message of turn N, so a late reply lands in its own turn."""
+        the last message of turn N, so a late reply lands in its own turn. A timestamp of
+        None is filled with now; otherwise it must be a valid instant (ValueError/TypeError
+        naming ``msg.timestamp``, and nothing is stored)."""
         if not isinstance(msg, ChatMessage):
             raise TypeError(f"msg must be a ChatMessage, got {type(msg).__name__}")
+        # Checked here because the record itself checks nothing: a NaN or far-off
+        # timestamp stored now would make every later to_dict() fail.
+        role = v.text(msg.role, "msg.role")
+        content = v.text(msg.content, "msg.content")
+        turn_seq = v.integer(msg.turn_seq, "msg.turn_seq")
+        timestamp = None if msg.timestamp is None else v.instant(msg.timestamp, "msg.timestamp")[0]
         now = self._now()
-        msg = dataclasses.replace(msg)
-        if msg.timestamp is None:
-            msg.timestamp = now
+        msg = dataclasses.replace(msg, role=role, content=content, turn_seq=turn_seq,
+                                  timestamp=now if timestamp is None else timestamp)
         with self._lock:
             history = self._history
             index = len(history)

@@ -4,11 +4,13 @@ str/int/float subclasses, and the TypeError of a wrong call signature, on both b
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import math
 import threading
 
 import pytest
 
-from capsule_sessions import SessionManager, SessionState
+from capsule_sessions import ChatMessage, SessionManager, SessionState
 
 INTERRUPTS = [KeyboardInterrupt, SystemExit, asyncio.CancelledError]
 
@@ -138,3 +140,52 @@ def test_interrupted_background_eviction_still_ends_every_session(backend, clock
         _assert_ended(sessions, [r[1] for r in readers], [r[0] for r in readers])
     finally:
         m.stop()
+
+
+# -- 2. ChatMessage fields are validated by add_message ------------------------------
+
+BAD_MESSAGES = [
+    ("msg.timestamp", ValueError, dict(timestamp=math.nan)),
+    ("msg.timestamp", ValueError, dict(timestamp=math.inf)),
+    ("msg.timestamp", ValueError, dict(timestamp=-math.inf)),
+    ("msg.timestamp", ValueError, dict(timestamp=1e300)),
+    ("msg.timestamp", ValueError, dict(timestamp=10**400)),
+    ("msg.timestamp", TypeError, dict(timestamp="now")),
+    ("msg.timestamp", TypeError, dict(timestamp=True)),
+    ("msg.timestamp", TypeError, dict(timestamp=dt.datetime(2024, 1, 1))),
+    ("msg.turn_seq", TypeError, dict(turn_seq="1")),
+    ("msg.turn_seq", TypeError, dict(turn_seq=1.0)),
+    ("msg.turn_seq", TypeError, dict(turn_seq=None)),
+    ("msg.turn_seq", TypeError, dict(turn_seq=True)),
+    ("msg.turn_seq", ValueError, dict(turn_seq=2**64)),
+    ("msg.role", TypeError, dict(role=None)),
+    ("msg.role", TypeError, dict(role=b"assistant")),
+    ("msg.content", TypeError, dict(content=None)),
+    ("msg.content", TypeError, dict(content=5)),
+]
+
+
+@pytest.mark.parametrize("name,error,bad", BAD_MESSAGES, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_MESSAGES)])
+def test_add_message_rejects_bad_fields(make_session, clock, name, error, bad):
+    s = make_session()
+    s.add_message(ChatMessage("user", "hi", turn_seq=1))
+    before = (s.history_snapshot(), s.last_active_at)
+    fields = dict(role="assistant", content="hello", timestamp=None, turn_seq=1)
+    fields.update(bad)
+    clock.advance(5)
+    with pytest.raises(error) as info:
+        s.add_message(ChatMessage(**fields))
+    assert name in str(info.value), f"message {str(info.value)!r} does not name {name!r}"
+    assert (s.history_snapshot(), s.last_active_at) == before, "a rejected message changed the session"
+    assert len(s.to_dict()["history"]) == 1
+
+
+def test_add_message_keeps_valid_fields_as_plain_values(make_session, clock):
+    clock.set(50.0)
+    s = make_session()
+    s.add_message(ChatMessage("user", "a", timestamp=7))  # an int instant is a valid instant
+    s.add_message(ChatMessage("user", "b"))  # None: the clock's now
+    s.add_message(ChatMessage("user", "c", timestamp=0.0))  # 0.0 is an instant, not "unset"
+    history = s.history_snapshot()
+    assert [(m.timestamp, type(m.timestamp)) for m in history] == [(7.0, float), (50.0, float), (0.0, float)]
+    assert len(s.to_dict()["history"]) == 3
