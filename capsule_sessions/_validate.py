@@ -60,6 +60,15 @@ def duration_ns(value: Any, name: str) -> int:
     return int(scaled)
 
 
+def duration_seconds(value: Any, name: str) -> float:
+    """A duration in float seconds, for comparisons made outside the ring: NaN is an
+    error; an int too big for a float becomes +-inf, which compares without overflow."""
+    seconds = _real(value, name)
+    if math.isnan(seconds):
+        raise ValueError(f"{name} must not be NaN")
+    return seconds
+
+
 def timeout_seconds(value: Any, name: str = "timeout") -> float | None:
     """A blocking timeout: None waits forever; negative or NaN is an error (like queue.Queue)."""
     if value is None:

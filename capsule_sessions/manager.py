@@ -53,8 +53,9 @@ class SessionManager:
         backend: Optional[str] = None,
     ) -> None:
         self.max_concurrent = v.integer(max_concurrent, "max_concurrent", 0)
-        v.duration_ns(idle_timeout, "idle_timeout")
-        self.idle_timeout = idle_timeout.total_seconds() if hasattr(idle_timeout, "total_seconds") else float(idle_timeout)
+        # Any two instants are less than 2**63 ns apart, so a timeout clamped to the int64
+        # range would never evict: inf (what 10**400 becomes) says the same directly.
+        self.idle_timeout = v.duration_seconds(idle_timeout, "idle_timeout")
         if cleanup_interval is not None:
             cleanup_interval = v.timeout_seconds(cleanup_interval, "cleanup_interval")
             if cleanup_interval == 0:
@@ -130,7 +131,12 @@ class SessionManager:
                 return False
 
     def evict_idle(self, now: Any = None) -> list:
-        """End every session idle for longer than ``idle_timeout``; returns them."""
+        """End every session idle for longer than ``idle_timeout``; returns them.
+
+        As in Go, idle means ``now - last_active_at > idle_timeout``: an infinite (or
+        huge) timeout never evicts, 0 evicts every session not active at ``now``
+        itself, and a negative one evicts every session.
+        """
         now_s = v.instant(self._clock() if now is None else now, "now")[0]
         with self._lock:
             idle = [s for s in self._sessions.values() if now_s - s.last_active_at > self.idle_timeout]

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from capsule_sessions import ChatMessage, SessionManager, SessionState
+from capsule_sessions._validate import MAX_INSTANT_SECONDS
 
 INTERRUPTS = [KeyboardInterrupt, SystemExit, asyncio.CancelledError]
 
@@ -189,3 +190,43 @@ def test_add_message_keeps_valid_fields_as_plain_values(make_session, clock):
     history = s.history_snapshot()
     assert [(m.timestamp, type(m.timestamp)) for m in history] == [(7.0, float), (50.0, float), (0.0, float)]
     assert len(s.to_dict()["history"]) == 3
+
+
+# -- 3. idle_timeout: huge means never, NaN is an error, <= 0 evicts at once ----------
+
+
+@pytest.mark.parametrize("forever", [10**400, math.inf, 1e300, dt.timedelta.max],
+                         ids=["huge-int", "inf", "1e300", "timedelta.max"])
+def test_a_huge_idle_timeout_never_evicts(make_manager, clock, forever):
+    clock.set(-MAX_INSTANT_SECONDS * 0.999)
+    m = make_manager(idle_timeout=forever)
+    s = m.create("a")
+    # The two instants furthest apart there are: still not idle.
+    assert m.evict_idle(now=MAX_INSTANT_SECONDS * 0.999) == []
+    assert m.list() == [s] and s.state is SessionState.INIT
+
+
+@pytest.mark.parametrize("bad", [math.nan, -math.nan], ids=["nan", "-nan"])
+def test_a_nan_idle_timeout_is_a_value_error(backend, bad):
+    with pytest.raises(ValueError, match="idle_timeout"):
+        SessionManager(1, bad, cleanup_interval=None, backend=backend)
+
+
+@pytest.mark.parametrize("timeout", [-1.0, -(10**400), -math.inf, dt.timedelta(seconds=-5)],
+                         ids=["-1", "-huge-int", "-inf", "timedelta"])
+def test_a_negative_idle_timeout_evicts_every_session(make_manager, clock, timeout):
+    # As in Go (idle when now - last_active > idle_timeout): below zero even a session
+    # touched at this very instant is idle.
+    clock.set(10.0)
+    m = make_manager(idle_timeout=timeout)
+    s = m.create("a")
+    assert m.evict_idle() == [s]
+
+
+def test_a_zero_idle_timeout_evicts_any_session_idle_at_all(make_manager, clock):
+    clock.set(10.0)
+    m = make_manager(idle_timeout=0)
+    s = m.create("a")
+    assert m.evict_idle() == []  # idle for exactly 0 s: not longer than 0
+    clock.advance(0.001)
+    assert m.evict_idle() == [s]
