@@ -25,14 +25,18 @@ POLICIES = ("drop_newest", "drop_oldest")
 
 
 def _real(value: Any, name: str) -> float:
+    # The number's own value: float(value) and value.total_seconds() would run a
+    # subclass's __float__ / total_seconds, which may say anything.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         if isinstance(value, _dt.timedelta):
-            return value.total_seconds()
+            return _dt.timedelta.total_seconds(value)
         raise TypeError(f"{name} must be a float number of seconds or a timedelta, got {type(value).__name__}")
+    if isinstance(value, float):
+        return float.__float__(value)
     try:
-        return float(value)
+        return int.__float__(value)
     except OverflowError:  # an int beyond any float; copysign would overflow on it too
-        return math.inf if value > 0 else -math.inf
+        return math.inf if operator.index(value) > 0 else -math.inf
 
 
 def instant(value: Any, name: str = "now") -> tuple[float, int]:
@@ -107,15 +111,16 @@ def count(value: Any, name: str) -> int:
 def text(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    return str(value)  # an exact str: a subclass's hooks never run inside the ring
+    # An exact str of the contents, so a subclass's hooks never run inside the ring;
+    # str(value) would be whatever the subclass's __str__ returns.
+    return str.__str__(value)
 
 
 def policy(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"policy must be a str, got {type(value).__name__}")
+    value = text(value, "policy")
     if value not in POLICIES:
         raise ValueError(f"policy must be 'drop_newest' or 'drop_oldest', got {value!r}")
-    return str(value)
+    return value
 
 
 def clock(value: Any) -> Any:
