@@ -20,21 +20,6 @@ from ._records import (
     rfc3339_from_instant,
 )
 
-# The ring's public methods that Session exposes unchanged. __init__ binds them onto the
-# instance so a camera loop calls the backend directly (no extra Python frame per
-# frame); the methods of the same names below exist for help() and type checkers.
-_RING_METHODS = (
-    "touch",
-    "start_visual_input",
-    "stop_visual_input",
-    "store_frame",
-    "store_visual_frame",
-    "latest_visual_frames",
-    "subscribe_visual_frames",
-    "visual_stats",
-)
-
-
 def _mode(value: Any) -> PipelineMode:
     try:
         return PipelineMode(value)
@@ -61,9 +46,10 @@ class Session:
         self.created_at, _ = v.instant(self._clock(), "clock()")
         module = _backend.module_for(backend)
         self.backend = _backend.name_of(module)
+        # Not bound onto the instance: the methods below are always the ones called, so
+        # subclass overrides and mock.patch.object(Session, ...) work, and a wrong call
+        # is a TypeError naming Session.<method>() on both backends alike.
         self._ring = module.FrameRing(self._clock, self.created_at)
-        for name in _RING_METHODS:
-            setattr(self, name, getattr(self._ring, name))
         self.pipeline_cancel: Optional[Callable[[], Any]] = None
         self.recording_dir: Optional[str] = None
         self._lock = threading.Lock()
@@ -231,7 +217,7 @@ class Session:
             "last_active_at": rfc3339_from_instant(snapshot.last_active_at, self._clock),
         }
 
-    # -- visual input (the backend's methods; see _RING_METHODS) -----------------
+    # -- visual input (delegated to the backend's ring) ---------------------------
     def start_visual_input(self, source: str, now: Any = None) -> None:
         """Make ``source`` active; a different source clears the ring and the rate limiter."""
         self._ring.start_visual_input(source, now)
