@@ -146,7 +146,8 @@ class SessionManager:
         return idle
 
     def _end(self, sessions: list) -> None:
-        """Call back, close, for every session, even when a callback raises; then re-raise.
+        """on_session_end, then close, for every session even when a callback raises;
+        then re-raise.
 
         The sessions are already out of the registry, so one skipped here would stay
         half-ended for good (state INIT, its readers blocked forever). That holds for a

@@ -32,8 +32,8 @@ INTERRUPTS = [KeyboardInterrupt, SystemExit, asyncio.CancelledError]
 
 
 def _blocked_reader(session):
-    """A thread iterating a subscription of ``session``, parked in get() once it has
-    seen one frame; returns (thread, frames it read)."""
+    """A thread iterating a new subscription of ``session`` that has read one frame, so
+    it waits in get() for the next; returns (thread, subscription, frame_seqs it read)."""
     sub = session.subscribe_visual_frames(4)
     seen = []
     got_one = threading.Event()
