@@ -2,8 +2,8 @@
 
 The frame-buffer backend interface
 ----------------------------------
-A backend module exports two classes; ``Session`` owns one ``FrameRing`` and binds its
-public methods as its own, so a call on the hot path goes straight to the backend.
+A backend module exports two classes; ``Session`` owns one ``FrameRing`` and forwards
+its methods of the same names to it.
 
 ``FrameRing(clock, created_at)``
     One session's visual input plus its activity clock.

@@ -25,14 +25,18 @@ POLICIES = ("drop_newest", "drop_oldest")
 
 
 def _real(value: Any, name: str) -> float:
+    # The number's own value: float(value) and value.total_seconds() would run a
+    # subclass's __float__ / total_seconds, which may say anything.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         if isinstance(value, _dt.timedelta):
-            return value.total_seconds()
+            return _dt.timedelta.total_seconds(value)
         raise TypeError(f"{name} must be a float number of seconds or a timedelta, got {type(value).__name__}")
+    if isinstance(value, float):
+        return float.__float__(value)
     try:
-        return float(value)
+        return int.__float__(value)
     except OverflowError:  # an int beyond any float; copysign would overflow on it too
-        return math.inf if value > 0 else -math.inf
+        return math.inf if operator.index(value) > 0 else -math.inf
 
 
 def instant(value: Any, name: str = "now") -> tuple[float, int]:
@@ -58,6 +62,15 @@ def duration_ns(value: Any, name: str) -> int:
     if scaled <= -9.223372036854775e18:
         return -INT64_MAX
     return int(scaled)
+
+
+def duration_seconds(value: Any, name: str) -> float:
+    """A duration in float seconds, for comparisons made outside the ring: NaN is an
+    error; an int too big for a float becomes +-inf, which compares without overflow."""
+    seconds = _real(value, name)
+    if math.isnan(seconds):
+        raise ValueError(f"{name} must not be NaN")
+    return seconds
 
 
 def timeout_seconds(value: Any, name: str = "timeout") -> float | None:
@@ -98,15 +111,16 @@ def count(value: Any, name: str) -> int:
 def text(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    return str(value)  # an exact str: a subclass's hooks never run inside the ring
+    # An exact str of the contents, so a subclass's hooks never run inside the ring;
+    # str(value) would be whatever the subclass's __str__ returns.
+    return str.__str__(value)
 
 
 def policy(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"policy must be a str, got {type(value).__name__}")
+    value = text(value, "policy")
     if value not in POLICIES:
         raise ValueError(f"policy must be 'drop_newest' or 'drop_oldest', got {value!r}")
-    return str(value)
+    return value
 
 
 def clock(value: Any) -> Any:

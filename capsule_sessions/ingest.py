@@ -43,8 +43,7 @@ class VisualInputConfig:
             mime_types = tuple(self.mime_types)
         except TypeError:
             raise TypeError(f"mime_types must be a sequence of str, got {type(self.mime_types).__name__}") from None
-        for mime in mime_types:
-            v.text(mime, "mime_types[]")
+        mime_types = tuple(v.text(mime, "mime_types[]") for mime in mime_types)
         object.__setattr__(self, "mime_types", mime_types)
 
 
@@ -62,6 +61,8 @@ def check_frame(frame: Any, config: Any) -> None:
     if not isinstance(config, VisualInputConfig):
         raise TypeError(f"config must be a VisualInputConfig, got {type(config).__name__}")
     mime = frame.mime_type
+    if isinstance(mime, str):
+        mime = str.__str__(mime)  # its contents decide, not a subclass's __eq__/__hash__
     if mime not in config.mime_types:
         raise ValueError(f"mime_type {mime!r} is not allowed (allowed: {', '.join(config.mime_types)})")
     width = v.integer(frame.width, "width", v.INT32_MIN, v.INT32_MAX)

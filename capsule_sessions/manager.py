@@ -24,6 +24,8 @@ def _cleanup_loop(manager_ref: "weakref.ref[SessionManager]", stopped: threading
         manager = manager_ref()
         if manager is None:
             return
+        # A BaseException from a callback is not caught: it ends this thread, as it would
+        # any thread, once evict_idle has ended every session of the round.
         try:
             manager.evict_idle()
         except Exception:
@@ -36,7 +38,8 @@ class SessionManager:
 
     Unlike the Go original, ``on_session_end`` runs outside the manager's lock (it may
     call the manager), ``stop()`` is idempotent, and ending a session closes its
-    subscriptions so their readers wake up and finish.
+    subscriptions so their readers wake up and finish. A callback that raises, even
+    ``KeyboardInterrupt``, does not keep the other sessions from being ended (``_end``).
     """
 
     def __init__(
@@ -50,8 +53,9 @@ class SessionManager:
         backend: Optional[str] = None,
     ) -> None:
         self.max_concurrent = v.integer(max_concurrent, "max_concurrent", 0)
-        v.duration_ns(idle_timeout, "idle_timeout")
-        self.idle_timeout = idle_timeout.total_seconds() if hasattr(idle_timeout, "total_seconds") else float(idle_timeout)
+        # Any two instants are less than 2**63 ns apart, so a timeout clamped to the int64
+        # range would never evict: inf (what 10**400 becomes) says the same directly.
+        self.idle_timeout = v.duration_seconds(idle_timeout, "idle_timeout")
         if cleanup_interval is not None:
             cleanup_interval = v.timeout_seconds(cleanup_interval, "cleanup_interval")
             if cleanup_interval == 0:
@@ -127,7 +131,12 @@ class SessionManager:
                 return False
 
     def evict_idle(self, now: Any = None) -> list:
-        """End every session idle for longer than ``idle_timeout``; returns them."""
+        """End every session idle for longer than ``idle_timeout``; returns them.
+
+        As in Go, idle means ``now - last_active_at > idle_timeout``: an infinite (or
+        huge) timeout never evicts, 0 evicts every session not active at ``now``
+        itself, and a negative one evicts every session.
+        """
         now_s = v.instant(self._clock() if now is None else now, "now")[0]
         with self._lock:
             idle = [s for s in self._sessions.values() if now_s - s.last_active_at > self.idle_timeout]
@@ -137,18 +146,32 @@ class SessionManager:
         return idle
 
     def _end(self, sessions: list) -> None:
+        """on_session_end, then close, for every session even when a callback raises;
+        then re-raise.
+
+        The sessions are already out of the registry, so one skipped here would stay
+        half-ended for good (state INIT, its readers blocked forever). That holds for a
+        ``BaseException`` too (``KeyboardInterrupt``, ``SystemExit``,
+        ``asyncio.CancelledError``). When several callbacks raise, the first
+        ``BaseException`` that is not an ``Exception`` is re-raised, since it asks the
+        caller to stop; otherwise the first error.
+        """
         # Outside the manager lock: the callback may call back into the manager.
-        errors = []
+        raised: Optional[BaseException] = None
         for session in sessions:
             try:
                 if self.on_session_end is not None:
                     self.on_session_end(session)
-            except Exception as exc:  # the other sessions must still be ended
-                errors.append(exc)
+            except BaseException as exc:
+                if raised is None or (isinstance(raised, Exception) and not isinstance(exc, Exception)):
+                    raised = exc
             finally:
                 session._close()
-        if errors:
-            raise errors[0]
+        if raised is not None:
+            try:
+                raise raised
+            finally:
+                raised = None  # the traceback references this frame: break the cycle
 
     def stop(self) -> None:
         """Stop the background eviction thread (idempotent; returns once it has ended)."""

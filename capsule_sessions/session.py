@@ -20,21 +20,6 @@ from ._records import (
     rfc3339_from_instant,
 )
 
-# The ring's public methods that Session exposes unchanged. __init__ binds them onto the
-# instance so a camera loop calls the backend directly (no extra Python frame per
-# frame); the methods of the same names below exist for help() and type checkers.
-_RING_METHODS = (
-    "touch",
-    "start_visual_input",
-    "stop_visual_input",
-    "store_frame",
-    "store_visual_frame",
-    "latest_visual_frames",
-    "subscribe_visual_frames",
-    "visual_stats",
-)
-
-
 def _mode(value: Any) -> PipelineMode:
     try:
         return PipelineMode(value)
@@ -61,9 +46,10 @@ class Session:
         self.created_at, _ = v.instant(self._clock(), "clock()")
         module = _backend.module_for(backend)
         self.backend = _backend.name_of(module)
+        # Not bound onto the instance: the methods below are always the ones called, so
+        # subclass overrides and mock.patch.object(Session, ...) work, and a wrong call
+        # is a TypeError naming Session.<method>() on both backends alike.
         self._ring = module.FrameRing(self._clock, self.created_at)
-        for name in _RING_METHODS:
-            setattr(self, name, getattr(self._ring, name))
         self.pipeline_cancel: Optional[Callable[[], Any]] = None
         self.recording_dir: Optional[str] = None
         self._lock = threading.Lock()
@@ -168,13 +154,20 @@ class Session:
     # -- history and dialog context ---------------------------------------------
     def add_message(self, msg: ChatMessage) -> None:
         """Append ``msg`` (a copy). An assistant message of turn N > 0 goes right after
-        the last message of turn N, so a late reply lands in its own turn."""
+        the last message of turn N, so a late reply lands in its own turn. A timestamp of
+        None is filled with now; otherwise it must be a valid instant (ValueError/TypeError
+        naming ``msg.timestamp``, and nothing is stored)."""
         if not isinstance(msg, ChatMessage):
             raise TypeError(f"msg must be a ChatMessage, got {type(msg).__name__}")
+        # Checked here because the record itself checks nothing: a NaN or far-off
+        # timestamp stored now would make every later to_dict() fail.
+        role = v.text(msg.role, "msg.role")
+        content = v.text(msg.content, "msg.content")
+        turn_seq = v.integer(msg.turn_seq, "msg.turn_seq")
+        timestamp = None if msg.timestamp is None else v.instant(msg.timestamp, "msg.timestamp")[0]
         now = self._now()
-        msg = dataclasses.replace(msg)
-        if msg.timestamp is None:
-            msg.timestamp = now
+        msg = dataclasses.replace(msg, role=role, content=content, turn_seq=turn_seq,
+                                  timestamp=now if timestamp is None else timestamp)
         with self._lock:
             history = self._history
             index = len(history)
@@ -224,7 +217,7 @@ class Session:
             "last_active_at": rfc3339_from_instant(snapshot.last_active_at, self._clock),
         }
 
-    # -- visual input (the backend's methods; see _RING_METHODS) -----------------
+    # -- visual input (delegated to the backend's ring) ---------------------------
     def start_visual_input(self, source: str, now: Any = None) -> None:
         """Make ``source`` active; a different source clears the ring and the rate limiter."""
         self._ring.start_visual_input(source, now)
