@@ -44,6 +44,7 @@ import collections
 import os
 import queue
 import threading
+import time
 import weakref
 from typing import Any, Callable, Optional
 
@@ -153,7 +154,7 @@ class _Queue:
     collector runs while this thread holds it may still close the queue.
     """
 
-    __slots__ = ("maxsize", "policy", "items", "cond", "closed", "dropped", "delivered", "async_waiters",
+    __slots__ = ("maxsize", "policy", "items", "lock", "cond", "closed", "dropped", "delivered", "async_waiters",
                  "booked_seq", "fork_gen")
 
     def __init__(self, maxsize: int, policy: str, booked_seq: int) -> None:
@@ -161,7 +162,11 @@ class _Queue:
         self.policy = policy
         # drop_oldest: a bounded deque evicts the oldest within the one append call.
         self.items: collections.deque = collections.deque(maxlen=maxsize if policy == "drop_oldest" else None)
-        self.cond = threading.Condition(threading.RLock())
+        # Entered as `with self.lock` (the C lock), never `with self.cond`: Condition's
+        # __enter__ is Python code, where a signal handler raising KeyboardInterrupt
+        # would leave the lock held with no __exit__ to come.
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
         self.closed = False
         self.dropped = 0
         self.delivered = 0
@@ -171,7 +176,7 @@ class _Queue:
 
     def offer(self, frame: VisualFrame, seq: int) -> bool:
         """Book accepted frame ``seq`` (once) and wake readers; False when closed."""
-        with self.cond:
+        with self.lock:
             if self.closed:
                 return False
             if seq > self.booked_seq:
@@ -192,13 +197,13 @@ class _Queue:
 
     def settle(self, seq: int) -> None:
         """An offer of ``seq`` failed twice: count it dropped unless it was booked."""
-        with self.cond:
+        with self.lock:
             if not self.closed and seq > self.booked_seq:
                 self.booked_seq = seq
                 self.dropped += 1
 
     def close(self) -> None:
-        with self.cond:
+        with self.lock:
             if self.closed:
                 return
             self.closed = True
@@ -257,26 +262,22 @@ class Subscription:
         seconds = v.timeout_seconds(timeout)
         q = self._queue
         _check_not_forked(q.fork_gen)
-        with q.cond:
-            if seconds is None:
-                while not q.items:
-                    if q.closed:
-                        raise SubscriptionClosed("subscription is closed")
-                    q.cond.wait()
-            elif not q.items:
+        with q.lock:
+            deadline = None if seconds is None else time.monotonic() + seconds
+            while not q.items:
                 if q.closed:
                     raise SubscriptionClosed("subscription is closed")
-                q.cond.wait_for(lambda: q.items or q.closed, seconds)
-                if not q.items:
-                    if q.closed:
-                        raise SubscriptionClosed("subscription is closed")
+                left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
+                if left <= 0:
                     raise queue.Empty
+                # In slices: a wake-up lost to an interrupted notify costs one slice.
+                q.cond.wait(left)
             return q.take()
 
     def get_nowait(self) -> VisualFrame:
         q = self._queue
         _check_not_forked(q.fork_gen)
-        with q.cond:
+        with q.lock:
             if q.items:
                 return q.take()
             if q.closed:
@@ -290,7 +291,7 @@ class Subscription:
         q = self._queue
         _check_not_forked(q.fork_gen)
         while True:
-            with q.cond:
+            with q.lock:
                 if q.items:
                     return q.take()
                 if q.closed:
@@ -310,7 +311,7 @@ class Subscription:
                     except asyncio.TimeoutError:
                         raise queue.Empty from None
             finally:
-                with q.cond:
+                with q.lock:
                     if waiter in q.async_waiters:
                         q.async_waiters.remove(waiter)
 
@@ -397,8 +398,8 @@ class FrameRing:
         # Accepted frames not yet offered to every subscriber, oldest first, and whether
         # a thread is offering them (the fan-out runner).
         self._pending: collections.deque = collections.deque()
-        self._fanning = False
-        self._fan_runner = 0
+        # The runner's claim: None, or the token of the call that runs the fan-out.
+        self._fanning: Optional[object] = None
         self._offered_through = 0
         self._fan_done = threading.Condition(self._lock)
 
@@ -558,53 +559,56 @@ class FrameRing:
         signal handler that interrupted a fan-out returns at once: the runner offers its
         frame), so no two threads can wait for each other.
         """
-        with self._lock:
-            if self._fanning:
-                if _fan_runs.depth or self._fan_runner == threading.get_ident():
-                    return
-                # Interrupted (KeyboardInterrupt) here: the frame stays pending, so the
-                # runner still offers it and the books balance.
-                while self._offered_through < seq and self._fanning:
+        token = object()
+        try:
+            with self._lock:
+                while True:
+                    if self._offered_through >= seq or not self._pending:
+                        return
+                    if not self._fanning:
+                        # Claimed with no call in between, so an interrupt cannot leave
+                        # a claim nobody releases (the finally below releases it).
+                        self._fanning = token
+                        _fan_runs.depth += 1
+                        break
+                    if _fan_runs.depth:
+                        return
+                    # Interrupted here (KeyboardInterrupt): the frame stays pending, so
+                    # the runner still offers it and the books balance.
                     self._fan_done.wait(WAIT_SLICE_S)
-                if self._offered_through >= seq:
-                    return
-            if not self._pending:
-                return
-            self._fanning = True
-            self._fan_runner = threading.get_ident()
-        self._run_fan_out()
+            self._run_fan_out(token)
+        finally:
+            if self._fanning is token:
+                _fan_runs.depth -= 1
+                with self._lock:
+                    self._fanning = None
+                    self._fan_done.notify_all()
 
-    def _run_fan_out(self) -> None:
+    def _run_fan_out(self, token: object) -> None:
         # An error (KeyboardInterrupt from a signal handler, a failing event loop) is
         # raised only after every pending frame was offered to every subscriber: offers
         # book each frame once, so an interrupted one is simply made again.
-        running = True
         error: Optional[BaseException] = None
         failures = 0
-        _fan_runs.depth += 1
-        try:
-            while running:
-                try:
-                    running = self._offer_oldest_pending(give_up=failures >= 2)
-                    failures = 0
-                except BaseException as exc:
-                    error = error or exc
-                    failures += 1
-        finally:
-            _fan_runs.depth -= 1
-            if running:  # left by an error the loop could not catch: let another run
-                with self._lock:
-                    self._fanning = False
-                    self._fan_done.notify_all()
+        running = True
+        while running:
+            try:
+                running = self._offer_oldest_pending(token, give_up=failures >= 2)
+                failures = 0
+            except BaseException as exc:
+                error = error or exc
+                failures += 1
         if error is not None:
             raise error
 
-    def _offer_oldest_pending(self, give_up: bool) -> bool:
+    def _offer_oldest_pending(self, token: object, give_up: bool) -> bool:
         """One step of the fan-out; False (runner role handed back) when none is left."""
         with self._lock:
             if not self._pending:
-                self._fanning = False
-                self._fan_done.notify_all()
+                if self._fanning is token:
+                    _fan_runs.depth -= 1
+                    self._fanning = None
+                    self._fan_done.notify_all()
                 return False
             seq, frame = self._pending[0]
             queues = self._subscribers

@@ -126,7 +126,7 @@ cdef inline int check_not_forked(unsigned long generation) except -1:
     return 0
 
 
-def _refuse_copy(obj):
+def _refuse_copy(obj, *protocol):
     raise TypeError(f"cannot pickle or copy {type(obj).__name__!r} object")
 
 
@@ -543,7 +543,8 @@ cdef class _SubQueue:
             return 0
         self.async_waiters = []
         error = None
-        for loop, fut in waiters:
+        for waiter in waiters:
+            loop, fut = waiter
             try:
                 loop.call_soon_threadsafe(_wake_future, fut)
             except RuntimeError:  # a closed loop: its waiter went with it
@@ -551,7 +552,12 @@ cdef class _SubQueue:
             except BaseException as exc:
                 if error is None:
                     error = exc
+                # Not woken: parked again, so the next frame (or close) tries again.
+                self.async_waiters.append(waiter)
         if error is not None:
+            lock_with_gil(&self.mu)
+            self.async_hint = True
+            pthread_mutex_unlock(&self.mu)
             raise error
         return 0
 

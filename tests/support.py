@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
+import pytest
+
+import capsule_sessions
 
 
 class FakeClock:
@@ -71,3 +79,51 @@ def assert_counts_add_up(summary) -> None:
             assert sub["delivered"] + sub["dropped"] + sub["queued"] == s["accepted"], sub
             assert sub["received"] == sub["delivered"]
             assert sub["integrity_errors"] == 0
+
+
+# -- child processes, for scenarios that may hang or must start a fresh interpreter ----
+
+PACKAGE_ROOT = Path(capsule_sessions.__file__).resolve().parent.parent
+TESTS_DIR = Path(__file__).resolve().parent
+CHILD_DEADLINE = 60.0  # seconds a child may run before it counts as hung
+
+
+def child_env(backend: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), str(TESTS_DIR), env.get("PYTHONPATH", "")])
+    env["CAPSULE_SESSIONS_BACKEND"] = backend
+    env["PYTHONFAULTHANDLER"] = "1"
+    return env
+
+
+def start_child(code: str, backend: str, deadline: float = CHILD_DEADLINE) -> subprocess.Popen:
+    # The child dumps every thread's stack and exits if it outlives its deadline: a
+    # hang shows up as exit code 1 plus stacks, never as a stuck test run.
+    prologue = f"import faulthandler; faulthandler.dump_traceback_later({deadline}, exit=True)\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", prologue + textwrap.dedent(code)],
+        env=child_env(backend),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    # wait() then read(), not communicate(): communicate() reads the raw pipes and would
+    # lose whatever an earlier readline() left in the text buffer. A child's output is
+    # small, so it cannot fill a pipe and block.
+    try:
+        proc.wait(timeout=CHILD_DEADLINE + 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"child hung even past its faulthandler deadline\nstdout:\n{proc.stdout.read()}\nstderr:\n{proc.stderr.read()}")
+    return proc.returncode, proc.stdout.read(), proc.stderr.read()
+
+
+
+def run_child(code: str, backend: str, timeout: float = CHILD_DEADLINE) -> tuple[int, str, str]:
+    """Run ``code`` in a child interpreter on ``backend``: (exit code, stdout, stderr)."""
+    return finish(start_child(code, backend, timeout))

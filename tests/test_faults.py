@@ -14,62 +14,19 @@ import asyncio
 import gc
 import os
 import signal
-import subprocess
 import sys
-import textwrap
 import threading
 import time
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import capsule_sessions
 from capsule_sessions import Session, SessionManager
-from support import FakeClock, payload
+from support import CHILD_DEADLINE, FakeClock, finish, payload, start_child
 
 pytestmark = pytest.mark.timeout(180)
-
-PACKAGE_ROOT = Path(capsule_sessions.__file__).resolve().parent.parent
-TESTS_DIR = Path(__file__).resolve().parent
-CHILD_DEADLINE = 60.0  # seconds a child may run before it counts as hung
-
-
-def child_env(backend: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), str(TESTS_DIR), env.get("PYTHONPATH", "")])
-    env["CAPSULE_SESSIONS_BACKEND"] = backend
-    env["PYTHONFAULTHANDLER"] = "1"
-    return env
-
-
-def start_child(code: str, backend: str, deadline: float = CHILD_DEADLINE) -> subprocess.Popen:
-    # The child dumps every thread's stack and exits if it outlives its deadline: a
-    # hang shows up as exit code 1 plus stacks, never as a stuck test run.
-    prologue = f"import faulthandler; faulthandler.dump_traceback_later({deadline}, exit=True)\n"
-    return subprocess.Popen(
-        [sys.executable, "-c", prologue + textwrap.dedent(code)],
-        env=child_env(backend),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    # wait() then read(), not communicate(): communicate() reads the raw pipes and would
-    # lose whatever an earlier readline() left in the text buffer. A child's output is
-    # small, so it cannot fill a pipe and block.
-    try:
-        proc.wait(timeout=CHILD_DEADLINE + 30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"child hung even past its faulthandler deadline\nstdout:\n{proc.stdout.read()}\nstderr:\n{proc.stderr.read()}")
-    return proc.returncode, proc.stdout.read(), proc.stderr.read()
-
 
 def native_allocator() -> bool:
     """False under ASan or valgrind: their allocators keep freed blocks in quarantine,
