@@ -636,6 +636,24 @@ cdef class _SubQueue:
         return None
 
 
+cdef object timeout_argument(str method, tuple args, dict kwargs):
+    """The ``timeout`` of a ``method(timeout=None)`` call."""
+    if not kwargs:
+        if len(args) <= 1:
+            return args[0] if args else None
+    elif not args and len(kwargs) == 1 and "timeout" in kwargs:
+        return kwargs["timeout"]
+    refuse_call(method, args, kwargs)
+
+
+cdef int refuse_call(str method, tuple args, dict kwargs) except -1:
+    """Raise the TypeError the pure twin's Subscription.<method>() raises for arguments
+    that do not fit its signature (CPython checks them before running the body)."""
+    from capsule_sessions import _framebuf_py
+    getattr(_framebuf_py.Subscription, method)(None, *args, **kwargs)
+    raise AssertionError(f"Subscription.{method}() accepted arguments its compiled twin refused")
+
+
 @cython.final
 cdef class Subscription:
     """A subscriber's handle on a bounded queue of the frames a session accepts.
@@ -680,12 +698,20 @@ cdef class Subscription:
     def delivered(self):
         return self.q.delivered
 
-    def qsize(self):
+    # The public methods take *args/**kwargs and unpack them by hand: a call that does
+    # not fit gets the pure twin's own TypeError (refuse_call), word for word.
+    def qsize(self, *args, **kwargs):
+        if args or kwargs:
+            refuse_call("qsize", args, kwargs)
         return self.q.n
 
-    def get(self, timeout=None):
-        """Next frame; blocks (GIL released) up to ``timeout`` s, then ``queue.Empty``.
-        After close(): the frames still queued, then ``SubscriptionClosed``."""
+    def get(self, *args, **kwargs):
+        """get(timeout=None): the next frame; blocks (GIL released) up to ``timeout`` s,
+        then ``queue.Empty``. After close(): the frames still queued, then
+        ``SubscriptionClosed``."""
+        return self.get_frame(timeout_argument("get", args, kwargs))
+
+    cdef object get_frame(self, object timeout):
         cdef bint forever = True
         cdef int64_t deadline_ns = 0
         cdef PyObject *frame = NULL
@@ -712,15 +738,23 @@ cdef class Subscription:
                 raise _queue_mod.Empty
             PyErr_CheckSignals()
 
-    def get_nowait(self):
+    def get_nowait(self, *args, **kwargs):
+        if args or kwargs:
+            refuse_call("get_nowait", args, kwargs)
         check_not_forked(self.q.fork_gen)
         result = self.q.try_pop(False)
         if result is None:
             raise _queue_mod.Empty
         return result
 
-    async def aget(self, timeout=None):
-        """Await the next frame without blocking the loop; ``queue.Empty`` on timeout."""
+    def aget(self, *args, **kwargs):
+        """aget(timeout=None): await the next frame without blocking the loop;
+        ``queue.Empty`` on timeout."""
+        # A plain method returning the coroutine, so a wrong call fails when made, as an
+        # `async def` of the pure twin does, not when awaited.
+        return self.await_frame(timeout_argument("aget", args, kwargs))
+
+    async def await_frame(self, timeout):
         seconds = _validate.timeout_seconds(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if seconds is None else loop.time() + seconds
@@ -754,8 +788,10 @@ cdef class Subscription:
                 except ValueError:
                     pass
 
-    def close(self):
+    def close(self, *args, **kwargs):
         """Stop receiving; wakes every waiter. Idempotent."""
+        if args or kwargs:
+            refuse_call("close", args, kwargs)
         check_not_forked(self.q.fork_gen)
         try:
             self.q.close()
@@ -773,7 +809,7 @@ cdef class Subscription:
     def __iter__(self):
         while True:
             try:
-                yield self.get()
+                yield self.get_frame(None)
             except SubscriptionClosed:
                 return
 
@@ -782,7 +818,7 @@ cdef class Subscription:
 
     async def __anext__(self):
         try:
-            return await self.aget()
+            return await self.await_frame(None)
         except SubscriptionClosed:
             raise StopAsyncIteration from None
 

@@ -449,7 +449,7 @@ def _call(backend, target, name, args, kwargs):
 
 # Cython's own argument parser words these differently; ext/_framebuf.pyx is the place to
 # change that (see the report of the hardening-api branch), so these stay marked.
-PYX_SIGNATURE_DIFFERENCES = {"Subscription"}
+PYX_SIGNATURE_DIFFERENCES: set = set()
 
 
 @pytest.mark.skipif("cython" not in available_backends(), reason="compares the two backends")
