@@ -25,16 +25,22 @@ its methods of the same names to it.
     ``maxsize``, ``policy``, ``closed``, ``dropped``, ``delivered``, ``close()``,
     ``unsubscribe()``, iteration (sync and async), context manager. Dropping the last
     reference to a subscription closes it, so a forgotten subscriber stops costing the
-    producer anything.
+    producer anything. Made only by the ring: never by hand, copied or pickled.
 
-Semantics both twins share (the Go original's, plus the documented extensions):
-instants are compared as int64 ns (``_validate``); the rate limiter measures from the
-last *accepted* frame; a frame from another source empties the ring (after the rate
-check, like Go); frames are stored with exactly one copy of their bytes and handed to
-every reader as the same read-only array; the fan-out runs under the ring lock so every
-subscriber sees frames in the order they were accepted.
+What callers see, on both twins (the Go original's semantics plus the documented
+extensions): instants are compared as int64 ns (``_validate``); the rate limiter
+measures from the last *accepted* frame; a frame from another source empties the ring
+(after the rate check, like Go); frames are stored with exactly one copy of their bytes
+and handed to every reader as the same read-only array, which never changes; each
+subscriber receives frames in accept order, and has been offered a frame (queued, or
+counted in ``dropped``, exactly once) when the store that accepted it returns, unless
+that store was made from inside another store's fan-out; an error raised during a
+fan-out (KeyboardInterrupt) reaches the storing caller after the books are settled; a
+call that interrupts another on the same thread (finalizer, signal handler) completes
+or raises RuntimeError, never hangs; a ring inherited through fork() refuses use.
 
-Lock order: ring lock, then a subscription's lock. Never the other way round.
+Lock order: ring lock, then a subscription's lock. Never the other way round. No thread
+waits for a fan-out while it runs one (``_FanRuns``).
 """
 
 from __future__ import annotations

@@ -5,21 +5,24 @@ Same interface and results as the pure twin (its module docstring is the contrac
 what differs is how the bytes move:
 
 - A ring slot owns a reusable ``_FrameBuffer`` (malloc'd, 64-byte aligned). ``store``
-  validates with the GIL, takes the ring lock, decides, then does exactly one memcpy
-  (a strided gather for non-contiguous input) into the chosen buffer, with the GIL
-  released for frames of ``NOGIL_COPY_MIN`` bytes or more (below that, handing the GIL
-  over costs more than the copy).
-- Readers get read-only numpy views whose base is the buffer. A buffer that anything
-  besides the ring still references (a frame, a view, a subscriber queue) is never
-  written again: the ring takes a free buffer from its small pool or allocates a new
-  one. In steady state no frame memory is allocated.
+  validates with the GIL, takes a buffer nothing else references, copies into it with
+  exactly one pass (a gather for strided or PIL-style input) without the ring lock and,
+  for frames of ``NOGIL_COPY_MIN`` bytes or more, without the GIL (below that, handing
+  the GIL over costs more than the copy), then takes the ring lock again to decide and
+  commit.
+- Readers get read-only numpy views whose base is the buffer. A buffer is written again
+  only when the ring's reference is its only one: no view, frame or export of it is
+  alive, so no weak reference can be turned into a strong one to it either. The copy
+  goes into the buffer of the slot the store evicts when nothing was ever made from it
+  (a camera loop nobody reads cycles through max_recent buffers), else a free pool
+  buffer, else a new one. In steady state no frame memory is allocated.
 - Buffer size policy: a buffer is reused for a frame that fits in it and fills at least
   a quarter of it (buffers up to ``SHRINK_FLOOR`` are always reused when they fit);
   otherwise it is released and a right-sized one is allocated. The pool keeps at most
-  ``POOL_MAX`` buffers that readers still held when they left the ring; a free pool
-  buffer too large for the frame being stored (by the same rule) is released, so after
-  frames get smaller memory shrinks back to (max_recent + POOL_MAX) x the current frame
-  size, plus what readers still hold.
+  ``POOL_MAX`` buffers that left the ring, free ones before ones readers still hold; a
+  free pool buffer too large for the frame being stored (by the same rule) is released,
+  so after frames get smaller memory shrinks back to (max_recent + POOL_MAX) x the
+  current frame size, plus what readers still hold.
 - Frame objects (``VisualFrame``) are made lazily: by the first ``latest_visual_frames``
   that returns a slot (then cached in the slot), or by the fan-out when at least one
   subscriber takes the frame. Storing into a ring nobody reads, or whose subscribers
@@ -29,15 +32,21 @@ Locks (pthread mutexes, so they work without the GIL):
 - one per ring (``FrameRing.mu``) and one per subscriber queue (``_SubQueue.mu``);
 - lock order: ring lock, then a queue lock; never the other way round;
 - a thread that holds the GIL never blocks on one of these locks: it tries once, and
-  otherwise waits with the GIL released, because the holder may be copying without the
-  GIL and need it back before it unlocks (``lock_with_gil``; ``__dealloc__`` included);
+  otherwise waits with the GIL released (``lock_with_gil``; ``__dealloc__`` included);
+  a lock is never held while the GIL is taken back, so a thread stopped at interpreter
+  exit holds none;
 - under a lock: only C, and reference-count changes on objects whose release cannot
   run Python code. Releases that could (frames, views) are deferred to a ``Grave`` and
-  done after unlocking. No Python call and no exception happen under a lock.
+  done after unlocking. No Python call, no allocation of a tracked object (so no
+  garbage collection) and no exception happen under a lock.
 
-Fan-out happens after the ring lock is dropped (making a frame object is a Python call),
-in the order frames were accepted: each accepted store draws a ticket under the ring
-lock and fans out when its ticket is served.
+Fan-out happens after the ring lock is dropped (making a frame object is a Python call):
+accepted frames wait in ``FrameRing.pending`` and one thread at a time (the runner)
+offers them in accept order; a store that finds a runner at work waits (GIL released)
+until its frame was offered, except on a thread that runs a fan-out itself, which never
+waits. Each queue books an accept number once, so an offer interrupted by an error is
+made again, and the error reaches the storing caller after every queue was settled.
+A ring or queue inherited through ``fork()`` refuses use (``fork_generation``).
 """
 
 cimport cython
