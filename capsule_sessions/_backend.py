@@ -73,5 +73,9 @@ def _default_backend() -> str:
 BACKEND: str = _default_backend()
 
 
+# Session's C forwarders (see ext/_forward.h), or None without the extension.
+ring_forward = None if _framebuf_c is None else _framebuf_c.ring_forward
+
+
 def name_of(module: ModuleType) -> str:
     return "cython" if module is _framebuf_c else "python"

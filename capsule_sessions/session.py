@@ -30,6 +30,10 @@ def _mode(value: Any) -> PipelineMode:
 class Session:
     """A voice/vision session. Every method is safe to call from many threads at once."""
 
+    # _ring is a slot so the compiled forwarders (_backend.ring_forward) find it at a
+    # fixed offset; __dict__ keeps sessions open to attributes of their users.
+    __slots__ = ("_ring", "__dict__", "__weakref__")
+
     def __init__(
         self,
         id: str,
@@ -46,9 +50,6 @@ class Session:
         self.created_at, _ = v.instant(self._clock(), "clock()")
         module = _backend.module_for(backend)
         self.backend = _backend.name_of(module)
-        # Not bound onto the instance: the methods below are always the ones called, so
-        # subclass overrides and mock.patch.object(Session, ...) work, and a wrong call
-        # is a TypeError naming Session.<method>() on both backends alike.
         self._ring = module.FrameRing(self._clock, self.created_at)
         self.pipeline_cancel: Optional[Callable[[], Any]] = None
         self.recording_dir: Optional[str] = None
@@ -260,3 +261,23 @@ class Session:
         with self._lock:
             self._state = SessionState.CLOSED
         self._ring.close_subscriptions()
+
+
+# The visual-input methods above forward to the ring unchanged. Where the compiled
+# backend is built they are replaced by method descriptors that do the forwarding in C
+# (a Python method costs more than a rate-limited store); on the class, each still is
+# the Python method above (help, inspect.signature, mock.patch.object, overrides).
+_FORWARDED = (
+    "touch",
+    "start_visual_input",
+    "stop_visual_input",
+    "store_frame",
+    "store_visual_frame",
+    "latest_visual_frames",
+    "subscribe_visual_frames",
+    "visual_stats",
+)
+if _backend.ring_forward is not None:
+    for _name in _FORWARDED:
+        setattr(Session, _name, _backend.ring_forward(vars(Session)[_name], _name, Session, vars(Session)["_ring"]))
+    del _name

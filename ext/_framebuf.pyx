@@ -70,6 +70,7 @@ from _pthread cimport *
 cnp.import_array()
 
 import asyncio
+import inspect
 import os
 import queue as _queue_mod
 
@@ -95,6 +96,9 @@ cdef extern from *:
     """
     int fan_run_depth "capsule_fan_run_depth"
     unsigned long fork_generation "capsule_fork_generation"
+
+cdef extern from "_forward.h":
+    object capsule_forward_new(object reference, object name, object refit, object owner, object ring_slot)
 
 __all__ = ["FrameRing", "Subscription"]
 
@@ -133,6 +137,24 @@ cdef inline int check_not_forked(unsigned long generation) except -1:
     if generation != fork_generation:
         raise RuntimeError(FORKED_MESSAGE)
     return 0
+
+
+def ring_forward(reference, str name, owner, ring_slot):
+    """A method descriptor for ``owner`` (Session) that calls ``ring.<name>`` with the
+    caller's arguments, the ring read from the ``ring_slot`` member (``_ring``), for the
+    cost of one C call (``_forward.h``); on the class it is ``reference``."""
+    return capsule_forward_new(reference, name, _refit, owner, ring_slot)
+
+
+def _refit(reference, session, args, kwargs):
+    # The ring refused a call with a TypeError. When the arguments do not fit Session's
+    # signature, CPython words the error for Session's method (and raises it before the
+    # method's body runs); otherwise the ring's error stands.
+    try:
+        inspect.signature(reference).bind(session, *args, **kwargs)
+    except TypeError:
+        reference(session, *args, **kwargs)
+        raise
 
 
 def _refuse_copy(obj, *protocol):

@@ -416,7 +416,8 @@ def _bad_calls(function):
 def _signature_cases():
     cases = []
     for target, (cls, _) in TARGETS.items():
-        names = sorted(n for n, f in vars(cls).items() if not n.startswith("_") and inspect.isfunction(f))
+        # getattr, not vars(): on the class a compiled forwarder gives its Python method.
+        names = sorted(n for n in vars(cls) if not n.startswith("_") and inspect.isfunction(getattr(cls, n)))
         if target in CONSTRUCTORS:
             names.insert(0, "__init__")
         for name in names:
@@ -485,3 +486,40 @@ def test_session_methods_are_found_on_the_class(session, backend):
     assert counting.calls == 1
     with mock.patch.object(Session, "latest_visual_frames", return_value=["patched"]):
         assert session.latest_visual_frames(1.0) == ["patched"]
+
+
+def test_forwarded_methods_behave_as_methods_everywhere(backend):
+    # The compiled forwarders (ext/_forward.h) must be indistinguishable from the Python
+    # methods they stand for: called unbound, through super(), patched on an instance,
+    # taken as a bound method, and with a wrong call worded as Python words it.
+    session = Session("fwd", clock=FakeClock(), backend=backend)
+    assert Session.store_frame(session, b"a", source="cam", max_recent=2)
+
+    class Logged(Session):
+        def latest_visual_frames(self, ttl, now=None):
+            return ["logged"] + super().latest_visual_frames(ttl, now)
+
+    logged = Logged("l", clock=FakeClock(), backend=backend)
+    logged.store_frame(b"b", source="cam", max_recent=2)
+    assert [x if isinstance(x, str) else bytes(x.data) for x in logged.latest_visual_frames(10)] == ["logged", b"b"]
+    store = session.store_frame
+    assert store(b"c", source="cam", max_recent=2) and session.visual_stats()["accepted"] == 2
+    with mock.patch.object(session, "visual_stats", return_value={"patched": True}):
+        assert session.visual_stats() == {"patched": True}
+    assert session.visual_stats()["accepted"] == 2
+    assert list(inspect.signature(Session.latest_visual_frames).parameters) == ["self", "ttl", "now"]
+    with pytest.raises(TypeError, match=r"^Session\.visual_stats\(\) takes 1 positional argument but 2 were given$"):
+        session.visual_stats(1)
+    with pytest.raises(TypeError, match="buffer protocol"):  # the ring's own error stands
+        session.store_frame(42, source="cam", max_recent=2)
+
+
+def test_forwarders_are_compiled_where_the_extension_is(backend):
+    from capsule_sessions import _backend
+
+    forwarder = vars(Session)["store_frame"]
+    if _backend.ring_forward is None:
+        assert inspect.isfunction(forwarder)
+    else:
+        assert type(forwarder).__name__ == "RingForward"
+        assert Session.store_frame.__doc__ and Session.store_frame.__name__ == "store_frame"
