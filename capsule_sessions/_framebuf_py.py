@@ -264,7 +264,18 @@ class Subscription:
     def qsize(self) -> int:
         return len(self._queue.items)
 
-    def get(self, timeout: Any = None) -> VisualFrame:
+    def empty(self) -> bool:
+        return not self._queue.items
+
+    def full(self) -> bool:
+        return len(self._queue.items) >= self._queue.maxsize
+
+    def get(self, block: bool = True, timeout: Any = None) -> VisualFrame:
+        """As ``queue.Queue.get``: the next frame, waiting up to ``timeout`` seconds
+        (forever when None), or at once when ``block`` is false; ``queue.Empty`` when
+        there is none. After close(): the frames still queued, then SubscriptionClosed."""
+        if not block:
+            return self.get_nowait()
         seconds = v.timeout_seconds(timeout)
         q = self._queue
         _check_not_forked(q.fork_gen)
@@ -496,8 +507,12 @@ class FrameRing:
         keep = v.count(max_recent, "max_recent")
         min_ns = v.duration_ns(min_interval, "min_interval")
         mime_type = v.text(mime_type, "mime_type")
-        width = v.integer(width, "width", v.INT32_MIN, v.INT32_MAX)
-        height = v.integer(height, "height", v.INT32_MIN, v.INT32_MAX)
+        width = v.integer(width, "width", 0, v.INT32_MAX)
+        height = v.integer(height, "height", 0, v.INT32_MAX)
+        if (width == 0 or height == 0) and isinstance(data, np.ndarray) and data.ndim >= 2:
+            # An image array describes itself: height, width = shape[:2].
+            height = height or min(data.shape[0], v.INT32_MAX)
+            width = width or min(data.shape[1], v.INT32_MAX)
         timestamp_ms = v.integer(timestamp_ms, "timestamp_ms")
         frame_seq = v.integer(frame_seq, "frame_seq")
         seconds, now_ns = self._now(now)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 from . import _backend
 from . import _validate as v
 from ._records import PipelineMode
-from .errors import MaxSessionsError, SessionExistsError, SessionNotFoundError
+from .errors import MaxSessionsError, SessionError, SessionExistsError, SessionNotFoundError
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class SessionManager:
         self._clock = time.monotonic if clock is None else v.clock(clock)
         self.backend = _backend.name_of(_backend.module_for(backend))
         self._sessions: dict = {}
+        self._closed = False
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -84,6 +85,8 @@ class SessionManager:
     def create(self, id: str, mode: PipelineMode = PipelineMode.OMNI, character_id: str = "") -> Session:
         id = v.text(id, "id")
         with self._lock:
+            if self._closed:
+                raise SessionError("the session manager is closed")
             if len(self._sessions) >= self.max_concurrent:
                 raise MaxSessionsError(f"max concurrent sessions reached ({self.max_concurrent})")
             if id in self._sessions:
@@ -173,8 +176,24 @@ class SessionManager:
             finally:
                 raised = None  # the traceback references this frame: break the cycle
 
+    def close(self) -> None:
+        """Shut down: end every session once, as ``delete`` does (``on_session_end``,
+        state CLOSED, subscriptions closed so blocked readers finish), then stop the
+        cleanup thread. Idempotent; leaving ``with SessionManager(...)`` calls it, and
+        ``create`` afterwards raises ``SessionError``. A callback's error is re-raised
+        after every session was ended and the thread stopped."""
+        with self._lock:
+            self._closed = True
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        try:
+            self._end(sessions)
+        finally:
+            self.stop()
+
     def stop(self) -> None:
-        """Stop the background eviction thread (idempotent; returns once it has ended)."""
+        """Stop the background eviction thread (idempotent; returns once it has ended).
+        Go's Stop: the sessions live on (``close()`` ends them)."""
         self._stopped.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -184,7 +203,7 @@ class SessionManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
 
     def __del__(self) -> None:
         stopped = getattr(self, "_stopped", None)

@@ -736,11 +736,40 @@ cdef class Subscription:
             refuse_call("qsize", args, kwargs)
         return self.q.n
 
+    def empty(self, *args, **kwargs):
+        if args or kwargs:
+            refuse_call("empty", args, kwargs)
+        return self.q.n == 0
+
+    def full(self, *args, **kwargs):
+        if args or kwargs:
+            refuse_call("full", args, kwargs)
+        return self.q.n >= self.q.maxsize
+
     def get(self, *args, **kwargs):
-        """get(timeout=None): the next frame; blocks (GIL released) up to ``timeout`` s,
-        then ``queue.Empty``. After close(): the frames still queued, then
-        ``SubscriptionClosed``."""
-        return self.get_frame(timeout_argument("get", args, kwargs))
+        """get(block=True, timeout=None), as ``queue.Queue.get``: the next frame, waiting
+        (GIL released) up to ``timeout`` seconds (forever when None), or at once when
+        ``block`` is false; ``queue.Empty`` when there is none. After close(): the
+        frames still queued, then ``SubscriptionClosed``."""
+        cdef Py_ssize_t n = len(args)
+        block = True
+        timeout = None
+        if n <= 2 and (not kwargs or kwargs.keys() <= {"block", "timeout"}):
+            if n >= 1:
+                block = args[0]
+                if "block" in kwargs:
+                    refuse_call("get", args, kwargs)
+            if n == 2:
+                timeout = args[1]
+                if "timeout" in kwargs:
+                    refuse_call("get", args, kwargs)
+            block = kwargs.get("block", block)
+            timeout = kwargs.get("timeout", timeout)
+        else:
+            refuse_call("get", args, kwargs)
+        if not block:
+            return self.get_nowait()
+        return self.get_frame(timeout)
 
     cdef object get_frame(self, object timeout):
         cdef bint forever = True
@@ -1179,8 +1208,14 @@ cdef class FrameRing:
         keep = parse_count(max_recent, "max_recent")
         min_ns = parse_duration_ns(min_interval, "min_interval")
         mime_type = parse_text(mime_type, "mime_type")
-        meta.width = parse_int(width, "width", INT32_MIN, INT32_MAX)
-        meta.height = parse_int(height, "height", INT32_MIN, INT32_MAX)
+        meta.width = parse_int(width, "width", 0, INT32_MAX)
+        meta.height = parse_int(height, "height", 0, INT32_MAX)
+        if (meta.width == 0 or meta.height == 0) and cnp.PyArray_Check(data) and cnp.PyArray_NDIM(<cnp.ndarray>data) >= 2:
+            # An image array describes itself: height, width = shape[:2].
+            if meta.height == 0:
+                meta.height = min(cnp.PyArray_DIM(<cnp.ndarray>data, 0), INT32_MAX)
+            if meta.width == 0:
+                meta.width = min(cnp.PyArray_DIM(<cnp.ndarray>data, 1), INT32_MAX)
         meta.timestamp_ms = parse_int(timestamp_ms, "timestamp_ms", -INT64_MAX - 1, INT64_MAX)
         meta.frame_seq = parse_int(frame_seq, "frame_seq", -INT64_MAX - 1, INT64_MAX)
         self.read_now(now, &meta.received_at, &meta.received_ns)

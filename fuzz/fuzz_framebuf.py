@@ -226,7 +226,7 @@ def decode_op(r: Reader, twins):
             if op == 5:
                 # Never block: a long or endless wait only where it cannot wait.
                 wait = timeout if (sub.qsize() or sub.closed or timeout not in (None, 3600.0, 1e300)) else 0
-                return sub.get(wait)
+                return sub.get(timeout=wait)
             if op == 6:
                 return sub.close()
             del t.subs[index % len(t.subs)]  # dropped without close()

@@ -59,11 +59,11 @@ def test_huge_max_recent_is_harmless(session):
 
 def test_store_keeps_every_field_and_sets_received_at(session, clock):
     clock.set(77.25)
-    assert store(session, b"\x01\x02", source="screen", mime_type="image/png", width=640, height=-480,
+    assert store(session, b"\x01\x02", source="screen", mime_type="image/png", width=640, height=480,
                  timestamp_ms=-(2**63), frame_seq=2**63 - 1) is True
     [f] = latest(session)
     assert (f.source, f.mime_type, f.width, f.height, f.timestamp_ms, f.frame_seq, f.received_at) == (
-        "screen", "image/png", 640, -480, -(2**63), 2**63 - 1, 77.25)
+        "screen", "image/png", 640, 480, -(2**63), 2**63 - 1, 77.25)
     assert bytes(f.data) == b"\x01\x02"
     assert_handed_out(f)
 
