@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from .workloads import targets
+from capsule_sessions.bench.workloads import targets
 
 
 def _target_params() -> list:

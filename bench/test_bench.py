@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from . import threaded
-from .workloads import TIMED
+from capsule_sessions.bench import threaded
+from capsule_sessions.bench.workloads import TIMED
 
 W8_FRAMES_PER_THREAD = 20
 W9_FRAMES = 400
