@@ -9,10 +9,13 @@ out (``-m "not slow"``), and ``make test`` runs them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -44,7 +47,12 @@ def _clean_env(**extra: str) -> dict:
 @dataclass(frozen=True)
 class Wheel:
     path: Path
-    source: Path  # the copy of the checkout it was built from
+    build_output: str  # pip's stdout and stderr
+
+
+# How Python prints a warning ("...: FutureWarning: ..."), and pip a build backend's one
+# ("BuildBackendWarning: ..."); pip's own "WARNING: ..." lines are about its configuration.
+_PYTHON_WARNING = re.compile(r"\b\w+Warning: ")
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +69,7 @@ def wheel(source_copy, tmp_path_factory) -> Wheel:
                   cwd=source_copy, env=_clean_env())
     assert result.returncode == 0, f"pip wheel failed:\n{result.stdout}\n{result.stderr}"
     (built,) = out.glob("capsule_sessions-*.whl")
-    return Wheel(built, source_copy)
+    return Wheel(built, result.stdout + result.stderr)
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +123,35 @@ def test_setuptools_packages_list_every_package():
     listed = set(config["tool"]["setuptools"]["packages"])
     found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "capsule_sessions").rglob("__init__.py")}
     assert listed == found
+
+
+def _setuptools() -> str:
+    return f"setuptools {metadata.version('setuptools')} in {sys.prefix}"
+
+
+def test_make_build_prints_no_warnings(source_copy):
+    """What ``make build`` runs, on the interpreter of the venv ``make`` set up: with the
+    setuptools a 3.11 venv starts with, every run printed a "beta" warning for
+    [tool.setuptools] and the wheel package's FutureWarning. The pure backend is built
+    so that no compile runs; the warnings come from reading the configuration."""
+    result = _run([sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"], cwd=source_copy,
+                  env=_clean_env(CAPSULE_SESSIONS_BACKEND="python"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", f"{_setuptools()} (make upgrades it):\n{result.stderr}"
+
+
+@pytest.mark.slow
+def test_building_the_wheel_prints_no_warnings(wheel):
+    warnings = [line for line in wheel.build_output.splitlines() if _PYTHON_WARNING.search(line)]
+    assert warnings == [], f"{_setuptools()}:\n{wheel.build_output}"
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_license(wheel):
+    with zipfile.ZipFile(wheel.path) as archive:
+        names = archive.namelist()
+        (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert archive.read(license_file) == (ROOT / "LICENSE").read_bytes()
+        (metadata_file,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        fields = archive.read(metadata_file).decode()
+    assert "\nLicense-Expression: MIT\n" in fields
