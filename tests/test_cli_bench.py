@@ -1,5 +1,5 @@
 """``capsule-sessions bench``: it runs, prints the table, writes the JSON; the workloads
-and the naive port do what BENCH.md says. No speed is asserted anywhere."""
+and the naive port do what docs/bench.md says. No speed is asserted anywhere."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "bench: 100%" in captured.err  # the plain progress (stderr is not a terminal here)
     header = table_header(printed, "workload")
     expected_targets = [t for t in workloads.targets() if t in chosen]
-    assert header == ["workload"] + [f"{t} ns/op" for t in expected_targets] + ["Go ns/op (BENCH.md)"] + RATIO_COLUMNS
+    assert header == ["workload"] + [f"{t} ns/op" for t in expected_targets] + ["Go ns/op (reference)"] + RATIO_COLUMNS
     assert "| W1_store_4k_0sub |" in printed and "| W6_rate_limited_reject |" in printed
     assert "W3_store" not in printed  # the filter held
 
@@ -60,7 +60,7 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path, capsys):
     for figures in w1.values():
         assert len(figures["repeats_ns"]) == 5
         assert figures["ns_per_op"] > 0 and figures["ops_per_batch"] >= 1
-    # BENCH.md has no memcpy figure for a rejected store.
+    # A rejected store copies nothing: no memcpy figure.
     assert "memcpy" not in results["timed"]["W6_rate_limited_reject"]["results"]
     ratios = results["timed"]["W1_store_4k_0sub"]["ratios"]
     if "cython" in available_backends():
@@ -133,7 +133,7 @@ def test_the_command_is_wired(capsys):
     assert cli.main(["bench", "--workloads", "nope", "--no-progress"]) == 2
 
 
-# -- the workloads measure what BENCH.md describes ----------------------------------
+# -- the workloads measure what docs/bench.md describes ---------------------------
 
 def stats_after(workload_id: str, target: str, calls: int):
     case = workloads.BY_ID[workload_id].setup(target)

@@ -1,4 +1,4 @@
-"""capsule_sessions benchmarks: BENCH.md's workloads, defined once.
+"""capsule_sessions benchmarks: the workloads of docs/bench.md, defined once.
 
 ``workloads`` (the single-threaded W1..W7 cases), ``threaded`` (W8, W9), ``memory``
 (allocation and page faults), ``naive`` (the reference port), ``harness`` (timing),

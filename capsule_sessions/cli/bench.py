@@ -1,11 +1,12 @@
-"""``capsule-sessions bench``: BENCH.md's workload matrix on every backend, in one process.
+"""``capsule-sessions bench``: the benchmark matrix on every backend, in one process.
 
 Times W1..W7 on each library backend, the naive port and the memcpy limit with
 interleaved repeats (medians), measures allocation and page faults of the 1080p stores,
 runs the threaded workloads W8 (producer scaling) and W9 (fan-out latency), then prints
-a markdown table with the ratios and BENCH.md's targets judged. The workloads are
-``capsule_sessions.bench``, installed with the package: the command needs numpy only
-(rich draws the progress bar when it is installed; --plot needs matplotlib).
+a markdown table with the ratios and the targets judged. The project's docs/bench.md
+defines each workload and target. The workloads are installed with the package
+(capsule_sessions.bench), so the command runs anywhere and needs numpy only; rich draws
+the progress bar when it is installed, and --plot needs matplotlib.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..bench import plot, report, runner
 from ._errors import UsageError
 from ._extras import MissingExtra, available, missing_message
 
-HELP = "benchmark both backends (see BENCH.md)"
+HELP = "benchmark both backends (workloads and targets: docs/bench.md)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
