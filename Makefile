@@ -7,10 +7,14 @@ EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd)
 
 .PHONY: demo test build bench sanitize soak fuzz valgrind clean
 
+# A new venv holds the setuptools its Python bundles (65 on 3.11), which warns that
+# [tool.setuptools] is beta and loads the wheel package's deprecated bdist_wheel on every
+# build; setuptools 77 has neither warning, builds wheels itself and reads the SPDX
+# license. So pip and setuptools are upgraded, and wheel is not installed.
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "setuptools>=64" "Cython>=3.1" "numpy>=2" wheel
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"
+	$(PY) -m pip install --quiet "Cython>=3.1" "numpy>=2"
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,cli,plot,video]"
 	touch $(STAMP)
 

@@ -2,7 +2,7 @@
 
 ``target`` runs each benchmark once per library backend in ``available_backends()``
 (the Cython one marked ``cython``, as in tests/conftest.py) plus the two reference points
-BENCH.md sets beside them: the naive port and the memcpy limit. Run the suite with
+docs/bench.md sets beside them: the naive port and the memcpy limit. Run the suite with
 ``.venv/bin/python -m pytest bench --benchmark-only``; the default ``pytest`` run
 (testpaths = tests) never collects it.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from .workloads import targets
+from capsule_sessions.bench.workloads import targets
 
 
 def _target_params() -> list:

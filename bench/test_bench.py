@@ -1,8 +1,8 @@
-"""BENCH.md's workloads under pytest-benchmark, one group per workload.
+"""The workloads of docs/bench.md under pytest-benchmark, one group per workload.
 
 Each group's table lists the targets side by side (library backends, naive port, memcpy
 limit). The timings are pytest-benchmark's own; ``capsule-sessions bench`` times the
-same workload definitions with interleaved repeats and judges BENCH.md's targets. The
+same workload definitions with interleaved repeats and judges the targets. The
 only assertions are about correctness (W9's frame accounting), never about speed.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from . import threaded
-from .workloads import TIMED
+from capsule_sessions.bench import threaded
+from capsule_sessions.bench.workloads import TIMED
 
 W8_FRAMES_PER_THREAD = 20
 W9_FRAMES = 400
@@ -21,7 +21,7 @@ W9_FRAMES = 400
 def test_timed(benchmark, workload, target):
     case = workload.setup(target)
     if case is None:
-        pytest.skip(f"BENCH.md has no {target} figure for {workload.id}")
+        pytest.skip(f"{workload.id} has no {target} figure")
     benchmark.group = workload.id
     benchmark.extra_info["description"] = workload.description
     try:

@@ -56,7 +56,7 @@ def seq_of(data) -> int:
 
 
 def assert_handed_out(frame) -> None:
-    """The SPEC's promise about a frame the library hands out."""
+    """docs/spec.md's promise about a frame the library hands out."""
     data = frame.data
     assert isinstance(data, np.ndarray)
     assert data.dtype == np.uint8

@@ -1,26 +1,19 @@
 """``capsule-sessions bench``: it runs, prints the table, writes the JSON; the workloads
-and the naive port do what BENCH.md says. No speed is asserted anywhere."""
+and the naive port do what docs/bench.md says. No speed is asserted anywhere."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from capsule_sessions import Session, available_backends, cli
+from capsule_sessions.bench import naive, plot, report, runner, workloads
 from capsule_sessions.cli import bench as bench_cli
 from capsule_sessions.cli._errors import UsageError
 from capsule_sessions.cli._extras import MissingExtra, available
-
-# The checkout's bench/ beside these tests, even when the package under test is installed.
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-runner = bench_cli.load_bench(BENCH_DIR)
-workloads = importlib.import_module(bench_cli.PACKAGE + ".workloads")
-naive = importlib.import_module(bench_cli.PACKAGE + ".naive")
 
 RATIO_COLUMNS = ["cython/python", "cython/naive", "cython/memcpy"]
 # A miniature of --quick, so the runner's every section (alloc, W8, W9) runs in seconds.
@@ -31,10 +24,7 @@ TINY = runner.Settings("tiny", repeats=5, min_batch_s=0.0005, alloc_stores=2, w8
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     bench_cli.add_arguments(parser)
-    args = parser.parse_args(list(argv))
-    if args.bench_dir is None:
-        args.bench_dir = BENCH_DIR
-    return args
+    return parser.parse_args(list(argv))
 
 
 def table_header(text: str, first_column: str) -> list:
@@ -56,7 +46,7 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "bench: 100%" in captured.err  # the plain progress (stderr is not a terminal here)
     header = table_header(printed, "workload")
     expected_targets = [t for t in workloads.targets() if t in chosen]
-    assert header == ["workload"] + [f"{t} ns/op" for t in expected_targets] + ["Go ns/op (BENCH.md)"] + RATIO_COLUMNS
+    assert header == ["workload"] + [f"{t} ns/op" for t in expected_targets] + ["Go ns/op (reference)"] + RATIO_COLUMNS
     assert "| W1_store_4k_0sub |" in printed and "| W6_rate_limited_reject |" in printed
     assert "W3_store" not in printed  # the filter held
 
@@ -70,7 +60,7 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path, capsys):
     for figures in w1.values():
         assert len(figures["repeats_ns"]) == 5
         assert figures["ns_per_op"] > 0 and figures["ops_per_batch"] >= 1
-    # BENCH.md has no memcpy figure for a rejected store.
+    # A rejected store copies nothing: no memcpy figure.
     assert "memcpy" not in results["timed"]["W6_rate_limited_reject"]["results"]
     ratios = results["timed"]["W1_store_4k_0sub"]["ratios"]
     if "cython" in available_backends():
@@ -106,17 +96,17 @@ def test_every_section_of_the_runner_on_every_target(tmp_path):
                 r = phases[phase]
                 assert r["received"] + r["dropped"] == r["frames"] * int(subs)
                 assert (r["lost"], r["corrupt"], r["counter_mismatch"], r["out_of_order"], r["hung_readers"]) == (0,) * 5
-    report = importlib.import_module(bench_cli.PACKAGE + ".report").markdown(results)
+    text = report.markdown(results)
     for title in ("### W1-W7", "### Allocation and page faults", "### W8", "### W9", "### Targets"):
-        assert title in report
-    assert table_header(report, "target")[:4] == ["target", "1 thread frames/s", "2 threads frames/s", "2/1 ratio"]
+        assert title in text
+    assert table_header(text, "target")[:4] == ["target", "1 thread frames/s", "2 threads frames/s", "2/1 ratio"]
 
 
 @pytest.mark.skipif(not available("matplotlib"), reason="matplotlib (the 'plot' extra) is not installed")
 def test_plot_writes_a_png(tmp_path):
     results = runner.run(runner.select("W1,W5,W8", None), TINY)
     path = tmp_path / "chart.png"
-    importlib.import_module(bench_cli.PACKAGE + ".plot").write(results, str(path))
+    plot.write(results, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -135,20 +125,15 @@ def test_bad_filters_are_usage_errors(flags, message):
         bench_cli.run(parse("--quick", "--no-progress", *flags))
 
 
-def test_without_a_checkout_the_message_says_where_bench_lives(tmp_path):
-    with pytest.raises(UsageError, match="source checkout"):
-        bench_cli.run(parse("--quick", "--bench-dir", str(tmp_path)))
-
-
 def test_the_command_is_wired(capsys):
-    assert cli.main(["bench", "--list", "--bench-dir", str(BENCH_DIR)]) == 0
+    assert cli.main(["bench", "--list"]) == 0
     listed = capsys.readouterr().out
     for wid in runner.ALL_IDS:
         assert wid in listed
-    assert cli.main(["bench", "--workloads", "nope", "--no-progress", "--bench-dir", str(BENCH_DIR)]) == 2
+    assert cli.main(["bench", "--workloads", "nope", "--no-progress"]) == 2
 
 
-# -- the workloads measure what BENCH.md describes ----------------------------------
+# -- the workloads measure what docs/bench.md describes ---------------------------
 
 def stats_after(workload_id: str, target: str, calls: int):
     case = workloads.BY_ID[workload_id].setup(target)

@@ -1,4 +1,4 @@
-"""The exception hierarchy of SPEC "Errors"."""
+"""The exception hierarchy of docs/spec.md, "Errors"."""
 
 import pytest
 

@@ -475,7 +475,7 @@ def test_the_signature_cases_cover_the_examples():
 
 
 def test_session_methods_are_found_on_the_class(session, backend):
-    # SPEC: subclass overrides and mock.patch.object(Session, ...) work on both backends.
+    # docs/spec.md: subclass overrides and mock.patch.object(Session, ...) work on both backends.
     class Counting(Session):
         def store_frame(self, data, **kwargs):
             self.calls = getattr(self, "calls", 0) + 1

@@ -21,7 +21,7 @@ PROG = "capsule-sessions"
 COMMANDS = {
     "demo": ("capsule_sessions.cli.demo", "simulated multi-camera ingest into one SessionManager"),
     "ingest": ("capsule_sessions.cli.ingest", "decode video files, URLs, cameras or synthetic sources into sessions"),
-    "bench": ("capsule_sessions.cli.bench", "benchmark both backends (see BENCH.md)"),
+    "bench": ("capsule_sessions.cli.bench", "benchmark both backends (workloads and targets: docs/bench.md)"),
 }
 EXIT_USAGE = 2
 

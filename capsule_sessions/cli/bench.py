@@ -1,11 +1,12 @@
-"""``capsule-sessions bench``: BENCH.md's workload matrix on every backend, in one process.
+"""``capsule-sessions bench``: the benchmark matrix on every backend, in one process.
 
 Times W1..W7 on each library backend, the naive port and the memcpy limit with
 interleaved repeats (medians), measures allocation and page faults of the 1080p stores,
 runs the threaded workloads W8 (producer scaling) and W9 (fan-out latency), then prints
-a markdown table with the ratios and BENCH.md's targets judged. The workloads live in
-the source checkout's bench/ (they are not installed with the package), so this
-command runs from a checkout.
+a markdown table with the ratios and the targets judged. The project's docs/bench.md
+defines each workload and target. The workloads are installed with the package
+(capsule_sessions.bench), so the command runs anywhere and needs numpy only; rich draws
+the progress bar when it is installed, and --plot needs matplotlib.
 """
 
 from __future__ import annotations
@@ -13,28 +14,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
-from typing import Iterator, Optional
+from typing import Iterator
 
+from ..bench import plot, report, runner
 from ._errors import UsageError
 from ._extras import MissingExtra, available, missing_message
 
-HELP = "benchmark both backends (see BENCH.md)"
-# A name of its own, so the checkout's bench/ never shadows or is shadowed by another
-# top-level "bench" on sys.path.
-PACKAGE = "capsule_sessions_bench"
-
-
-def default_bench_dir() -> Path:
-    import capsule_sessions
-
-    return Path(capsule_sessions.__file__).resolve().parents[1] / "bench"
+HELP = "benchmark both backends (workloads and targets: docs/bench.md)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,8 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart to PATH (needs matplotlib: the 'plot' extra)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--list", action="store_true", help="list the workloads and targets, then exit")
-    parser.add_argument("--bench-dir", metavar="DIR", type=Path, default=None,
-                        help="the checkout's bench/ directory (default: next to the package)")
 
 
 def _positive_int(text: str) -> int:
@@ -64,29 +52,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def load_bench(bench_dir: Optional[Path] = None) -> ModuleType:
-    """The checkout's ``bench`` package (as ``capsule_sessions_bench``), or UsageError."""
-    directory = Path(bench_dir) if bench_dir is not None else default_bench_dir()
-    init, runner = directory / "__init__.py", directory / "runner.py"
-    if not (init.is_file() and runner.is_file()):
-        raise UsageError(
-            f"the benchmark workloads are not here ({directory} has no bench package). "
-            "They ship with the source checkout, not the installed package: clone the "
-            "repository and run `make bench` (or `python -m capsule_sessions bench`) from it, "
-            "or pass --bench-dir"
-        )
-    loaded = sys.modules.get(PACKAGE)
-    if loaded is not None and Path(loaded.__file__).resolve() == init.resolve():
-        return importlib.import_module(PACKAGE + ".runner")
-    for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
-        del sys.modules[name]
-    spec = importlib.util.spec_from_file_location(PACKAGE, init, submodule_search_locations=[str(directory)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module(PACKAGE + ".runner")
 
 
 class _PlainProgress:
@@ -127,7 +92,7 @@ def _progress(total: int, enabled: bool) -> Iterator:
     yield plain.advance
 
 
-def _list(runner: ModuleType) -> str:
+def _list() -> str:
     lines = ["workloads:"]
     for wid in runner.ALL_IDS:
         workload = runner.BY_ID.get(wid)
@@ -160,9 +125,8 @@ def _finite(value):
 
 
 def run(args: argparse.Namespace) -> int:
-    runner = load_bench(args.bench_dir)
     if args.list:
-        print(_list(runner))
+        print(_list())
         return 0
     if args.plot and not available("matplotlib"):
         raise MissingExtra(missing_message("matplotlib", "--plot"))
@@ -175,13 +139,11 @@ def run(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, repeats=args.repeats)
     with _progress(runner.total_steps(selection, settings), not args.no_progress) as tick:
         results = _finite(runner.run(selection, settings, tick))
-    report = importlib.import_module(PACKAGE + ".report")
     print(report.markdown(results), end="")
     if args.json:
         _write_json(args.json, results)
         print(f"\nraw figures: {args.json}")
     if args.plot:
-        plot = importlib.import_module(PACKAGE + ".plot")
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot.write(results, args.plot)
         print(f"chart: {args.plot}")

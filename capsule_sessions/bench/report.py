@@ -59,7 +59,7 @@ def _timed_table(results: dict, aux: bool) -> list:
         rows.append(row)
     if not rows:
         return []
-    header = ["workload"] + [f"{t} ns/op" for t in names] + ([] if aux else ["Go ns/op (BENCH.md)"]) + list(RATIOS)
+    header = ["workload"] + [f"{t} ns/op" for t in names] + ([] if aux else ["Go ns/op (reference)"]) + list(RATIOS)
     return _table(header, rows)
 
 
@@ -110,7 +110,7 @@ def _checks_table(results: dict) -> list:
             for c in results.get("checks", [])]
     if not rows:
         return []
-    return _table(["backend", "workload", "target (BENCH.md)", "measured", "verdict"], rows)
+    return _table(["backend", "workload", "target (docs/bench.md)", "measured", "verdict"], rows)
 
 
 def markdown(results: dict) -> str:
@@ -118,7 +118,7 @@ def markdown(results: dict) -> str:
     out = ["## capsule_sessions benchmark", ""] + _heading(results) + [""]
     sections = [
         ("### W1-W7: ns per operation (lower is better; ratios below 1 favour cython)", _timed_table(results, False),
-         "Go ns/op is BENCH.md's reference figure for the Go original, not measured in this run."),
+         "Go ns/op is the reference figure for the Go original (docs/bench.md), not measured in this run."),
         ("### Size-independence points (aux)", _timed_table(results, True),
          "W2_aux and W5_aux repeat W2 and W5 with 4 KiB frames or no subscribers; the W2 and W5 "
          "size-independence targets are judged from them."),

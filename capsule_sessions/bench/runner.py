@@ -2,7 +2,7 @@
 
 ``run(selection, settings, progress)`` times W1..W7 (and the aux points) for every
 selected target with interleaved repeats, measures allocation and page faults for the
-1080p stores, runs W8 and W9, and judges every library backend against BENCH.md.
+1080p stores, runs W8 and W9, and judges every library backend against the targets (docs/bench.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""A one-glance PNG of a run: where each target stands against the naive port and BENCH.md.
+"""A one-glance PNG of a run: where each target stands against the naive port and the goals.
 
 Left: W1..W7, every target's time as a multiple of the naive port's (log axis, lower is
-better), with each workload's BENCH.md target for the Cython backend drawn as a red tick
+better), with each workload's goal for the Cython backend (docs/bench.md) as a red tick
 and the Go original as a black diamond. Middle: W8's 2-thread/1-thread scaling against
 the 1.6x target. Right: W9's paced store-to-receive latency, p50 bars with p99 whiskers.
 matplotlib is the optional ``plot`` extra; the caller checks it is installed.
@@ -22,7 +22,7 @@ def _color(target: str) -> str:
 
 
 def _target_ratio_to_naive(results: dict, wid: str) -> Optional[float]:
-    """BENCH.md's limit for the Cython backend on ``wid``, in units of the naive port's time."""
+    """The limit for the Cython backend on ``wid``, in units of the naive port's time."""
     prefix = T.short(wid)
     r = results["timed"][wid]["results"]
     naive = r.get("naive", {}).get("ns_per_op")
@@ -64,12 +64,12 @@ def _timed_panel(ax, results: dict) -> None:
         limit = _target_ratio_to_naive(results, wid)
         if limit:
             ax.hlines(limit, j - 0.45, j + 0.45, colors="red", linewidth=2,
-                      label="BENCH.md target (cython)" if j == 0 else None)
+                      label="target (cython)" if j == 0 else None)
         go = T.GO_NS.get(T.short(wid))
         naive = results["timed"][wid]["results"]["naive"]["ns_per_op"]
         if go:
             ax.plot([j], [go / naive], marker="D", color="black", linestyle="none",
-                    label="Go original (BENCH.md)" if j == 0 else None)
+                    label="Go original (reference)" if j == 0 else None)
     ax.axhline(1.0, color="#8C8C8C", linewidth=1, linestyle="--", label="naive port = 1")
     _plain_log_axis(ax)
     ax.set_xticks(range(len(wids)))

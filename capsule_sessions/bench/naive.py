@@ -7,7 +7,8 @@ the last accepted frame, a frame from another source empties the ring, the newes
 ``max_recent`` frames are kept, and reads filter by TTL. It is deliberately plain: no
 validation beyond what Python does anyway, floats compared as floats, everything under
 the one lock. Method names match ``Session``'s visual API so a workload drives both
-alike. It is not part of the package and not a supported API.
+alike. It ships with the package for ``capsule-sessions bench``, but it is a benchmark
+reference, not a supported API.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""BENCH.md's single-threaded workloads (W1..W7), one definition for every target.
+"""The single-threaded workloads of docs/bench.md (W1..W7), one definition for every target.
 
 A target is a library backend (``"python"``, ``"cython"``: whatever
 ``capsule_sessions.available_backends()`` lists, driven through ``Session(backend=...)``),
 the naive port (``"naive"``, ``naive.py``) or the physical limit (``"memcpy"``:
 ``np.copyto`` of the same bytes into a preallocated buffer). ``Workload.setup(target)``
-builds a ``Case`` (``None`` where BENCH.md has no figure for that target): ``op()`` does
+builds a ``Case`` (``None`` where the workload has no figure for that target): ``op()`` does
 one operation, ``run(n)`` does ``n`` in a tight loop (the CLI times that, so the loop
 costs the same few ns for every target), ``close()`` releases what the case holds.
 
@@ -12,7 +12,7 @@ Every store goes through the hot path a camera loop uses,
 ``store_frame(data, source=..., max_recent=..., min_interval=..., now=t)``, with ``t`` a
 fake clock advanced 1 ms per store; ``now`` is passed rather than read from an injected
 clock so that no target pays for a Python clock callback. Payloads are random bytes in
-numpy uint8 arrays. Workloads marked ``aux`` are not in BENCH.md: they are the extra
+numpy uint8 arrays. Workloads marked ``aux`` are not in the workload table: they are the extra
 points the size-independence targets of W2 and W5 are judged by.
 """
 
@@ -90,7 +90,7 @@ class Workload:
     aux: bool = False
 
     def applies_to(self, target: str) -> bool:
-        # A rate-limited call copies nothing: BENCH.md has no memcpy figure for W6.
+        # A rate-limited call copies nothing: W6 has no memcpy figure.
         return not (target == "memcpy" and self.params.get("min_interval", 0.0) > 0)
 
     def setup(self, target: str) -> Optional[Case]:
@@ -202,7 +202,7 @@ TIMED = [
              build_store, _store(4096, min_interval=0.033)),
     Workload("W7_source_switch", "source alternates camera/screen on every store, 4,096-byte frame, max_recent=2",
              build_store, _store(4096, sources=("camera", "screen"))),
-    # Size-independence points for the W2 and W5 targets (not in BENCH.md's table).
+    # Size-independence points for the W2 and W5 targets (not in the workload table).
     Workload("W2_aux_store_4k_4sub", "W2 with 4,096-byte frames (per-subscriber cost at 4 KiB)",
              build_store, _store(4096, subscribers=4, buffer=8), aux=True),
     Workload("W2_aux_store_64k_0sub", "W2 without subscribers (per-subscriber cost at 64 KiB)",
