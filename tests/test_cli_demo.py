@@ -204,3 +204,12 @@ def test_python_dash_m_runs_the_demo():
     )
     assert proc.returncode == 0, proc.stderr
     assert "cam0" in proc.stdout and "accepted" in proc.stdout
+
+
+# -- small honesty fixes -------------------------------------------------------------
+@pytest.mark.parametrize("cameras, words", [("1", "1 session -"), ("2", "2 sessions -")])
+def test_session_count_is_pluralized(cameras, words, capsys):
+    assert cli.main(["demo", *TINY, "--cameras", cameras]) == 0
+    out = capsys.readouterr().out
+    assert words in out
+    assert "1 sessions" not in out

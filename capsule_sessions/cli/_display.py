@@ -25,6 +25,11 @@ def _fmt_int(value: int) -> str:
     return f"{value:,}"
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 session``, ``2 sessions``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _live_rows(run: Any) -> tuple:
     """Headers and one row per session from the running state (read without locks)."""
     rejected = run.options.config is not None
@@ -290,4 +295,4 @@ def make_display(mode: str, title: str) -> _Display:
     return PlainDisplay()
 
 
-__all__ = ["MODES", "make_display", "print_summary", "plain_table"]
+__all__ = ["MODES", "counted", "make_display", "print_summary", "plain_table"]

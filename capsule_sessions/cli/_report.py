@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from ._display import counted
 from ._extras import require
 from ._latency import LatencyHistogram
 from ._runner import RunResult
@@ -65,7 +66,7 @@ def write_report(result: RunResult, path: str, *, title: str = "capsule-sessions
     ax_fps.set_ylim(bottom=0)
     if result.sessions:
         ax_fps.legend(loc="lower right", fontsize="small")
-    fig.suptitle(f"{title} - backend {result.backend}, {len(result.sessions)} sessions, {result.seconds:.1f} s")
+    fig.suptitle(f"{title} - backend {result.backend}, {counted(len(result.sessions), 'session')}, {result.seconds:.1f} s")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fig.savefig(path, dpi=100)
