@@ -213,3 +213,11 @@ def test_session_count_is_pluralized(cameras, words, capsys):
     out = capsys.readouterr().out
     assert words in out
     assert "1 sessions" not in out
+
+
+@pytest.mark.parametrize("command", [None, *sorted(cli.COMMANDS)])
+def test_help_shows_no_rst_markup(command, capsys):
+    # The help texts come from docstrings, where ``name`` is markup, not text to show.
+    assert cli.main([command, "--help"] if command else ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out and "``" not in out

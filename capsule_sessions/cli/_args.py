@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from typing import Callable, List, Tuple
 
 from .. import available_backends
@@ -19,6 +20,14 @@ EXIT_CODES = """exit status:
   2    usage error: a bad flag or SOURCE, or a needed optional extra is missing
   3    the run's counts did not add up (a bug worth reporting)
   130  interrupted (Ctrl-C)"""
+
+
+_LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+
+
+def plain(text: str) -> str:
+    """A docstring's text as help: ``name`` is reST markup there, shown as name."""
+    return _LITERAL.sub(r"\1", text)
 
 
 def _number(text: str, kind: Callable, what: str) -> float:

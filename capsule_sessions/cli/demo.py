@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, seconds, size
+from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, plain, seconds, size
 from ._errors import UsageError
 from ._runner import RunOptions
 from ._sources import SyntheticSource
@@ -20,7 +20,7 @@ MAX_PRECOMPUTED_BYTES = 2 << 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n", 1)[1]
+    parser.description = plain(__doc__.split("\n\n", 1)[1])
     parser.epilog = EXIT_CODES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--cameras", type=int_at_least(1, 64), default=4, metavar="N",

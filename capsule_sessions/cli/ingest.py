@@ -26,7 +26,7 @@ import argparse
 import sys
 from typing import List
 
-from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, seconds
+from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, plain, seconds
 from ._errors import UsageError
 from ._extras import require
 from ._runner import JPEG_MIME, RAW_MIME, RunOptions
@@ -37,7 +37,7 @@ GO_MAX_FRAME_BYTES = 1_048_576
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n", 1)[1]
+    parser.description = plain(__doc__.split("\n\n", 1)[1])
     parser.epilog = EXIT_CODES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("sources", nargs="*", metavar="SOURCE", help="what to ingest (see above)")
