@@ -221,3 +221,11 @@ def test_help_shows_no_rst_markup(command, capsys):
     assert cli.main([command, "--help"] if command else ["--help"]) == 0
     out = capsys.readouterr().out
     assert out and "``" not in out
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_an_unknown_flag_shows_the_commands_own_usage(command, capsys):
+    assert cli.main([command, "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {cli.PROG} {command} ")
+    assert f"{cli.PROG} {command}: error: unrecognized arguments: --bogus" in err
