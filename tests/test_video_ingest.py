@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -222,6 +223,16 @@ def test_sample_is_made_once_and_cached(small_sample):
     assert _sample.sample_video(logged.append) == path
     assert len(logged) == 1
     assert os.listdir(small_sample) == ["sample-small.mp4"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_sample_file_mode_follows_the_umask(small_sample, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = _sample.sample_video()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
 
 
 def test_ingest_sample_flag_and_pseudo_source(small_sample, tmp_path, capsys):
