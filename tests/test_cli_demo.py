@@ -229,3 +229,12 @@ def test_an_unknown_flag_shows_the_commands_own_usage(command, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"usage: {cli.PROG} {command} ")
     assert f"{cli.PROG} {command}: error: unrecognized arguments: --bogus" in err
+
+
+def test_demo_sessions_have_a_vision_sampler_by_default(tmp_path):
+    # The README promises each source of `make demo` a vision sampler, the demo step too.
+    code, summary = run_demo(tmp_path, "--sampler-interval", "0.1")
+    assert code == 0
+    for s in summary["sessions"]:
+        assert [sm["label"] for sm in s["samplers"]] == ["sampler"]
+        assert s["samplers"][0]["calls"] >= 1 and s["samplers"][0]["violations"] == 0

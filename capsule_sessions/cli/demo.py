@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rate limit: least time between accepted frames (default: 0)")
     parser.add_argument("--max-recent", type=int_at_least(1, 1 << 20), default=2, metavar="N",
                         help="frames each session's ring keeps (default: 2)")
-    add_common_arguments(parser, default_subscribers="fast,slow,async", default_seconds=5.0,
+    add_common_arguments(parser, default_subscribers="fast,slow,async,sampler", default_seconds=5.0,
                          seconds_help="how long the cameras run (default: 5)")
 
 
