@@ -50,16 +50,46 @@ def test_ingest_frame_interval_rate_limits(tmp_path, backend):
     assert_counts_add_up(summary)
 
 
-def test_ingest_config_rejections_are_counted_and_warned(tmp_path, backend, capsys):
+def test_a_source_whose_every_frame_is_rejected_fails(tmp_path, backend, capsys):
+    # Nothing of it reached the session: that is a failed source, not a "done" one.
     code, summary = ingest(tmp_path, "--backend", backend, "--seconds", "10", "--max-frame-bytes", "100",
-                           "synthetic:32x24@1")
-    assert code == 0  # a policy decision, not a failed source
-    (s,) = summary["sessions"]
-    assert (s["offered"], s["accepted"], s["rejected"]) == (10, 0, 10)
-    assert "over max_frame_bytes=100" in s["warning"]
-    err = capsys.readouterr().err
-    assert "s0 synthetic:32x24@1: warning: frame 0 rejected by the ingest config" in err
+                           "synthetic:32x24@1", "synthetic:4x4@1")
+    assert code == 1
+    bad, good = summary["sessions"]
+    assert (bad["offered"], bad["accepted"], bad["rejected"]) == (10, 0, 10)
+    assert bad["status"] == "failed"
+    assert bad["message"] == ("all 10 of 10 frames rejected by the ingest config; the first: "
+                              "frame 0: data is 2304 bytes, over max_frame_bytes=100")
+    assert (good["status"], good["accepted"]) == ("done", 10)
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err_lines == [f"s0 synthetic:32x24@1: {bad['message']}"]
     assert_counts_add_up(summary)
+
+
+class GrowingSource(Source):
+    """Frames of 4x4, then 8x8 pixels: a byte limit between the two turns half down."""
+
+    def open(self, max_width=None, max_height=None):
+        self.width, self.height, self.fps = 8, 8, 10.0
+
+    def frames(self):
+        for i in range(6):
+            side = 4 if i < 3 else 8
+            yield np.full((side, side, 3), i, dtype=np.uint8), i / 10
+
+
+def test_a_source_with_some_frames_rejected_is_done_with_a_warning(backend):
+    from capsule_sessions import VisualInputConfig
+
+    messages = []
+    config = VisualInputConfig(frame_interval=0.0, max_frame_bytes=4 * 4 * 3, max_recent_frames=6,
+                               mime_types=("video/x-raw-rgb",))
+    options = RunOptions(backend=backend, subscribers=["fast"], realtime=False, config=config)
+    (run,) = Run([GrowingSource("grow")], options, on_message=messages.append).execute().sessions
+    assert (run.producer.accepted, run.producer.rejected) == (3, 3)
+    assert run.producer.status == "done" and not run.producer.failed
+    assert messages == ["s0 grow: warning: frame 3 rejected by the ingest config: "
+                        "data is 192 bytes, over max_frame_bytes=48"]
 
 
 def test_ingest_scales_sources_over_the_maximum(tmp_path):

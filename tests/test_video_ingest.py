@@ -186,6 +186,18 @@ def test_a_bad_source_fails_alone(videos, tmp_path, capsys, name, status, fragme
     assert_counts_add_up(summary)
 
 
+def test_a_video_whose_every_frame_is_rejected_exits_1_with_one_line(videos, tmp_path, capsys):
+    pytest.importorskip("simplejpeg")
+    code, summary = ingest(tmp_path, "--jpeg", "--max-frame-bytes", "200", videos["tiny"])
+    assert code == 1
+    (s,) = summary["sessions"]
+    assert s["status"] == "failed" and (s["accepted"], s["rejected"]) == (0, FRAMES)
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith(f"s0 {videos['tiny']}: all {FRAMES} of {FRAMES} frames rejected by the ingest "
+                           "config; the first: frame 0: data is ")
+    assert line.endswith(" bytes, over max_frame_bytes=200")
+
+
 def test_a_cut_file_says_how_much_it_got(videos, tmp_path):
     code, summary = ingest(tmp_path, videos["cut"])
     assert code == 1

@@ -16,7 +16,8 @@ from ._errors import UsageError
 EXIT_CODES = """exit status:
   0    every source was read to its end (or for --seconds)
   1    at least one source failed (missing, corrupt, unsupported codec, ended
-       early, no camera); the other sessions still ran
+       early, no camera, or every frame rejected by the ingest config); the
+       other sessions still ran
   2    usage error: a bad flag or SOURCE, or a needed optional extra is missing
   3    the run's counts did not add up (a bug worth reporting)
   130  interrupted (Ctrl-C)"""

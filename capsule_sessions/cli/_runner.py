@@ -69,6 +69,8 @@ class Producer:
         self.status = "starting"
         self.message = ""
         self.first_reject = ""
+        self.first_reject_reason = ""
+        self.all_rejected = False
         self.started_at: Optional[float] = None
         self.ended_at: Optional[float] = None
         self.failed = False
@@ -145,7 +147,13 @@ class Producer:
                 self._store_one(store, rgb, seq, t)
             self.status = stopped or "done"
             expected = source.expected_frames
-            if not stopped and expected and self.offered < expected - max(1, expected // 100):
+            if self.offered and self.rejected == self.offered:
+                # Nothing of this source reached its session: whatever the reason, the
+                # run did not do what was asked of it for this source.
+                self.all_rejected = True
+                self._fail(f"all {self.rejected} of {self.offered} frames rejected by the ingest config; "
+                           f"the first: {self.first_reject_reason}")
+            elif not stopped and expected and self.offered < expected - max(1, expected // 100):
                 self._fail(f"ended early after {self.offered} of {expected} frames")
             elif not stopped and source.live and deadline is not None:
                 # A camera has no end of its own: it stopped sending (unplugged, taken).
@@ -171,6 +179,7 @@ class Producer:
                 raise
             self.rejected += 1
             if not self.first_reject:
+                self.first_reject_reason = f"frame {seq}: {exc}"
                 self.first_reject = f"frame {seq} rejected by the ingest config: {exc}"
             return
         if ok:
@@ -269,7 +278,7 @@ class Run:
     def _producer_done(self, producer: Producer) -> None:
         if producer.failed:
             self.on_message(f"{producer.session.id} {producer.source.label}: {producer.message}")
-        if producer.first_reject:
+        if producer.first_reject and not producer.all_rejected:  # else the failure says it
             self.on_message(f"{producer.session.id} {producer.source.label}: warning: {producer.first_reject}")
         self._changed.set()
 

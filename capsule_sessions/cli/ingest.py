@@ -16,8 +16,9 @@ SOURCE is one of:
 
 Frames larger than --max-width x --max-height are scaled down to fit (aspect kept).
 Without --realtime sources are read as fast as decoding allows. A session ends as
-done (read to its end), stopped (--seconds reached), interrupted, failed, or ended
-early (fewer frames than the file declares, or a camera that stopped sending).
+done (read to its end), stopped (--seconds reached), interrupted, failed (the source
+could not be read, or the ingest config rejected every frame of it), or ended early
+(fewer frames than the file declares, or a camera that stopped sending).
 """
 
 from __future__ import annotations
