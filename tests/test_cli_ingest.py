@@ -50,6 +50,16 @@ def test_ingest_frame_interval_rate_limits(tmp_path, backend):
     assert_counts_add_up(summary)
 
 
+def test_without_realtime_synthetic_sources_run_on_video_time(tmp_path, backend):
+    # 10 s of synthetic video, made far faster than 10 s: one frame per second of it.
+    code, summary = ingest(tmp_path, "--backend", backend, "--seconds", "10", "--frame-interval", "1",
+                           "synthetic:32x24@30")
+    assert code == 0
+    (s,) = summary["sessions"]
+    assert (s["offered"], s["accepted"], s["rate_limited"]) == (300, 10, 290)
+    assert_counts_add_up(summary)
+
+
 def test_a_source_whose_every_frame_is_rejected_fails(tmp_path, backend, capsys):
     # Nothing of it reached the session: that is a failed source, not a "done" one.
     code, summary = ingest(tmp_path, "--backend", backend, "--seconds", "10", "--max-frame-bytes", "100",
@@ -155,6 +165,7 @@ def test_ingest_help_documents_sources_and_exit_codes(capsys):
     out = capsys.readouterr().out
     for text in ("synthetic:WxH@FPS", "/dev/videoN", "sample", "--realtime", "--jpeg", "exit status", "130"):
         assert text in out
+    assert "clock follows the stream's timestamps (pts)" in " ".join(out.split())
 
 
 # -- the consumers against both backends ---------------------------------------------
@@ -321,6 +332,28 @@ def test_latency_histogram_extremes_and_merge():
     assert merged.percentile(1) == 0.0  # the underflow bin reports the smallest
     lows, highs, counts = merged.nonzero_bins()
     assert sum(counts) == 3 and all(lo < hi for lo, hi in zip(lows, highs))
+
+
+def test_store_times_forget_a_slot_rather_than_give_another_frames_time():
+    from types import SimpleNamespace
+
+    from capsule_sessions.cli._streamtime import StoreTimes
+
+    times = StoreTimes(size=4)
+    times.put(1, 10.0)
+    assert times.get(SimpleNamespace(frame_seq=1)) == 10.0
+    times.put(5, 50.0)  # the same slot, four stores later
+    assert times.get(SimpleNamespace(frame_seq=1)) is None
+    assert times.get(SimpleNamespace(frame_seq=5)) == 50.0
+    assert times.get(SimpleNamespace(frame_seq=2)) is None  # never stored
+
+
+def test_stream_clock_never_goes_back():
+    from capsule_sessions.cli._streamtime import StreamClock
+
+    clock = StreamClock(FakeClock(1000.25))
+    assert clock() == clock.origin == 1001.0  # a whole second, not before the wall clock
+    assert [clock.advance(t) for t in (5.0, 6.0, 5.5, 7.0)] == [1001.0, 1002.0, 1002.0, 1003.0]
 
 
 # -- optional extras ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -54,8 +55,10 @@ def videos(tmp_path_factory):
             container.mux(packet)
     short = root / "short.mp4"
     _sample.make_test_video(short, 64, 48, 30, 0.3)
+    five = root / "five-seconds.mp4"
+    _sample.make_test_video(five, 64, 48, 30, 5)
     return {"tiny": str(tiny), "cut": str(cut), "corrupt": str(corrupt), "unknown": str(unknown),
-            "audio": str(audio), "short": str(short), "root": root}
+            "audio": str(audio), "short": str(short), "five": str(five), "root": root}
 
 
 def decoded_frames(path):
@@ -149,6 +152,50 @@ def test_ingest_realtime_runs_to_the_end(videos, tmp_path):
     assert code == 0
     (s,) = summary["sessions"]
     assert s["status"] == "done" and s["offered"] == 9
+
+
+def test_without_realtime_the_frame_interval_is_video_time(videos, tmp_path):
+    # 5 s of video decode in a fraction of that; 1 s between accepted frames is 1 s of
+    # the video's own time, so about one frame per second of video gets through.
+    code, summary = ingest(tmp_path, "--frame-interval", "1", videos["five"])
+    assert code == 0
+    (s,) = summary["sessions"]
+    assert (s["offered"], s["accepted"], s["rate_limited"]) == (150, 5, 145)
+    assert_counts_add_up(summary)
+
+
+def test_without_realtime_the_session_clock_follows_the_pts(videos, backend):
+    config = raw_config(frame_interval=1.0, max_recent_frames=10, max_frame_bytes=64 * 48 * 3)
+    options = RunOptions(backend=backend, subscribers=["fast", "slow", "sampler"], realtime=False,
+                         config=config, slow_work=0.01, sampler_interval=1.0)
+    (run,) = Run([VideoSource("five", videos["five"])], options).execute().sessions
+    stored = run.session.latest_visual_frames(1e6)
+    assert [f.frame_seq for f in stored] == [0, 30, 60, 90, 120]
+    stamps = [f.received_at for f in stored]
+    assert [b - a for a, b in zip(stamps, stamps[1:])] == [1.0] * 4
+    # The sampler calls at each second of video (1, 2, 3 and 4 s; the clip ends at
+    # 4.97 s), however fast it decodes, and each call sees the frames up to its second:
+    # 2, 3, 4 and 5 of them, the newest accepted exactly then (age 0).
+    (sampler,) = run.samplers
+    assert (sampler.calls, sampler.frames, sampler.empty_calls, sampler.violations) == (4, 14, 0, 0)
+    assert sampler.latency.max == 0.0
+    # Latency stays wall-clock time from store to receive, not video time.
+    for consumer in run.consumers:
+        assert consumer.latency.count == consumer.received > 0
+        assert consumer.latency.max < 5.0
+    (_, slow) = run.consumers
+    assert slow.latency.max > 0.0
+
+
+def test_realtime_keeps_the_wall_clock(videos, backend):
+    config = raw_config(frame_interval=0.0, max_recent_frames=9, max_frame_bytes=64 * 48 * 3)
+    options = RunOptions(backend=backend, subscribers=[], realtime=True, config=config)
+    (run,) = Run([VideoSource("short", videos["short"])], options).execute().sessions
+    stamps = [f.received_at for f in run.session.latest_visual_frames(1e6)]
+    assert len(stamps) == 9
+    # Paced at 30 fps on the wall clock: received_at is when each frame was stored.
+    assert stamps[-1] - stamps[0] == pytest.approx(8 / 30, abs=0.1)
+    assert stamps[-1] <= time.monotonic()
 
 
 def test_report_png_from_a_video_run(videos, tmp_path):

@@ -102,8 +102,12 @@ def footnotes(summary: dict) -> List[str]:
         if s["message"]:
             text += f" - {s['status']}: {s['message']}"
         notes.append(text)
-    notes.append("latency: session clock at receive - frame.received_at (time.monotonic); "
-                 "a sampler's p50/p99 is the age of the newest frame latest_visual_frames() returned")
+    notes.append("latency: time.monotonic at receive - at store; a sampler's p50/p99 is the age of the "
+                 "newest frame latest_visual_frames() returned, on the session's clock")
+    on_video_time = [s["id"] for s in summary["sessions"] if s["clock"] == "video"]
+    if on_video_time:
+        notes.append(f"video time: the clock of {', '.join(on_video_time)} follows the stream's timestamps (pts), "
+                     "so the rate limit, ttl and sampler interval there are seconds of video")
     problems = summary["accounting_problems"]
     if problems:
         notes += [f"ACCOUNTING ERROR {p}" for p in problems]
