@@ -4,6 +4,7 @@ main job is built from: the consumers, the vision sampler and the latency histog
 from __future__ import annotations
 
 import json
+import re
 import sys
 import numpy as np
 import pytest
@@ -429,3 +430,91 @@ def test_an_unexpected_error_fails_that_source_only(backend):
         for consumer in run.consumers:
             sub = consumer.subscription
             assert sub.delivered + sub.dropped + sub.qsize() == run.producer.accepted
+
+
+# -- the tables at the width of the terminal -----------------------------------------
+LONG_NAME = "/recordings/2024-06-01/front-door-camera-with-a-rather-long-name.mp4"
+
+
+@pytest.fixture(scope="module")
+def finished_run():
+    from capsule_sessions import VisualInputConfig
+    from capsule_sessions.cli._errors import SourceError
+
+    config = VisualInputConfig(frame_interval=0.25, max_frame_bytes=1 << 20, max_recent_frames=2,
+                               mime_types=("video/x-raw-rgb",))
+    sources = [SyntheticSource("synthetic:32x24@10", 32, 24, 10.0, 12_345),
+               ScriptedSource(LONG_NAME, 3, error=SourceError("decode error (Invalid data found when processing "
+                                                              "input)"))]
+    options = RunOptions(subscribers=["fast", "slow", "async", "sampler"], realtime=False, config=config,
+                         slow_work=0.0)
+    run = Run(sources, options)
+    return run, run.execute()
+
+
+def _numbers_in(text):
+    return {token.rstrip(".,") for token in re.findall(r"\d[\d,.]*", text)}
+
+
+def _header_lines(text):
+    return [line for line in text.splitlines() if line.split()[:1] == ["session"]]
+
+
+def _render(width, run, result, monkeypatch):
+    from rich.console import Console
+
+    from capsule_sessions.cli import _display
+    from capsule_sessions.cli._summary import summarize
+
+    console = Console(width=width, record=True, color_system=None)
+    monkeypatch.setattr(_display, "_console", lambda stderr=False: console)
+    console.print(_display.LiveDisplay("capsule-sessions ingest")._render(run))
+    live = console.export_text()
+    summary = summarize(result, command="ingest")
+    _display.print_summary(summary, title="capsule-sessions ingest - backend x - 2 sessions - 1.0 s", use_rich=True)
+    return live, console.export_text(), summary
+
+
+def _ms(seconds):
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_live_table_and_summary_keep_every_number_whole(width, finished_run, monkeypatch):
+    run, result = finished_run
+    live, tables, summary = _render(width, run, result, monkeypatch)
+    for text in (live, tables):
+        assert "\u2026" not in text  # rich's ellipsis: a cell cut short
+        assert all(len(line.rstrip()) <= width for line in text.splitlines())
+    live_numbers = set()
+    for s in run.sessions:
+        p = s.producer
+        live_numbers |= {f"{p.accepted:,}", f"{p.rate_limited:,}", f"{p.rejected:,}", f"{p.active_seconds:.1f}",
+                         f"{s.recent_fps():.1f}"}
+        live_numbers |= {f"{c.subscription.dropped:,}" for c in s.consumers}
+        fast = s.consumers[0]
+        live_numbers |= {_ms(fast.latency.percentile(50)), _ms(fast.latency.percentile(99))} - {"-"}
+    assert live_numbers - _numbers_in(live) == set()
+    summary_numbers = set()
+    for s in summary["sessions"]:
+        summary_numbers |= {f"{s[k]:,}" for k in ("offered", "accepted", "rate_limited", "rejected")}
+        summary_numbers |= {f"{s['fps']:.1f}", f"{s['mb_per_s']:.1f}"}
+        for sub in s["subscribers"]:
+            summary_numbers |= {f"{sub[k]:,}" for k in ("delivered", "dropped", "queued")}
+            summary_numbers |= {f"{sub['latency_ms'][k]:.2f}" for k in ("p50", "p99", "max") if sub["latency_ms"][k]}
+        for sampler in s["samplers"]:
+            summary_numbers |= {f"{sampler['frames']:,}", f"{sampler['calls']:,}"}
+    assert summary_numbers - _numbers_in(tables) == set()
+    assert "12,345" in summary_numbers  # the numbers checked include wide ones
+
+
+def test_tables_use_the_width_they_have(finished_run, monkeypatch):
+    run, result = finished_run
+    narrow = _render(80, run, result, monkeypatch)
+    wide = _render(120, run, result, monkeypatch)
+    widest = _render(250, run, result, monkeypatch)
+    for n, w in zip(narrow[:2], wide[:2]):
+        assert len(_header_lines(w)) <= len(_header_lines(n))
+    # With room for it every table is one table: one header line each.
+    assert [len(_header_lines(text)) for text in widest[:2]] == [1, 2]
+    assert max(len(line.rstrip()) for line in wide[1].splitlines()) > 80
