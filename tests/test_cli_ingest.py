@@ -518,3 +518,118 @@ def test_tables_use_the_width_they_have(finished_run, monkeypatch):
     # With room for it every table is one table: one header line each.
     assert [len(_header_lines(text)) for text in widest[:2]] == [1, 2]
     assert max(len(line.rstrip()) for line in wide[1].splitlines()) > 80
+
+
+# -- the PNG report ------------------------------------------------------------------
+def test_the_timeline_starts_at_the_first_accepted_frame(backend):
+    # Counted from the first frame, a steady source's first fps point cannot overshoot:
+    # n frames after it took at least n frame intervals.
+    source = SyntheticSource("synthetic:8x8@10", 8, 8, 10.0, 40)
+    run = Run([source], RunOptions(backend=backend, subscribers=[], realtime=False))
+    (s,) = run.execute().sessions
+    first_t, first_n = s.timeline[0]
+    assert first_n == 1
+    assert first_t == s.producer.first_accepted_at - run.started_at
+    assert s.timeline[-1][1] == 40
+    assert [t for t, _ in s.timeline] == sorted(t for t, _ in s.timeline)
+
+
+def test_fps_series_counts_full_windows_from_the_first_frame():
+    from capsule_sessions.cli._report import fps_series
+
+    # 60 fps from t = 0.013 s, sampled every 0.25 s as the runner ticks, plus the first frame.
+    first = 0.013
+    ticks = [0.25 * k + 0.017 for k in range(1, 17)]
+    timeline = [(first, 1)] + [(t, int((t - first) * 60) + 1) for t in ticks]
+    times, fps = fps_series(timeline)
+    assert times == [t for t in ticks if t - first >= 1.0]
+    assert fps[0] <= 60.0
+    assert all(59.0 <= value <= 60.0 + 1.0 for value in fps)  # one frame in a 1 s window
+
+
+def test_fps_series_does_not_spike_on_a_late_first_frame():
+    from capsule_sessions.cli._report import fps_series
+
+    # 30 fps paced from t = 0, but the first frame was stored 50 ms late and the next
+    # one right after it: over those 4 ms the rate is 250 fps, which is no fact about
+    # the source. As the runner ticked (one tick came early, when a source failed).
+    def accepted(t):
+        return 0 if t < 0.05 else 1 if t < 0.054 else int(t * 30) + 1
+
+    timeline = [(0.05, 1)] + [(t, accepted(t)) for t in (0.058, 0.308, 0.558, 0.808, 1.058, 1.308, 1.558, 2.058)]
+    times, fps = fps_series(timeline)
+    assert times and times[0] >= 1.05
+    assert all(value <= 30.0 * 1.06 for value in fps), fps  # at most the 50 ms of catch-up
+
+
+def test_fps_series_of_a_run_shorter_than_the_window():
+    from capsule_sessions.cli._report import fps_series
+
+    assert fps_series([(0.01, 1), (0.11, 11)]) == ([0.11], [pytest.approx(100.0)])
+    assert fps_series([(0.01, 1)]) == ([], [])
+
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory):
+    pytest.importorskip("matplotlib")
+    from capsule_sessions.cli._sources import VideoSource
+
+    missing = str(tmp_path_factory.mktemp("report") / "missing.mp4")
+    sources = [SyntheticSource("synthetic:16x8@30", 16, 8, 30.0, 300), VideoSource(missing, missing)]
+    options = RunOptions(subscribers=["fast", "slow", "sampler"], realtime=False, slow_work=0.001)
+    return Run(sources, options).execute(), missing
+
+
+def test_report_data_has_every_session_drops_and_sampler_calls(report_run):
+    from capsule_sessions.cli._report import report_data
+
+    result, missing = report_run
+    data = report_data(result, title="capsule-sessions ingest")
+    good, bad = data["sessions"]
+    assert (good["id"], good["failed"]) == ("s0", False)
+    # The failed source is in the report, marked, with its reason.
+    assert (bad["id"], bad["failed"], bad["status"]) == ("s1", True, "failed")
+    assert "FAILED" in bad["label"] and "no such file" in bad["label"] and missing in bad["label"]
+    assert data["title"].endswith(", 2 sessions, " + f"{result.seconds:.1f} s")
+    # Drops per subscriber, for every session, as the subscriptions counted them.
+    expected = [(run.id, c.label, c.subscription.delivered, c.subscription.dropped)
+                for run in result.sessions for c in run.consumers]
+    assert [(r["session"], r["subscriber"], r["delivered"], r["dropped"]) for r in data["subscribers"]] == expected
+    assert any(r["dropped"] for r in data["subscribers"])  # the slow one drops
+    # The vision sampler's calls: 9 in 10 s of video for s0, none for the failed one.
+    calls = [(r["session"], r["calls"], r["empty_calls"]) for r in data["samplers"]]
+    assert calls == [("s0", 9, 0), ("s1", 0, 0)]
+
+
+def _tick_texts(axis):
+    return [label.get_text() for label in axis.get_ticklabels() if label.get_visible() and label.get_text()]
+
+
+def test_report_figure_shows_it_all_in_plain_units(report_run, tmp_path):
+    from capsule_sessions.cli._report import figure, report_data, write_report
+
+    result, _ = report_run
+    data = report_data(result, title="capsule-sessions ingest")
+    fig = figure(data)
+    fig.canvas.draw()
+    axes = {ax.get_label(): ax for ax in fig.axes}
+    assert set(axes) == {"latency", "fps", "subscribers", "samplers"}
+    for name, ax in axes.items():
+        for axis in (ax.xaxis, ax.yaxis):
+            assert axis.get_label_text(), f"{name}: an axis without a label"
+            assert axis.get_offset_text().get_text() == "", f"{name}: a scale factor off the axis"
+            for text in _tick_texts(axis):
+                if axis is ax.yaxis and name in ("subscribers", "samplers"):
+                    continue  # bar names, not numbers
+                float(text.replace(",", "").replace("\u2212", "-"))  # a plain number, no 10^x
+    assert "milliseconds" in axes["latency"].get_xlabel() and "seconds" in axes["fps"].get_xlabel()
+    # The failed session is in the fps legend, marked failed.
+    legend = [t.get_text() for t in axes["fps"].get_legend().get_texts()]
+    assert [text for text in legend if text.startswith("s1 ") and "FAILED" in text]
+    # One bar per subscriber shows its drops, one per session the sampler's calls.
+    drop_bars = [c for c in axes["subscribers"].containers if c.get_label() == "dropped"]
+    assert [bar.get_width() for bar in drop_bars[0]] == [r["dropped"] for r in data["subscribers"]]
+    call_bars = [c for c in axes["samplers"].containers if c.get_label() == "calls with frames"]
+    assert [bar.get_width() for bar in call_bars[0]] == [r["calls"] - r["empty_calls"] for r in data["samplers"]]
+    path = write_report(result, str(tmp_path / "report.png"), title="capsule-sessions ingest")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

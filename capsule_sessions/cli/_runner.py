@@ -79,6 +79,7 @@ class Producer:
         self.all_rejected = False
         self.started_at: Optional[float] = None
         self.ended_at: Optional[float] = None
+        self.first_accepted_at: Optional[float] = None  # wall clock, after its store returned
         self.failed = False
         self.thread = threading.Thread(target=self._run, name=f"producer-{session.id}", daemon=True)
 
@@ -199,6 +200,8 @@ class Producer:
                 self.first_reject = f"frame {seq} rejected by the ingest config: {exc}"
             return
         if ok:
+            if not self.accepted:
+                self.first_accepted_at = self.options.clock()
             self.accepted += 1
             self.bytes += nbytes
         else:
@@ -226,7 +229,11 @@ class SessionRun:
     producer: Producer
     consumers: List[Consumer] = field(default_factory=list)
     samplers: List[VisionSampler] = field(default_factory=list)
-    timeline: List[tuple] = field(default_factory=list)  # (seconds since start, accepted)
+    # (seconds since the run started, frames accepted by then): the instant of the first
+    # accepted frame with 1, then one point per tick. A rate counted from the first frame
+    # cannot overshoot at the start, as one counted from the run's start can.
+    timeline: List[tuple] = field(default_factory=list)
+    first_in_timeline: bool = False
 
     @property
     def id(self) -> str:
@@ -320,9 +327,21 @@ class Run:
         return self.options.clock() - self.started_at
 
     def tick(self) -> None:
-        t = self.elapsed()
         for run in self.sessions:
-            run.timeline.append((t, run.producer.accepted))
+            producer = run.producer
+            # The count first, the time after it: the producer sets first_accepted_at
+            # before it counts, so a count of 1 or more means that instant is known, and
+            # no point is ever stamped before a frame it counts.
+            accepted = producer.accepted
+            t = self.elapsed()
+            if accepted and not run.first_in_timeline:
+                assert producer.first_accepted_at is not None
+                t_first = producer.first_accepted_at - self.started_at
+                if run.timeline:
+                    t_first = max(t_first, run.timeline[-1][0])
+                run.timeline.append((t_first, 1))
+                run.first_in_timeline = True
+            run.timeline.append((t, accepted))
 
     def running(self) -> bool:
         # ended_at is set before the producer says it is done, so the loop below never
