@@ -24,10 +24,10 @@ fast the machine is. With --realtime each source is paced at its own fps and the
 sessions use the wall clock, as cameras always do. Latency is wall-clock time from
 store to receive either way.
 
-A session ends as
-done (read to its end), stopped (--seconds reached), interrupted, failed (the source
-could not be read, or the ingest config rejected every frame of it), or ended early
-(fewer frames than the file declares, or a camera that stopped sending).
+A session ends as done (read to its end), stopped (--seconds reached), interrupted,
+failed (the source could not be read, or the ingest config rejected every frame of
+it), or ended early (fewer frames than the file declares, or a camera that stopped
+sending).
 """
 
 from __future__ import annotations
