@@ -204,3 +204,37 @@ def test_python_dash_m_runs_the_demo():
     )
     assert proc.returncode == 0, proc.stderr
     assert "cam0" in proc.stdout and "accepted" in proc.stdout
+
+
+# -- small honesty fixes -------------------------------------------------------------
+@pytest.mark.parametrize("cameras, words", [("1", "1 session -"), ("2", "2 sessions -")])
+def test_session_count_is_pluralized(cameras, words, capsys):
+    assert cli.main(["demo", *TINY, "--cameras", cameras]) == 0
+    out = capsys.readouterr().out
+    assert words in out
+    assert "1 sessions" not in out
+
+
+@pytest.mark.parametrize("command", [None, *sorted(cli.COMMANDS)])
+def test_help_shows_no_rst_markup(command, capsys):
+    # The help texts come from docstrings, where ``name`` is markup, not text to show.
+    assert cli.main([command, "--help"] if command else ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out and "``" not in out
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_an_unknown_flag_shows_the_commands_own_usage(command, capsys):
+    assert cli.main([command, "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {cli.PROG} {command} ")
+    assert f"{cli.PROG} {command}: error: unrecognized arguments: --bogus" in err
+
+
+def test_demo_sessions_have_a_vision_sampler_by_default(tmp_path):
+    # The README promises each source of `make demo` a vision sampler, the demo step too.
+    code, summary = run_demo(tmp_path, "--sampler-interval", "0.1")
+    assert code == 0
+    for s in summary["sessions"]:
+        assert [sm["label"] for sm in s["samplers"]] == ["sampler"]
+        assert s["samplers"][0]["calls"] >= 1 and s["samplers"][0]["violations"] == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import stat
+import time
 
 import numpy as np
 import pytest
@@ -53,8 +55,10 @@ def videos(tmp_path_factory):
             container.mux(packet)
     short = root / "short.mp4"
     _sample.make_test_video(short, 64, 48, 30, 0.3)
+    five = root / "five-seconds.mp4"
+    _sample.make_test_video(five, 64, 48, 30, 5)
     return {"tiny": str(tiny), "cut": str(cut), "corrupt": str(corrupt), "unknown": str(unknown),
-            "audio": str(audio), "short": str(short), "root": root}
+            "audio": str(audio), "short": str(short), "five": str(five), "root": root}
 
 
 def decoded_frames(path):
@@ -150,6 +154,50 @@ def test_ingest_realtime_runs_to_the_end(videos, tmp_path):
     assert s["status"] == "done" and s["offered"] == 9
 
 
+def test_without_realtime_the_frame_interval_is_video_time(videos, tmp_path):
+    # 5 s of video decode in a fraction of that; 1 s between accepted frames is 1 s of
+    # the video's own time, so about one frame per second of video gets through.
+    code, summary = ingest(tmp_path, "--frame-interval", "1", videos["five"])
+    assert code == 0
+    (s,) = summary["sessions"]
+    assert (s["offered"], s["accepted"], s["rate_limited"]) == (150, 5, 145)
+    assert_counts_add_up(summary)
+
+
+def test_without_realtime_the_session_clock_follows_the_pts(videos, backend):
+    config = raw_config(frame_interval=1.0, max_recent_frames=10, max_frame_bytes=64 * 48 * 3)
+    options = RunOptions(backend=backend, subscribers=["fast", "slow", "sampler"], realtime=False,
+                         config=config, slow_work=0.01, sampler_interval=1.0)
+    (run,) = Run([VideoSource("five", videos["five"])], options).execute().sessions
+    stored = run.session.latest_visual_frames(1e6)
+    assert [f.frame_seq for f in stored] == [0, 30, 60, 90, 120]
+    stamps = [f.received_at for f in stored]
+    assert [b - a for a, b in zip(stamps, stamps[1:])] == [1.0] * 4
+    # The sampler calls at each second of video (1, 2, 3 and 4 s; the clip ends at
+    # 4.97 s), however fast it decodes, and each call sees the frames up to its second:
+    # 2, 3, 4 and 5 of them, the newest accepted exactly then (age 0).
+    (sampler,) = run.samplers
+    assert (sampler.calls, sampler.frames, sampler.empty_calls, sampler.violations) == (4, 14, 0, 0)
+    assert sampler.latency.max == 0.0
+    # Latency stays wall-clock time from store to receive, not video time.
+    for consumer in run.consumers:
+        assert consumer.latency.count == consumer.received > 0
+        assert consumer.latency.max < 5.0
+    (_, slow) = run.consumers
+    assert slow.latency.max > 0.0
+
+
+def test_realtime_keeps_the_wall_clock(videos, backend):
+    config = raw_config(frame_interval=0.0, max_recent_frames=9, max_frame_bytes=64 * 48 * 3)
+    options = RunOptions(backend=backend, subscribers=[], realtime=True, config=config)
+    (run,) = Run([VideoSource("short", videos["short"])], options).execute().sessions
+    stamps = [f.received_at for f in run.session.latest_visual_frames(1e6)]
+    assert len(stamps) == 9
+    # Paced at 30 fps on the wall clock: received_at is when each frame was stored.
+    assert stamps[-1] - stamps[0] == pytest.approx(8 / 30, abs=0.1)
+    assert stamps[-1] <= time.monotonic()
+
+
 def test_report_png_from_a_video_run(videos, tmp_path):
     pytest.importorskip("matplotlib")
     report = tmp_path / "report.png"
@@ -183,6 +231,18 @@ def test_a_bad_source_fails_alone(videos, tmp_path, capsys, name, status, fragme
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err_lines == [f"s0 {path}: {bad['message']}"]
     assert_counts_add_up(summary)
+
+
+def test_a_video_whose_every_frame_is_rejected_exits_1_with_one_line(videos, tmp_path, capsys):
+    pytest.importorskip("simplejpeg")
+    code, summary = ingest(tmp_path, "--jpeg", "--max-frame-bytes", "200", videos["tiny"])
+    assert code == 1
+    (s,) = summary["sessions"]
+    assert s["status"] == "failed" and (s["accepted"], s["rejected"]) == (0, FRAMES)
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith(f"s0 {videos['tiny']}: all {FRAMES} of {FRAMES} frames rejected by the ingest "
+                           "config; the first: frame 0: data is ")
+    assert line.endswith(" bytes, over max_frame_bytes=200")
 
 
 def test_a_cut_file_says_how_much_it_got(videos, tmp_path):
@@ -222,6 +282,16 @@ def test_sample_is_made_once_and_cached(small_sample):
     assert _sample.sample_video(logged.append) == path
     assert len(logged) == 1
     assert os.listdir(small_sample) == ["sample-small.mp4"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_sample_file_mode_follows_the_umask(small_sample, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = _sample.sample_video()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
 
 
 def test_ingest_sample_flag_and_pseudo_source(small_sample, tmp_path, capsys):

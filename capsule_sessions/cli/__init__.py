@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from ._errors import UsageError
 from ._extras import EXTRA_OF, MissingExtra, missing_message
@@ -49,7 +49,8 @@ def _selected(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _parser(selected: Optional[str], module) -> argparse.ArgumentParser:
+def _parser(selected: Optional[str], module) -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's own parser."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(
@@ -58,11 +59,12 @@ def _parser(selected: Optional[str], module) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = {}
     for name, (_, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = commands[name] = sub.add_parser(name, help=help_text, description=help_text)
         if name == selected and module is not None:
             module.add_arguments(command)
-    return parser
+    return parser, commands
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -74,9 +76,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, MissingExtra) as exc:
         print(f"{PROG} {selected}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    parser = _parser(selected, module)
+    parser, commands = _parser(selected, module)
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            # argparse hands a command's unknown flags up to the top-level parser, whose
+            # usage says nothing about that command's flags: let the command complain.
+            commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # argparse has printed usage and the message
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from typing import Callable, List, Tuple
 
 from .. import available_backends
@@ -15,10 +16,19 @@ from ._errors import UsageError
 EXIT_CODES = """exit status:
   0    every source was read to its end (or for --seconds)
   1    at least one source failed (missing, corrupt, unsupported codec, ended
-       early, no camera); the other sessions still ran
+       early, no camera, or every frame rejected by the ingest config); the
+       other sessions still ran
   2    usage error: a bad flag or SOURCE, or a needed optional extra is missing
   3    the run's counts did not add up (a bug worth reporting)
   130  interrupted (Ctrl-C)"""
+
+
+_LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+
+
+def plain(text: str) -> str:
+    """A docstring's text as help: ``name`` is reST markup there, shown as name."""
+    return _LITERAL.sub(r"\1", text)
 
 
 def _number(text: str, kind: Callable, what: str) -> float:

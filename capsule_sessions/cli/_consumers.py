@@ -7,8 +7,10 @@
 - ``sampler``: no subscription; every ``interval`` it takes
   ``latest_visual_frames(ttl)``, as the Go server does before each LLM call.
 
-Latency is the consumer's clock at receive minus ``frame.received_at`` (the session's
-clock when the frame was stored); both are ``time.monotonic`` unless a clock is injected.
+Latency is the consumer's clock at receive minus the instant of the store: the frame's
+``received_at`` (the session's clock then), or, for a session on video time whose
+``received_at`` is the stream's pts, the wall-clock instant the producer noted for that
+frame_seq (``stored_at``). Both clocks are ``time.monotonic`` unless one is injected.
 """
 
 from __future__ import annotations
@@ -63,10 +65,12 @@ class Consumer:
     """Shared bookkeeping of the subscription consumers (fast, slow, async)."""
 
     def __init__(self, spec: SubscriberSpec, subscription: Any, *, clock: Callable[[], float] = time.monotonic,
-                 verify_stamp: bool = False) -> None:
+                 verify_stamp: bool = False, stored_at: Optional[Callable[[Any], Optional[float]]] = None) -> None:
         self.spec = spec
         self.subscription = subscription
         self.clock = clock
+        self.stored_at = stored_at
+        self.untimed = 0  # frames whose store instant was no longer known
         self.verify_stamp = verify_stamp
         self.latency = LatencyHistogram()
         self.received = 0
@@ -78,7 +82,12 @@ class Consumer:
         return self.spec.label
 
     def on_frame(self, frame: Any) -> None:
-        self.latency.record(self.clock() - frame.received_at)
+        now = self.clock()
+        stored = frame.received_at if self.stored_at is None else self.stored_at(frame)
+        if stored is None:
+            self.untimed += 1
+        else:
+            self.latency.record(now - stored)
         self.received += 1
         if self.verify_stamp and frame.data.nbytes >= 8 and not stamp_matches(frame):
             self.integrity_errors += 1
@@ -157,12 +166,18 @@ class VisionSampler:
     """
 
     def __init__(self, spec: SubscriberSpec, session: Any, *, ttl: float, interval: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, stream_clock: Any = None) -> None:
         self.spec = spec
         self.session = session
         self.ttl = ttl
         self.interval = interval
         self.clock = clock
+        # Set (a StreamClock): the session is on video time, and the sampler calls at
+        # every ``interval`` seconds of video, however fast the video is read.
+        self.stream_clock = stream_clock
+        if stream_clock is not None:
+            # Before any thread starts, so the producer cannot pass the first call.
+            stream_clock.expect(self, stream_clock.origin + interval)
         self.latency = LatencyHistogram()  # age of the newest frame per call
         self.calls = 0
         self.frames = 0
@@ -194,8 +209,21 @@ class VisionSampler:
 
     def _run(self) -> None:
         try:
-            while not self._stop.wait(self.interval):
-                self.sample()
+            if self.stream_clock is None:
+                while not self._stop.wait(self.interval):
+                    self.sample()
+                return
+            clock, calls = self.stream_clock, 0
+            try:
+                while True:
+                    calls += 1
+                    due = clock.origin + calls * self.interval
+                    clock.expect(self, due)
+                    if not clock.wait_until(due, self._stop):
+                        return
+                    self.sample(due)
+            finally:
+                clock.forget(self)
         except BaseException as exc:
             self.error = exc
 
@@ -204,6 +232,8 @@ class VisionSampler:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.stream_clock is not None:
+            self.stream_clock.wake()
 
     def join(self, timeout: Optional[float] = None) -> None:
         if self.thread.is_alive():

@@ -4,6 +4,10 @@ With rich (optional extra ``cli``) on a terminal the live view is a table redraw
 times a second; otherwise (no rich, output piped) a plain line per session every second
 on stderr. The summary tables go to stdout, drawn by rich when it is installed and as
 aligned plain text when it is not.
+
+A rich table never cuts a number short: at the terminal's width it is one table when it
+fits, else its columns are split into groups shown one under the other, each repeating
+the session (and subscriber) column; text such as a file name wraps instead.
 """
 
 from __future__ import annotations
@@ -25,16 +29,28 @@ def _fmt_int(value: int) -> str:
     return f"{value:,}"
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 session``, ``2 sessions``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _dropped_header(label: str) -> str:
+    return f"dropped\n{label}"
+
+
 def _live_rows(run: Any) -> tuple:
     """Headers and one row per session from the running state (read without locks)."""
     rejected = run.options.config is not None
     headers = ["session", "source", "status", "time s", "fps", "accepted", "rate-limited"]
     headers += ["rejected"] if rejected else []
-    headers += ["dropped per subscriber", "p50 ms", "p99 ms"]
+    # Every session has the same subscribers: one column of drops for each.
+    labels = [c.label for c in run.sessions[0].consumers] if run.sessions else []
+    headers += [_dropped_header(label) for label in labels]
+    headers += ["p50 ms", "p99 ms"]
     rows = []
     for s in run.sessions:
         producer = s.producer
-        drops = " ".join(f"{c.label} {c.subscription.dropped}" for c in s.consumers) or "-"
+        drops = [_fmt_int(c.subscription.dropped) for c in s.consumers]
         timed = next((c for c in s.consumers if c.spec.kind == "fast"), s.consumers[0] if s.consumers else None)
         p50 = p99 = None
         if timed is not None:
@@ -44,7 +60,7 @@ def _live_rows(run: Any) -> tuple:
         row = [s.id, s.source.label, status, f"{producer.active_seconds:.1f}", f"{s.recent_fps():.1f}",
                _fmt_int(producer.accepted), _fmt_int(producer.rate_limited)]
         row += [_fmt_int(producer.rejected)] if rejected else []
-        row += [drops, _fmt_ms(None if p50 is None else p50 * 1e3), _fmt_ms(None if p99 is None else p99 * 1e3)]
+        row += drops + [_fmt_ms(None if p50 is None else p50 * 1e3), _fmt_ms(None if p99 is None else p99 * 1e3)]
         rows.append(row)
     return headers, rows
 
@@ -53,14 +69,14 @@ def session_table(summary: dict) -> tuple:
     headers = ["session", "source", "status", "offered", "accepted", "rate-limited"]
     if summary["uses_config"]:
         headers.append("rejected")
-    headers += ["fps", "MB/s", "backend"]
+    headers += ["fps", "MB/s"]  # the backend is in the title: one for the whole run
     rows = []
     for s in summary["sessions"]:
         row = [s["id"], s["source"], s["status"], _fmt_int(s["offered"]), _fmt_int(s["accepted"]),
                _fmt_int(s["rate_limited"])]
         if summary["uses_config"]:
             row.append(_fmt_int(s["rejected"]))
-        row += [f"{s['fps']:.1f}", f"{s['mb_per_s']:.1f}", summary["backend"]]
+        row += [f"{s['fps']:.1f}", f"{s['mb_per_s']:.1f}"]
         rows.append(row)
     return headers, rows
 
@@ -82,7 +98,7 @@ def subscriber_table(summary: dict) -> tuple:
             age = sampler["newest_age_ms"]
             rows.append([s["id"] if first else "", sampler["label"],
                          f"latest(ttl={sampler['ttl']:g}s)/{sampler['interval']:g}s",
-                         f"{_fmt_int(sampler['frames'])} in {sampler['calls']} calls", "-", "-",
+                         f"{_fmt_int(sampler['frames'])} in {_fmt_int(sampler['calls'])} calls", "-", "-",
                          _fmt_ms(age["p50"]), _fmt_ms(age["p99"]), _fmt_ms(age["max"])])
             first = False
     return headers, rows, starts
@@ -97,8 +113,12 @@ def footnotes(summary: dict) -> List[str]:
         if s["message"]:
             text += f" - {s['status']}: {s['message']}"
         notes.append(text)
-    notes.append("latency: session clock at receive - frame.received_at (time.monotonic); "
-                 "a sampler's p50/p99 is the age of the newest frame latest_visual_frames() returned")
+    notes.append("latency: time.monotonic at receive - at store; a sampler's p50/p99 is the age of the "
+                 "newest frame latest_visual_frames() returned, on the session's clock")
+    on_video_time = [s["id"] for s in summary["sessions"] if s["clock"] == "video"]
+    if on_video_time:
+        notes.append(f"video time: the clock of {', '.join(on_video_time)} follows the stream's timestamps (pts), "
+                     "so the rate limit, ttl and sampler interval there are seconds of video")
     problems = summary["accounting_problems"]
     if problems:
         notes += [f"ACCOUNTING ERROR {p}" for p in problems]
@@ -108,8 +128,25 @@ def footnotes(summary: dict) -> List[str]:
     return notes
 
 
+# Columns of words, which may wrap; every other column holds one number per cell.
+_TEXT = ("source", "status", "queue")
+# The columns that say what a row is about, repeated in every group of columns.
+_KEYS = ("session", "subscriber")
+# The narrowest a text column is squeezed to before the columns are split in groups.
+_TEXT_MIN = 22
+# Neighbouring columns that read together stay in one group when the table is split.
+_BLOCK_OF = {"source": "what", "status": "what", "time s": "rate", "fps": "rate", "MB/s": "rate",
+             "offered": "counts", "accepted": "counts", "rate-limited": "counts", "rejected": "counts",
+             "delivered": "counts", "dropped": "counts", "queued": "counts",
+             "p50 ms": "latency", "p99 ms": "latency", "max ms": "latency"}
+
+
+def _block(header: str) -> str:
+    return "drops" if header.startswith("dropped\n") else _BLOCK_OF.get(header, header)
+
+
 def _numeric(header: str) -> bool:
-    return header not in ("session", "source", "status", "subscriber", "queue", "backend")
+    return header not in _TEXT and header not in _KEYS
 
 
 def plain_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
@@ -129,24 +166,96 @@ def plain_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
     return "\n".join(lines)
 
 
-def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
-                starts: Sequence[int] = ()) -> Any:
+def _table(title: Optional[str], headers: Sequence[str], widths: Optional[Sequence[int]] = None) -> Any:
     from rich import box
     from rich.table import Table
-    from rich.text import Text
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for header in headers:
-        if _numeric(header):
-            table.add_column(header, justify="right", no_wrap=True)
-        elif header == "source":
-            table.add_column(header, overflow="ellipsis", max_width=28, no_wrap=True)
+    # Padding on the right only: two spaces between columns instead of three.
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, padding=(0, 1, 0, 0))
+    for i, header in enumerate(headers):
+        width = None if widths is None else widths[i]
+        if header in _TEXT:
+            # Words wrap and a long file name folds: a cell is never cut short.
+            table.add_column(header, overflow="fold", width=width)
         else:
-            table.add_column(header, no_wrap=header != "status")
-    for i, row in enumerate(rows):
-        # Text, not str: a file name like "cam[1].mp4" is not rich markup.
-        table.add_row(*(Text(cell) for cell in row), end_section=(i + 1) in starts)
+            table.add_column(header, justify="left" if header in _KEYS else "right", no_wrap=True, width=width)
     return table
+
+
+def _needs(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> List[int]:
+    """The width each column needs: all of it for numbers, up to _TEXT_MIN for text."""
+    from rich.cells import cell_len
+
+    needs = []
+    for i, header in enumerate(headers):
+        natural = max([cell_len(line) for line in header.split("\n")] + [cell_len(row[i]) for row in rows])
+        needs.append(min(natural, _TEXT_MIN) if header in _TEXT else natural)
+    return needs
+
+
+def column_groups(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int, console: Any) -> List[List[int]]:
+    """The columns to show as one table, or split in groups (each with the key columns
+    first) so that every number fits whole in ``width``. Columns that read together
+    (the counts, the drops, the latencies) move to the next group together, unless
+    they do not fit in one group at all."""
+    needs = _needs(headers, rows)
+    keys = [i for i, header in enumerate(headers) if header in _KEYS]
+
+    def fits(columns: List[int]) -> bool:
+        skeleton = _table(None, [headers[i] for i in columns], [needs[i] for i in columns])
+        return console.measure(skeleton, options=console.options.update_width(10_000)).maximum <= width
+
+    blocks: List[List[int]] = []
+    for i, header in enumerate(headers):
+        if i in keys:
+            continue
+        if blocks and _block(headers[blocks[-1][-1]]) == _block(header):
+            blocks[-1].append(i)
+        else:
+            blocks.append([i])
+    groups: List[List[int]] = []
+    current = list(keys)
+    for block in blocks:
+        if fits(current + block):
+            current += block
+            continue
+        if len(current) > len(keys):
+            groups.append(current)
+            current = list(keys)
+        for i in block:  # column by column: a block too wide for a group of its own
+            if len(current) > len(keys) and not fits(current + [i]):
+                groups.append(current)
+                current = list(keys)
+            current.append(i)
+    groups.append(current)
+    return groups
+
+
+class FittedTables:
+    """A table that keeps every number whole at the console's width: as one table when
+    it fits, else as groups of columns one under the other, each group repeating the
+    key columns (session, subscriber). Laid out when rendered, so a live view follows
+    the terminal as it is resized."""
+
+    def __init__(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
+                 starts: Sequence[int] = ()) -> None:
+        self.title, self.headers, self.rows, self.starts = title, list(headers), [list(r) for r in rows], starts
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.text import Text
+
+        groups = column_groups(self.headers, self.rows, options.max_width, console)
+        for n, columns in enumerate(groups):
+            table = _table(self.title if n == 0 else None, [self.headers[i] for i in columns])
+            for i, row in enumerate(self.rows):
+                # Text, not str: a file name like "cam[1].mp4" is not rich markup.
+                table.add_row(*(Text(row[c]) for c in columns), end_section=(i + 1) in self.starts)
+            yield table
+
+
+def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
+                starts: Sequence[int] = ()) -> Any:
+    return FittedTables(title, headers, rows, starts)
 
 
 def _console(stderr: bool = False) -> Any:
@@ -171,7 +280,7 @@ def print_summary(summary: dict, *, title: str, use_rich: Optional[bool] = None,
         console.print(_rich_table("Subscribers", *subscribers))
         for note in notes:
             style = "bold red" if note.startswith("ACCOUNTING ERROR") else "dim"
-            console.print(note, style=style, markup=False, highlight=False, soft_wrap=True)
+            console.print(note, style=style, markup=False, highlight=False, overflow="fold")
         return
     out(plain_table(title, *sessions))
     out("")
@@ -228,10 +337,11 @@ class PlainDisplay(_Display):
             if s.producer.status != "running":  # failures were reported as they happened
                 continue
             cells = dict(zip(headers, row))
+            drops = " ".join(f"{c.label} {cells[_dropped_header(c.label)]}" for c in s.consumers) or "-"
             print(f"[{elapsed:6.1f}s] {cells['session']}: {cells['fps']} fps, "
                   f"accepted {cells['accepted']}, rate-limited {cells['rate-limited']}, "
                   + (f"rejected {cells['rejected']}, " if "rejected" in cells else "")
-                  + f"dropped {cells['dropped per subscriber']}, "
+                  + f"dropped {drops}, "
                   f"p50 {cells['p50 ms']} ms, p99 {cells['p99 ms']} ms", file=sys.stderr, flush=True)
 
 
@@ -290,4 +400,4 @@ def make_display(mode: str, title: str) -> _Display:
     return PlainDisplay()
 
 
-__all__ = ["MODES", "make_display", "print_summary", "plain_table"]
+__all__ = ["MODES", "counted", "make_display", "print_summary", "plain_table"]

@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from . import _report
-from ._display import make_display, print_summary
+from ._display import counted, make_display, print_summary
 from ._runner import Run, RunOptions
 from ._sources import Source
 from ._summary import summarize
@@ -33,7 +33,7 @@ def run_job(command: str, sources: Sequence[Source], options: RunOptions, args: 
     finally:
         display.stop(run)
     summary = summarize(result, command=command)
-    print_summary(summary, title=f"{title} - backend {result.backend} - {len(result.sessions)} sessions - "
+    print_summary(summary, title=f"{title} - backend {result.backend} - {counted(len(result.sessions), 'session')} - "
                                  f"{result.seconds:.1f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

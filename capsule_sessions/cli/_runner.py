@@ -22,6 +22,7 @@ from ._consumers import AsyncConsumer, AsyncLoop, Consumer, ThreadConsumer, Visi
 from ._errors import SourceError
 from ._extras import MissingExtra, require
 from ._sources import Source
+from ._streamtime import StoreTimes, StreamClock
 
 RAW_MIME = "video/x-raw-rgb"
 JPEG_MIME = "image/jpeg"
@@ -33,6 +34,7 @@ class RunOptions:
     subscribers: Sequence[str] = ("fast", "slow", "async")
     max_recent: int = 2
     min_interval: float = 0.0
+    # False: sources other than cameras are read flat out, on video time (_streamtime).
     realtime: bool = True
     # A wall-clock limit for every source; live sources (cameras) without it run for
     # live_seconds.
@@ -55,10 +57,14 @@ class Producer:
     """Reads one source on its own thread and stores every frame into one session."""
 
     def __init__(self, session: Any, source: Source, options: RunOptions, stop: threading.Event,
-                 notify: Callable[["Producer"], None]) -> None:
+                 notify: Callable[["Producer"], None], stream_clock: Optional[StreamClock] = None) -> None:
         self.session = session
         self.source = source
         self.options = options
+        # Set: the session runs on video time (see _streamtime), and the wall-clock
+        # instant of each store is kept for the consumers' latency.
+        self.stream_clock = stream_clock
+        self.store_times = StoreTimes() if stream_clock is not None else None
         self._stop = stop
         self._notify = notify
         self.offered = 0
@@ -69,15 +75,20 @@ class Producer:
         self.status = "starting"
         self.message = ""
         self.first_reject = ""
+        self.first_reject_reason = ""
+        self.all_rejected = False
         self.started_at: Optional[float] = None
         self.ended_at: Optional[float] = None
+        self.first_accepted_at: Optional[float] = None  # wall clock, after its store returned
         self.failed = False
         self.thread = threading.Thread(target=self._run, name=f"producer-{session.id}", daemon=True)
 
     # -- the store strategies ---------------------------------------------------
-    def _store_function(self) -> Callable[[Any, int, float], tuple]:
+    def _store_function(self) -> Callable[[Any, int, float, Optional[float]], tuple]:
         options, session, label = self.options, self.session, self.source.label
         config = options.config
+        wall = options.clock
+        mark = self.store_times.put if self.store_times is not None else None
         encode = None
         if options.jpeg_quality is not None:
             simplejpeg = require("simplejpeg", "--jpeg")
@@ -91,23 +102,27 @@ class Producer:
             store_frame = session.store_frame
             max_recent, min_interval = options.max_recent, options.min_interval
 
-            def store(rgb: Any, seq: int, t: float) -> tuple:
+            def store(rgb: Any, seq: int, t: float, now: Optional[float]) -> tuple:
                 height, width = rgb.shape[:2]
+                if mark is not None:
+                    mark(seq, wall())
                 ok = store_frame(rgb, source=label, max_recent=max_recent, min_interval=min_interval,
                                  mime_type=mime, width=width, height=height,
-                                 timestamp_ms=int(t * 1000), frame_seq=seq)
+                                 timestamp_ms=int(t * 1000), frame_seq=seq, now=now)
                 return ok, rgb.nbytes
 
             return store
 
-        def store_checked(rgb: Any, seq: int, t: float) -> tuple:
+        def store_checked(rgb: Any, seq: int, t: float, now: Optional[float]) -> tuple:
             height, width = rgb.shape[:2]
             data = rgb if encode is None else encode(rgb)
             frame = VisualFrame(data, mime, width, height, label, int(t * 1000), seq)
+            if mark is not None:
+                mark(seq, wall())
             if config is None:
-                ok = session.store_visual_frame(frame, options.max_recent, options.min_interval)
+                ok = session.store_visual_frame(frame, options.max_recent, options.min_interval, now)
             else:
-                ok = session.ingest_visual_frame(frame, config)
+                ok = session.ingest_visual_frame(frame, config, now)
             return ok, (rgb.nbytes if encode is None else len(data))
 
         return store_checked
@@ -142,10 +157,17 @@ class Producer:
                 if deadline is not None and clock() >= deadline:
                     stopped = "stopped"
                     break
-                self._store_one(store, rgb, seq, t)
+                now = None if self.stream_clock is None else self.stream_clock.advance(t)
+                self._store_one(store, rgb, seq, t, now)
             self.status = stopped or "done"
             expected = source.expected_frames
-            if not stopped and expected and self.offered < expected - max(1, expected // 100):
+            if self.offered and self.rejected == self.offered:
+                # Nothing of this source reached its session: whatever the reason, the
+                # run did not do what was asked of it for this source.
+                self.all_rejected = True
+                self._fail(f"all {self.rejected} of {self.offered} frames rejected by the ingest config; "
+                           f"the first: {self.first_reject_reason}")
+            elif not stopped and expected and self.offered < expected - max(1, expected // 100):
                 self._fail(f"ended early after {self.offered} of {expected} frames")
             elif not stopped and source.live and deadline is not None:
                 # A camera has no end of its own: it stopped sending (unplugged, taken).
@@ -157,23 +179,29 @@ class Producer:
             self._fail(f"unexpected {type(exc).__name__}: {exc}")
         finally:
             source.close()
+            if self.stream_clock is not None:
+                self.stream_clock.end()
             self.ended_at = clock()
             if self.started_at is None:
                 self.started_at = self.ended_at
             self._notify(self)
 
-    def _store_one(self, store: Callable[[Any, int, float], tuple], rgb: Any, seq: int, t: float) -> None:
+    def _store_one(self, store: Callable[[Any, int, float, Optional[float]], tuple], rgb: Any, seq: int, t: float,
+                   now: Optional[float]) -> None:
         self.offered += 1
         try:
-            ok, nbytes = store(rgb, seq, t)
+            ok, nbytes = store(rgb, seq, t, now)
         except ValueError as exc:
             if self.options.config is None:  # only the ingest config may turn frames down
                 raise
             self.rejected += 1
             if not self.first_reject:
+                self.first_reject_reason = f"frame {seq}: {exc}"
                 self.first_reject = f"frame {seq} rejected by the ingest config: {exc}"
             return
         if ok:
+            if not self.accepted:
+                self.first_accepted_at = self.options.clock()
             self.accepted += 1
             self.bytes += nbytes
         else:
@@ -201,7 +229,11 @@ class SessionRun:
     producer: Producer
     consumers: List[Consumer] = field(default_factory=list)
     samplers: List[VisionSampler] = field(default_factory=list)
-    timeline: List[tuple] = field(default_factory=list)  # (seconds since start, accepted)
+    # (seconds since the run started, frames accepted by then): the instant of the first
+    # accepted frame with 1, then one point per tick. A rate counted from the first frame
+    # cannot overshoot at the start, as one counted from the run's start can.
+    timeline: List[tuple] = field(default_factory=list)
+    first_in_timeline: bool = False
 
     @property
     def id(self) -> str:
@@ -248,16 +280,22 @@ class Run:
         stamped_raw = options.jpeg_quality is None
         for index, source in enumerate(sources):
             session = self.manager.create(f"{options.session_prefix}{index}")
-            producer = Producer(session, source, options, self._stop, self._producer_done)
+            # A camera is paced by its own capture, and --realtime paces the others: both
+            # run on the wall clock. Everything else is read flat out, on video time.
+            stream_clock = None if options.realtime or source.live else StreamClock(options.clock)
+            producer = Producer(session, source, options, self._stop, self._producer_done, stream_clock)
             run = SessionRun(session, source, producer)
+            stored_at = None if producer.store_times is None else producer.store_times.get
             for spec in specs:
                 if spec.kind == "sampler":
                     run.samplers.append(VisionSampler(spec, session, ttl=options.ttl,
-                                                      interval=options.sampler_interval, clock=options.clock))
+                                                      interval=options.sampler_interval,
+                                                      clock=stream_clock or options.clock, stream_clock=stream_clock))
                     continue
                 sub = session.subscribe_visual_frames(spec.buffer, policy=spec.policy)
                 cls = AsyncConsumer if spec.kind == "async" else ThreadConsumer
-                consumer = cls(spec, sub, clock=options.clock, verify_stamp=stamped_raw and source.stamped)
+                consumer = cls(spec, sub, clock=options.clock, verify_stamp=stamped_raw and source.stamped,
+                               stored_at=stored_at)
                 run.consumers.append(consumer)
                 if isinstance(consumer, AsyncConsumer):
                     async_consumers.append(consumer)
@@ -269,7 +307,7 @@ class Run:
     def _producer_done(self, producer: Producer) -> None:
         if producer.failed:
             self.on_message(f"{producer.session.id} {producer.source.label}: {producer.message}")
-        if producer.first_reject:
+        if producer.first_reject and not producer.all_rejected:  # else the failure says it
             self.on_message(f"{producer.session.id} {producer.source.label}: warning: {producer.first_reject}")
         self._changed.set()
 
@@ -289,9 +327,21 @@ class Run:
         return self.options.clock() - self.started_at
 
     def tick(self) -> None:
-        t = self.elapsed()
         for run in self.sessions:
-            run.timeline.append((t, run.producer.accepted))
+            producer = run.producer
+            # The count first, the time after it: the producer sets first_accepted_at
+            # before it counts, so a count of 1 or more means that instant is known, and
+            # no point is ever stamped before a frame it counts.
+            accepted = producer.accepted
+            t = self.elapsed()
+            if accepted and not run.first_in_timeline:
+                assert producer.first_accepted_at is not None
+                t_first = producer.first_accepted_at - self.started_at
+                if run.timeline:
+                    t_first = max(t_first, run.timeline[-1][0])
+                run.timeline.append((t_first, 1))
+                run.first_in_timeline = True
+            run.timeline.append((t, accepted))
 
     def running(self) -> bool:
         # ended_at is set before the producer says it is done, so the loop below never

@@ -8,7 +8,7 @@ in the current directory, or under ``$CAPSULE_SESSIONS_CACHE``.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -74,6 +74,19 @@ def make_test_video(path: "os.PathLike[str] | str", width: int, height: int, fps
     return codec
 
 
+def _new_file(directory: Path, prefix: str, suffix: str) -> str:
+    """A new empty file in ``directory``, with the mode the umask gives (``mkstemp``
+    would make it 0600, and the sample is no secret)."""
+    while True:
+        path = directory / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(path)
+
+
 def sample_video(log: Callable[[str], None] = lambda text: None) -> str:
     """The cached sample video's path, making it first when it is not there yet."""
     directory = cache_dir()
@@ -86,8 +99,7 @@ def sample_video(log: Callable[[str], None] = lambda text: None) -> str:
         f"{SAMPLE_SECONDS} s, {CODEC_NAMES.get(codec, codec)} -> {path}")
     # Encode beside the target and rename: an interrupted first run leaves no half file
     # that a later run would take for the sample.
-    fd, tmp = tempfile.mkstemp(prefix=".sample-", suffix=".mp4", dir=directory)
-    os.close(fd)
+    tmp = _new_file(directory, ".sample-", ".mp4")
     try:
         make_test_video(tmp, SAMPLE_WIDTH, SAMPLE_HEIGHT, SAMPLE_FPS, SAMPLE_SECONDS, codec=codec)
         os.replace(tmp, path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, seconds, size
+from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, plain, seconds, size
 from ._errors import UsageError
 from ._runner import RunOptions
 from ._sources import SyntheticSource
@@ -20,7 +20,7 @@ MAX_PRECOMPUTED_BYTES = 2 << 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n", 1)[1]
+    parser.description = plain(__doc__.split("\n\n", 1)[1])
     parser.epilog = EXIT_CODES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--cameras", type=int_at_least(1, 64), default=4, metavar="N",
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rate limit: least time between accepted frames (default: 0)")
     parser.add_argument("--max-recent", type=int_at_least(1, 1 << 20), default=2, metavar="N",
                         help="frames each session's ring keeps (default: 2)")
-    add_common_arguments(parser, default_subscribers="fast,slow,async", default_seconds=5.0,
+    add_common_arguments(parser, default_subscribers="fast,slow,async,sampler", default_seconds=5.0,
                          seconds_help="how long the cameras run (default: 5)")
 
 

@@ -15,9 +15,19 @@ SOURCE is one of:
                           --seconds, default 10)
 
 Frames larger than --max-width x --max-height are scaled down to fit (aspect kept).
-Without --realtime sources are read as fast as decoding allows. A session ends as
-done (read to its end), stopped (--seconds reached), interrupted, failed, or ended
-early (fewer frames than the file declares, or a camera that stopped sending).
+
+Video time: without --realtime, files, URLs and synthetic sources are read as fast as
+they decode, and each such session's clock follows the stream's timestamps (pts), not
+the wall clock: --frame-interval, --ttl, --sampler-interval and the frames' received_at
+are seconds of video, so a 10 s clip with --frame-interval 1 gives 10 frames however
+fast the machine is. With --realtime each source is paced at its own fps and the
+sessions use the wall clock, as cameras always do. Latency is wall-clock time from
+store to receive either way.
+
+A session ends as done (read to its end), stopped (--seconds reached), interrupted,
+failed (the source could not be read, or the ingest config rejected every frame of
+it), or ended early (fewer frames than the file declares, or a camera that stopped
+sending).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import argparse
 import sys
 from typing import List
 
-from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, seconds
+from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, plain, seconds
 from ._errors import UsageError
 from ._extras import require
 from ._runner import JPEG_MIME, RAW_MIME, RunOptions
@@ -37,17 +47,20 @@ GO_MAX_FRAME_BYTES = 1_048_576
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n", 1)[1]
+    parser.description = plain(__doc__.split("\n\n", 1)[1])
     parser.epilog = EXIT_CODES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("sources", nargs="*", metavar="SOURCE", help="what to ingest (see above)")
     parser.add_argument("--sample", action="store_true", help="add the built-in sample video as a SOURCE")
-    parser.add_argument("--realtime", action="store_true", help="pace each source at its own fps")
+    parser.add_argument("--realtime", action="store_true",
+                        help="pace each source at its own fps, on the wall clock (default: read files, URLs "
+                             "and synthetic sources flat out, on video time; see above)")
     parser.add_argument("--jpeg", action="store_true", help="send JPEG (simplejpeg) instead of raw RGB")
     parser.add_argument("--jpeg-quality", type=int_at_least(1, 100), default=85, metavar="Q",
                         help="JPEG quality 1..100 (default: 85)")
     parser.add_argument("--frame-interval", type=seconds(allow_zero=True), default=0.0, metavar="S",
-                        help="rate limit: least time between accepted frames (default: 0; the Go server uses 1)")
+                        help="rate limit: least seconds between accepted frames, of video unless --realtime "
+                             "(default: 0; the Go server uses 1)")
     parser.add_argument("--max-recent", type=int_at_least(1, 1 << 20), default=2, metavar="N",
                         help="frames each session keeps (default: 2)")
     parser.add_argument("--ttl", type=seconds(allow_zero=True), default=10.0, metavar="S",
