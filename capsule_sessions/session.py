@@ -230,7 +230,7 @@ class Session:
     def store_frame(self, data: Any, *, source: str, max_recent: int, min_interval: Any = 0.0,
                     mime_type: str = "", width: int = 0, height: int = 0, timestamp_ms: int = 0,
                     frame_seq: int = 0, now: Any = None) -> bool:
-        """Store one frame's bytes (one copy); False when rate-limited. See SPEC."""
+        """Store one frame's bytes (one copy); False when rate-limited. See docs/spec.md."""
         return self._ring.store_frame(data, source=source, max_recent=max_recent, min_interval=min_interval,
                                       mime_type=mime_type, width=width, height=height,
                                       timestamp_ms=timestamp_ms, frame_seq=frame_seq, now=now)
