@@ -24,11 +24,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import gc
 import json
 import math
 import os
 import queue
 import sys
+import threading
+import weakref
 from decimal import Decimal
 from fractions import Fraction
 
@@ -48,7 +51,8 @@ from capsule_sessions import (
     VisualInputConfig,
     available_backends,
 )
-from support import FakeClock
+from capsule_sessions.errors import REENTERED_MESSAGE
+from support import FakeClock, payload
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -780,3 +784,192 @@ def test_absurd_broadcast_view_is_refused_and_changes_nothing(twins):
             session.store_frame(data, source="cam", max_recent=2)
         assert state(session, subs) == before
         assert session.store_frame(b"after", source="cam", max_recent=2)  # no lock left held
+
+
+# == hardening: what found the bugs of the hardening issue ============================
+#
+# The sections below drive both twins with what broke them once: weak references to
+# handed-out arrays, records edited behind the API, PIL-style and 0..128-dimensional
+# buffers, number and text subclasses with lying hooks, finalizers and Ctrl-C that call
+# back into (or interrupt) a session in the middle of a call. Where the twins may only
+# differ in timing (a re-entered call completes on one and raises RuntimeError on the
+# other), invariants are compared instead of outcomes: the books balance, nothing hangs,
+# the session stays usable.
+
+
+# -- weak references to handed-out arrays, records edited behind the API --------------
+
+# What object.__setattr__ (the one way past VisualFrame's immutability) may write.
+RECORD_EDITS = [
+    ("data", None), ("data", np.zeros(3, np.uint8)), ("data", b"forged"), ("received_at", -1e9),
+    ("received_at", math.nan), ("source", "forged"), ("source", None), ("frame_seq", -7),
+    ("width", 2**40), ("mime_type", None), ("timestamp_ms", "x"),
+]
+HELD_SIZES = [0, 1, 8, 100, 4096, 16384, 70000]  # 16384 and up: the GIL-free copy
+HOW_HELD = ["weak", "weak", "hold", "edit", "edit", "edit_hold", "forget"]
+
+_held_store = st.tuples(st.just("store"), st.sampled_from(["cam", "cam", "cam", "other"]), st.sampled_from(HELD_SIZES),
+                        st.sampled_from([1, 1, 2, 3]), st.sampled_from([0, 1, 1, 2]))  # max_recent, clock step
+_held_latest = st.tuples(st.just("latest"), st.sampled_from(HOW_HELD), st.integers(0, 7), st.sampled_from(RECORD_EDITS))
+_held_get = st.tuples(st.just("get"), st.integers(0, 3), st.sampled_from(HOW_HELD), st.sampled_from(RECORD_EDITS))
+_held_other = st.one_of(
+    st.none(), st.none(), _held_latest, _held_get,
+    st.tuples(st.just("deref"), st.booleans()),
+    st.tuples(st.just("gc")),
+    st.tuples(st.just("feed_back"), st.integers(0, 7)),
+    st.tuples(st.just("release"), st.integers(0, 7)),
+    st.tuples(st.just("subscribe"), st.integers(1, 4), st.sampled_from(["drop_newest", "drop_oldest"])),
+    st.tuples(st.just("close"), st.integers(0, 3)),
+)
+# Rounds of (a store, a read that keeps, edits or forgets what it got, something else),
+# so that most frames a reader kept or edited are evicted by later stores.
+held_programs = st.lists(st.tuples(_held_store, st.one_of(_held_latest, _held_get), _held_other),
+                         min_size=2, max_size=12).map(
+    lambda rounds: [op for round_ in rounds for op in round_ if op is not None])
+
+
+class HeldFrames:
+    """What a reader keeps of the frames one twin handed out, and what their bytes were.
+
+    ``expected`` maps frame_seq to the bytes stored under it (each store has its own
+    frame_seq). Edited records are remembered with the key they had before the edit: a
+    reader that is handed the same (edited) object again compares as the original, so
+    the twins stay comparable while the bytes and the books are still checked."""
+
+    def __init__(self) -> None:
+        self.expected: dict = {}
+        self.weak: list = []       # (weakref to frame.data, bytes it must have if alive)
+        self.held: list = []       # (array, bytes it must keep)
+        self.edited: dict = {}     # id(frame) -> (frame, key before the edit, its array)
+        self.resurrected = 0
+
+    def key(self, frame) -> tuple:
+        if id(frame) in self.edited:
+            return self.edited[id(frame)][1]
+        k = frame_key(frame)
+        assert k[-1] == self.expected[frame.frame_seq], f"frame {frame.frame_seq} carries foreign bytes"
+        return k
+
+    def take(self, frame, how: str, edit) -> None:
+        if id(frame) in self.edited:
+            # Handed out again after an edit (the pure twin shares one record between
+            # latest readers and subscribers, the compiled one makes one per fan-out): the
+            # fields are ours now, so the reader keeps the array the record had.
+            _, key, array = self.edited[id(frame)]
+            frame_data = array
+        else:
+            key, frame_data = None, frame.data
+        want = self.expected[frame.frame_seq] if key is None else key[-1]
+        if how == "weak":
+            self.weak.append((weakref.ref(frame_data), want))
+        elif how == "hold":
+            self.held.append((frame_data, want))
+        elif how in ("edit", "edit_hold"):
+            if key is None:
+                self.edited[id(frame)] = (frame, self.key(frame), frame_data)
+            if how == "edit_hold":
+                self.held.append((frame_data, want))
+            self.weak.append((weakref.ref(frame_data), want))
+            object.__setattr__(frame, edit[0], edit[1])
+            STATS[f"hardening.record_edit.{edit[0]}"] += 1
+
+    def check(self, keep_resurrected: bool = False) -> None:
+        for array, want in self.held:
+            assert bytes(array) == want, "an array a reader holds changed its bytes"
+        alive = []
+        for ref, want in self.weak:
+            array = ref()
+            if array is None:
+                STATS["hardening.weakref.dead"] += 1
+                continue
+            # Resurrected: a weak reference turned strong again must see the stored bytes.
+            assert bytes(array) == want, "an array resurrected from a weak reference has foreign bytes"
+            STATS["hardening.weakref.resurrected"] += 1
+            self.resurrected += 1
+            if keep_resurrected:
+                self.held.append((array, want))
+            else:
+                alive.append((ref, want))
+            del array
+        if not keep_resurrected:
+            self.weak = alive + [(r, w) for r, w in self.weak if r() is None]
+
+
+def run_held_program(backend: str, program) -> list:
+    clock = FakeClock(1000.0)
+    session = Session("held", clock=clock, backend=backend)
+    subs = [session.subscribe_visual_frames(3), session.subscribe_visual_frames(2, policy="drop_oldest")]
+    mine = HeldFrames()
+    log = []
+    for step, op in enumerate(program):
+        kind = op[0]
+        result = None
+        if kind == "store":
+            _, source, size, keep, advance = op
+            clock.advance(advance * 0.25)
+            data = payload(step, size)
+            mine.expected[step] = data
+            result = session.store_frame(data, source=source, max_recent=keep, min_interval=0.2, frame_seq=step,
+                                         width=size, height=1)
+        elif kind == "latest":
+            _, how, index, edit = op
+            frames = session.latest_visual_frames(math.inf)
+            result = [mine.key(f) for f in frames]
+            if frames:
+                mine.take(frames[index % len(frames)], how, edit)
+            del frames
+        elif kind == "get":
+            _, index, how, edit = op
+            sub = subs[index % len(subs)]
+            try:
+                frame = sub.get_nowait()
+            except (queue.Empty, SubscriptionClosed) as exc:
+                result = type(exc).__name__
+            else:
+                result = mine.key(frame)
+                mine.take(frame, how, edit)
+                del frame
+        elif kind == "deref":
+            mine.check(keep_resurrected=op[1])
+        elif kind == "gc":
+            gc.collect()
+        elif kind == "feed_back":
+            # An array the ring handed out, stored back (possibly an edited frame's).
+            arrays = [a for a, _ in mine.held]
+            if arrays:
+                array = arrays[op[1] % len(arrays)]
+                mine.expected[step] = bytes(array)
+                result = session.store_frame(array, source="cam", max_recent=2, frame_seq=step)
+        elif kind == "release":
+            if mine.held:
+                del mine.held[op[1] % len(mine.held)]
+        elif kind == "subscribe":
+            subs.append(session.subscribe_visual_frames(op[1], policy=op[2]))
+        elif kind == "close":
+            subs[op[1] % len(subs)].close()
+        mine.check()
+        log.append((step, kind, result, session.visual_stats(),
+                    [mine.key(f) for f in session.latest_visual_frames(math.inf)],
+                    [mine.key(f) for f in session.latest_visual_frames(0.6)],  # by the ring's own instants
+                    [(s.qsize(), s.dropped, s.delivered, s.closed) for s in subs]))
+        STATS[f"hardening.held.{kind}"] += 1
+    # The end: every subscriber's books balance, and what is queued is intact.
+    stats = session.visual_stats()
+    log.append(("drained", [[mine.key(f) for f in _drain(s)] for s in subs], stats))
+    gc.collect()
+    mine.check()
+    return log
+
+
+@fuzz_settings(150)
+@given(program=held_programs)
+def test_weak_references_and_edited_records_change_nothing(twins, program):
+    """Weak references to handed-out arrays, dereferenced later (a resurrected array has
+    exactly the stored bytes), and records edited with object.__setattr__ (data=None,
+    a forged received_at, ...), with more stores after: visual_stats, later reads and held
+    arrays are unaffected, and both twins log the same thing at every step."""
+    logs = [run_held_program(backend, program) for backend in twins]
+    STATS["hardening.held.examples"] += 1
+    for backend, log in zip(twins[1:], logs[1:]):
+        for mine, theirs in zip(logs[0], log):
+            assert mine == theirs, f"{twins[0]} and {backend} disagree:\n{mine}\n{theirs}"
