@@ -973,3 +973,200 @@ def test_weak_references_and_edited_records_change_nothing(twins, program):
     for backend, log in zip(twins[1:], logs[1:]):
         for mine, theirs in zip(logs[0], log):
             assert mine == theirs, f"{twins[0]} and {backend} disagree:\n{mine}\n{theirs}"
+
+
+# -- buffers of 0..128 dimensions and with suboffsets (PIL-style) ----------------------
+
+try:
+    import _testbuffer
+except ImportError:  # a CPython build without its test modules
+    _testbuffer = None
+needs_testbuffer = pytest.mark.skipif(
+    _testbuffer is None,
+    reason="CPython's _testbuffer module (built with CPython's test suite) is missing from this interpreter: "
+           "it is the only maker of PIL-style buffers (suboffsets) and of buffers of 65..128 dimensions")
+
+TESTBUFFER_FORMATS = [("B", 255), ("b", 127), ("h", 2**15 - 1), ("<i", 2**31 - 1), (">q", 2**63 - 1)]
+
+
+@st.composite
+def testbuffers(draw):
+    """A _testbuffer.ndarray of 0..128 dimensions: C, Fortran or PIL layout (pointers to
+    sub-arrays, so every dimension but the last has a suboffset), sometimes sliced with
+    negative and stepped strides; a few dimensions have 2..4 items, the rest 1."""
+    ndim = draw(st.one_of(st.integers(0, 128), st.sampled_from([0, 1, 2, 63, 64, 65, 66, 127, 128])))
+    shape = [1] * ndim
+    for axis in draw(st.lists(st.integers(0, max(ndim - 1, 0)), max_size=3)) if ndim else []:
+        shape[axis] = draw(st.integers(2, 4))  # empty buffers come from slicing below
+    fmt, top = draw(st.sampled_from(TESTBUFFER_FORMATS))
+    count = int(np.prod(shape)) if shape else 1
+    items = draw(st.lists(st.integers(0, top), min_size=count, max_size=count))
+    layout = draw(st.sampled_from(["c", "fortran", "pil", "pil", "pil_sliced", "c_sliced"]))
+    flags = {"fortran": _testbuffer.ND_FORTRAN, "pil": _testbuffer.ND_PIL, "pil_sliced": _testbuffer.ND_PIL}.get(layout, 0)
+    if ndim == 0:
+        flags = 0  # a 0-d buffer has no dimension to point through
+    data = _testbuffer.ndarray(items if ndim else items[0], shape=shape, format=fmt, flags=flags)
+    if layout.endswith("sliced") and ndim:
+        data = data[tuple(draw(st.sampled_from([slice(None), slice(None, None, -1), slice(None, None, 2),
+                                                slice(1, None), slice(None, None, -2)])) for _ in range(min(ndim, 3)))]
+    STATS[f"hardening.testbuffer.{'over_64' if ndim > 64 else 'ndim_' + str(min(ndim, 8))}.{layout}"] += 1
+    return data, ndim
+
+
+@needs_testbuffer
+@fuzz_settings(300)
+@given(case=testbuffers() if _testbuffer is not None else st.nothing(), prelude=preludes(),
+       min_interval=st.sampled_from([0.0, 0.0, 1.5]))
+def test_buffers_of_any_dimension_and_with_suboffsets(twins, case, prelude, min_interval):
+    """Up to 64 dimensions (with suboffsets or not) are stored with exactly memoryview's
+    bytes; more is a TypeError naming data, after the rate check (a rate-limited store of
+    one returns False) on both twins alike."""
+    data, ndim = case
+    want = memoryview(data).tobytes() if ndim <= 64 else None
+
+    def call(session, clock, subs):
+        accepted = session.store_frame(data, source="cam", max_recent=2, min_interval=min_interval, frame_seq=5)
+        if accepted:
+            newest = session.latest_visual_frames(math.inf, now=session.last_active_at)[-1]
+            assert bytes(newest.data) == want
+        return accepted
+
+    got = run_twins(twins, "store_frame.testbuffer", prelude, call, {"data"} if ndim > 64 else set(), data=data)
+    if ndim > 64:
+        assert got[0] == ("ok" if got[1] is False else "rejected"), got[:2]
+
+
+# -- number and text subclasses whose hooks lie -----------------------------------------
+
+
+class LyingInt(int):
+    """An int whose every conversion hook says something else than its value."""
+
+    def __index__(self):
+        return 1000
+
+    def __int__(self):
+        return -1
+
+    def __float__(self):
+        return 1e300
+
+    def __str__(self):
+        return "lie"
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = int.__hash__
+
+
+class LyingFloat(float):
+    def __float__(self):
+        return math.nan
+
+    def __int__(self):
+        return 7
+
+    def __index__(self):
+        return 7
+
+    def __round__(self, n=None):
+        return 0
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = float.__hash__
+
+
+class LyingStr(str):
+    def __str__(self):
+        return "lie"
+
+    def __eq__(self, other):
+        return True
+
+    def __ne__(self, other):
+        return False
+
+    def __hash__(self):
+        return 0
+
+    def __len__(self):
+        return 0
+
+    def encode(self, *args, **kwargs):
+        return b"lie"
+
+
+class LyingTimedelta(dt.timedelta):
+    def total_seconds(self):
+        return -1.0
+
+
+def lie(value):
+    """``value`` as a lying subclass instance (the ring must read its value/contents)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return LyingInt(value)
+    if isinstance(value, float):
+        return LyingFloat(value)
+    if isinstance(value, str):
+        return LyingStr(value)
+    if isinstance(value, dt.timedelta):
+        return LyingTimedelta(seconds=value.total_seconds())
+    return value
+
+
+plain_store_kwargs = st.fixed_dictionaries({
+    "source": st.sampled_from(["cam", "other", ""]),
+    "max_recent": st.integers(-2, 5),
+    "min_interval": st.sampled_from([0.0, 0.5, 2.0, 0, 1, dt.timedelta(seconds=1)]),
+    "mime_type": st.sampled_from(["", "image/jpeg"]),
+    "width": st.integers(-5, 2000),
+    "height": st.integers(-5, 2000),
+    "timestamp_ms": st.integers(-(2**63), 2**63 - 1),
+    "frame_seq": st.integers(-(2**63), 2**63 - 1),
+    "now": st.one_of(st.none(), st.floats(990, 1020), st.integers(990, 1020)),
+})
+
+
+@fuzz_settings(300)
+@given(prelude=preludes(), kwargs=plain_store_kwargs, lied=st.sets(st.sampled_from(sorted(
+    ["source", "max_recent", "min_interval", "mime_type", "width", "height", "timestamp_ms", "frame_seq", "now"]))),
+    ttl=st.sampled_from([0.5, 3.0, 10, dt.timedelta(seconds=2)]), buffer=st.integers(-1, 4),
+    policy=st.sampled_from(["drop_newest", "drop_oldest"]), then=st.sampled_from(["none", "start", "stop", "touch"]))
+def test_number_and_text_subclasses_are_read_by_value(twins, prelude, kwargs, lied, ttl, buffer, policy, then):
+    """int/float/str/timedelta subclasses whose __index__/__int__/__float__/__str__/
+    __eq__/total_seconds lie, passed to store_frame, latest_visual_frames,
+    subscribe_visual_frames, start/stop_visual_input and touch: both twins agree, and
+    with what the same calls with plain values give (the value/contents is used)."""
+    lying = {k: (lie(v) if k in lied else v) for k, v in kwargs.items()}
+
+    def calls(args, ttl, buffer, policy, source, now):
+        def call(session, clock, subs):
+            sub = session.subscribe_visual_frames(buffer, policy=policy)
+            out = [session.store_frame(b"payload", **args)]
+            clock.advance(0.75)
+            out.append(session.store_frame(b"second", **dict(args, now=None)))
+            out.append([frame_key(f) for f in session.latest_visual_frames(ttl, args["now"])])
+            if then == "start":
+                session.start_visual_input(source, now)
+            elif then == "stop":
+                session.stop_visual_input(source, now)
+            elif then == "touch":
+                session.touch(now)
+            out.append((sub.maxsize, sub.policy, type(sub.policy), [frame_key(f) for f in _drain(sub)]))
+            out.append([(type(f.source), type(f.mime_type), type(f.width), type(f.frame_seq), type(f.received_at))
+                        for f in session.latest_visual_frames(math.inf)])
+            sub.close()
+            return tuple(out)
+        return call
+
+    source, now = kwargs["source"], kwargs["now"]
+    plain = run_twins(twins, "subclass.plain", prelude, calls(kwargs, ttl, buffer, policy, source, now), set())
+    lied_ = run_twins(twins, "subclass.lying", prelude,
+                      calls(lying, lie(ttl), lie(buffer), lie(policy), lie(source), lie(now)), set())
+    STATS["hardening.subclass.arguments"] += len(lied) + 4
+    assert lied_ == plain, f"lying subclasses were not read by value:\n{plain}\n{lied_}"
