@@ -1170,3 +1170,228 @@ def test_number_and_text_subclasses_are_read_by_value(twins, prelude, kwargs, li
                       calls(lying, lie(ttl), lie(buffer), lie(policy), lie(source), lie(now)), set())
     STATS["hardening.subclass.arguments"] += len(lied) + 4
     assert lied_ == plain, f"lying subclasses were not read by value:\n{plain}\n{lied_}"
+
+
+# -- finalizers that call back into the session in the middle of a call -----------------
+
+FINALIZER_CALLS = ["store", "store", "visual_stats", "latest", "close", "subscribe", "get"]
+
+
+class Finalizer:
+    """Garbage in a reference cycle (only a collection frees it) whose __del__ calls
+    back into the session: the collection runs it wherever the interpreter allocates,
+    in the middle of whatever call is running then."""
+
+    def __init__(self, harness, kind: str) -> None:
+        self.harness = harness
+        self.kind = kind
+        self.cycle = self
+
+    def __del__(self) -> None:
+        self.harness.finalize(self.kind)
+
+
+class SubRecord:
+    __slots__ = ("sub", "opened", "closed", "by_finalizer")
+
+    def __init__(self, sub, opened, by_finalizer) -> None:
+        self.sub = sub
+        self.opened = opened          # accepted count (before, after) subscribing
+        self.closed = None            # (accepted before, after, frames maybe pending) closing
+        self.by_finalizer = by_finalizer
+
+    def booked(self) -> int:
+        return self.sub.delivered + self.sub.dropped + self.sub.qsize()
+
+
+class CallbackHarness:
+    """One session driven by a program, with finalizers (or signal handlers) calling back.
+
+    Books: a subscriber is offered exactly the frames accepted while it was subscribed
+    and open. Subscribing or closing from a callback may happen while a store's frame is
+    accepted but not yet offered, so there the harness knows bounds, not the exact
+    number: ``opened``/``closed`` are the accepted counts just before and after, and
+    ``unsettled`` counts the stores begun since the outermost store in progress began
+    (each leaves at most one frame pending, and the outermost offers them all before it
+    returns). Made and closed at the top level, the bounds are exact."""
+
+    def __init__(self, backend: str, schedule=()) -> None:
+        self.backend = backend
+        self.clock = FakeClock(1000.0)
+        self.schedule = collections.deque(schedule)  # garbage the clock makes, per call
+        self.records: list = []
+        self.seq = 0
+        self.depth = 0
+        self.unsettled = 0
+        self.outcomes: collections.Counter = collections.Counter()
+        self.failures: list = []
+        self.in_callback = 0
+        self.session = Session("callbacks", clock=self._tick, backend=backend)
+
+    def _tick(self) -> float:
+        for kind in (self.schedule.popleft() if self.schedule else ()):
+            Finalizer(self, kind)
+        return self.clock()
+
+    def accepted(self) -> int:
+        return self.session.visual_stats()["accepted"]
+
+    # -- the calls, from the program or from a callback ------------------------------
+    def store(self):
+        self.seq += 1
+        seq = self.seq
+        self.depth += 1
+        self.unsettled += 1
+        try:
+            return self.session.store_frame(payload(seq), source="cam", max_recent=3, frame_seq=seq,
+                                            width=len(payload(seq)), height=1)
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                self.unsettled = 0
+
+    def subscribe(self, size: int, policy: str, by_finalizer: bool = False) -> None:
+        before = self.accepted()
+        sub = self.session.subscribe_visual_frames(size, policy=policy)
+        self.records.append(SubRecord(sub, (before, self.accepted()), by_finalizer))
+
+    def close(self, index: int) -> None:
+        open_ = [r for r in self.records if r.closed is None]
+        if not open_:
+            return
+        rec = open_[index % len(open_)]
+        before, slack = self.accepted(), self.unsettled
+        rec.sub.close()  # always completes, on both twins, whoever calls it
+        rec.closed = (before, self.accepted(), slack)
+
+    def get(self, index: int) -> None:
+        if self.records:
+            sub = self.records[index % len(self.records)].sub
+            try:
+                assert_payload_of(sub.get_nowait())
+            except (queue.Empty, SubscriptionClosed):
+                pass
+
+    def call(self, kind: str, arg: int = 0):
+        if kind == "store":
+            return self.store()
+        if kind == "visual_stats":
+            return self.session.visual_stats()
+        if kind == "latest":
+            for frame in self.session.latest_visual_frames(math.inf):
+                assert_payload_of(frame)
+            return None
+        if kind == "close":
+            return self.close(arg)
+        if kind == "subscribe":
+            return self.subscribe(1 + arg % 3, ["drop_newest", "drop_oldest"][arg % 2], by_finalizer=True)
+        return self.get(arg)
+
+    def finalize(self, kind: str) -> None:
+        """A callback's call: completes, or raises RuntimeError(REENTERED_MESSAGE) (pure
+        twin, inside a change); anything else is a failure (a finalizer's exception would
+        only be printed, so it is recorded here)."""
+        self.in_callback += 1
+        if self.depth:
+            self.outcomes["ran_inside_a_store"] += 1
+        try:
+            self.call(kind, self.seq)
+            self.outcomes[f"{kind}.completed"] += 1
+        except RuntimeError as exc:
+            if str(exc) != REENTERED_MESSAGE:
+                self.failures.append(f"{kind}: RuntimeError({exc})")
+            self.outcomes[f"{kind}.reentered"] += 1
+        except BaseException as exc:  # noqa: BLE001 - recorded and failed on below
+            self.failures.append(f"{kind}: {type(exc).__name__}({exc})")
+        finally:
+            self.in_callback -= 1
+
+    # -- the end -----------------------------------------------------------------------
+    def check_books(self) -> None:
+        end = self.accepted()
+        for i, rec in enumerate(self.records):
+            low_open, high_open = rec.opened
+            if rec.closed is None:
+                low, high = end - high_open, end - low_open
+            else:
+                before, after, slack = rec.closed
+                low, high = before - high_open - slack, after - low_open
+            assert low <= rec.booked() <= high, (
+                f"{self.backend}: subscriber {i} (opened {rec.opened}, closed {rec.closed}, by finalizer "
+                f"{rec.by_finalizer}) booked {rec.booked()} frames (delivered {rec.sub.delivered} + dropped "
+                f"{rec.sub.dropped} + queued {rec.sub.qsize()}), offered between {low} and {high}")
+            if rec.opened[0] == rec.opened[1] and (rec.closed is None or rec.closed[0] == rec.closed[1] and not rec.closed[2]):
+                assert low == high, (low, high)  # made and ended at the top level: exact
+
+    def check_usable(self) -> None:
+        """One more store, at the top level: accepted, and offered to every open subscriber."""
+        open_ = [r for r in self.records if r.closed is None]
+        before = [r.booked() for r in open_]
+        assert self.store() is True, f"{self.backend}: the session refuses stores after the callbacks"
+        assert [r.booked() - b for r, b in zip(open_, before)] == [1] * len(open_), (
+            f"{self.backend}: the store after the callbacks was not offered exactly once to every subscriber")
+        for rec in self.records:
+            for frame in _drain(rec.sub):
+                assert_payload_of(frame)
+        stats = self.session.visual_stats()
+        held = self.session.latest_visual_frames(math.inf)
+        assert stats["frames"] == len(held) <= 3 and stats["bytes"] == sum(f.data.nbytes for f in held), stats
+
+
+def assert_payload_of(frame) -> None:
+    assert bytes(frame.data) == payload(frame.frame_seq), f"frame {frame.frame_seq} carries foreign bytes"
+
+
+finalizer_programs = st.lists(st.one_of(
+    st.tuples(st.just("store"), st.lists(st.sampled_from(FINALIZER_CALLS), max_size=3)),
+    st.tuples(st.just("store"), st.lists(st.sampled_from(FINALIZER_CALLS), max_size=3)),
+    st.tuples(st.just("store"), st.lists(st.sampled_from(FINALIZER_CALLS), max_size=3)),
+    st.tuples(st.just("subscribe"), st.integers(1, 4), st.sampled_from(["drop_newest", "drop_oldest"])),
+    st.tuples(st.just("close"), st.integers(0, 5)),
+    st.tuples(st.just("get"), st.integers(0, 5)),
+    st.tuples(st.just("collect")),
+), min_size=1, max_size=25)
+
+
+@fuzz_settings(150)
+@given(program=finalizer_programs, threshold=st.sampled_from([1, 1, 2, 3, 4, 5, 6, 8, 12, 100]),
+       clock_garbage=st.lists(st.lists(st.sampled_from(FINALIZER_CALLS), max_size=2), max_size=40))
+def test_finalizers_that_call_back_during_calls(twins, program, threshold, clock_garbage):
+    """Objects in reference cycles whose __del__ calls store_frame, visual_stats,
+    latest_visual_frames, sub.close(), subscribe_visual_frames or get_nowait on the same
+    session, made right before a store and by the clock the store reads, and collected
+    wherever the interpreter allocates (gc.set_threshold as low as 1) or by gc.collect().
+    On each twin: every re-entered call completes or raises RuntimeError with
+    REENTERED_MESSAGE, nothing hangs, every subscriber's books balance (within the
+    bounds above), every frame has its own bytes, and the session works afterwards.
+    The twins may differ in which calls completed (timing), not in those invariants."""
+    for backend in twins:
+        h = CallbackHarness(backend, clock_garbage)
+        h.subscribe(2, "drop_newest")
+        h.subscribe(1, "drop_oldest")
+        old = gc.get_threshold()
+        gc.set_threshold(threshold, old[1], old[2])
+        try:
+            for op in program:
+                if op[0] == "store":
+                    for kind in op[1]:
+                        Finalizer(h, kind)
+                    h.store()
+                elif op[0] == "subscribe":
+                    h.subscribe(op[1], op[2])
+                elif op[0] == "close":
+                    h.close(op[1])
+                elif op[0] == "get":
+                    h.get(op[1])
+                else:
+                    gc.collect(1)
+        finally:
+            gc.set_threshold(*old)
+        gc.collect()  # what is left runs now, at the top level
+        assert not h.failures, f"{backend}: {h.failures[:5]}"
+        h.check_books()
+        h.check_usable()
+        h.check_books()
+        for key, n in h.outcomes.items():
+            STATS[f"hardening.finalizer.{backend}.{key}"] += n
+    STATS["hardening.finalizer.examples"] += 1
