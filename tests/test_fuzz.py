@@ -1395,3 +1395,200 @@ def test_finalizers_that_call_back_during_calls(twins, program, threshold, clock
         for key, n in h.outcomes.items():
             STATS[f"hardening.finalizer.{backend}.{key}"] += n
     STATS["hardening.finalizer.examples"] += 1
+
+
+# -- KeyboardInterrupt at random points ------------------------------------------------
+#
+# A signal handler runs (and may raise KeyboardInterrupt) where the interpreter checks
+# for pending signals; in CPython 3.11 that includes the entry of every Python function.
+# Two ways to put one at a drawn point, reproducibly: a trace function that raises at
+# the n-th Python function entry of a store (every Python function the call runs: the
+# pure twin's, threading's, asyncio's), and an event loop whose call_soon_threadsafe
+# (what a store runs to wake a subscriber's aget()) raises at a drawn call number.
+
+
+def _interrupting_tracer(at: int, seen: list):
+    def tracer(frame, event, arg):
+        if event == "call":
+            seen[0] += 1
+            if seen[0] == at:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+        return None
+    return tracer
+
+
+def store_interrupted_at(session, at, **kwargs):
+    """store_frame with a KeyboardInterrupt at its ``at``-th Python function entry
+    (None: none). Returns (outcome, Python function entries seen)."""
+    seen = [0]
+    previous = sys.gettrace()
+    if at is not None:
+        sys.settrace(_interrupting_tracer(at, seen))
+    try:
+        return ("ok", session.store_frame(**kwargs)), seen[0]
+    except KeyboardInterrupt:
+        return ("interrupted", None), seen[0]
+    finally:
+        sys.settrace(previous)
+
+
+def _store_from_another_thread(session, seconds: float = 5.0) -> bool:
+    """Whether a store made by another thread returns within ``seconds`` (no hang)."""
+    done = threading.Event()
+
+    def store():
+        session.store_frame(b"other-thread", source="cam", max_recent=3, frame_seq=-1)
+        done.set()
+
+    threading.Thread(target=store, daemon=True).start()
+    return done.wait(seconds)
+
+
+def _release_a_stuck_pure_runner(session) -> None:
+    # Test cleanup only: a pure ring whose runner flag was left set (the bug below) keeps
+    # every other thread's store polling forever; unblock them so none outlives the test.
+    ring = session._ring
+    if hasattr(ring, "_fan_done"):
+        with ring._lock:
+            ring._fanning = False
+            ring._pending.clear()
+            ring._fan_done.notify_all()
+
+
+PURE_RUNNER_LEFT_SET = (
+    "pure twin, KeyboardInterrupt at a method entry of the fan-out: at FrameRing._fan_out's the store raises "
+    "with its accepted frame still pending, offered to nobody until some later store runs the fan-out; at "
+    "_run_fan_out's (after _fan_out set _fanning=True and released the lock, before the try that resets it) "
+    "_fanning stays set for good: every later store on that thread returns without offering its frame (they "
+    "pile up in _pending, the books never balance again) and a store from any other thread polls forever")
+
+interrupt_programs = st.lists(st.tuples(st.integers(0, 3000),
+                                        st.one_of(st.none(), st.integers(1, 40), st.integers(1, 8))),
+                              min_size=1, max_size=12)
+
+
+@fuzz_settings(300)
+@given(program=interrupt_programs, sub_specs=st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["drop_newest", "drop_oldest"])),
+                                                      min_size=1, max_size=3))
+@pytest.mark.parametrize("backend", [
+    pytest.param("python", marks=pytest.mark.xfail(strict=True, reason=PURE_RUNNER_LEFT_SET)),
+    pytest.param("cython", marks=pytest.mark.cython),
+])
+def test_keyboard_interrupt_at_a_drawn_point_of_a_store(backend, program, sub_specs):
+    """A KeyboardInterrupt at the n-th Python function entry of a store reaches the caller
+    or is absorbed; either way, once store_frame has returned or raised, every frame it
+    accepted was offered to every subscriber (books exact), a store from another thread
+    does not hang, and a store afterwards is accepted and offered to everyone."""
+    if backend not in available_backends():
+        pytest.skip("the Cython backend is not built")
+    session = Session("interrupts", clock=FakeClock(), backend=backend)
+    subs = [session.subscribe_visual_frames(n, policy=p) for n, p in sub_specs]
+    try:
+        for seq, (size, at) in enumerate(program):
+            got, seen = store_interrupted_at(session, at, data=payload(seq, size), source="cam", max_recent=2,
+                                             frame_seq=seq)
+            STATS[f"hardening.interrupt.{backend}.{got[0] if at is not None and at <= seen else 'not_reached'}"] += 1
+            accepted = session.visual_stats()["accepted"]
+            for i, sub in enumerate(subs):
+                assert sub.delivered + sub.dropped + sub.qsize() == accepted, (
+                    f"after store {seq} ({got[0]} at call {at} of {seen}): subscriber {i} booked "
+                    f"{sub.delivered} + {sub.dropped} + {sub.qsize()} of {accepted} accepted frames")
+            if seq % 3 == 2 and subs:
+                _drain(subs[seq % len(subs)])
+        assert _store_from_another_thread(session), "a store from another thread hangs"
+        assert session.store_frame(b"after", source="cam", max_recent=2, frame_seq=10**6) is True
+        accepted = session.visual_stats()["accepted"]
+        assert all(s.delivered + s.dropped + s.qsize() == accepted for s in subs), "the books stay unbalanced"
+    finally:
+        _release_a_stuck_pure_runner(session)
+
+
+class InterruptingLoop(asyncio.SelectorEventLoop):
+    """A subscriber's event loop whose call_soon_threadsafe (the wake-up a store sends to
+    a reader parked in aget()) raises KeyboardInterrupt at the drawn call numbers, as a
+    SIGINT handler running inside it would, before the wake-up was scheduled."""
+
+    def __init__(self, fail_at) -> None:
+        super().__init__()
+        self.fail_at = set(fail_at)
+        self.wakeups = 0
+        self.armed = False
+
+    def call_soon_threadsafe(self, callback, *args, **kwargs):
+        if self.armed:
+            self.wakeups += 1
+            if self.wakeups in self.fail_at:
+                STATS["hardening.loop_interrupt.raised"] += 1
+                raise KeyboardInterrupt
+        return super().call_soon_threadsafe(callback, *args, **kwargs)
+
+
+CYTHON_WAKEUP_LOST = (
+    "Cython twin: _SubQueue.wake_async_waiters empties async_waiters (and push clears async_hint) before "
+    "calling loop.call_soon_threadsafe; when that raises (KeyboardInterrupt from a signal handler inside "
+    "it), the parked aget() is forgotten and never woken again, though every later frame is queued for it "
+    "(the pure twin keeps the waiter and wakes it on the next offer)")
+
+
+@fuzz_settings(150)
+@given(sizes=st.lists(st.integers(0, 100), min_size=1, max_size=10),
+       fail_at=st.lists(st.integers(1, 12), max_size=4), readers=st.integers(1, 3),
+       policies=st.lists(st.sampled_from(["drop_newest", "drop_oldest"]), min_size=3, max_size=3),
+       buffers=st.lists(st.integers(1, 4), min_size=3, max_size=3))
+@pytest.mark.parametrize("backend", [
+    pytest.param("python"),
+    pytest.param("cython", marks=[pytest.mark.cython, pytest.mark.xfail(strict=True, reason=CYTHON_WAKEUP_LOST)]),
+])
+def test_keyboard_interrupt_in_a_subscribers_event_loop(backend, sizes, fail_at, readers, policies, buffers):
+    """Readers parked in aget() on a loop whose wake-ups raise KeyboardInterrupt at drawn
+    call numbers. Each store that hits one raises it, after its frame was booked for
+    every subscriber (books exact, a sync subscriber included); after one more store
+    without interrupts every reader is woken and has read everything queued for it, in
+    accept order (no reader sleeps on a non-empty queue)."""
+    if backend not in available_backends():
+        pytest.skip("the Cython backend is not built")
+    loop = InterruptingLoop(fail_at)
+    session = Session("loop", clock=FakeClock(), backend=backend)
+    subs = [session.subscribe_visual_frames(buffers[i], policy=policies[i]) for i in range(readers)]
+    sync_sub = session.subscribe_visual_frames(2)
+    got = [[] for _ in subs]
+
+    async def reader(i):
+        while True:
+            frame = await subs[i].aget()
+            got[i].append(frame.frame_seq)
+
+    def settle():
+        for _ in range(5):
+            loop.run_until_complete(asyncio.sleep(0))
+
+    tasks = [loop.create_task(reader(i)) for i in range(readers)]
+    try:
+        settle()  # every reader parked in aget()
+        for seq, size in enumerate(sizes):
+            loop.armed = True
+            try:
+                outcome_ = session.store_frame(payload(seq, size), source="cam", max_recent=2, frame_seq=seq)
+            except KeyboardInterrupt:
+                outcome_ = "interrupted"
+            finally:
+                loop.armed = False
+            STATS[f"hardening.loop_interrupt.{backend}.{'interrupted' if outcome_ == 'interrupted' else 'stored'}"] += 1
+            accepted = session.visual_stats()["accepted"]
+            for sub in subs + [sync_sub]:
+                assert sub.delivered + sub.dropped + sub.qsize() == accepted, (
+                    f"store {seq} ({outcome_}): booked {sub.delivered} + {sub.dropped} + {sub.qsize()} of {accepted}")
+            settle()
+        session.store_frame(payload(99, 8), source="cam", max_recent=2, frame_seq=99)
+        settle()
+        for i, sub in enumerate(subs):
+            assert sub.qsize() == 0, (
+                f"reader {i} sleeps in aget() with {sub.qsize()} frames queued (read {got[i]}); wake-ups hit: "
+                f"{sorted(loop.fail_at)} of {loop.wakeups}")
+            assert got[i] == sorted(got[i]) and got[i][-1] == 99, got[i]
+    finally:
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
