@@ -1,7 +1,7 @@
 """Soak: every part of the library at once, for a while, with the books checked at the end.
 
-Per backend, for CAPSULE_SESSIONS_SOAK_SECONDS / len(available_backends()) seconds
-(default 60 s in total; ``make soak`` sets 600):
+Per backend, for two thirds of CAPSULE_SESSIONS_SOAK_SECONDS / len(available_backends())
+seconds (default 60 s in total, soak and storms; ``make soak`` sets 600):
 
 - producers, each owning one session at a time: they create it, store frames through
   store_frame / store_visual_frame / ingest_visual_frame (sizes 8 B .. 1 MB, so buffers
@@ -32,6 +32,9 @@ of the last quarter's samples exceeds the second quarter's by at most
 RSS_TOLERANCE_BYTES + 10 % (allocator noise with up to 1 MB frames in flight; a leak of
 the frames stored, or of their Python objects, grows far faster).
 
+test_soak_storm (a third of the budget: finalizer and signal storms, see its section)
+runs in child processes too (``python tests/test_soak.py BACKEND callbacks|interrupts``).
+
 Each backend's soak runs in a child process (``python tests/test_soak.py BACKEND``), so a
 deadlock fails this test with every stack instead of stopping the whole suite, and RSS
 and object counts are the soak's own. Figures (frames/s, sessions and subscriptions
@@ -51,6 +54,7 @@ import math
 import os
 import queue
 import random
+import signal
 import statistics
 import sys
 import threading
@@ -73,10 +77,15 @@ from capsule_sessions import (
     available_backends,
 )
 from capsule_sessions._backend import module_for
+from capsule_sessions.errors import REENTERED_MESSAGE
 from support import FakeClock
 
 TOTAL_SECONDS = float(os.environ.get("CAPSULE_SESSIONS_SOAK_SECONDS", "60"))
-RUN_SECONDS = TOTAL_SECONDS / len(available_backends())
+# The callback storms (test_soak_storm) take a third of the budget, the rest is the soak
+# above: 20 s + 2 x 5 s per backend by default, 200 s + 2 x 50 s under `make soak`.
+STORM_SHARE = 1 / 3
+RUN_SECONDS = TOTAL_SECONDS * (1 - STORM_SHARE) / len(available_backends())
+STORM_SECONDS = TOTAL_SECONDS * STORM_SHARE / len(available_backends()) / 2  # per mode
 STALL_SECONDS = 20.0  # no store completing for this long is a deadlock
 JOIN_SECONDS = 30.0
 RSS_TOLERANCE_BYTES = 48 << 20
@@ -570,6 +579,289 @@ def soak_in_this_process(backend: str) -> dict:
     return figures
 
 
+# -- callback storms: finalizers and signal handlers that call back into sessions -------
+#
+# test_soak_storm (per backend, STORM_SECONDS per mode, in a child process like the soak):
+#
+# - the main thread stores into sessions A and B; a SIGALRM timer (setitimer, every
+#   0.3 ms) runs handlers that call visual_stats(), latest_visual_frames() and
+#   store_frame() on the session being stored into, and in mode "interrupts" sometimes
+#   raise KeyboardInterrupt, which store_frame must let through with its frame booked;
+# - a producer thread stores into A and F (contention with the main thread's stores:
+#   fan-outs wait for each other's runner);
+# - gc.set_threshold(5): reference cycles with a __del__ that calls F.store_frame,
+#   F.visual_stats, F.latest_visual_frames, or subscribes to F and closes that
+#   subscription at once, are collected wherever any thread allocates;
+# - two reader threads read A, B and F (get with timeouts), check every frame's bytes,
+#   and subscribe to and close subscriptions of A and B now and then.
+#
+# A lock per session, held around each store (signal handlers act only while the main
+# thread is inside a store, so under that lock) and around subscribe and close, makes
+# each subscriber's offered count exact: checked at the end, as in the soak, after one
+# more store that must be accepted and offered to every open subscriber; a call
+# re-entered from a finalizer must complete or raise RuntimeError(REENTERED_MESSAGE);
+# nothing may stall (the same monitor and faulthandler deadline as the soak).
+
+STORM_TIMER_S = 0.0003
+STORM_STALL_SECONDS = 5.0
+STORM_GC_THRESHOLD = 5
+
+
+class StormFinalizer:
+    """Garbage in a reference cycle whose __del__ calls back into session F."""
+
+    __slots__ = ("storm", "kind", "cycle", "__weakref__")
+
+    def __init__(self, storm, kind: str) -> None:
+        self.storm = storm
+        self.kind = kind
+        self.cycle = self
+
+    def __del__(self) -> None:
+        self.storm.finalize(self.kind)
+
+
+class Storm:
+    def __init__(self, backend: str, interrupts: bool) -> None:
+        self.backend = backend
+        self.interrupts = interrupts
+        self.stop = threading.Event()
+        self.errors: list = []
+        self.counts: collections.Counter = collections.Counter()  # main thread and handlers only
+        self.thread_counts: dict = {}
+        self.seqs = itertools.count(1)
+        self.sessions = {name: Session(name, clock=FakeClock(), backend=backend) for name in "ABF"}
+        self.locks = {name: threading.Lock() for name in "ABF"}
+        self.books: list = []  # [session name, sub, accepted at subscribe, at close or None]
+        self.books_lock = threading.Lock()
+        self.armed: str | None = None  # the session the main thread is storing into
+        self.in_finalizer = 0  # finalizers running on the main thread
+        self.handler_rng = random.Random(7)
+        self.stores_done = 0
+
+    def count(self, key: str, n: int = 1) -> None:
+        mine = self.thread_counts.setdefault(threading.get_ident(), collections.Counter())
+        mine[key] += n
+
+    # -- what the callbacks do -----------------------------------------------------
+    def finalize(self, kind: str) -> None:
+        f = self.sessions["F"]
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            self.in_finalizer += 1  # signal handlers stand aside: CPython would drop their exception here
+        try:
+            # Small frames (frame_seq 1: 64 bytes), and only a count of what latest holds:
+            # a finalizer runs wherever any thread allocates, so it must be cheap, or the
+            # thread running a chain of them would not get back to its own work.
+            if kind == "store":
+                f.store_frame(make_payload(1), source="cam", max_recent=2, frame_seq=1)
+            elif kind == "visual_stats":
+                f.visual_stats()
+            elif kind == "latest":
+                assert len(f.latest_visual_frames(math.inf)) <= 3
+            else:  # subscribe, then close at once: both always complete or refuse cleanly
+                f.subscribe_visual_frames(1).close()
+            self.count(f"finalizer_{kind}_completed")
+        except RuntimeError as exc:
+            if str(exc) != REENTERED_MESSAGE:
+                self.errors.append(f"finalizer {kind}: RuntimeError({exc})")
+            self.count(f"finalizer_{kind}_reentered")
+        except BaseException as exc:  # noqa: BLE001 - a finalizer's exception is only printed
+            self.errors.append(f"finalizer {kind}: {type(exc).__name__}({exc})")
+            self.stop.set()
+        finally:
+            if main:
+                self.in_finalizer -= 1
+
+    def on_signal(self, signum, frame) -> None:
+        name = self.armed
+        if name is None or self.in_finalizer:
+            return  # only while the main thread stores (so under that session's lock)
+        self.armed = None  # a handler interrupted by the next signal does nothing more
+        try:
+            self._handle(self.sessions[name])
+        finally:
+            self.armed = name
+
+    def _handle(self, session) -> None:
+        roll = self.handler_rng.random()
+        self.counts["signals_handled"] += 1
+        try:
+            if roll < 0.3:
+                session.visual_stats()
+                self.counts["handler_visual_stats"] += 1
+            elif roll < 0.55:
+                for f in session.latest_visual_frames(math.inf):
+                    check_frame(f)
+                self.counts["handler_latest"] += 1
+            elif roll < 0.8 or not self.interrupts:
+                seq = next(self.seqs)
+                session.store_frame(make_payload(seq), source="cam", max_recent=3, frame_seq=seq)
+                self.counts["handler_store_completed"] += 1
+            else:
+                self.counts["handler_keyboard_interrupts"] += 1
+                raise KeyboardInterrupt
+        except RuntimeError as exc:
+            if str(exc) != REENTERED_MESSAGE:
+                self.errors.append(f"signal handler: RuntimeError({exc})")
+            self.counts["handler_reentered"] += 1
+
+    # -- threads -----------------------------------------------------------------------
+    def main_loop(self, seconds: float) -> None:
+        rng = random.Random(1)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.stop.is_set():
+            name = rng.choice("AB")
+            for _ in range(rng.randint(0, 3)):
+                StormFinalizer(self, rng.choice(["store", "store", "visual_stats", "latest", "subscribe"]))
+            seq = next(self.seqs)
+            data = make_payload(seq)
+            with self.locks[name]:
+                try:
+                    self.armed = name
+                    self.sessions[name].store_frame(data, source="cam", max_recent=3, frame_seq=seq)
+                    self.armed = None
+                    self.counts["main_stores_completed"] += 1
+                except KeyboardInterrupt:
+                    self.armed = None
+                    self.counts["main_stores_interrupted"] += 1
+            self.stores_done += 1
+
+    def progress(self) -> int:
+        return self.stores_done + sum(c.get("producer_stores", 0) for c in list(self.thread_counts.values()))
+
+    def producer(self) -> None:
+        rng = random.Random(2)
+        while not self.stop.is_set():
+            name = rng.choice("AF")
+            for _ in range(rng.randint(0, 2)):
+                StormFinalizer(self, rng.choice(["store", "visual_stats", "latest", "subscribe"]))
+            seq = next(self.seqs)
+            with self.locks[name]:
+                self.sessions[name].store_frame(make_payload(seq), source="cam", max_recent=3, frame_seq=seq)
+            self.count("producer_stores")
+            if seq % 8 == 0:
+                time.sleep(0.0002)
+
+    def subscribe(self, name: str, rng: random.Random):
+        with self.locks[name]:
+            before = self.sessions[name].visual_stats()["accepted"]
+            sub = self.sessions[name].subscribe_visual_frames(rng.choice([1, 2, 8]),
+                                                              policy=rng.choice(["drop_newest", "drop_oldest"]))
+        rec = [name, sub, before, None]
+        with self.books_lock:
+            self.books.append(rec)
+        return rec
+
+    def reader(self, index: int) -> None:
+        rng = random.Random(10 + index)
+        mine = [self.subscribe(name, rng) for name in "ABF"]
+        while not self.stop.is_set():
+            rec = rng.choice(mine)
+            for _ in range(rng.randint(1, 50)):
+                try:
+                    frame = rec[1].get(timeout=0.01)
+                except queue.Empty:
+                    break
+                check_frame(frame)  # (accept order is the soak's check: here seqs are drawn out of it)
+                self.count("frames_read")
+            if rec[0] != "F" and rng.random() < 0.05:
+                with self.locks[rec[0]]:
+                    rec[3] = self.sessions[rec[0]].visual_stats()["accepted"]
+                    rec[1].close()
+                self.count("subscriptions_closed")
+                mine[mine.index(rec)] = self.subscribe(rec[0], rng)
+                self.count("subscriptions_opened")
+
+    def guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except BaseException:  # noqa: BLE001
+            self.errors.append(f"{threading.current_thread().name}:\n{traceback.format_exc()}")
+            self.stop.set()
+
+    def monitor(self) -> None:
+        last, since = -1, time.monotonic()
+        while not self.stop.wait(0.25):
+            done = self.progress()
+            if done != last:
+                last, since = done, time.monotonic()
+            elif time.monotonic() - since > STORM_STALL_SECONDS:
+                # Stores complete by the thousand per second here: a pause this long is a
+                # hang, and a hung main thread would keep the child alive until its
+                # deadline, so end it now, with every stack.
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                print(f"deadlock: no store completed for {STORM_STALL_SECONDS} s (stacks above)", file=sys.stderr,
+                      flush=True)
+                os._exit(3)
+
+
+def run_storm(backend: str, interrupts: bool) -> dict:
+    storm = Storm(backend, interrupts)
+    threads = [threading.Thread(target=storm.guard, args=(storm.producer,), name="producer", daemon=True)]
+    threads += [threading.Thread(target=storm.guard, args=(storm.reader, i), name=f"reader-{i}", daemon=True)
+                for i in range(2)]
+    threads.append(threading.Thread(target=storm.guard, args=(storm.monitor,), name="monitor", daemon=True))
+    old_threshold = gc.get_threshold()
+    old_handler = signal.signal(signal.SIGALRM, storm.on_signal)
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    gc.set_threshold(STORM_GC_THRESHOLD, old_threshold[1], old_threshold[2])
+    signal.setitimer(signal.ITIMER_REAL, STORM_TIMER_S, STORM_TIMER_S)
+    try:
+        storm.guard(storm.main_loop, STORM_SECONDS)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        gc.set_threshold(*old_threshold)
+        storm.stop.set()
+    for t in threads:
+        t.join(JOIN_SECONDS)
+    elapsed = time.monotonic() - started
+    stuck = [t.name for t in threads if t.is_alive()]
+    if stuck:
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        pytest.fail(f"[{backend}] storm threads did not end (deadlock?): {stuck}; stacks on stderr")
+    gc.collect()
+    assert not storm.errors, f"[{backend}] {len(storm.errors)} failures:\n" + "\n".join(storm.errors[:5])
+
+    # One more store per session, at rest: accepted and offered to every open subscriber.
+    open_before = [(rec, rec[1].delivered + rec[1].dropped + rec[1].qsize()) for rec in storm.books if rec[3] is None]
+    for name, session in storm.sessions.items():
+        assert session.store_frame(make_payload(1), source="cam", max_recent=3, frame_seq=1) is True, name
+    for rec, before in open_before:
+        booked = rec[1].delivered + rec[1].dropped + rec[1].qsize()
+        assert booked == before + 1, f"[{backend}] the store after the storm reached subscriber of {rec[0]} {booked - before} times"
+    final = {name: s.visual_stats()["accepted"] for name, s in storm.sessions.items()}
+    for name, sub, opened, closed in storm.books:
+        offered = (final[name] if closed is None else closed) - opened
+        booked = sub.delivered + sub.dropped + sub.qsize()
+        assert booked == offered, (
+            f"[{backend}] session {name}: delivered {sub.delivered} + dropped {sub.dropped} + queued {sub.qsize()}"
+            f" != offered {offered}")
+        for frame in list(_drain_storm(sub)):
+            check_frame(frame)
+    counts = collections.Counter(storm.counts)
+    for c in storm.thread_counts.values():
+        counts.update(c)
+    assert counts["signals_handled"] and counts["main_stores_completed"] and counts["frames_read"], counts
+    if interrupts:
+        assert counts["main_stores_interrupted"], counts
+    figures = {"backend": backend, "mode": "interrupts" if interrupts else "callbacks", "seconds": round(elapsed, 1),
+               "books_checked": len(storm.books), "accepted": sum(final.values())}
+    figures.update(sorted(counts.items()))
+    return figures
+
+
+def _drain_storm(sub):
+    while True:
+        try:
+            yield sub.get_nowait()
+        except (queue.Empty, SubscriptionClosed):
+            return
+
+
 PACKAGE_ROOT = Path(capsule_sessions.__file__).resolve().parent.parent
 TESTS_DIR = Path(__file__).resolve().parent
 # The child's own last resort: a thread stuck holding the GIL stops even the monitor;
@@ -577,29 +869,67 @@ TESTS_DIR = Path(__file__).resolve().parent
 CHILD_DEADLINE = RUN_SECONDS + STALL_SECONDS + 2 * JOIN_SECONDS + 60
 
 
-def test_soak(backend, capsys):
+def _run_child(capsys, label: str, *args: str) -> dict:
     import subprocess
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), str(TESTS_DIR), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, backend], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True,
                           timeout=CHILD_DEADLINE + 60, stdin=subprocess.DEVNULL)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and lines, (
-        f"soak[{backend}] failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-12000:]}")
+        f"{label} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-12000:]}")
     figures = json.loads(lines[-1])
     with capsys.disabled():
-        print(f"\nsoak[{backend}]: " + ", ".join(f"{k}={v}" for k, v in figures.items() if k != "backend"))
+        print(f"\n{label}: " + ", ".join(f"{k}={v}" for k, v in figures.items() if k != "backend"))
     report = os.environ.get("CAPSULE_SESSIONS_SOAK_REPORT")
     if report:
         with open(report, "a") as f:
             f.write(json.dumps(figures) + "\n")
+    return figures
+
+
+def test_soak(backend, capsys):
+    _run_child(capsys, f"soak[{backend}]", backend)
+
+
+PURE_STORM_HANGS = (
+    "pure twin: a signal handler that stores into the session it interrupted, right after "
+    "FrameRing._fan_out set _fanning = True and before it recorded _fan_runner (the handler runs when "
+    "threading.get_ident() returns), waits forever for a runner that is its own caller (hangs within "
+    "seconds here; see tests/test_fuzz.py::test_a_signal_handler_at_a_drawn_eval_breaker_check); with "
+    "KeyboardInterrupt also: an interrupt at _fan_out's or _run_fan_out's entry leaves frames unoffered "
+    "or _fanning set for good")
+
+
+def _storm_params():
+    params = []
+    for name in available_backends():
+        marks = [pytest.mark.cython] if name == "cython" else []
+        if name == "python":
+            # Not strict: a storm hits the bug by chance (most 5 s runs, not all). The
+            # deterministic strict xfails are in tests/test_fuzz.py.
+            marks = marks + [pytest.mark.xfail(strict=False, reason=PURE_STORM_HANGS)]
+        params.append(pytest.param(name, "callbacks", id=f"{name}-callbacks", marks=marks))
+        params.append(pytest.param(name, "interrupts", id=f"{name}-interrupts", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("backend_name, mode", _storm_params())
+def test_soak_storm(backend_name, mode, capsys):
+    """Finalizer and signal storms calling back into sessions while threads store and
+    read (see the section above); "interrupts" adds handlers raising KeyboardInterrupt."""
+    _run_child(capsys, f"soak-storm[{backend_name}-{mode}]", backend_name, mode)
 
 
 if __name__ == "__main__":
     faulthandler.dump_traceback_later(CHILD_DEADLINE, exit=True)
     try:
-        result = soak_in_this_process(sys.argv[1])
+        if len(sys.argv) > 2:  # a storm: callbacks or interrupts
+            sys.setswitchinterval(5e-4)
+            result = run_storm(sys.argv[1], sys.argv[2] == "interrupts")
+        else:
+            result = soak_in_this_process(sys.argv[1])
     except BaseException:
         traceback.print_exc()
         sys.exit(1)
