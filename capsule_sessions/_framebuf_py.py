@@ -523,12 +523,20 @@ class FrameRing:
         # because another producer may have stored meanwhile.
         payload = _copy_bytes(data)
         frame = VisualFrame(payload, mime_type, width, height, source, timestamp_ms, frame_seq, seconds)
-        seq = self._commit(frame, payload.nbytes, keep, min_ns, seconds, now_ns)
-        if seq < 0:
-            return False
-        if seq:
-            self._fan_out(seq)
-        return True
+        # pending[0] is set (with no call in between) when the frame joins the fan-out
+        # queue, so a KeyboardInterrupt that lands between accepting and offering is
+        # still followed by the offer, in the finally, before the store returns.
+        pending = [0]
+        offered = False
+        try:
+            seq = self._commit(frame, payload.nbytes, keep, min_ns, seconds, now_ns, pending)
+            if seq > 0:
+                self._fan_out(seq)
+            offered = True
+        finally:
+            if pending[0] and not offered:
+                self._fan_out(pending[0])
+        return seq >= 0
 
     def _count_if_rate_limited(self, now_ns: int, min_ns: int) -> bool:
         with self._lock:
@@ -545,7 +553,8 @@ class FrameRing:
         last = self._last_accepted_ns
         return last is not None and min_ns > 0 and now_ns - last < min_ns
 
-    def _commit(self, frame: VisualFrame, nbytes: int, keep: int, min_ns: int, seconds: float, now_ns: int) -> int:
+    def _commit(self, frame: VisualFrame, nbytes: int, keep: int, min_ns: int, seconds: float, now_ns: int,
+                pending: list) -> int:
         """Accept ``frame`` into the ring and queue it for the fan-out: its accept number
         (0 when there is no subscriber to offer it to), or -1 when rate-limited."""
         with self._lock:
@@ -566,6 +575,7 @@ class FrameRing:
                 if not self._subscribers:
                     return 0
                 self._pending.append((self._accepted, frame))
+                pending[0] = self._accepted
                 return self._accepted
             finally:
                 self._busy = False

@@ -576,14 +576,17 @@ cdef class _SubQueue:
         error = None
         for waiter in waiters:
             loop, fut = waiter
-            try:
-                loop.call_soon_threadsafe(_wake_future, fut)
-            except RuntimeError:  # a closed loop: its waiter went with it
-                pass
-            except BaseException as exc:
-                if error is None:
-                    error = exc
-                # Not woken: parked again, so the next frame (or close) tries again.
+            for attempt in range(2):  # an interrupt is raised once: the second try wakes it
+                try:
+                    loop.call_soon_threadsafe(_wake_future, fut)
+                    break
+                except RuntimeError:  # a closed loop: its waiter went with it
+                    break
+                except BaseException as exc:
+                    if error is None:
+                        error = exc
+            else:
+                # Still not woken: parked again, so the next frame (or close) tries again.
                 self.async_waiters.append(waiter)
         if error is not None:
             lock_with_gil(&self.mu)

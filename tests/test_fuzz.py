@@ -1472,7 +1472,7 @@ interrupt_programs = st.lists(st.tuples(st.integers(0, 3000),
 @given(program=interrupt_programs, sub_specs=st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["drop_newest", "drop_oldest"])),
                                                       min_size=1, max_size=3))
 @pytest.mark.parametrize("backend", [
-    pytest.param("python", marks=pytest.mark.xfail(strict=True, reason=PURE_RUNNER_LEFT_SET)),
+    pytest.param("python"),
     pytest.param("cython", marks=pytest.mark.cython),
 ])
 def test_keyboard_interrupt_at_a_drawn_point_of_a_store(backend, program, sub_specs):
@@ -1538,7 +1538,7 @@ CYTHON_WAKEUP_LOST = (
        buffers=st.lists(st.integers(1, 4), min_size=3, max_size=3))
 @pytest.mark.parametrize("backend", [
     pytest.param("python"),
-    pytest.param("cython", marks=[pytest.mark.cython, pytest.mark.xfail(strict=True, reason=CYTHON_WAKEUP_LOST)]),
+    pytest.param("cython", marks=pytest.mark.cython),
 ])
 def test_keyboard_interrupt_in_a_subscribers_event_loop(backend, sizes, fail_at, readers, policies, buffers):
     """Readers parked in aget() on a loop whose wake-ups raise KeyboardInterrupt at drawn
