@@ -1666,8 +1666,8 @@ handler_programs = st.lists(st.tuples(st.integers(0, 200), st.one_of(st.none(), 
                                                     min_size=1, max_size=3))
 @pytest.mark.parametrize("backend", [
     # run=False: on the pure twin this example search does not finish in minutes (each
-    # hung store costs the 2 s join, then shrinking); the hang is reproduced by
-    # test_keyboard_interrupt_at_a_drawn_point_of_a_store's sibling below and the storm soak.
+    # hung store costs the 2 s join, then shrinking); the hang is held deterministically by
+    # test_a_handler_storing_between_fanning_and_runner_does_not_hang below.
     pytest.param("python", marks=pytest.mark.xfail(strict=True, run=False, reason=PURE_HANDLER_BEFORE_RUNNER_RECORDED)),
     pytest.param("cython", marks=pytest.mark.cython),
 ])
