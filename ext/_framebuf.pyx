@@ -566,6 +566,18 @@ cdef class _SubQueue:
             self.wake_async_waiters()
         return 0
 
+    cdef int wake_parked(self) except -1:
+        """Wake parked asyncio waiters when frames are queued for them."""
+        cdef bint wake
+        lock_with_gil(&self.mu)
+        wake = self.async_hint and self.n > 0
+        if wake:
+            self.async_hint = False
+        pthread_mutex_unlock(&self.mu)
+        if wake:
+            self.wake_async_waiters()
+        return 0
+
     cdef int wake_async_waiters(self) except -1:
         """Wake every parked asyncio waiter. Waking runs the loop's Python code (where a
         signal handler may raise): the first error is raised after all were tried."""
@@ -1421,7 +1433,7 @@ cdef class FrameRing:
         try:
             while more:
                 try:
-                    self.offer_to(queues, &meta, failures >= 2)
+                    self.offer_to(queues, &meta, failures >= 2, failures > 0)
                 except BaseException as exc:
                     if error is None:
                         error = exc
@@ -1464,7 +1476,7 @@ cdef class FrameRing:
         grave_flush(&grave)
         return queues
 
-    cdef int offer_to(self, list queues, Slot *meta, bint give_up) except -1:
+    cdef int offer_to(self, list queues, Slot *meta, bint give_up, bint retry) except -1:
         """Offer one pending frame to every open queue (made into a frame object only if
         one takes it); the first error is raised after every queue had its offer."""
         cdef Py_ssize_t i, n = PyList_GET_SIZE(queues)
@@ -1478,11 +1490,15 @@ cdef class FrameRing:
                 saw_closed = True
             elif give_up:  # offering it failed over and over: counted as dropped instead
                 q.settle(meta.gen)
-            elif q.wants_frame(meta.gen):
+            else:
                 try:
-                    if frame is None:
-                        frame = make_frame(make_view(meta.owner, meta.nbytes), meta)
-                    q.push(frame, meta.gen)
+                    if q.wants_frame(meta.gen):
+                        if frame is None:
+                            frame = make_frame(make_view(meta.owner, meta.nbytes), meta)
+                        q.push(frame, meta.gen)
+                    elif retry:
+                        # Booked by the interrupted try, whose wake-up may have failed.
+                        q.wake_parked()
                 except BaseException as exc:
                     if error is None:
                         error = exc
