@@ -574,8 +574,10 @@ class FrameRing:
                 self._accepted += 1
                 if not self._subscribers:
                     return 0
-                self._pending.append((self._accepted, frame))
+                # Noted before the append: an interrupt at the append's return still
+                # finds it noted, and the store offers it in its finally.
                 pending[0] = self._accepted
+                self._pending.append((self._accepted, frame))
                 return self._accepted
             finally:
                 self._busy = False
@@ -597,10 +599,13 @@ class FrameRing:
                     if self._offered_through >= seq or not self._pending:
                         return
                     if not self._fanning:
-                        # Claimed with no call in between, so an interrupt cannot leave
-                        # a claim nobody releases (the finally below releases it).
-                        self._fanning = token
+                        # Counted as a runner first: a call nested between these two
+                        # lines finds no claim and runs the fan-out itself; one nested
+                        # after them sees a runner on its own thread and returns. Claimed
+                        # with no call in between, so an interrupt cannot leave a claim
+                        # nobody releases (the finally below releases it).
                         _fan_runs.depth += 1
+                        self._fanning = token
                         break
                     if _fan_runs.depth:
                         return
@@ -610,10 +615,10 @@ class FrameRing:
             self._run_fan_out(token)
         finally:
             if self._fanning is token:
-                _fan_runs.depth -= 1
                 with self._lock:
                     self._fanning = None
                     self._fan_done.notify_all()
+                _fan_runs.depth -= 1
 
     def _run_fan_out(self, token: object) -> None:
         # An error (KeyboardInterrupt from a signal handler, a failing event loop) is
@@ -637,9 +642,11 @@ class FrameRing:
         with self._lock:
             if not self._pending:
                 if self._fanning is token:
-                    _fan_runs.depth -= 1
+                    # Released before the thread stops counting as a runner, so a call
+                    # nested in between finds no claim rather than its own thread's.
                     self._fanning = None
                     self._fan_done.notify_all()
+                    _fan_runs.depth -= 1
                 return False
             seq, frame = self._pending[0]
             queues = self._subscribers

@@ -1456,12 +1456,6 @@ def _release_a_stuck_pure_runner(session) -> None:
             ring._fan_done.notify_all()
 
 
-PURE_RUNNER_LEFT_SET = (
-    "pure twin, KeyboardInterrupt at a method entry of the fan-out: at FrameRing._fan_out's the store raises "
-    "with its accepted frame still pending, offered to nobody until some later store runs the fan-out; at "
-    "_run_fan_out's (after _fan_out set _fanning=True and released the lock, before the try that resets it) "
-    "_fanning stays set for good: every later store on that thread returns without offering its frame (they "
-    "pile up in _pending, the books never balance again) and a store from any other thread polls forever")
 
 interrupt_programs = st.lists(st.tuples(st.integers(0, 3000),
                                         st.one_of(st.none(), st.integers(1, 40), st.integers(1, 8))),
@@ -1524,11 +1518,6 @@ class InterruptingLoop(asyncio.SelectorEventLoop):
         return super().call_soon_threadsafe(callback, *args, **kwargs)
 
 
-CYTHON_WAKEUP_LOST = (
-    "Cython twin: _SubQueue.wake_async_waiters empties async_waiters (and push clears async_hint) before "
-    "calling loop.call_soon_threadsafe; when that raises (KeyboardInterrupt from a signal handler inside "
-    "it), the parked aget() is forgotten and never woken again, though every later frame is queued for it "
-    "(the pure twin keeps the waiter and wakes it on the next offer)")
 
 
 @fuzz_settings(150)
@@ -1650,11 +1639,6 @@ class HandlerAt:
         return self.tracer
 
 
-PURE_HANDLER_BEFORE_RUNNER_RECORDED = (
-    "pure twin: a signal handler that stores into the session it interrupted, when threading.get_ident() "
-    "returns in FrameRing._fan_out (after _fanning = True, before _fan_runner = ...), waits forever for a "
-    "runner that is its own caller; and a KeyboardInterrupt at _fan_out's or _run_fan_out's entry leaves "
-    "the accepted frame unoffered, or _fanning set for good")
 
 handler_programs = st.lists(st.tuples(st.integers(0, 200), st.one_of(st.none(), st.integers(1, 160)),
                                       st.sampled_from(["store", "store", "visual_stats", "latest", "interrupt"])),
@@ -1668,7 +1652,7 @@ handler_programs = st.lists(st.tuples(st.integers(0, 200), st.one_of(st.none(), 
     # run=False: on the pure twin this example search does not finish in minutes (each
     # hung store costs the 2 s join, then shrinking); the hang is held deterministically by
     # test_a_handler_storing_between_fanning_and_runner_does_not_hang below.
-    pytest.param("python", marks=pytest.mark.xfail(strict=True, run=False, reason=PURE_HANDLER_BEFORE_RUNNER_RECORDED)),
+    pytest.param("python"),
     pytest.param("cython", marks=pytest.mark.cython),
 ])
 def test_a_signal_handler_at_a_drawn_eval_breaker_check(backend, program, sub_specs):
@@ -1735,7 +1719,6 @@ def test_a_signal_handler_at_a_drawn_eval_breaker_check(backend, program, sub_sp
         _release_a_stuck_pure_runner(session)
 
 
-@pytest.mark.xfail(strict=True, reason=PURE_HANDLER_BEFORE_RUNNER_RECORDED)
 def test_a_handler_storing_between_fanning_and_runner_does_not_hang():
     """The pure twin's hang, deterministically: a store made (as a SIGALRM handler would)
     by the thread whose _fan_out has set _fanning but not yet _fan_runner."""

@@ -893,23 +893,12 @@ def test_soak(backend, capsys):
     _run_child(capsys, f"soak[{backend}]", backend)
 
 
-PURE_STORM_HANGS = (
-    "pure twin: a signal handler that stores into the session it interrupted, right after "
-    "FrameRing._fan_out set _fanning = True and before it recorded _fan_runner (the handler runs when "
-    "threading.get_ident() returns), waits forever for a runner that is its own caller (hangs within "
-    "seconds here; see tests/test_fuzz.py::test_a_signal_handler_at_a_drawn_eval_breaker_check); with "
-    "KeyboardInterrupt also: an interrupt at _fan_out's or _run_fan_out's entry leaves frames unoffered "
-    "or _fanning set for good")
 
 
 def _storm_params():
     params = []
     for name in available_backends():
         marks = [pytest.mark.cython] if name == "cython" else []
-        if name == "python":
-            # Not strict: a storm hits the bug by chance (most 5 s runs, not all). The
-            # deterministic strict xfails are in tests/test_fuzz.py.
-            marks = marks + [pytest.mark.xfail(strict=False, reason=PURE_STORM_HANGS)]
         params.append(pytest.param(name, "callbacks", id=f"{name}-callbacks", marks=marks))
         params.append(pytest.param(name, "interrupts", id=f"{name}-interrupts", marks=marks))
     return params
