@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
-EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd)
+EXT_SOURCES := $(wildcard ext/capsule_sessions/*)
 
 .PHONY: demo test build bench sanitize soak fuzz valgrind clean
 
@@ -39,18 +39,10 @@ bench: build
 soak: build
 	CAPSULE_SESSIONS_REQUIRE_CYTHON=1 CAPSULE_SESSIONS_SOAK_SECONDS=600 $(PY) -m pytest -q -m soak tests
 
-# ASan + UBSan build of the extension in a separate tree, then the Cython-backend tests.
+# ASan + UBSan build of the extension in a separate tree, then the Cython-backend tests
+# (tools/sanitize.sh runs any other selection against the same build).
 sanitize: $(STAMP)
-	rm -rf build/sanitize && mkdir -p build/sanitize
-	CAPSULE_SESSIONS_SANITIZE=1 $(PY) setup.py --quiet build_ext --build-temp build/sanitize/tmp --build-lib build/sanitize/lib --force
-	cp -r capsule_sessions build/sanitize/pkg-src && rm -f build/sanitize/pkg-src/*.so
-	cp build/sanitize/lib/capsule_sessions/*.so build/sanitize/pkg-src/
-	mkdir -p build/sanitize/root && rm -rf build/sanitize/root/capsule_sessions && mv build/sanitize/pkg-src build/sanitize/root/capsule_sessions
-	cd build/sanitize/root && \
-	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-	  CAPSULE_SESSIONS_BACKEND=cython CAPSULE_SESSIONS_REQUIRE_CYTHON=1 PYTHONPATH=. \
-	  ../../../$(PY) -m pytest -q -p no:cacheprovider -x -m "not soak" ../../../tests -k "cython"
+	tools/sanitize.sh --build -x
 
 # libFuzzer-driven (atheris) operation sequences on both twins side by side; a plain
 # random loop where atheris does not install.
@@ -65,4 +57,4 @@ valgrind: build
 	tools/valgrind.sh
 
 clean:
-	rm -rf build $(VENV) capsule_sessions/*.so ext/*.c ext/*.html .cache
+	rm -rf build $(VENV) capsule_sessions/*.so ext/capsule_sessions/*.c ext/capsule_sessions/*.html .cache

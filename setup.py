@@ -61,7 +61,7 @@ def extensions():
         link_args = flags
     ext = Extension(
         "capsule_sessions._framebuf",
-        ["ext/_framebuf.pyx"],
+        ["ext/capsule_sessions/_framebuf.pyx"],
         include_dirs=[numpy.get_include(), "ext"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
         extra_compile_args=compile_args,

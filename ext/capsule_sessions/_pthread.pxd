@@ -1,17 +1,9 @@
-# POSIX threads and clocks: the locks of the compiled backend must work without the GIL
-# and offer timed condition waits, which PyThread locks do not.
+# POSIX threads: the locks of the compiled backend must work without the GIL and offer
+# timed condition waits on CLOCK_MONOTONIC, which PyThread locks do not. Cython ships
+# <time.h> (posix.time) and <errno.h> (libc.errno) but not <pthread.h>.
 
-cdef extern from "<time.h>" nogil:
-    ctypedef int clockid_t
-    cdef struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(clockid_t clk_id, timespec *tp)
-    clockid_t CLOCK_MONOTONIC
+from posix.time cimport clockid_t, timespec
 
-cdef extern from "<errno.h>" nogil:
-    int ETIMEDOUT
-    int EBUSY
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:

@@ -1,0 +1,20 @@
+"""Every limit both twins share, in one place: the compiled twin reads these at import
+and the tests read them here, so a change to one is a change to all.
+"""
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Instants stay within +-2**62 ns (about 146 years) so that the difference of any two
+# of them still fits an int64.
+MAX_INSTANT_SECONDS = 2**62 / 1e9
+# max_recent and buffer are clamped here: storage grows with what is stored, not with
+# the bound, so a huge bound is harmless and needs no error.
+MAX_COUNT = 2**31 - 1
+# Blocking waits wake this often, so a signal handler (Ctrl-C) runs promptly.
+WAIT_SLICE_S = 0.1
+# The compiled twin copies frames of this many bytes or more with the GIL released;
+# below it, handing the GIL over costs more than the copy.
+NOGIL_COPY_MIN_BYTES = 16384
+# The compiled twin reuses a buffer up to this size for any frame that fits in it;
+# a larger one only for a frame that fills at least a quarter of it.
+SHRINK_FLOOR_BYTES = 256 * 1024
