@@ -10,13 +10,12 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Optional
 
 from . import _framebuf_py
 
-_cython_import_error: Optional[str]
+_cython_import_error: str | None
 try:
-    _framebuf_c: Optional[ModuleType] = importlib.import_module("capsule_sessions._framebuf")
+    _framebuf_c: ModuleType | None = importlib.import_module("capsule_sessions._framebuf")
 except ModuleNotFoundError as exc:
     _framebuf_c = None
     _cython_import_error = f"the extension was not built ({exc})"
@@ -46,7 +45,7 @@ def available_backends() -> list:
     return [name for name in ("cython", "python") if name in _MODULES]
 
 
-def module_for(backend: Optional[str] = None) -> ModuleType:
+def module_for(backend: str | None = None) -> ModuleType:
     """The frame-buffer module for ``backend`` (None: the process default)."""
     name = BACKEND if backend is None else backend
     if not isinstance(name, str):

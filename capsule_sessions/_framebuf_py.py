@@ -51,8 +51,8 @@ import os
 import queue
 import threading
 import time
-import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -136,7 +136,7 @@ def _wake_async(waiters: list) -> None:
     """Wake every parked asyncio waiter not woken yet. Each wake runs the loop's Python
     code (where a signal handler may raise): the first error is raised after all were
     tried, so one broken loop or one Ctrl-C never leaves another waiter asleep."""
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     for loop, fut in list(waiters):
         if fut.done():
             continue
@@ -227,7 +227,7 @@ class Subscription:
 
     __slots__ = ("_queue", "_ring", "__weakref__")
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Subscription":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Subscription:
         # Only the ring makes these; one made by hand would have no queue behind it.
         if len(args) != 3 or args[0] is not _MAKE or kwargs:
             raise TypeError(NOT_BY_HAND_MESSAGE)
@@ -348,7 +348,7 @@ class Subscription:
         if q is not None:
             q.closed = True
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -361,7 +361,7 @@ class Subscription:
             except SubscriptionClosed:
                 return
 
-    def __aiter__(self) -> "Subscription":
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> VisualFrame:
@@ -372,7 +372,8 @@ class Subscription:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<Subscription {state} policy={self.policy} maxsize={self.maxsize} queued={self.qsize()} dropped={self.dropped} delivered={self.delivered}>"
+        return (f"<Subscription {state} policy={self.policy} maxsize={self.maxsize} "
+                f"queued={self.qsize()} dropped={self.dropped} delivered={self.delivered}>")
 
 
 class _Slot:
@@ -405,7 +406,7 @@ class FrameRing:
         self._slots: collections.deque = collections.deque()
         self._bytes = 0
         self._source = ""
-        self._last_accepted_ns: Optional[int] = None
+        self._last_accepted_ns: int | None = None
         # Copy-on-write: a fan-out iterates the list it read while others replace it.
         self._subscribers: list[_Queue] = []
         self._ended = False
@@ -416,7 +417,7 @@ class FrameRing:
         # a thread is offering them (the fan-out runner).
         self._pending: collections.deque = collections.deque()
         # The runner's claim: None, or the token of the call that runs the fan-out.
-        self._fanning: Optional[object] = None
+        self._fanning: object | None = None
         self._offered_through = 0
         self._fan_done = threading.Condition(self._lock)
 
@@ -624,7 +625,7 @@ class FrameRing:
         # An error (KeyboardInterrupt from a signal handler, a failing event loop) is
         # raised only after every pending frame was offered to every subscriber: offers
         # book each frame once, so an interrupted one is simply made again.
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         failures = 0
         running = True
         while running:
@@ -747,7 +748,7 @@ class FrameRing:
                 subscribers, self._subscribers = self._subscribers, []
             finally:
                 self._busy = False
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         for q in subscribers:
             try:
                 q.close()
@@ -757,12 +758,12 @@ class FrameRing:
             raise error
 
 
-def _offer_to_all(queues: list, frame: VisualFrame, seq: int) -> Optional[BaseException]:
+def _offer_to_all(queues: list, frame: VisualFrame, seq: int) -> BaseException | None:
     """Offer accepted frame ``seq`` to every queue; returns the first error instead of
     raising it, after every queue got the frame or had it counted as dropped."""
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     for q in queues:
-        for attempt in range(2):
+        for _attempt in range(2):
             try:
                 q.offer(frame, seq)
                 break

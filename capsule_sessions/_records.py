@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class PipelineMode(enum.IntEnum):
     VOICE_LLM = 0
 
 
-def rfc3339_from_instant(instant: float, clock: Optional[Callable[[], float]] = None) -> str:
+def rfc3339_from_instant(instant: float, clock: Callable[[], float] | None = None) -> str:
     """Render a clock instant as wall time: wall = now_wall - (clock() - instant)."""
     clock = time.monotonic if clock is None else clock
     wall = time.time() - (clock() - instant)
@@ -42,10 +43,10 @@ def rfc3339_from_instant(instant: float, clock: Optional[Callable[[], float]] = 
 class ChatMessage:
     role: str
     content: str
-    timestamp: Optional[float] = None
+    timestamp: float | None = None
     turn_seq: int = 0
 
-    def to_dict(self, clock: Optional[Callable[[], float]] = None) -> dict:
+    def to_dict(self, clock: Callable[[], float] | None = None) -> dict:
         out: dict = {"role": self.role, "content": self.content}
         # Go's omitempty: the zero timestamp and turn 0 are left out.
         if self.timestamp is not None:
@@ -118,7 +119,7 @@ class VisualFrame:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"VisualFrame is immutable: cannot delete {name!r}")
 
-    def replace(self, **changes: Any) -> "VisualFrame":
+    def replace(self, **changes: Any) -> VisualFrame:
         """A new frame with ``changes`` applied (like ``dataclasses.replace``)."""
         unknown = set(changes).difference(_FIELDS)
         if unknown:
@@ -134,7 +135,7 @@ class VisualFrame:
     def nbytes(self) -> int:
         return memoryview(self.data).nbytes
 
-    def as_array(self, shape: Optional[Sequence[int]] = None, dtype: Any = np.uint8) -> np.ndarray:
+    def as_array(self, shape: Sequence[int] | None = None, dtype: Any = np.uint8) -> np.ndarray:
         """A read-only view of the bytes as ``dtype``, reshaped to ``shape`` (zero-copy when
         ``data`` is contiguous, which every frame the library hands out is)."""
         view = memoryview(self.data)

@@ -6,7 +6,8 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from . import _backend
 from . import _validate as v
@@ -17,7 +18,7 @@ from .session import Session
 log = logging.getLogger(__name__)
 
 
-def _cleanup_loop(manager_ref: "weakref.ref[SessionManager]", stopped: threading.Event, interval: float) -> None:
+def _cleanup_loop(manager_ref: weakref.ref[SessionManager], stopped: threading.Event, interval: float) -> None:
     # A weak reference, so a manager dropped without stop() is still collected; its
     # thread then ends at the next tick.
     while not stopped.wait(interval):
@@ -48,9 +49,9 @@ class SessionManager:
         idle_timeout: Any = 300.0,
         *,
         cleanup_interval: Any = 30.0,
-        on_session_end: Optional[Callable[[Session], Any]] = None,
-        clock: Optional[Callable[[], float]] = None,
-        backend: Optional[str] = None,
+        on_session_end: Callable[[Session], Any] | None = None,
+        clock: Callable[[], float] | None = None,
+        backend: str | None = None,
     ) -> None:
         self.max_concurrent = v.integer(max_concurrent, "max_concurrent", 0)
         # Any two instants are less than 2**63 ns apart, so a timeout clamped to the int64
@@ -69,7 +70,7 @@ class SessionManager:
         self._closed = False
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         if cleanup_interval is not None:
             self._thread = threading.Thread(
                 target=_cleanup_loop,
@@ -160,7 +161,7 @@ class SessionManager:
         caller to stop; otherwise the first error.
         """
         # Outside the manager lock: the callback may call back into the manager.
-        raised: Optional[BaseException] = None
+        raised: BaseException | None = None
         for session in sessions:
             try:
                 if self.on_session_end is not None:
@@ -199,7 +200,7 @@ class SessionManager:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def __enter__(self) -> "SessionManager":
+    def __enter__(self) -> SessionManager:
         return self
 
     def __exit__(self, *exc: object) -> None:

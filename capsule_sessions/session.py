@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import _backend
 from . import _validate as v
-from .ingest import check_frame
 from ._records import (
     ChatMessage,
     ConversationSnapshot,
@@ -19,6 +19,8 @@ from ._records import (
     VisualFrame,
     rfc3339_from_instant,
 )
+from .ingest import check_frame
+
 
 def _mode(value: Any) -> PipelineMode:
     try:
@@ -40,8 +42,8 @@ class Session:
         mode: PipelineMode = PipelineMode.OMNI,
         character_id: str = "",
         *,
-        clock: Optional[Callable[[], float]] = None,
-        backend: Optional[str] = None,
+        clock: Callable[[], float] | None = None,
+        backend: str | None = None,
     ) -> None:
         self.id = v.text(id, "id")
         self.mode = _mode(mode)
@@ -51,13 +53,13 @@ class Session:
         module = _backend.module_for(backend)
         self.backend = _backend.name_of(module)
         self._ring = module.FrameRing(self._clock, self.created_at)
-        self.pipeline_cancel: Optional[Callable[[], Any]] = None
-        self.recording_dir: Optional[str] = None
+        self.pipeline_cancel: Callable[[], Any] | None = None
+        self.recording_dir: str | None = None
         self._lock = threading.Lock()
         self._state = SessionState.INIT
         self._owner_id = ""
         self._pipeline_seq = 0
-        self._pipeline_done: Optional[threading.Event] = None
+        self._pipeline_done: threading.Event | None = None
         self._turn_seq = 0
         self._greeting_started = False
         self._history: list = []

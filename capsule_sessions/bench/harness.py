@@ -13,7 +13,7 @@ import gc
 import random
 import statistics
 import time
-from typing import Callable, Hashable, Optional
+from collections.abc import Callable, Hashable
 
 from .workloads import Case
 
@@ -67,16 +67,16 @@ def summarize(per_op_ns: list) -> dict:
     }
 
 
-def paired_ratio(a: dict, b: dict) -> Optional[float]:
+def paired_ratio(a: dict, b: dict) -> float | None:
     """Median over rounds of a's time / b's time in the same round (two ``summarize``
     results): both were timed within one round, so whatever slowed the machine in that
     round cancels out of the ratio."""
-    pairs = [x / y for x, y in zip(a["repeats_ns"], b["repeats_ns"]) if y > 0]
+    pairs = [x / y for x, y in zip(a["repeats_ns"], b["repeats_ns"], strict=True) if y > 0]
     return statistics.median(pairs) if pairs else None
 
 
 def interleaved(cases: dict, repeats: int, min_batch_s: float,
-                progress: Optional[Callable[[Hashable], None]] = None) -> dict:
+                progress: Callable[[Hashable], None] | None = None) -> dict:
     """Median ns/op of each case in ``cases`` ({key: Case}); ``progress(key)`` after each
     calibration and each timed batch."""
     keys = list(cases)

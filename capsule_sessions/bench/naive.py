@@ -16,8 +16,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 __all__ = ["NaiveClosed", "NaiveFrame", "NaiveSession", "NaiveSubscription"]
 
@@ -42,7 +43,7 @@ class NaiveFrame:
 
 
 class NaiveSubscription:
-    def __init__(self, session: "NaiveSession", maxsize: int) -> None:
+    def __init__(self, session: NaiveSession, maxsize: int) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize)
         self.maxsize = maxsize
         self.dropped = 0
@@ -50,7 +51,7 @@ class NaiveSubscription:
         self.closed = False
         self._session = session
 
-    def get(self, timeout: Optional[float] = None) -> NaiveFrame:
+    def get(self, timeout: float | None = None) -> NaiveFrame:
         if self.closed and self.queue.empty():
             raise NaiveClosed("subscription is closed")
         item = self.queue.get(timeout=timeout)
@@ -81,7 +82,7 @@ class NaiveSession:
         self._lock = threading.Lock()
         self._frames: list = []
         self._source = ""
-        self._last_accepted: Optional[float] = None
+        self._last_accepted: float | None = None
         self._subscribers: list = []
         self.last_active_at = clock()
 
@@ -97,7 +98,7 @@ class NaiveSession:
         height: int = 0,
         timestamp_ms: int = 0,
         frame_seq: int = 0,
-        now: Optional[float] = None,
+        now: float | None = None,
     ) -> bool:
         if now is None:
             now = self._clock()
@@ -124,7 +125,7 @@ class NaiveSession:
                     sub.dropped += 1
         return True
 
-    def latest_visual_frames(self, ttl: float, now: Optional[float] = None) -> list:
+    def latest_visual_frames(self, ttl: float, now: float | None = None) -> list:
         if now is None:
             now = self._clock()
         if ttl <= 0:

@@ -9,8 +9,6 @@ matplotlib is the optional ``plot`` extra; the caller checks it is installed.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from . import targets as T
 from .harness import paired_ratio
 
@@ -21,7 +19,7 @@ def _color(target: str) -> str:
     return COLORS.get(target, "#937860")
 
 
-def _target_ratio_to_naive(results: dict, wid: str) -> Optional[float]:
+def _target_ratio_to_naive(results: dict, wid: str) -> float | None:
     """The limit for the Cython backend on ``wid``, in units of the naive port's time."""
     prefix = T.short(wid)
     r = results["timed"][wid]["results"]

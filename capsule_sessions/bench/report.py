@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from .targets import format_ratio
 
 RATIOS = ("cython/python", "cython/naive", "cython/memcpy")
 
 
-def _ns(value: Optional[float]) -> str:
+def _ns(value: float | None) -> str:
     if value is None:
         return ""
     return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
 
 
-def _ratio(value: Optional[float]) -> str:
+def _ratio(value: float | None) -> str:
     return "" if value is None else format_ratio(value)
 
 
-def _num(value: Optional[float], digits: int = 0) -> str:
+def _num(value: float | None, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return f"{value:,.{digits}f}"

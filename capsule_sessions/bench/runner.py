@@ -13,15 +13,16 @@ import os
 import platform
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 import numpy as np
 
 import capsule_sessions
 
 from . import harness, memory, targets, threaded
-from .workloads import BY_ID, TIMED, backends, targets as all_targets
+from .workloads import BY_ID, TIMED, backends
+from .workloads import targets as all_targets
 
 ALLOC_WORKLOADS = ("W3_store_6m_0sub", "W4_store_6m_4sub")
 THREADED_IDS = (threaded.W8_ID, threaded.W9_ID)
@@ -54,11 +55,11 @@ class Selection:
     targets: tuple
 
 
-def _split(value: Optional[str]) -> list:
+def _split(value: str | None) -> list:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-def select(workloads: Optional[str] = None, target_names: Optional[str] = None) -> Selection:
+def select(workloads: str | None = None, target_names: str | None = None) -> Selection:
     """Resolve comma-separated filters: a workload is named by its id or its prefix
     (``W2`` selects W2 and its aux points). Unknown names raise ValueError."""
     ids = list(ALL_IDS)
@@ -208,7 +209,7 @@ def _run_w8(selection: Selection, settings: Settings, tick: Callable[[str], None
     # Ratios are taken per repeat (1 then 2 threads back to back), so drift between
     # repeats cancels; the memcpy ratio of the same repeat is the machine's own ceiling
     # at that moment (on a VM, memory bandwidth left by the neighbours varies by 2x).
-    ratios = {t: [two / one if one > 0 else math.nan for one, two in zip(by_n[1], by_n[2])]
+    ratios = {t: [two / one if one > 0 else math.nan for one, two in zip(by_n[1], by_n[2], strict=True)]
               for t, by_n in samples.items()}
     out = {}
     for target, by_n in samples.items():
@@ -220,7 +221,8 @@ def _run_w8(selection: Selection, settings: Settings, tick: Callable[[str], None
                  "ratio_of_memcpy_ratio": None,
                  "repeats_fps_1": by_n[1], "repeats_fps_2": by_n[2], "seconds": settings.w8_seconds}
         if "memcpy" in ratios:
-            relative = [r / m for r, m in zip(ratios[target], ratios["memcpy"]) if r == r and m == m and m > 0]
+            relative = [r / m for r, m in zip(ratios[target], ratios["memcpy"], strict=True)
+                        if r == r and m == m and m > 0]
             entry["ratio_of_memcpy_ratio"] = _median(relative) if relative else None
         out[target] = entry
     return out
@@ -257,7 +259,7 @@ def _run_w9(selection: Selection, settings: Settings, tick: Callable[[str], None
             for target, by_subs in runs.items()}
 
 
-def run(selection: Selection, settings: Settings, progress: Optional[Callable[[str], None]] = None) -> dict:
+def run(selection: Selection, settings: Settings, progress: Callable[[str], None] | None = None) -> dict:
     tick = progress or (lambda label: None)
     results: dict = {
         "schema": 1,

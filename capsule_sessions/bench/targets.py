@@ -18,7 +18,6 @@ are stated in their check text:
 from __future__ import annotations
 
 import statistics
-from typing import Optional
 
 from .harness import paired_ratio
 
@@ -41,33 +40,33 @@ def short(workload_id: str) -> str:
     return workload_id.split("_", 1)[0]
 
 
-def _entry(results: dict, workload_id: str, target: str) -> Optional[dict]:
+def _entry(results: dict, workload_id: str, target: str) -> dict | None:
     return results.get("timed", {}).get(workload_id, {}).get("results", {}).get(target)
 
 
-def _ns(results: dict, workload_id: str, target: str) -> Optional[float]:
+def _ns(results: dict, workload_id: str, target: str) -> float | None:
     entry = _entry(results, workload_id, target)
     return None if entry is None else entry["ns_per_op"]
 
 
-def _paired(results: dict, workload_id: str, target: str, reference: str) -> Optional[float]:
+def _paired(results: dict, workload_id: str, target: str, reference: str) -> float | None:
     a, b = _entry(results, workload_id, target), _entry(results, workload_id, reference)
     return None if a is None or b is None else paired_ratio(a, b)
 
 
-def _timed_id(results: dict, prefix: str) -> Optional[str]:
+def _timed_id(results: dict, prefix: str) -> str | None:
     for wid, entry in results.get("timed", {}).items():
         if short(wid) == prefix and not entry.get("aux"):
             return wid
     return None
 
 
-def _check(backend: str, workload: str, text: str, figure: str, met: Optional[bool]) -> dict:
+def _check(backend: str, workload: str, text: str, figure: str, met: bool | None) -> dict:
     return {"backend": backend, "workload": workload, "target": text, "figure": figure, "met": met}
 
 
-def _ratio_check(backend: str, wid: str, ratio: Optional[float], limit: float,
-                 text: str, ref_name: str, strict: bool = False) -> Optional[dict]:
+def _ratio_check(backend: str, wid: str, ratio: float | None, limit: float,
+                 text: str, ref_name: str, strict: bool = False) -> dict | None:
     if ratio is None:
         return None
     met = ratio < limit if strict else ratio <= limit
@@ -79,7 +78,7 @@ def format_ratio(value: float) -> str:
     return f"{value:.2g}" if abs(value) < 0.1 else f"{value:.2f}"
 
 
-def _rounds(results: dict, pairs: dict) -> Optional[dict]:
+def _rounds(results: dict, pairs: dict) -> dict | None:
     """{name: per-round ns list} for {name: (workload_id, target)}, or None if one is missing."""
     out = {}
     for name, (wid, target) in pairs.items():
@@ -97,7 +96,7 @@ def _median_per_round(rounds: dict, formula) -> float:
     return statistics.median(formula({k: v[i] for k, v in rounds.items()}) for i in range(n))
 
 
-def _per_sub_growth(results: dict, backend: str) -> Optional[tuple]:
+def _per_sub_growth(results: dict, backend: str) -> tuple | None:
     """(per-subscriber cost at 4 KiB, at 64 KiB, cost of copying the extra 60 KiB)."""
     rounds = _rounds(results, {
         "w2": ("W2_store_64k_4sub", backend), "w2_64k_0": ("W2_aux_store_64k_0sub", backend),
@@ -111,7 +110,7 @@ def _per_sub_growth(results: dict, backend: str) -> Optional[tuple]:
             _median_per_round(rounds, lambda r: r["copy_64k"] - r["copy_4k"]))
 
 
-def _read_growth(results: dict, backend: str) -> Optional[tuple]:
+def _read_growth(results: dict, backend: str) -> tuple | None:
     """(8 reads of 4 KiB frames, of 64 KiB frames, cost of copying the extra 8x60 KiB)."""
     rounds = _rounds(results, {
         "big": ("W5_latest_8x64k", backend), "small": ("W5_aux_latest_8x4k", backend),
@@ -128,7 +127,7 @@ def evaluate(results: dict, backend: str) -> list:
     """Every target that this run measured, judged for ``backend``."""
     checks: list = []
 
-    def add(check: Optional[dict]) -> None:
+    def add(check: dict | None) -> None:
         if check is not None:
             checks.append(check)
 

@@ -11,7 +11,6 @@ import itertools
 import os
 import threading
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -56,7 +55,7 @@ def _producer(target: str, seed: int):
     return step
 
 
-def _machine_jiffies() -> Optional[tuple]:
+def _machine_jiffies() -> tuple | None:
     """(busy, total) CPU jiffies of the whole machine, from /proc/stat (Linux), else None."""
     try:
         with open("/proc/stat") as f:
@@ -67,8 +66,8 @@ def _machine_jiffies() -> Optional[tuple]:
     return sum(fields) - idle, sum(fields)
 
 
-def run_threads(target: str, threads: int, *, seconds: Optional[float] = None,
-                frames: Optional[int] = None) -> dict:
+def run_threads(target: str, threads: int, *, seconds: float | None = None,
+                frames: int | None = None) -> dict:
     """W8: ``threads`` producers, each into its own session, for ``seconds`` of real time
     or ``frames`` stores each (whichever is given). Frames/s summed over the producers."""
     if (seconds is None) == (frames is None):
@@ -116,13 +115,13 @@ def run_threads(target: str, threads: int, *, seconds: Optional[float] = None,
         "threads": threads,
         "frames": sum(counts),
         "seconds": max(spans),
-        "fps": sum(n / s for n, s in zip(counts, spans) if s > 0),
+        "fps": sum(n / s for n, s in zip(counts, spans, strict=True) if s > 0),
         "cores_used": cores,
         "other_cores_busy": others,
     }
 
 
-def run_fanout(target: str, subscribers: int, frames: int, *, interval: Optional[float] = None,
+def run_fanout(target: str, subscribers: int, frames: int, *, interval: float | None = None,
                buffer: int = W9_BUFFER, size: int = W9_FRAME_BYTES, join_timeout: float = 120.0) -> dict:
     """W9: one producer stores ``frames`` frames, as fast as it can (``interval=None``) or
     one every ``interval`` seconds of real time; each subscriber is drained by its own
@@ -185,7 +184,7 @@ def run_fanout(target: str, subscribers: int, frames: int, *, interval: Optional
     latencies = []
     per_sub = []
     last_recv = t_stored
-    for sub, got in zip(subs, received):
+    for sub, got in zip(subs, received, strict=True):
         seqs = np.fromiter((s for s, _ in got), dtype=np.int64, count=len(got))
         times = np.fromiter((t for _, t in got), dtype=np.int64, count=len(got))
         if len(got):

@@ -19,8 +19,9 @@ points the size-independence targets of W2 and W5 are judged by.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,7 @@ class Case:
 class Workload:
     id: str
     description: str
-    build: Callable[[str, dict], Optional[Case]]
+    build: Callable[[str, dict], Case | None]
     params: dict
     aux: bool = False
 
@@ -93,7 +94,7 @@ class Workload:
         # A rate-limited call copies nothing: W6 has no memcpy figure.
         return not (target == "memcpy" and self.params.get("min_interval", 0.0) > 0)
 
-    def setup(self, target: str) -> Optional[Case]:
+    def setup(self, target: str) -> Case | None:
         return self.build(target, self.params) if self.applies_to(target) else None
 
 
@@ -131,7 +132,7 @@ def _close_all(subs: list) -> Callable[[], None]:
     return close
 
 
-def build_store(target: str, p: dict) -> Optional[Case]:
+def build_store(target: str, p: dict) -> Case | None:
     data = payload(p["size"])
     if target == "memcpy":
         return _copy_case([data])
@@ -156,7 +157,7 @@ def build_store(target: str, p: dict) -> Optional[Case]:
     return Case(op, run, _close_all(subs), keep=[session, subs])
 
 
-def build_latest(target: str, p: dict) -> Optional[Case]:
+def build_latest(target: str, p: dict) -> Case | None:
     frames = [payload(p["size"], seed) for seed in range(p["frames"])]
     if target == "memcpy":
         # What the Go original does per read: copy every frame it returns.
@@ -198,7 +199,8 @@ TIMED = [
              build_store, _store(FRAME_1080P_RGB, subscribers=4, buffer=2)),
     Workload("W5_latest_8x64k", "latest_visual_frames(ttl=10) over a ring of 8 frames of 65,536 bytes",
              build_latest, {"size": 65536, "frames": 8, "ttl": 10.0}),
-    Workload("W6_rate_limited_reject", "min_interval=0.033, clock +1 ms per call, 4,096-byte frame (most calls rejected)",
+    Workload("W6_rate_limited_reject",
+             "min_interval=0.033, clock +1 ms per call, 4,096-byte frame (most calls rejected)",
              build_store, _store(4096, min_interval=0.033)),
     Workload("W7_source_switch", "source alternates camera/screen on every store, 4,096-byte frame, max_recent=2",
              build_store, _store(4096, sources=("camera", "screen"))),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from ._errors import UsageError
 from ._extras import EXTRA_OF, MissingExtra, missing_message
@@ -40,7 +40,7 @@ def _load(name: str):
         raise
 
 
-def _selected(argv: Sequence[str]) -> Optional[str]:
+def _selected(argv: Sequence[str]) -> str | None:
     # The top-level parser has only flags without values, so the first word that is not
     # a flag is the subcommand.
     for arg in argv:
@@ -49,7 +49,7 @@ def _selected(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _parser(selected: Optional[str], module) -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+def _parser(selected: str | None, module) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and each command's own parser."""
     from .. import __version__
 
@@ -67,7 +67,7 @@ def _parser(selected: Optional[str], module) -> Tuple[argparse.ArgumentParser, D
     return parser, commands
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for usage errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = _selected(argv)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from typing import Callable, List, Tuple
+from collections.abc import Callable
 
 from .. import available_backends
 from ._consumers import KINDS
@@ -65,7 +65,7 @@ def seconds(*, allow_zero: bool, unit: str = "seconds") -> Callable[[str], float
     return parse
 
 
-def size(text: str) -> Tuple[int, int]:
+def size(text: str) -> tuple[int, int]:
     """``WxH`` such as 1280x720."""
     parts = text.lower().split("x")
     try:
@@ -77,7 +77,7 @@ def size(text: str) -> Tuple[int, int]:
     return width, height
 
 
-def subscribers(text: str) -> List[str]:
+def subscribers(text: str) -> list[str]:
     """Comma-separated subscriber kinds; a kind may repeat (fast,fast,slow)."""
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any
 
 from ._latency import LatencyHistogram
 
@@ -37,7 +38,7 @@ class SubscriberSpec:
     work: float = 0.0
 
 
-def plan(kinds: Sequence[str], *, buffer: int, slow_work: float) -> List[SubscriberSpec]:
+def plan(kinds: Sequence[str], *, buffer: int, slow_work: float) -> list[SubscriberSpec]:
     """Specs for ``kinds`` (repeats allowed; the second 'fast' is labelled 'fast#2')."""
     specs = []
     seen: dict = {}
@@ -65,7 +66,7 @@ class Consumer:
     """Shared bookkeeping of the subscription consumers (fast, slow, async)."""
 
     def __init__(self, spec: SubscriberSpec, subscription: Any, *, clock: Callable[[], float] = time.monotonic,
-                 verify_stamp: bool = False, stored_at: Optional[Callable[[Any], Optional[float]]] = None) -> None:
+                 verify_stamp: bool = False, stored_at: Callable[[Any], float | None] | None = None) -> None:
         self.spec = spec
         self.subscription = subscription
         self.clock = clock
@@ -75,7 +76,7 @@ class Consumer:
         self.latency = LatencyHistogram()
         self.received = 0
         self.integrity_errors = 0
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
 
     @property
     def label(self) -> str:
@@ -117,7 +118,7 @@ class ThreadConsumer(Consumer):
     def start(self) -> None:
         self.thread.start()
 
-    def join(self, timeout: Optional[float] = None) -> None:
+    def join(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
 
 
@@ -152,7 +153,7 @@ class AsyncLoop:
         if self.consumers:
             self.thread.start()
 
-    def join(self, timeout: Optional[float] = None) -> None:
+    def join(self, timeout: float | None = None) -> None:
         if self.thread.is_alive():
             self.thread.join(timeout)
 
@@ -183,7 +184,7 @@ class VisionSampler:
         self.frames = 0
         self.empty_calls = 0
         self.violations = 0
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"sampler-{spec.label}", daemon=True)
 
@@ -191,7 +192,7 @@ class VisionSampler:
     def label(self) -> str:
         return self.spec.label
 
-    def sample(self, now: Optional[float] = None) -> list:
+    def sample(self, now: float | None = None) -> list:
         """One call, as the LLM pipeline would make it; returns the frames."""
         now = self.clock() if now is None else now
         frames = self.session.latest_visual_frames(self.ttl, now)
@@ -235,6 +236,6 @@ class VisionSampler:
         if self.stream_clock is not None:
             self.stream_clock.wake()
 
-    def join(self, timeout: Optional[float] = None) -> None:
+    def join(self, timeout: float | None = None) -> None:
         if self.thread.is_alive():
             self.thread.join(timeout)

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable, List, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._extras import available, require
 
 MODES = ("auto", "live", "plain", "none")
 
 
-def _fmt_ms(value: Optional[float]) -> str:
+def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -104,7 +105,7 @@ def subscriber_table(summary: dict) -> tuple:
     return headers, rows, starts
 
 
-def footnotes(summary: dict) -> List[str]:
+def footnotes(summary: dict) -> list[str]:
     notes = []
     for s in summary["sessions"]:
         text = f"{s['id']}: {s['source']}"
@@ -154,7 +155,7 @@ def plain_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
-        out = [c.rjust(w) if _numeric(h) else c.ljust(w) for c, w, h in zip(cells, widths, headers)]
+        out = [c.rjust(w) if _numeric(h) else c.ljust(w) for c, w, h in zip(cells, widths, headers, strict=True)]
         return "  ".join(out).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
@@ -166,7 +167,7 @@ def plain_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
     return "\n".join(lines)
 
 
-def _table(title: Optional[str], headers: Sequence[str], widths: Optional[Sequence[int]] = None) -> Any:
+def _table(title: str | None, headers: Sequence[str], widths: Sequence[int] | None = None) -> Any:
     from rich import box
     from rich.table import Table
 
@@ -182,7 +183,7 @@ def _table(title: Optional[str], headers: Sequence[str], widths: Optional[Sequen
     return table
 
 
-def _needs(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> List[int]:
+def _needs(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
     """The width each column needs: all of it for numbers, up to _TEXT_MIN for text."""
     from rich.cells import cell_len
 
@@ -193,7 +194,7 @@ def _needs(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> List[int]:
     return needs
 
 
-def column_groups(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int, console: Any) -> List[List[int]]:
+def column_groups(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int, console: Any) -> list[list[int]]:
     """The columns to show as one table, or split in groups (each with the key columns
     first) so that every number fits whole in ``width``. Columns that read together
     (the counts, the drops, the latencies) move to the next group together, unless
@@ -201,11 +202,11 @@ def column_groups(headers: Sequence[str], rows: Sequence[Sequence[str]], width: 
     needs = _needs(headers, rows)
     keys = [i for i, header in enumerate(headers) if header in _KEYS]
 
-    def fits(columns: List[int]) -> bool:
+    def fits(columns: list[int]) -> bool:
         skeleton = _table(None, [headers[i] for i in columns], [needs[i] for i in columns])
         return console.measure(skeleton, options=console.options.update_width(10_000)).maximum <= width
 
-    blocks: List[List[int]] = []
+    blocks: list[list[int]] = []
     for i, header in enumerate(headers):
         if i in keys:
             continue
@@ -213,7 +214,7 @@ def column_groups(headers: Sequence[str], rows: Sequence[Sequence[str]], width: 
             blocks[-1].append(i)
         else:
             blocks.append([i])
-    groups: List[List[int]] = []
+    groups: list[list[int]] = []
     current = list(keys)
     for block in blocks:
         if fits(current + block):
@@ -268,7 +269,7 @@ def _console(stderr: bool = False) -> Any:
     return console
 
 
-def print_summary(summary: dict, *, title: str, use_rich: Optional[bool] = None,
+def print_summary(summary: dict, *, title: str, use_rich: bool | None = None,
                   out: Callable[[str], None] = print) -> None:
     use_rich = available("rich") if use_rich is None else use_rich
     sessions = session_table(summary)
@@ -295,7 +296,7 @@ class _Display:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.messages: List[str] = []
+        self.messages: list[str] = []
 
     def message(self, text: str) -> None:
         with self._lock:
@@ -333,10 +334,10 @@ class PlainDisplay(_Display):
             return
         self._next = elapsed + self.every
         headers, rows = _live_rows(run)
-        for s, row in zip(run.sessions, rows):
+        for s, row in zip(run.sessions, rows, strict=True):
             if s.producer.status != "running":  # failures were reported as they happened
                 continue
-            cells = dict(zip(headers, row))
+            cells = dict(zip(headers, row, strict=True))
             drops = " ".join(f"{c.label} {cells[_dropped_header(c.label)]}" for c in s.consumers) or "-"
             print(f"[{elapsed:6.1f}s] {cells['session']}: {cells['fps']} fps, "
                   f"accepted {cells['accepted']}, rate-limited {cells['rate-limited']}, "
@@ -352,7 +353,7 @@ class LiveDisplay(_Display):
         super().__init__()
         self.title = title
         self._live: Any = None
-        self._held: List[str] = []
+        self._held: list[str] = []
 
     def _render(self, run: Any) -> Any:
         headers, rows = _live_rows(run)

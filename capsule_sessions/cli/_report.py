@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import textwrap
-from typing import Any, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 from ._display import counted
 from ._extras import require
@@ -36,7 +37,7 @@ def check_available() -> None:
     require("matplotlib", "--report")
 
 
-def fps_series(timeline: Sequence[Tuple[float, int]], window: float = 1.0) -> Tuple[List[float], List[float]]:
+def fps_series(timeline: Sequence[tuple[float, int]], window: float = 1.0) -> tuple[list[float], list[float]]:
     """Frames per second at the points of ``timeline`` that have a full ``window`` behind them.
 
     Each value counts the frames between a point and the latest earlier point at least
@@ -46,8 +47,8 @@ def fps_series(timeline: Sequence[Tuple[float, int]], window: float = 1.0) -> Tu
     window rather than shown as a spike over a few milliseconds. A run shorter than the
     window gets one value, over all of it.
     """
-    times: List[float] = []
-    fps: List[float] = []
+    times: list[float] = []
+    fps: list[float] = []
     base = 0  # the latest point at least a window before the current one
     for i in range(1, len(timeline)):
         t, n = timeline[i]
@@ -99,7 +100,7 @@ def report_data(result: RunResult, *, title: str = "capsule-sessions") -> dict:
         p50, p99 = hist.percentile(50), hist.percentile(99)
         latency.append({
             "subscriber": label, "lows_ms": [low * 1e3 for low in lows],
-            "widths_ms": [(high - low) * 1e3 for low, high in zip(lows, highs)], "counts": counts,
+            "widths_ms": [(high - low) * 1e3 for low, high in zip(lows, highs, strict=True)], "counts": counts,
             "p50_ms": p50 * 1e3 if p50 is not None else None, "p99_ms": p99 * 1e3 if p99 is not None else None,
         })
     subscribers = [{"session": run.id, "subscriber": c.label, "delivered": c.subscription.delivered,
@@ -195,7 +196,7 @@ def figure(data: dict) -> Any:
     _plain_axis(ax_fps.yaxis)
     if data["sessions"]:
         legend = ax_fps.legend(loc="best", fontsize="small")
-        for text, s in zip(legend.get_texts(), data["sessions"]):
+        for text, s in zip(legend.get_texts(), data["sessions"], strict=False):
             if s["failed"]:
                 text.set_color(FAILED_COLOR)
 
@@ -206,14 +207,15 @@ def figure(data: dict) -> Any:
     queued = [r["queued"] for r in subs]
     ax_sub.barh(names, delivered, color="tab:green", label="delivered")
     ax_sub.barh(names, dropped, left=delivered, color="tab:red", label="dropped")
-    ax_sub.barh(names, queued, left=[d + x for d, x in zip(delivered, dropped)], color="tab:gray", label="queued")
+    ax_sub.barh(names, queued, left=[d + x for d, x in zip(delivered, dropped, strict=True)], color="tab:gray",
+                label="queued")
     for y, r in enumerate(subs):
         ax_sub.annotate(f" {r['dropped']:,} dropped", (r["delivered"] + r["dropped"] + r["queued"], y),
                         va="center", fontsize="small")
     ax_sub.invert_yaxis()
     ax_sub.set_title("Frames per subscriber: delivered, dropped, queued")
     _plain_axis(ax_sub.xaxis, counts=True)
-    _bar_room(ax_sub, [d + x + q for d, x, q in zip(delivered, dropped, queued)], 0.2)
+    _bar_room(ax_sub, [d + x + q for d, x, q in zip(delivered, dropped, queued, strict=True)], 0.2)
     _mark_failed(ax_sub, data)
     if subs:
         ax_sub.legend(loc="lower right", fontsize="small")

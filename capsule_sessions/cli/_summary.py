@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ._latency import LatencyHistogram
 from ._runner import RunResult, SessionRun
 
 
-def _ms(seconds: Optional[float]) -> Optional[float]:
+def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 4)
 
 
@@ -21,7 +21,7 @@ def latency_ms(hist: LatencyHistogram) -> dict:
     }
 
 
-def _error(exc: Optional[BaseException]) -> str:
+def _error(exc: BaseException | None) -> str:
     return "" if exc is None else f"{type(exc).__name__}: {exc}"
 
 

@@ -17,8 +17,8 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..bench import plot, report, runner
 from ._errors import UsageError
@@ -96,8 +96,12 @@ def _list() -> str:
     lines = ["workloads:"]
     for wid in runner.ALL_IDS:
         workload = runner.BY_ID.get(wid)
-        description = workload.description if workload else ("1 and 2 producer threads, 1080p RGB" if wid.startswith("W8")
-                                                             else "64 KiB frames, 1/4/16 subscribers drained by threads")
+        if workload is not None:
+            description = workload.description
+        elif wid.startswith("W8"):
+            description = "1 and 2 producer threads, 1080p RGB"
+        else:
+            description = "64 KiB frames, 1/4/16 subscribers drained by threads"
         lines.append(f"  {wid:26s} {description}")
     lines.append("targets: " + ", ".join(runner.all_targets()))
     return "\n".join(lines)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List
 
 from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, plain, seconds
 from ._errors import UsageError
@@ -94,7 +93,7 @@ def build_config(args: argparse.Namespace):
     )
 
 
-def resolve_sources(specs: List[str], length: float) -> list:
+def resolve_sources(specs: list[str], length: float) -> list:
     from ._sample import sample_video
     from ._sources import SyntheticSource, parse_source
 
