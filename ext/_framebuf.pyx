@@ -827,9 +827,9 @@ cdef class Subscription:
         ``queue.Empty`` on timeout."""
         # A plain method returning the coroutine, so a wrong call fails when made, as an
         # `async def` of the pure twin does, not when awaited.
-        return self.await_frame(timeout_argument("aget", args, kwargs))
+        return self._await_frame(timeout_argument("aget", args, kwargs))
 
-    async def await_frame(self, timeout):
+    async def _await_frame(self, timeout):
         seconds = _validate.timeout_seconds(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if seconds is None else loop.time() + seconds
@@ -893,7 +893,7 @@ cdef class Subscription:
 
     async def __anext__(self):
         try:
-            return await self.await_frame(None)
+            return await self._await_frame(None)
         except SubscriptionClosed:
             raise StopAsyncIteration from None
 
