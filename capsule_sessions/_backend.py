@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 from . import _framebuf_py
@@ -26,7 +27,7 @@ else:
     _cython_import_error = None
 
 ENV_VAR = "CAPSULE_SESSIONS_BACKEND"
-_MODULES = {"python": _framebuf_py}
+_MODULES: dict[str, ModuleType] = {"python": _framebuf_py}
 if _framebuf_c is not None:
     _MODULES["cython"] = _framebuf_c
 
@@ -40,7 +41,7 @@ def _missing_cython_message() -> str:
     )
 
 
-def available_backends() -> list:
+def available_backends() -> list[str]:
     """The backends this installation can run, fastest first."""
     return [name for name in ("cython", "python") if name in _MODULES]
 
@@ -73,7 +74,9 @@ BACKEND: str = _default_backend()
 
 
 # Session's C forwarders (see ext/_forward.h), or None without the extension.
-ring_forward = None if _framebuf_c is None else _framebuf_c.ring_forward
+ring_forward: Callable[[Callable[..., object], str, type, object], object] | None = (
+    None if _framebuf_c is None else _framebuf_c.ring_forward
+)
 
 
 def name_of(module: ModuleType) -> str:

@@ -16,16 +16,17 @@ its methods of the same names to it.
     - ``store_visual_frame(frame, max_recent, min_interval=0.0, now=None) -> bool``
     - ``latest_visual_frames(ttl, now=None) -> list[VisualFrame]``
     - ``subscribe_visual_frames(buffer=1, *, policy="drop_newest") -> Subscription``
-    - ``visual_stats() -> dict``, ``subscriber_count`` (int),
+    - ``visual_stats() -> dict[str, int]``, ``subscriber_count`` (int),
       ``close_subscriptions()`` (the session ended: closes every live subscription, and
       any subscription made afterwards starts closed; used on delete/evict)
 
 ``Subscription``
-    ``get(timeout=None)``, ``get_nowait()``, ``aget(timeout=None)``, ``qsize()``,
-    ``maxsize``, ``policy``, ``closed``, ``dropped``, ``delivered``, ``close()``,
-    ``unsubscribe()``, iteration (sync and async), context manager. Dropping the last
-    reference to a subscription closes it, so a forgotten subscriber stops costing the
-    producer anything. Made only by the ring: never by hand, copied or pickled.
+    ``get(block=True, timeout=None)``, ``get_nowait()``, ``aget(timeout=None)``,
+    ``qsize()``, ``empty()``, ``full()``, ``maxsize``, ``policy``, ``closed``,
+    ``dropped``, ``delivered``, ``close()``, ``unsubscribe()``, iteration (sync and
+    async), context manager. Dropping the last reference to a subscription closes it, so
+    a forgotten subscriber stops costing the producer anything. Made only by the ring:
+    never by hand, copied or pickled.
 
 What callers see, on both twins (the Go original's semantics plus the documented
 extensions): instants are compared as int64 ns (``_validate``); the rate limiter
@@ -47,18 +48,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
 import numpy as np
 
 from . import _validate as v
 from ._records import VisualFrame
 from .errors import FORKED_MESSAGE, NOT_BY_HAND_MESSAGE, REENTERED_MESSAGE, SubscriptionClosed
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+# An asyncio reader parked on a queue: its loop and the future a producer resolves.
+_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
 
 __all__ = ["FrameRing", "Subscription"]
 
@@ -116,7 +124,7 @@ def _check_buffer(data: Any) -> None:
         pass  # an exporter that refuses: reported by _copy_bytes, after the rate check
 
 
-def _copy_bytes(data: Any) -> np.ndarray:
+def _copy_bytes(data: Any) -> np.ndarray[tuple[int], np.dtype[np.uint8]]:
     try:
         view = memoryview(data)
     except (ValueError, BufferError) as exc:
@@ -127,12 +135,12 @@ def _copy_bytes(data: Any) -> np.ndarray:
         return np.frombuffer(view.tobytes(), dtype=np.uint8)
 
 
-def _wake(fut: asyncio.Future) -> None:
+def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
 
 
-def _wake_async(waiters: list) -> None:
+def _wake_async(waiters: list[_Waiter]) -> None:
     """Wake every parked asyncio waiter not woken yet. Each wake runs the loop's Python
     code (where a signal handler may raise): the first error is raised after all were
     tried, so one broken loop or one Ctrl-C never leaves another waiter asleep."""
@@ -167,7 +175,8 @@ class _Queue:
         self.maxsize = maxsize
         self.policy = policy
         # drop_oldest: a bounded deque evicts the oldest within the one append call.
-        self.items: collections.deque = collections.deque(maxlen=maxsize if policy == "drop_oldest" else None)
+        self.items: collections.deque[VisualFrame] = collections.deque(
+            maxlen=maxsize if policy == "drop_oldest" else None)
         # Entered as `with self.lock` (the C lock), never `with self.cond`: Condition's
         # __enter__ is Python code, where a signal handler raising KeyboardInterrupt
         # would leave the lock held with no __exit__ to come.
@@ -176,7 +185,7 @@ class _Queue:
         self.closed = False
         self.dropped = 0
         self.delivered = 0
-        self.async_waiters: list = []
+        self.async_waiters: list[_Waiter] = []
         self.booked_seq = booked_seq
         self.fork_gen = _fork.generation
 
@@ -226,6 +235,8 @@ class Subscription:
     """A subscriber's handle: a bounded queue of the frames a session accepted."""
 
     __slots__ = ("_queue", "_ring", "__weakref__")
+    _queue: _Queue
+    _ring: FrameRing
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Subscription:
         # Only the ring makes these; one made by hand would have no queue behind it.
@@ -236,7 +247,7 @@ class Subscription:
         sub._queue = args[2]
         return sub
 
-    def __reduce_ex__(self, protocol: Any) -> Any:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         # A second handle on one queue would close it when collected (as threading.Lock,
         # it is neither copied nor pickled).
         raise TypeError(f"cannot pickle or copy {type(self).__name__!r} object")
@@ -270,7 +281,7 @@ class Subscription:
     def full(self) -> bool:
         return len(self._queue.items) >= self._queue.maxsize
 
-    def get(self, block: bool = True, timeout: Any = None) -> VisualFrame:
+    def get(self, block: bool = True, timeout: float | datetime.timedelta | None = None) -> VisualFrame:
         """As ``queue.Queue.get``: the next frame, waiting up to ``timeout`` seconds
         (forever when None), or at once when ``block`` is false; ``queue.Empty`` when
         there is none. After close(): the frames still queued, then SubscriptionClosed."""
@@ -301,7 +312,7 @@ class Subscription:
                 raise SubscriptionClosed("subscription is closed")
             raise queue.Empty
 
-    async def aget(self, timeout: Any = None) -> VisualFrame:
+    async def aget(self, timeout: float | datetime.timedelta | None = None) -> VisualFrame:
         seconds = v.timeout_seconds(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if seconds is None else loop.time() + seconds
@@ -354,7 +365,7 @@ class Subscription:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[VisualFrame]:
         while True:
             try:
                 yield self.get()
@@ -403,7 +414,7 @@ class FrameRing:
         self._busy = False
         self._fork_gen = _fork.generation
         self._last_active_s, _ = v.instant(created_at, "created_at")
-        self._slots: collections.deque = collections.deque()
+        self._slots: collections.deque[_Slot] = collections.deque()
         self._bytes = 0
         self._source = ""
         self._last_accepted_ns: int | None = None
@@ -415,13 +426,13 @@ class FrameRing:
         self._source_resets = 0
         # Accepted frames not yet offered to every subscriber, oldest first, and whether
         # a thread is offering them (the fan-out runner).
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque[tuple[int, VisualFrame]] = collections.deque()
         # The runner's claim: None, or the token of the call that runs the fan-out.
         self._fanning: object | None = None
         self._offered_through = 0
         self._fan_done = threading.Condition(self._lock)
 
-    def __reduce_ex__(self, protocol: Any) -> Any:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise TypeError(f"cannot pickle or copy {type(self).__name__!r} object")
 
     # -- locking ---------------------------------------------------------------
@@ -433,7 +444,7 @@ class FrameRing:
         self._busy = True
 
     # -- time ------------------------------------------------------------------
-    def _now(self, now: Any) -> tuple[float, int]:
+    def _now(self, now: float | None) -> tuple[float, int]:
         if now is None:
             return v.instant(self._clock(), "clock()")
         return v.instant(now, "now")
@@ -442,7 +453,7 @@ class FrameRing:
     def last_active_at(self) -> float:
         return self._last_active_s
 
-    def touch(self, now: Any = None) -> None:
+    def touch(self, now: float | None = None) -> None:
         seconds, _ = self._now(now)
         with self._lock:
             self._claim()
@@ -462,7 +473,7 @@ class FrameRing:
         self._source = source
         self._clear_frames()
 
-    def start_visual_input(self, source: str, now: Any = None) -> None:
+    def start_visual_input(self, source: str, now: float | None = None) -> None:
         source = v.text(source, "source")
         seconds, _ = self._now(now)
         with self._lock:
@@ -475,7 +486,7 @@ class FrameRing:
             finally:
                 self._busy = False
 
-    def stop_visual_input(self, source: str = "", now: Any = None) -> None:
+    def stop_visual_input(self, source: str = "", now: float | None = None) -> None:
         source = v.text(source, "source")
         seconds, _ = self._now(now)
         with self._lock:
@@ -491,17 +502,17 @@ class FrameRing:
 
     def store_frame(
         self,
-        data: Any,
+        data: Buffer | np.ndarray[Any, Any],
         *,
         source: str,
         max_recent: int,
-        min_interval: Any = 0.0,
+        min_interval: float | datetime.timedelta = 0.0,
         mime_type: str = "",
         width: int = 0,
         height: int = 0,
         timestamp_ms: int = 0,
         frame_seq: int = 0,
-        now: Any = None,
+        now: float | None = None,
     ) -> bool:
         _check_buffer(data)
         source = v.text(source, "source")
@@ -555,7 +566,7 @@ class FrameRing:
         return last is not None and min_ns > 0 and now_ns - last < min_ns
 
     def _commit(self, frame: VisualFrame, nbytes: int, keep: int, min_ns: int, seconds: float, now_ns: int,
-                pending: list) -> int:
+                pending: list[int]) -> int:
         """Accept ``frame`` into the ring and queue it for the fan-out: its accept number
         (0 when there is no subscriber to offer it to), or -1 when rate-limited."""
         with self._lock:
@@ -670,7 +681,8 @@ class FrameRing:
             raise error
         return True
 
-    def store_visual_frame(self, frame: VisualFrame, max_recent: int, min_interval: Any = 0.0, now: Any = None) -> bool:
+    def store_visual_frame(self, frame: VisualFrame, max_recent: int, min_interval: float | datetime.timedelta = 0.0,
+                           now: float | None = None) -> bool:
         if not isinstance(frame, VisualFrame):
             raise TypeError(f"frame must be a VisualFrame, got {type(frame).__name__}")
         return self.store_frame(
@@ -686,7 +698,7 @@ class FrameRing:
             now=now,
         )
 
-    def latest_visual_frames(self, ttl: Any, now: Any = None) -> list:
+    def latest_visual_frames(self, ttl: float | datetime.timedelta, now: float | None = None) -> list[VisualFrame]:
         ttl_ns = v.duration_ns(ttl, "ttl")
         _, now_ns = self._now(now)
         if ttl_ns <= 0:
@@ -695,7 +707,7 @@ class FrameRing:
         with self._lock:
             return [s.frame for s in self._slots if now_ns - s.received_ns <= ttl_ns]
 
-    def visual_stats(self) -> dict:
+    def visual_stats(self) -> dict[str, int]:
         _check_not_forked(self._fork_gen)
         with self._lock:
             return {
@@ -758,7 +770,7 @@ class FrameRing:
             raise error
 
 
-def _offer_to_all(queues: list, frame: VisualFrame, seq: int) -> BaseException | None:
+def _offer_to_all(queues: list[_Queue], frame: VisualFrame, seq: int) -> BaseException | None:
     """Offer accepted frame ``seq`` to every queue; returns the first error instead of
     raising it, after every queue got the frame or had it counted as dropped."""
     error: BaseException | None = None

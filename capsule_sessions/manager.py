@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
+import datetime
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 from . import _backend
 from . import _validate as v
@@ -46,10 +47,10 @@ class SessionManager:
     def __init__(
         self,
         max_concurrent: int,
-        idle_timeout: Any = 300.0,
+        idle_timeout: float | datetime.timedelta = 300.0,
         *,
-        cleanup_interval: Any = 30.0,
-        on_session_end: Callable[[Session], Any] | None = None,
+        cleanup_interval: float | datetime.timedelta | None = 30.0,
+        on_session_end: Callable[[Session], object] | None = None,
         clock: Callable[[], float] | None = None,
         backend: str | None = None,
     ) -> None:
@@ -66,7 +67,7 @@ class SessionManager:
         self.on_session_end = on_session_end
         self._clock = time.monotonic if clock is None else v.clock(clock)
         self.backend = _backend.name_of(_backend.module_for(backend))
-        self._sessions: dict = {}
+        self._sessions: dict[str, Session] = {}
         self._closed = False
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -116,7 +117,8 @@ class SessionManager:
         if session is not None:
             self._end([session])
 
-    def list(self) -> list:
+    # In this class body `list` is the method below, so annotations name the builtin in full.
+    def list(self) -> builtins.list[Session]:
         with self._lock:
             return list(self._sessions.values())
 
@@ -134,7 +136,7 @@ class SessionManager:
             except TypeError:
                 return False
 
-    def evict_idle(self, now: Any = None) -> list:
+    def evict_idle(self, now: float | None = None) -> builtins.list[Session]:
         """End every session idle for longer than ``idle_timeout``; returns them.
 
         As in Go, idle means ``now - last_active_at > idle_timeout``: an infinite (or
@@ -149,7 +151,7 @@ class SessionManager:
         self._end(idle)
         return idle
 
-    def _end(self, sessions: list) -> None:
+    def _end(self, sessions: builtins.list[Session]) -> None:
         """on_session_end, then close, for every session even when a callback raises;
         then re-raise.
 
