@@ -30,6 +30,10 @@ ENV_VAR = "CAPSULE_SESSIONS_BACKEND"
 _MODULES: dict[str, ModuleType] = {"python": _framebuf_py}
 if _framebuf_c is not None:
     _MODULES["cython"] = _framebuf_c
+    # One public Subscription class for both twins (capsule_sessions.Subscription, the
+    # pure one): isinstance() holds for a compiled handle too, without the compiled
+    # class deriving from a Python class.
+    _framebuf_py.Subscription.register(_framebuf_c.Subscription)
 
 
 def _missing_cython_message() -> str:

@@ -46,6 +46,7 @@ waits for a fan-out while it runs one (``_FanRuns``).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import datetime
@@ -231,8 +232,13 @@ class _Queue:
         return self.items.popleft()
 
 
-class Subscription:
-    """A subscriber's handle: a bounded queue of the frames a session accepted."""
+class Subscription(metaclass=abc.ABCMeta):
+    """A subscriber's handle: a bounded queue of the frames a session accepted.
+
+    This is ``capsule_sessions.Subscription`` on both backends: the compiled twin's
+    class is registered as a virtual subclass (``_backend``), so ``isinstance`` holds
+    for either, and type checkers read the signatures here.
+    """
 
     __slots__ = ("_queue", "_ring", "__weakref__")
     _queue: _Queue
