@@ -22,8 +22,6 @@ from typing import Any
 
 __all__ = ["NaiveClosed", "NaiveFrame", "NaiveSession", "NaiveSubscription"]
 
-# Put into a subscriber's queue by close(): the reader sees it after every queued frame.
-_CLOSED = object()
 
 
 class NaiveClosed(Exception):
@@ -44,7 +42,8 @@ class NaiveFrame:
 
 class NaiveSubscription:
     def __init__(self, session: NaiveSession, maxsize: int) -> None:
-        self.queue: queue.Queue = queue.Queue(maxsize)
+        # None is put in by close(): the reader sees it after every queued frame.
+        self.queue: queue.Queue[NaiveFrame | None] = queue.Queue(maxsize)
         self.maxsize = maxsize
         self.dropped = 0
         self.delivered = 0
@@ -55,7 +54,7 @@ class NaiveSubscription:
         if self.closed and self.queue.empty():
             raise NaiveClosed("subscription is closed")
         item = self.queue.get(timeout=timeout)
-        if item is _CLOSED:
+        if item is None:
             raise NaiveClosed("subscription is closed")
         self.delivered += 1
         return item
@@ -71,7 +70,7 @@ class NaiveSubscription:
         # Wakes a reader blocked on an empty queue. A full queue needs no marker: get()
         # sees the closed flag once the reader has drained it.
         try:
-            self.queue.put_nowait(_CLOSED)
+            self.queue.put_nowait(None)
         except queue.Full:
             pass
 
@@ -80,10 +79,10 @@ class NaiveSession:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._frames: list = []
+        self._frames: list[NaiveFrame] = []
         self._source = ""
         self._last_accepted: float | None = None
-        self._subscribers: list = []
+        self._subscribers: list[NaiveSubscription] = []
         self.last_active_at = clock()
 
     def store_frame(
@@ -125,7 +124,7 @@ class NaiveSession:
                     sub.dropped += 1
         return True
 
-    def latest_visual_frames(self, ttl: float, now: float | None = None) -> list:
+    def latest_visual_frames(self, ttl: float, now: float | None = None) -> list[NaiveFrame]:
         if now is None:
             now = self._clock()
         if ttl <= 0:

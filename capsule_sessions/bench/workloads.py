@@ -19,16 +19,17 @@ points the size-independence targets of W2 and W5 are judged by.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 import capsule_sessions
-from capsule_sessions import Session
+from capsule_sessions import Session, Subscription
 
-from .naive import NaiveSession
+from .._json import JsonObject
+from .naive import NaiveSession, NaiveSubscription
 
 FRAME_1080P_RGB = 1920 * 1080 * 3
 TICK = 0.001  # the fake clock's step per store, seconds
@@ -37,7 +38,7 @@ LIBRARY_ORDER = ("python", "cython")
 REFERENCE_TARGETS = ("naive", "memcpy")
 
 
-def backends() -> list:
+def backends() -> list[str]:
     """The library backends this installation runs, in a stable display order."""
     available = capsule_sessions.available_backends()
     return [name for name in LIBRARY_ORDER if name in available] + [
@@ -45,7 +46,7 @@ def backends() -> list:
     ]
 
 
-def targets() -> list:
+def targets() -> list[str]:
     return backends() + list(REFERENCE_TARGETS)
 
 
@@ -53,14 +54,14 @@ def is_backend(target: str) -> bool:
     return target not in REFERENCE_TARGETS
 
 
-def make_session(target: str) -> Any:
+def make_session(target: str) -> Session | NaiveSession:
     """A fresh session of ``target`` (a backend or ``"naive"``)."""
     if target == "naive":
         return NaiveSession(clock=lambda: 0.0)
     return Session(f"bench-{target}", clock=lambda: 0.0, backend=target)
 
 
-def payload(size: int, seed: int = 0) -> np.ndarray:
+def payload(size: int, seed: int = 0) -> npt.NDArray[np.uint8]:
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
 
 
@@ -75,19 +76,19 @@ class FakeClock:
 
 @dataclass
 class Case:
-    op: Callable[[], Any]
+    op: Callable[[], object]
     run: Callable[[int], None]
     close: Callable[[], None] = lambda: None
     # What the case keeps alive (sessions, subscriptions): a dropped subscription closes.
-    keep: list = field(default_factory=list)
+    keep: Sequence[object] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Workload:
     id: str
     description: str
-    build: Callable[[str, dict], Case | None]
-    params: dict
+    build: Callable[[str, JsonObject], Case | None]
+    params: JsonObject
     aux: bool = False
 
     def applies_to(self, target: str) -> bool:
@@ -100,7 +101,7 @@ class Workload:
 
 # -- builders ------------------------------------------------------------------------
 
-def _copy_case(sources: list) -> Case:
+def _copy_case(sources: list[npt.NDArray[np.uint8]]) -> Case:
     """The memcpy limit: copy each source array into its own preallocated buffer."""
     pairs = [(np.empty_like(src), src) for src in sources]
     copyto = np.copyto
@@ -125,14 +126,14 @@ def _copy_case(sources: list) -> Case:
     return Case(op, run, keep=pairs)
 
 
-def _close_all(subs: list) -> Callable[[], None]:
+def _close_all(subs: Sequence[Subscription | NaiveSubscription]) -> Callable[[], None]:
     def close() -> None:
         for sub in subs:
             sub.close()
     return close
 
 
-def build_store(target: str, p: dict) -> Case | None:
+def build_store(target: str, p: JsonObject) -> Case | None:
     data = payload(p["size"])
     if target == "memcpy":
         return _copy_case([data])
@@ -143,7 +144,7 @@ def build_store(target: str, p: dict) -> Case | None:
     keep, min_interval = p["max_recent"], p["min_interval"]
     sources = itertools.cycle(p["sources"])
 
-    def op() -> Any:
+    def op() -> bool:
         clock.t = t = clock.t + TICK
         return store(data, source=next(sources), max_recent=keep, min_interval=min_interval, now=t)
 
@@ -157,7 +158,7 @@ def build_store(target: str, p: dict) -> Case | None:
     return Case(op, run, _close_all(subs), keep=[session, subs])
 
 
-def build_latest(target: str, p: dict) -> Case | None:
+def build_latest(target: str, p: JsonObject) -> Case | None:
     frames = [payload(p["size"], seed) for seed in range(p["frames"])]
     if target == "memcpy":
         # What the Go original does per read: copy every frame it returns.
@@ -172,7 +173,7 @@ def build_latest(target: str, p: dict) -> Case | None:
     if len(latest(ttl, now=now)) != p["frames"]:
         raise AssertionError(f"{target}: the ring does not hold the {p['frames']} frames W5 reads")
 
-    def op() -> Any:
+    def op() -> object:
         return latest(ttl, now=now)
 
     def run(n: int) -> None:
@@ -183,7 +184,7 @@ def build_latest(target: str, p: dict) -> Case | None:
 
 
 def _store(size: int, subscribers: int = 0, buffer: int = 1, max_recent: int = 2,
-           min_interval: float = 0.0, sources: tuple = ("camera",)) -> dict:
+           min_interval: float = 0.0, sources: tuple[str, ...] = ("camera",)) -> JsonObject:
     return {"size": size, "subscribers": subscribers, "buffer": buffer, "max_recent": max_recent,
             "min_interval": min_interval, "sources": sources}
 
