@@ -7,6 +7,7 @@ import argparse
 import math
 import re
 from collections.abc import Callable
+from typing import TypeVar
 
 from .. import available_backends
 from ._consumers import KINDS
@@ -24,6 +25,7 @@ EXIT_CODES = """exit status:
 
 
 _LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+Number = TypeVar("Number", int, float)
 
 
 def plain(text: str) -> str:
@@ -31,7 +33,7 @@ def plain(text: str) -> str:
     return _LITERAL.sub(r"\1", text)
 
 
-def _number(text: str, kind: Callable, what: str) -> float:
+def _number(text: str, kind: Callable[[str], Number], what: str) -> Number:
     try:
         value = kind(text)
     except ValueError:

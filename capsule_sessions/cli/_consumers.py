@@ -20,9 +20,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .. import Session, Subscription, VisualFrame
 from ._latency import LatencyHistogram
+
+if TYPE_CHECKING:
+    from ._streamtime import StreamClock
 
 KINDS = ("fast", "slow", "async", "sampler")
 
@@ -41,7 +45,7 @@ class SubscriberSpec:
 def plan(kinds: Sequence[str], *, buffer: int, slow_work: float) -> list[SubscriberSpec]:
     """Specs for ``kinds`` (repeats allowed; the second 'fast' is labelled 'fast#2')."""
     specs = []
-    seen: dict = {}
+    seen: dict[str, int] = {}
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown subscriber {kind!r} (choose from {', '.join(KINDS)})")
@@ -56,7 +60,7 @@ def plan(kinds: Sequence[str], *, buffer: int, slow_work: float) -> list[Subscri
     return specs
 
 
-def stamp_matches(frame: Any) -> bool:
+def stamp_matches(frame: VisualFrame) -> bool:
     """Synthetic frames of 8 bytes or more carry their frame_seq in their first 8 bytes
     (little-endian)."""
     return int.from_bytes(bytes(frame.data[:8]), "little") == frame.frame_seq
@@ -65,8 +69,9 @@ def stamp_matches(frame: Any) -> bool:
 class Consumer:
     """Shared bookkeeping of the subscription consumers (fast, slow, async)."""
 
-    def __init__(self, spec: SubscriberSpec, subscription: Any, *, clock: Callable[[], float] = time.monotonic,
-                 verify_stamp: bool = False, stored_at: Callable[[Any], float | None] | None = None) -> None:
+    def __init__(self, spec: SubscriberSpec, subscription: Subscription, *,
+                 clock: Callable[[], float] = time.monotonic, verify_stamp: bool = False,
+                 stored_at: Callable[[VisualFrame], float | None] | None = None) -> None:
         self.spec = spec
         self.subscription = subscription
         self.clock = clock
@@ -82,7 +87,7 @@ class Consumer:
     def label(self) -> str:
         return self.spec.label
 
-    def on_frame(self, frame: Any) -> None:
+    def on_frame(self, frame: VisualFrame) -> None:
         now = self.clock()
         stored = frame.received_at if self.stored_at is None else self.stored_at(frame)
         if stored is None:
@@ -93,7 +98,7 @@ class Consumer:
         if self.verify_stamp and frame.data.nbytes >= 8 and not stamp_matches(frame):
             self.integrity_errors += 1
 
-    def counters(self) -> dict:
+    def counters(self) -> dict[str, int]:
         sub = self.subscription
         return {"delivered": sub.delivered, "dropped": sub.dropped, "queued": sub.qsize()}
 
@@ -166,8 +171,8 @@ class VisionSampler:
     contract: a frame older than ``ttl``, or frames not oldest first.
     """
 
-    def __init__(self, spec: SubscriberSpec, session: Any, *, ttl: float, interval: float,
-                 clock: Callable[[], float] = time.monotonic, stream_clock: Any = None) -> None:
+    def __init__(self, spec: SubscriberSpec, session: Session, *, ttl: float, interval: float,
+                 clock: Callable[[], float] = time.monotonic, stream_clock: StreamClock | None = None) -> None:
         self.spec = spec
         self.session = session
         self.ttl = ttl
@@ -192,7 +197,7 @@ class VisionSampler:
     def label(self) -> str:
         return self.spec.label
 
-    def sample(self, now: float | None = None) -> list:
+    def sample(self, now: float | None = None) -> list[VisualFrame]:
         """One call, as the LLM pipeline would make it; returns the frames."""
         now = self.clock() if now is None else now
         frames = self.session.latest_visual_frames(self.ttl, now)

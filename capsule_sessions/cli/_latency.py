@@ -89,9 +89,11 @@ class LatencyHistogram:
             value = math.sqrt(EDGES[i - 1] * EDGES[i])
         return min(max(value, self.min), self.max)
 
-    def nonzero_bins(self) -> tuple:
+    def nonzero_bins(self) -> tuple[list[float], list[float], list[int]]:
         """(lower edges, upper edges, counts) of the bins that hold samples, for plotting."""
-        lows, highs, counts = [], [], []
+        lows: list[float] = []
+        highs: list[float] = []
+        counts: list[int] = []
         for i, n in enumerate(self.counts):
             if n:
                 lows.append(EDGES[i - 1] if i > 0 else 0.0)

@@ -16,12 +16,18 @@ from __future__ import annotations
 import os
 import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
+from .._json import JsonObject
 from ._display import counted
 from ._extras import require
 from ._latency import LOW, LatencyHistogram
-from ._runner import RunResult
+from ._runner import RunResult, SessionRun
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
 
 FAILED_COLOR = "tab:red"
 AXES = {
@@ -65,7 +71,7 @@ def fps_series(timeline: Sequence[tuple[float, int]], window: float = 1.0) -> tu
     return times, fps
 
 
-def _session_label(run: Any) -> str:
+def _session_label(run: SessionRun) -> str:
     producer = run.producer
     label = f"{run.id} {run.source.label}"
     if producer.failed:
@@ -73,7 +79,7 @@ def _session_label(run: Any) -> str:
     return f"{label} ({producer.status})"
 
 
-def report_data(result: RunResult, *, title: str = "capsule-sessions") -> dict:
+def report_data(result: RunResult, *, title: str = "capsule-sessions") -> JsonObject:
     """Everything the report draws, as plain data."""
     sessions = []
     for run in result.sessions:
@@ -86,7 +92,7 @@ def report_data(result: RunResult, *, title: str = "capsule-sessions") -> dict:
             "elapsed_s": run.timeline[-1][0] if run.timeline else 0.0,
         })
     latency = []
-    by_label: dict = {}
+    by_label: dict[str, list[LatencyHistogram]] = {}
     for run in result.sessions:
         for consumer in run.consumers:
             by_label.setdefault(consumer.label, []).append(consumer.latency)
@@ -117,7 +123,7 @@ def report_data(result: RunResult, *, title: str = "capsule-sessions") -> dict:
     }
 
 
-def _plain(value: float, _position: Any = None) -> str:
+def _plain(value: float, _position: object = None) -> str:
     """A tick as a plain number: 0.01, 2, 500, 10,000; never 10^-2 or 1e4."""
     if value == 0:
         return "0"
@@ -126,7 +132,7 @@ def _plain(value: float, _position: Any = None) -> str:
     return f"{value:.6f}".rstrip("0").rstrip(".")
 
 
-def _plain_axis(axis: Any, log: bool = False, counts: bool = False) -> None:
+def _plain_axis(axis: Axis, log: bool = False, counts: bool = False) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     if log:
@@ -137,19 +143,19 @@ def _plain_axis(axis: Any, log: bool = False, counts: bool = False) -> None:
     axis.set_major_formatter(FuncFormatter(_plain))
 
 
-def _bar_room(ax: Any, totals: Sequence[int], share: float) -> None:
+def _bar_room(ax: Axes, totals: Sequence[int], share: float) -> None:
     """x from 0 to past the longest bar, leaving ``share`` of the width for its note."""
     ax.set_xlim(0, max(max(totals, default=0), 1) / (1 - share))
 
 
-def _mark_failed(ax: Any, data: dict) -> None:
+def _mark_failed(ax: Axes, data: JsonObject) -> None:
     failed = {s["id"] for s in data["sessions"] if s["failed"]}
     for label in ax.get_yticklabels():
         if label.get_text().split(" ")[0] in failed:
             label.set_color(FAILED_COLOR)
 
 
-def figure(data: dict) -> Any:
+def figure(data: JsonObject) -> Figure:
     """The report's matplotlib Figure, drawn from ``report_data`` alone."""
     matplotlib = require("matplotlib", "--report")
     matplotlib.use("Agg")  # files only: no display needed

@@ -16,14 +16,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .. import SessionManager, VisualFrame, VisualInputConfig
+from .. import Session, SessionManager, VisualFrame, VisualInputConfig
 from ._consumers import AsyncConsumer, AsyncLoop, Consumer, ThreadConsumer, VisionSampler, plan
 from ._errors import SourceError
 from ._extras import MissingExtra, require
 from ._sources import Source
 from ._streamtime import StoreTimes, StreamClock
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    # A producer's store of one decoded RGB frame (rgb, frame_seq, stream time, now):
+    # (accepted, bytes stored).
+    Store = Callable[[npt.NDArray[np.uint8], int, float, float | None], tuple[bool, int]]
 
 RAW_MIME = "video/x-raw-rgb"
 JPEG_MIME = "image/jpeg"
@@ -57,7 +65,7 @@ class RunOptions:
 class Producer:
     """Reads one source on its own thread and stores every frame into one session."""
 
-    def __init__(self, session: Any, source: Source, options: RunOptions, stop: threading.Event,
+    def __init__(self, session: Session, source: Source, options: RunOptions, stop: threading.Event,
                  notify: Callable[[Producer], None], stream_clock: StreamClock | None = None) -> None:
         self.session = session
         self.source = source
@@ -85,7 +93,7 @@ class Producer:
         self.thread = threading.Thread(target=self._run, name=f"producer-{session.id}", daemon=True)
 
     # -- the store strategies ---------------------------------------------------
-    def _store_function(self) -> Callable[[Any, int, float, float | None], tuple]:
+    def _store_function(self) -> Store:
         options, session, label = self.options, self.session, self.source.label
         config = options.config
         wall = options.clock
@@ -95,15 +103,16 @@ class Producer:
             simplejpeg = require("simplejpeg", "--jpeg")
             quality = options.jpeg_quality
 
-            def encode(rgb: Any) -> bytes:
-                return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB")
+            def encode(rgb: npt.NDArray[np.uint8]) -> bytes:
+                jpeg: bytes = simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB")
+                return jpeg
 
         mime = RAW_MIME if encode is None else JPEG_MIME
         if config is None and encode is None:
             store_frame = session.store_frame
             max_recent, min_interval = options.max_recent, options.min_interval
 
-            def store(rgb: Any, seq: int, t: float, now: float | None) -> tuple:
+            def store(rgb: npt.NDArray[np.uint8], seq: int, t: float, now: float | None) -> tuple[bool, int]:
                 height, width = rgb.shape[:2]
                 if mark is not None:
                     mark(seq, wall())
@@ -114,7 +123,7 @@ class Producer:
 
             return store
 
-        def store_checked(rgb: Any, seq: int, t: float, now: float | None) -> tuple:
+        def store_checked(rgb: npt.NDArray[np.uint8], seq: int, t: float, now: float | None) -> tuple[bool, int]:
             height, width = rgb.shape[:2]
             data = rgb if encode is None else encode(rgb)
             frame = VisualFrame(data, mime, width, height, label, int(t * 1000), seq)
@@ -187,8 +196,7 @@ class Producer:
                 self.started_at = self.ended_at
             self._notify(self)
 
-    def _store_one(self, store: Callable[[Any, int, float, float | None], tuple], rgb: Any, seq: int, t: float,
-                   now: float | None) -> None:
+    def _store_one(self, store: Store, rgb: npt.NDArray[np.uint8], seq: int, t: float, now: float | None) -> None:
         self.offered += 1
         try:
             ok, nbytes = store(rgb, seq, t, now)
@@ -225,7 +233,7 @@ class Producer:
 class SessionRun:
     """Everything the run keeps for one source: its session, producer and subscribers."""
 
-    session: Any
+    session: Session
     source: Source
     producer: Producer
     consumers: list[Consumer] = field(default_factory=list)
@@ -233,7 +241,7 @@ class SessionRun:
     # (seconds since the run started, frames accepted by then): the instant of the first
     # accepted frame with 1, then one point per tick. A rate counted from the first frame
     # cannot overshoot at the start, as one counted from the run's start can.
-    timeline: list[tuple] = field(default_factory=list)
+    timeline: list[tuple[float, int]] = field(default_factory=list)
     first_in_timeline: bool = False
 
     @property

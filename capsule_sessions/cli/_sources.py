@@ -105,7 +105,7 @@ class SyntheticSource(Source):
         self.offset = offset
         self.expected_frames = count
         self.codec = "synthetic"
-        self._frames: list = []
+        self._frames: list[np.ndarray] = []
 
     @classmethod
     def parse(cls, spec: str, seconds: float, *, offset: int = 0) -> SyntheticSource:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
+
+from .. import VisualFrame
 
 
 class StreamClock:
@@ -117,7 +118,7 @@ class StoreTimes:
         self._seqs[slot] = seq
         self._walls[slot] = wall
 
-    def get(self, frame: Any) -> float | None:
+    def get(self, frame: VisualFrame) -> float | None:
         seq = frame.frame_seq
         slot = seq & self._mask
         wall = float(self._walls[slot])
