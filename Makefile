@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 EXT_SOURCES := $(wildcard ext/capsule_sessions/*)
 
-.PHONY: demo test build bench sanitize soak fuzz valgrind clean
+.PHONY: demo test lint build bench sanitize soak fuzz valgrind clean
 
 # A new venv holds the setuptools its Python bundles (65 on 3.11), which warns that
 # [tool.setuptools] is beta and loads the wheel package's deprecated bdist_wheel on every
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"
 	$(PY) -m pip install --quiet "Cython>=3.1" "numpy>=2"
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,cli,plot,video]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,cli,plot,video,lint]"
 	touch $(STAMP)
 
 # build_ext --inplace is a no-op when the .so is newer than its sources.
@@ -29,8 +29,15 @@ demo: build
 	$(PY) -m capsule_sessions ingest --realtime --frame-interval 0.025 --report .cache/demo-report.png \
 	  sample synthetic:1280x720@60 synthetic:640x360@30
 
-# The whole suite on both backends; conftest fails (not skips) without the extension.
-test: build
+# Style and types: ruff over every Python file of the project, mypy --strict over the
+# package and the program in tests/typing that uses all of its public API.
+lint: $(STAMP)
+	$(PY) -m ruff check capsule_sessions tests bench fuzz tools setup.py
+	$(PY) -m mypy --strict capsule_sessions tests/typing
+
+# Lint, then the whole suite on both backends; conftest fails (not skips) without the
+# extension.
+test: lint build
 	CAPSULE_SESSIONS_REQUIRE_CYTHON=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: build

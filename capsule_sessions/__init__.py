@@ -5,6 +5,7 @@ backend when it is built, or on the pure-Python reference backend.
 """
 
 from ._backend import BACKEND, available_backends
+from ._framebuf_py import Subscription
 from ._records import (
     ChatMessage,
     ConversationSnapshot,
@@ -39,6 +40,7 @@ __all__ = [
     "SessionManager",
     "SessionNotFoundError",
     "SessionState",
+    "Subscription",
     "SubscriptionClosed",
     "VisualFrame",
     "VisualInputConfig",

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
-from typing import Optional
 
 from . import _framebuf_py
 
-_cython_import_error: Optional[str]
+_cython_import_error: str | None
 try:
-    _framebuf_c: Optional[ModuleType] = importlib.import_module("capsule_sessions._framebuf")
+    _framebuf_c: ModuleType | None = importlib.import_module("capsule_sessions._framebuf")
 except ModuleNotFoundError as exc:
     _framebuf_c = None
     _cython_import_error = f"the extension was not built ({exc})"
@@ -27,9 +27,13 @@ else:
     _cython_import_error = None
 
 ENV_VAR = "CAPSULE_SESSIONS_BACKEND"
-_MODULES = {"python": _framebuf_py}
+_MODULES: dict[str, ModuleType] = {"python": _framebuf_py}
 if _framebuf_c is not None:
     _MODULES["cython"] = _framebuf_c
+    # One public Subscription class for both twins (capsule_sessions.Subscription, the
+    # pure one): isinstance() holds for a compiled handle too, without the compiled
+    # class deriving from a Python class.
+    _framebuf_py.Subscription.register(_framebuf_c.Subscription)
 
 
 def _missing_cython_message() -> str:
@@ -41,12 +45,12 @@ def _missing_cython_message() -> str:
     )
 
 
-def available_backends() -> list:
+def available_backends() -> list[str]:
     """The backends this installation can run, fastest first."""
     return [name for name in ("cython", "python") if name in _MODULES]
 
 
-def module_for(backend: Optional[str] = None) -> ModuleType:
+def module_for(backend: str | None = None) -> ModuleType:
     """The frame-buffer module for ``backend`` (None: the process default)."""
     name = BACKEND if backend is None else backend
     if not isinstance(name, str):
@@ -74,7 +78,9 @@ BACKEND: str = _default_backend()
 
 
 # Session's C forwarders (see ext/_forward.h), or None without the extension.
-ring_forward = None if _framebuf_c is None else _framebuf_c.ring_forward
+ring_forward: Callable[[Callable[..., object], str, type, object], object] | None = (
+    None if _framebuf_c is None else _framebuf_c.ring_forward
+)
 
 
 def name_of(module: ModuleType) -> str:

@@ -16,16 +16,17 @@ its methods of the same names to it.
     - ``store_visual_frame(frame, max_recent, min_interval=0.0, now=None) -> bool``
     - ``latest_visual_frames(ttl, now=None) -> list[VisualFrame]``
     - ``subscribe_visual_frames(buffer=1, *, policy="drop_newest") -> Subscription``
-    - ``visual_stats() -> dict``, ``subscriber_count`` (int),
+    - ``visual_stats() -> dict[str, int]``, ``subscriber_count`` (int),
       ``close_subscriptions()`` (the session ended: closes every live subscription, and
       any subscription made afterwards starts closed; used on delete/evict)
 
 ``Subscription``
-    ``get(timeout=None)``, ``get_nowait()``, ``aget(timeout=None)``, ``qsize()``,
-    ``maxsize``, ``policy``, ``closed``, ``dropped``, ``delivered``, ``close()``,
-    ``unsubscribe()``, iteration (sync and async), context manager. Dropping the last
-    reference to a subscription closes it, so a forgotten subscriber stops costing the
-    producer anything. Made only by the ring: never by hand, copied or pickled.
+    ``get(block=True, timeout=None)``, ``get_nowait()``, ``aget(timeout=None)``,
+    ``qsize()``, ``empty()``, ``full()``, ``maxsize``, ``policy``, ``closed``,
+    ``dropped``, ``delivered``, ``close()``, ``unsubscribe()``, iteration (sync and
+    async), context manager. Dropping the last reference to a subscription closes it, so
+    a forgotten subscriber stops costing the producer anything. Made only by the ring:
+    never by hand, copied or pickled.
 
 What callers see, on both twins (the Go original's semantics plus the documented
 extensions): instants are compared as int64 ns (``_validate``); the rate limiter
@@ -45,20 +46,28 @@ waits for a fan-out while it runs one (``_FanRuns``).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
+import datetime
 import os
 import queue
 import threading
 import time
-import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
 import numpy as np
 
 from . import _validate as v
 from ._records import VisualFrame
 from .errors import FORKED_MESSAGE, NOT_BY_HAND_MESSAGE, REENTERED_MESSAGE, SubscriptionClosed
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+# An asyncio reader parked on a queue: its loop and the future a producer resolves.
+_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
 
 __all__ = ["FrameRing", "Subscription"]
 
@@ -116,7 +125,7 @@ def _check_buffer(data: Any) -> None:
         pass  # an exporter that refuses: reported by _copy_bytes, after the rate check
 
 
-def _copy_bytes(data: Any) -> np.ndarray:
+def _copy_bytes(data: Any) -> np.ndarray[tuple[int], np.dtype[np.uint8]]:
     try:
         view = memoryview(data)
     except (ValueError, BufferError) as exc:
@@ -127,16 +136,16 @@ def _copy_bytes(data: Any) -> np.ndarray:
         return np.frombuffer(view.tobytes(), dtype=np.uint8)
 
 
-def _wake(fut: asyncio.Future) -> None:
+def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
 
 
-def _wake_async(waiters: list) -> None:
+def _wake_async(waiters: list[_Waiter]) -> None:
     """Wake every parked asyncio waiter not woken yet. Each wake runs the loop's Python
     code (where a signal handler may raise): the first error is raised after all were
     tried, so one broken loop or one Ctrl-C never leaves another waiter asleep."""
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     for loop, fut in list(waiters):
         if fut.done():
             continue
@@ -167,7 +176,8 @@ class _Queue:
         self.maxsize = maxsize
         self.policy = policy
         # drop_oldest: a bounded deque evicts the oldest within the one append call.
-        self.items: collections.deque = collections.deque(maxlen=maxsize if policy == "drop_oldest" else None)
+        self.items: collections.deque[VisualFrame] = collections.deque(
+            maxlen=maxsize if policy == "drop_oldest" else None)
         # Entered as `with self.lock` (the C lock), never `with self.cond`: Condition's
         # __enter__ is Python code, where a signal handler raising KeyboardInterrupt
         # would leave the lock held with no __exit__ to come.
@@ -176,7 +186,7 @@ class _Queue:
         self.closed = False
         self.dropped = 0
         self.delivered = 0
-        self.async_waiters: list = []
+        self.async_waiters: list[_Waiter] = []
         self.booked_seq = booked_seq
         self.fork_gen = _fork.generation
 
@@ -222,12 +232,19 @@ class _Queue:
         return self.items.popleft()
 
 
-class Subscription:
-    """A subscriber's handle: a bounded queue of the frames a session accepted."""
+class Subscription(metaclass=abc.ABCMeta):
+    """A subscriber's handle: a bounded queue of the frames a session accepted.
+
+    This is ``capsule_sessions.Subscription`` on both backends: the compiled twin's
+    class is registered as a virtual subclass (``_backend``), so ``isinstance`` holds
+    for either, and type checkers read the signatures here.
+    """
 
     __slots__ = ("_queue", "_ring", "__weakref__")
+    _queue: _Queue
+    _ring: FrameRing
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Subscription":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Subscription:
         # Only the ring makes these; one made by hand would have no queue behind it.
         if len(args) != 3 or args[0] is not _MAKE or kwargs:
             raise TypeError(NOT_BY_HAND_MESSAGE)
@@ -236,7 +253,7 @@ class Subscription:
         sub._queue = args[2]
         return sub
 
-    def __reduce_ex__(self, protocol: Any) -> Any:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         # A second handle on one queue would close it when collected (as threading.Lock,
         # it is neither copied nor pickled).
         raise TypeError(f"cannot pickle or copy {type(self).__name__!r} object")
@@ -270,7 +287,7 @@ class Subscription:
     def full(self) -> bool:
         return len(self._queue.items) >= self._queue.maxsize
 
-    def get(self, block: bool = True, timeout: Any = None) -> VisualFrame:
+    def get(self, block: bool = True, timeout: float | datetime.timedelta | None = None) -> VisualFrame:
         """As ``queue.Queue.get``: the next frame, waiting up to ``timeout`` seconds
         (forever when None), or at once when ``block`` is false; ``queue.Empty`` when
         there is none. After close(): the frames still queued, then SubscriptionClosed."""
@@ -301,7 +318,7 @@ class Subscription:
                 raise SubscriptionClosed("subscription is closed")
             raise queue.Empty
 
-    async def aget(self, timeout: Any = None) -> VisualFrame:
+    async def aget(self, timeout: float | datetime.timedelta | None = None) -> VisualFrame:
         seconds = v.timeout_seconds(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if seconds is None else loop.time() + seconds
@@ -348,20 +365,20 @@ class Subscription:
         if q is not None:
             q.closed = True
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[VisualFrame]:
         while True:
             try:
                 yield self.get()
             except SubscriptionClosed:
                 return
 
-    def __aiter__(self) -> "Subscription":
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> VisualFrame:
@@ -372,7 +389,8 @@ class Subscription:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<Subscription {state} policy={self.policy} maxsize={self.maxsize} queued={self.qsize()} dropped={self.dropped} delivered={self.delivered}>"
+        return (f"<Subscription {state} policy={self.policy} maxsize={self.maxsize} "
+                f"queued={self.qsize()} dropped={self.dropped} delivered={self.delivered}>")
 
 
 class _Slot:
@@ -402,10 +420,10 @@ class FrameRing:
         self._busy = False
         self._fork_gen = _fork.generation
         self._last_active_s, _ = v.instant(created_at, "created_at")
-        self._slots: collections.deque = collections.deque()
+        self._slots: collections.deque[_Slot] = collections.deque()
         self._bytes = 0
         self._source = ""
-        self._last_accepted_ns: Optional[int] = None
+        self._last_accepted_ns: int | None = None
         # Copy-on-write: a fan-out iterates the list it read while others replace it.
         self._subscribers: list[_Queue] = []
         self._ended = False
@@ -414,13 +432,13 @@ class FrameRing:
         self._source_resets = 0
         # Accepted frames not yet offered to every subscriber, oldest first, and whether
         # a thread is offering them (the fan-out runner).
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque[tuple[int, VisualFrame]] = collections.deque()
         # The runner's claim: None, or the token of the call that runs the fan-out.
-        self._fanning: Optional[object] = None
+        self._fanning: object | None = None
         self._offered_through = 0
         self._fan_done = threading.Condition(self._lock)
 
-    def __reduce_ex__(self, protocol: Any) -> Any:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise TypeError(f"cannot pickle or copy {type(self).__name__!r} object")
 
     # -- locking ---------------------------------------------------------------
@@ -432,7 +450,7 @@ class FrameRing:
         self._busy = True
 
     # -- time ------------------------------------------------------------------
-    def _now(self, now: Any) -> tuple[float, int]:
+    def _now(self, now: float | None) -> tuple[float, int]:
         if now is None:
             return v.instant(self._clock(), "clock()")
         return v.instant(now, "now")
@@ -441,7 +459,7 @@ class FrameRing:
     def last_active_at(self) -> float:
         return self._last_active_s
 
-    def touch(self, now: Any = None) -> None:
+    def touch(self, now: float | None = None) -> None:
         seconds, _ = self._now(now)
         with self._lock:
             self._claim()
@@ -461,7 +479,7 @@ class FrameRing:
         self._source = source
         self._clear_frames()
 
-    def start_visual_input(self, source: str, now: Any = None) -> None:
+    def start_visual_input(self, source: str, now: float | None = None) -> None:
         source = v.text(source, "source")
         seconds, _ = self._now(now)
         with self._lock:
@@ -474,7 +492,7 @@ class FrameRing:
             finally:
                 self._busy = False
 
-    def stop_visual_input(self, source: str = "", now: Any = None) -> None:
+    def stop_visual_input(self, source: str = "", now: float | None = None) -> None:
         source = v.text(source, "source")
         seconds, _ = self._now(now)
         with self._lock:
@@ -490,17 +508,17 @@ class FrameRing:
 
     def store_frame(
         self,
-        data: Any,
+        data: Buffer | np.ndarray[Any, Any],
         *,
         source: str,
         max_recent: int,
-        min_interval: Any = 0.0,
+        min_interval: float | datetime.timedelta = 0.0,
         mime_type: str = "",
         width: int = 0,
         height: int = 0,
         timestamp_ms: int = 0,
         frame_seq: int = 0,
-        now: Any = None,
+        now: float | None = None,
     ) -> bool:
         _check_buffer(data)
         source = v.text(source, "source")
@@ -554,7 +572,7 @@ class FrameRing:
         return last is not None and min_ns > 0 and now_ns - last < min_ns
 
     def _commit(self, frame: VisualFrame, nbytes: int, keep: int, min_ns: int, seconds: float, now_ns: int,
-                pending: list) -> int:
+                pending: list[int]) -> int:
         """Accept ``frame`` into the ring and queue it for the fan-out: its accept number
         (0 when there is no subscriber to offer it to), or -1 when rate-limited."""
         with self._lock:
@@ -624,7 +642,7 @@ class FrameRing:
         # An error (KeyboardInterrupt from a signal handler, a failing event loop) is
         # raised only after every pending frame was offered to every subscriber: offers
         # book each frame once, so an interrupted one is simply made again.
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         failures = 0
         running = True
         while running:
@@ -669,7 +687,8 @@ class FrameRing:
             raise error
         return True
 
-    def store_visual_frame(self, frame: VisualFrame, max_recent: int, min_interval: Any = 0.0, now: Any = None) -> bool:
+    def store_visual_frame(self, frame: VisualFrame, max_recent: int, min_interval: float | datetime.timedelta = 0.0,
+                           now: float | None = None) -> bool:
         if not isinstance(frame, VisualFrame):
             raise TypeError(f"frame must be a VisualFrame, got {type(frame).__name__}")
         return self.store_frame(
@@ -685,7 +704,7 @@ class FrameRing:
             now=now,
         )
 
-    def latest_visual_frames(self, ttl: Any, now: Any = None) -> list:
+    def latest_visual_frames(self, ttl: float | datetime.timedelta, now: float | None = None) -> list[VisualFrame]:
         ttl_ns = v.duration_ns(ttl, "ttl")
         _, now_ns = self._now(now)
         if ttl_ns <= 0:
@@ -694,7 +713,7 @@ class FrameRing:
         with self._lock:
             return [s.frame for s in self._slots if now_ns - s.received_ns <= ttl_ns]
 
-    def visual_stats(self) -> dict:
+    def visual_stats(self) -> dict[str, int]:
         _check_not_forked(self._fork_gen)
         with self._lock:
             return {
@@ -747,7 +766,7 @@ class FrameRing:
                 subscribers, self._subscribers = self._subscribers, []
             finally:
                 self._busy = False
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         for q in subscribers:
             try:
                 q.close()
@@ -757,12 +776,12 @@ class FrameRing:
             raise error
 
 
-def _offer_to_all(queues: list, frame: VisualFrame, seq: int) -> Optional[BaseException]:
+def _offer_to_all(queues: list[_Queue], frame: VisualFrame, seq: int) -> BaseException | None:
     """Offer accepted frame ``seq`` to every queue; returns the first error instead of
     raising it, after every queue got the frame or had it counted as dropped."""
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     for q in queues:
-        for attempt in range(2):
+        for _attempt in range(2):
             try:
                 q.offer(frame, seq)
                 break

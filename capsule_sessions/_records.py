@@ -5,10 +5,15 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from typing_extensions import Buffer
 
 
 class SessionState(enum.IntEnum):
@@ -30,7 +35,7 @@ class PipelineMode(enum.IntEnum):
     VOICE_LLM = 0
 
 
-def rfc3339_from_instant(instant: float, clock: Optional[Callable[[], float]] = None) -> str:
+def rfc3339_from_instant(instant: float, clock: Callable[[], float] | None = None) -> str:
     """Render a clock instant as wall time: wall = now_wall - (clock() - instant)."""
     clock = time.monotonic if clock is None else clock
     wall = time.time() - (clock() - instant)
@@ -42,11 +47,11 @@ def rfc3339_from_instant(instant: float, clock: Optional[Callable[[], float]] = 
 class ChatMessage:
     role: str
     content: str
-    timestamp: Optional[float] = None
+    timestamp: float | None = None
     turn_seq: int = 0
 
-    def to_dict(self, clock: Optional[Callable[[], float]] = None) -> dict:
-        out: dict = {"role": self.role, "content": self.content}
+    def to_dict(self, clock: Callable[[], float] | None = None) -> dict[str, str | int]:
+        out: dict[str, str | int] = {"role": self.role, "content": self.content}
         # Go's omitempty: the zero timestamp and turn 0 are left out.
         if self.timestamp is not None:
             out["timestamp"] = rfc3339_from_instant(self.timestamp, clock)
@@ -67,7 +72,7 @@ class ConversationSnapshot(NamedTuple):
     character_id: str
     created_at: float
     last_active_at: float
-    history: list
+    history: list[ChatMessage]
 
 
 def frame_bytes(data: Any) -> bytes:
@@ -89,10 +94,23 @@ class VisualFrame:
     """
 
     __slots__ = _FIELDS
+    # The slots' types, for type checkers (annotations alone make no class attributes, so
+    # they do not collide with the slots). data is the caller's buffer as given, or a
+    # read-only 1-D uint8 numpy array in a frame the library hands out: Any lets code use
+    # either as what it knows it to be (frame.data.dtype), as the README does.
+    data: Any
+    mime_type: str
+    width: int
+    height: int
+    source: str
+    timestamp_ms: int
+    frame_seq: int
+    received_at: float
 
     def __init__(
         self,
-        data: Any = b"",
+        # An array is named beside Buffer: numpy's stubs make it one from Python 3.12 on only.
+        data: Buffer | np.ndarray[Any, Any] = b"",
         mime_type: str = "",
         width: int = 0,
         height: int = 0,
@@ -112,13 +130,13 @@ class VisualFrame:
         _set(self, "frame_seq", frame_seq)
         _set(self, "received_at", received_at)
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"VisualFrame is immutable: cannot set {name!r} (use frame.replace({name}=...))")
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"VisualFrame is immutable: cannot delete {name!r}")
 
-    def replace(self, **changes: Any) -> "VisualFrame":
+    def replace(self, **changes: Any) -> VisualFrame:
         """A new frame with ``changes`` applied (like ``dataclasses.replace``)."""
         unknown = set(changes).difference(_FIELDS)
         if unknown:
@@ -126,7 +144,7 @@ class VisualFrame:
         values = [changes[name] if name in changes else getattr(self, name) for name in _FIELDS]
         return VisualFrame(*values)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[type[VisualFrame], tuple[object, ...]]:
         # Slots plus a refusing __setattr__ defeat the default copy/pickle protocol.
         return (VisualFrame, tuple(getattr(self, name) for name in _FIELDS))
 
@@ -134,7 +152,7 @@ class VisualFrame:
     def nbytes(self) -> int:
         return memoryview(self.data).nbytes
 
-    def as_array(self, shape: Optional[Sequence[int]] = None, dtype: Any = np.uint8) -> np.ndarray:
+    def as_array(self, shape: Sequence[int] | None = None, dtype: npt.DTypeLike = np.uint8) -> npt.NDArray[Any]:
         """A read-only view of the bytes as ``dtype``, reshaped to ``shape`` (zero-copy when
         ``data`` is contiguous, which every frame the library hands out is)."""
         view = memoryview(self.data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import operator
+from collections.abc import Callable
 from typing import Any
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -117,13 +118,13 @@ def text(value: Any, name: str) -> str:
 
 
 def policy(value: Any) -> str:
-    value = text(value, "policy")
-    if value not in POLICIES:
-        raise ValueError(f"policy must be 'drop_newest' or 'drop_oldest', got {value!r}")
-    return value
+    checked = text(value, "policy")
+    if checked not in POLICIES:
+        raise ValueError(f"policy must be 'drop_newest' or 'drop_oldest', got {checked!r}")
+    return checked
 
 
-def clock(value: Any) -> Any:
+def clock(value: Callable[[], float]) -> Callable[[], float]:
     if not callable(value):
         raise TypeError(f"clock must be a callable returning float seconds, got {type(value).__name__}")
     return value

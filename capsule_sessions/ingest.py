@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any
 
 from . import _validate as v
 from ._records import VisualFrame
@@ -28,7 +28,7 @@ class VisualInputConfig:
     max_frame_bytes: int = 1_048_576
     max_recent_frames: int = 2
     frame_ttl: float = 10.0
-    mime_types: Tuple[str, ...] = ("image/jpeg",)
+    mime_types: tuple[str, ...] = ("image/jpeg",)
 
     def __post_init__(self) -> None:
         v.duration_ns(self.frame_interval, "frame_interval")

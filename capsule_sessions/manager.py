@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
+import datetime
 import logging
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable
 
 from . import _backend
 from . import _validate as v
@@ -17,7 +19,7 @@ from .session import Session
 log = logging.getLogger(__name__)
 
 
-def _cleanup_loop(manager_ref: "weakref.ref[SessionManager]", stopped: threading.Event, interval: float) -> None:
+def _cleanup_loop(manager_ref: weakref.ref[SessionManager], stopped: threading.Event, interval: float) -> None:
     # A weak reference, so a manager dropped without stop() is still collected; its
     # thread then ends at the next tick.
     while not stopped.wait(interval):
@@ -45,12 +47,12 @@ class SessionManager:
     def __init__(
         self,
         max_concurrent: int,
-        idle_timeout: Any = 300.0,
+        idle_timeout: float | datetime.timedelta = 300.0,
         *,
-        cleanup_interval: Any = 30.0,
-        on_session_end: Optional[Callable[[Session], Any]] = None,
-        clock: Optional[Callable[[], float]] = None,
-        backend: Optional[str] = None,
+        cleanup_interval: float | datetime.timedelta | None = 30.0,
+        on_session_end: Callable[[Session], object] | None = None,
+        clock: Callable[[], float] | None = None,
+        backend: str | None = None,
     ) -> None:
         self.max_concurrent = v.integer(max_concurrent, "max_concurrent", 0)
         # Any two instants are less than 2**63 ns apart, so a timeout clamped to the int64
@@ -65,11 +67,11 @@ class SessionManager:
         self.on_session_end = on_session_end
         self._clock = time.monotonic if clock is None else v.clock(clock)
         self.backend = _backend.name_of(_backend.module_for(backend))
-        self._sessions: dict = {}
+        self._sessions: dict[str, Session] = {}
         self._closed = False
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         if cleanup_interval is not None:
             self._thread = threading.Thread(
                 target=_cleanup_loop,
@@ -115,7 +117,8 @@ class SessionManager:
         if session is not None:
             self._end([session])
 
-    def list(self) -> list:
+    # In this class body `list` is the method below, so annotations name the builtin in full.
+    def list(self) -> builtins.list[Session]:
         with self._lock:
             return list(self._sessions.values())
 
@@ -133,7 +136,7 @@ class SessionManager:
             except TypeError:
                 return False
 
-    def evict_idle(self, now: Any = None) -> list:
+    def evict_idle(self, now: float | None = None) -> builtins.list[Session]:
         """End every session idle for longer than ``idle_timeout``; returns them.
 
         As in Go, idle means ``now - last_active_at > idle_timeout``: an infinite (or
@@ -148,7 +151,7 @@ class SessionManager:
         self._end(idle)
         return idle
 
-    def _end(self, sessions: list) -> None:
+    def _end(self, sessions: builtins.list[Session]) -> None:
         """on_session_end, then close, for every session even when a callback raises;
         then re-raise.
 
@@ -160,7 +163,7 @@ class SessionManager:
         caller to stop; otherwise the first error.
         """
         # Outside the manager lock: the callback may call back into the manager.
-        raised: Optional[BaseException] = None
+        raised: BaseException | None = None
         for session in sessions:
             try:
                 if self.on_session_end is not None:
@@ -199,7 +202,7 @@ class SessionManager:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def __enter__(self) -> "SessionManager":
+    def __enter__(self) -> SessionManager:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from . import _backend
 from . import _validate as v
-from .ingest import check_frame
+from ._framebuf_py import FrameRing, Subscription
 from ._records import (
     ChatMessage,
     ConversationSnapshot,
@@ -19,6 +21,12 @@ from ._records import (
     VisualFrame,
     rfc3339_from_instant,
 )
+from .ingest import VisualInputConfig, check_frame
+
+if TYPE_CHECKING:
+    import numpy as np
+    from typing_extensions import Buffer
+
 
 def _mode(value: Any) -> PipelineMode:
     try:
@@ -40,8 +48,8 @@ class Session:
         mode: PipelineMode = PipelineMode.OMNI,
         character_id: str = "",
         *,
-        clock: Optional[Callable[[], float]] = None,
-        backend: Optional[str] = None,
+        clock: Callable[[], float] | None = None,
+        backend: str | None = None,
     ) -> None:
         self.id = v.text(id, "id")
         self.mode = _mode(mode)
@@ -50,18 +58,19 @@ class Session:
         self.created_at, _ = v.instant(self._clock(), "clock()")
         module = _backend.module_for(backend)
         self.backend = _backend.name_of(module)
-        self._ring = module.FrameRing(self._clock, self.created_at)
-        self.pipeline_cancel: Optional[Callable[[], Any]] = None
-        self.recording_dir: Optional[str] = None
+        # Either twin's ring; the pure twin's class stands for both (they match).
+        self._ring: FrameRing = module.FrameRing(self._clock, self.created_at)
+        self.pipeline_cancel: Callable[[], object] | None = None
+        self.recording_dir: str | None = None
         self._lock = threading.Lock()
         self._state = SessionState.INIT
         self._owner_id = ""
         self._pipeline_seq = 0
-        self._pipeline_done: Optional[threading.Event] = None
+        self._pipeline_done: threading.Event | None = None
         self._turn_seq = 0
         self._greeting_started = False
-        self._history: list = []
-        self._dialog_context: list = []
+        self._history: list[ChatMessage] = []
+        self._dialog_context: list[DialogContextItem] = []
 
     def __repr__(self) -> str:
         return f"<Session {self.id!r} state={self.state} mode={self.mode.name} backend={self.backend}>"
@@ -87,7 +96,7 @@ class Session:
             self._state = state
         self._ring.touch()
 
-    def touch(self, now: Any = None) -> None:
+    def touch(self, now: float | None = None) -> None:
         """Mark the session active at ``now`` (default: the clock)."""
         self._ring.touch(now)
 
@@ -121,7 +130,7 @@ class Session:
         with self._lock:
             return self._pipeline_seq == seq
 
-    def wait_pipeline_done(self, timeout: Any) -> bool:
+    def wait_pipeline_done(self, timeout: float | datetime.timedelta | None) -> bool:
         """Wait for the current pipeline; True when it is done or none was started."""
         seconds = v.timeout_seconds(timeout)
         with self._lock:
@@ -180,7 +189,7 @@ class Session:
             history.insert(index, msg)
         self._ring.touch(now)
 
-    def history_snapshot(self) -> list:
+    def history_snapshot(self) -> list[ChatMessage]:
         with self._lock:
             return [dataclasses.replace(m) for m in self._history]
 
@@ -194,7 +203,7 @@ class Session:
             items = iter(items)
         except TypeError:
             raise TypeError(f"items must be an iterable of DialogContextItem, got {type(items).__name__}") from None
-        copied = []
+        copied: list[DialogContextItem] = []
         for item in items:
             if not isinstance(item, DialogContextItem):
                 raise TypeError(f"items must hold DialogContextItem objects, got {type(item).__name__}")
@@ -202,11 +211,11 @@ class Session:
         with self._lock:
             self._dialog_context = copied
 
-    def dialog_context_snapshot(self) -> list:
+    def dialog_context_snapshot(self) -> list[DialogContextItem]:
         with self._lock:
             return [dataclasses.replace(item) for item in self._dialog_context]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, str | int | list[dict[str, str | int]]]:
         """JSON-ready, like Go's json.Marshal of the session: instants in RFC 3339 UTC."""
         snapshot = self.conversation_snapshot()
         return {
@@ -219,40 +228,41 @@ class Session:
         }
 
     # -- visual input (delegated to the backend's ring) ---------------------------
-    def start_visual_input(self, source: str, now: Any = None) -> None:
+    def start_visual_input(self, source: str, now: float | None = None) -> None:
         """Make ``source`` active; a different source clears the ring and the rate limiter."""
         self._ring.start_visual_input(source, now)
 
-    def stop_visual_input(self, source: str = "", now: Any = None) -> None:
+    def stop_visual_input(self, source: str = "", now: float | None = None) -> None:
         """Clear everything when ``source`` is empty, none is active, or it is the active one."""
         self._ring.stop_visual_input(source, now)
 
-    def store_frame(self, data: Any, *, source: str, max_recent: int, min_interval: Any = 0.0,
-                    mime_type: str = "", width: int = 0, height: int = 0, timestamp_ms: int = 0,
-                    frame_seq: int = 0, now: Any = None) -> bool:
+    def store_frame(self, data: Buffer | np.ndarray[Any, Any], *, source: str, max_recent: int,
+                    min_interval: float | datetime.timedelta = 0.0, mime_type: str = "", width: int = 0,
+                    height: int = 0, timestamp_ms: int = 0, frame_seq: int = 0, now: float | None = None) -> bool:
         """Store one frame's bytes (one copy); False when rate-limited. See docs/spec.md."""
         return self._ring.store_frame(data, source=source, max_recent=max_recent, min_interval=min_interval,
                                       mime_type=mime_type, width=width, height=height,
                                       timestamp_ms=timestamp_ms, frame_seq=frame_seq, now=now)
 
-    def store_visual_frame(self, frame: VisualFrame, max_recent: int, min_interval: Any = 0.0, now: Any = None) -> bool:
+    def store_visual_frame(self, frame: VisualFrame, max_recent: int, min_interval: float | datetime.timedelta = 0.0,
+                           now: float | None = None) -> bool:
         """Go's StoreVisualFrame: store a copy of ``frame`` unless rate-limited."""
         return self._ring.store_visual_frame(frame, max_recent, min_interval, now)
 
-    def ingest_visual_frame(self, frame: VisualFrame, config: Any, now: Any = None) -> bool:
+    def ingest_visual_frame(self, frame: VisualFrame, config: VisualInputConfig, now: float | None = None) -> bool:
         """Validate ``frame`` against a ``VisualInputConfig``, then store it."""
         check_frame(frame, config)
         return self._ring.store_visual_frame(frame, config.max_recent_frames, config.frame_interval, now)
 
-    def latest_visual_frames(self, ttl: Any, now: Any = None) -> list:
+    def latest_visual_frames(self, ttl: float | datetime.timedelta, now: float | None = None) -> list[VisualFrame]:
         """Frames no older than ``ttl`` (inclusive), oldest first; [] when ttl <= 0."""
         return self._ring.latest_visual_frames(ttl, now)
 
-    def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> Any:
+    def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> Subscription:
         """A bounded queue of every frame accepted from now on."""
         return self._ring.subscribe_visual_frames(buffer, policy=policy)
 
-    def visual_stats(self) -> dict:
+    def visual_stats(self) -> dict[str, int]:
         """accepted, rate_limited, source_resets (since creation); frames, bytes (held now)."""
         return self._ring.visual_stats()
 

@@ -59,7 +59,6 @@ import os
 import queue
 import random
 import sys
-import threading
 import time
 import weakref
 
@@ -331,7 +330,8 @@ def decode_op(r: Reader, twins):
             return "store_frame", lambda t: t.session.store_frame(data, **kw)
         frame = VisualFrame(data, kw["mime_type"], kw["width"], kw["height"], kw["source"], kw["timestamp_ms"],
                             kw["frame_seq"])
-        return "store_visual_frame", lambda t: t.session.store_visual_frame(frame, kw["max_recent"], kw["min_interval"], kw["now"])
+        return "store_visual_frame", lambda t: t.session.store_visual_frame(frame, kw["max_recent"], kw["min_interval"],
+                                                                             kw["now"])
     if op == 2:
         mime = r.pick(MIMES)
         width, height = r.int(-1, 40), r.int(-1, 40)
@@ -647,7 +647,7 @@ def run_storm(backend: str, plan: dict):
     if store() is not True:
         raise AssertionError(f"{backend}: the session refuses stores after the storm")
     after = [rec[0].delivered + rec[0].dropped + rec[0].qsize() for rec in open_]
-    if [a - b for a, b in zip(after, before)] != [1] * len(open_) or not books_ok(True):
+    if [a - b for a, b in zip(after, before, strict=True)] != [1] * len(open_) or not books_ok(True):
         if known_pure_runner_bug():
             COUNTS["known_pure_runner_left_set_after_interrupt"] += 1
             return None
@@ -669,7 +669,7 @@ def run_program(data: bytes) -> None:
         if results[0] != results[1]:
             raise AssertionError(f"step {steps} {name}: cython {results[0]} != python {results[1]}")
         if results[0][0] == "rejected" and name not in ("drop",):
-            for b, a, t in zip(before, after, ("cython", "python")):
+            for b, a, t in zip(before, after, ("cython", "python"), strict=True):
                 if a != b:
                     raise AssertionError(f"step {steps} {name}: rejected ({results[0][1]}) but {t} changed")
         if after[0] != after[1]:

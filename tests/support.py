@@ -119,7 +119,8 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        pytest.fail(f"child hung even past its faulthandler deadline\nstdout:\n{proc.stdout.read()}\nstderr:\n{proc.stderr.read()}")
+        pytest.fail(f"child hung even past its faulthandler deadline\nstdout:\n{proc.stdout.read()}"
+                    f"\nstderr:\n{proc.stderr.read()}")
     return proc.returncode, proc.stdout.read(), proc.stderr.read()
 
 

@@ -83,7 +83,7 @@ def test_every_section_of_the_runner_on_every_target(tmp_path):
     json.dumps(results, allow_nan=False)  # JSON-ready as it stands (no NaN with samples)
 
     assert set(results["alloc"]) == {"W3_store_6m_0sub"}
-    for target, figures in results["alloc"]["W3_store_6m_0sub"].items():
+    for figures in results["alloc"]["W3_store_6m_0sub"].values():
         assert figures["peak_alloc_bytes_per_store"] >= 0 and figures["minflt_per_store"] >= 0
     assert set(results["threads"]) == set(workloads.targets()) | {"memcpy_2buf"}
     for figures in results["threads"].values():
@@ -95,7 +95,8 @@ def test_every_section_of_the_runner_on_every_target(tmp_path):
             for phase in ("free", "paced"):
                 r = phases[phase]
                 assert r["received"] + r["dropped"] == r["frames"] * int(subs)
-                assert (r["lost"], r["corrupt"], r["counter_mismatch"], r["out_of_order"], r["hung_readers"]) == (0,) * 5
+                faults = (r["lost"], r["corrupt"], r["counter_mismatch"], r["out_of_order"], r["hung_readers"])
+                assert faults == (0,) * 5
     text = report.markdown(results)
     for title in ("### W1-W7", "### Allocation and page faults", "### W8", "### W9", "### Targets"):
         assert title in text
@@ -195,7 +196,8 @@ def test_naive_port_keeps_the_go_semantics_of_the_reference():
             assert [bytes(f.data) for f in port.latest_visual_frames(ttl, now=at)] == \
                    [bytes(f.data) for f in ref.latest_visual_frames(ttl, now=at)]
     assert (port_sub.dropped, port_sub.qsize()) == (ref_sub.dropped, ref_sub.qsize())
-    assert [bytes(port_sub.get(timeout=0).data) for _ in range(2)] == [bytes(ref_sub.get(timeout=0).data) for _ in range(2)]
+    ported = [bytes(port_sub.get(timeout=0).data) for _ in range(2)]
+    assert ported == [bytes(ref_sub.get(timeout=0).data) for _ in range(2)]
     port_sub.close()
     with pytest.raises(naive.NaiveClosed):
         port_sub.get(timeout=0)

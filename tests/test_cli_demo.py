@@ -9,8 +9,7 @@ import textwrap
 
 import pytest
 
-from capsule_sessions import available_backends
-from capsule_sessions import cli
+from capsule_sessions import available_backends, cli
 
 TINY = ["--cameras", "2", "--size", "64x48", "--fps", "40", "--seconds", "0.5", "--slow-ms", "5",
         "--display", "none"]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import re
 import sys
+
 import numpy as np
 import pytest
 
-from capsule_sessions import Session
-from capsule_sessions import cli
+from capsule_sessions import Session, cli
 from capsule_sessions.cli._consumers import AsyncConsumer, AsyncLoop, ThreadConsumer, VisionSampler, plan
 from capsule_sessions.cli._latency import LatencyHistogram
 from capsule_sessions.cli._runner import Run, RunOptions
@@ -114,8 +114,9 @@ def test_ingest_scales_sources_over_the_maximum(tmp_path):
 
 def test_ingest_jpeg_stores_jpeg(backend):
     simplejpeg = pytest.importorskip("simplejpeg")
-    from capsule_sessions.cli.ingest import build_config
     import argparse
+
+    from capsule_sessions.cli.ingest import build_config
 
     args = argparse.Namespace(max_width=1280, max_height=720, max_frame_bytes=None, jpeg=True,
                               frame_interval=0.0, max_recent=3, ttl=10.0)
@@ -332,7 +333,7 @@ def test_latency_histogram_extremes_and_merge():
     assert merged.percentile(100) == 500.0  # the overflow bin reports the largest sample
     assert merged.percentile(1) == 0.0  # the underflow bin reports the smallest
     lows, highs, counts = merged.nonzero_bins()
-    assert sum(counts) == 3 and all(lo < hi for lo, hi in zip(lows, highs))
+    assert sum(counts) == 3 and all(lo < hi for lo, hi in zip(lows, highs, strict=True))
 
 
 def test_store_times_forget_a_slot_rather_than_give_another_frames_time():
@@ -513,7 +514,7 @@ def test_tables_use_the_width_they_have(finished_run, monkeypatch):
     narrow = _render(80, run, result, monkeypatch)
     wide = _render(120, run, result, monkeypatch)
     widest = _render(250, run, result, monkeypatch)
-    for n, w in zip(narrow[:2], wide[:2]):
+    for n, w in zip(narrow[:2], wide[:2], strict=True):
         assert len(_header_lines(w)) <= len(_header_lines(n))
     # With room for it every table is one table: one header line each.
     assert [len(_header_lines(text)) for text in widest[:2]] == [1, 2]

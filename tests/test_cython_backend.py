@@ -19,8 +19,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from capsule_sessions import Session, available_backends
-from capsule_sessions import _backend
+from capsule_sessions import Session, _backend, available_backends
 from support import FakeClock, payload
 
 needs_cython = pytest.mark.skipif(

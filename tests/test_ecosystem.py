@@ -11,7 +11,6 @@ import pytest
 
 from capsule_sessions import SessionError, SessionManager, SessionState, SubscriptionClosed
 
-
 # -- queue.Queue manners -----------------------------------------------------------------
 
 

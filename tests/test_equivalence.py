@@ -97,7 +97,7 @@ class BackendsAgree(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.clocks = (FakeClock(100.0), FakeClock(100.0))
-        self.sessions = tuple(Session("eq", clock=c, backend=b) for c, b in zip(self.clocks, PAIR))
+        self.sessions = tuple(Session("eq", clock=c, backend=b) for c, b in zip(self.clocks, PAIR, strict=True))
         self.live = []
 
     def both(self, method, *args, **kwargs):

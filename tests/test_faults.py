@@ -14,7 +14,6 @@ import asyncio
 import gc
 import os
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -22,9 +21,8 @@ import weakref
 import numpy as np
 import pytest
 
-import capsule_sessions
 from capsule_sessions import Session, SessionManager
-from support import CHILD_DEADLINE, FakeClock, finish, payload, start_child
+from support import FakeClock, finish, payload, start_child
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -349,7 +347,7 @@ def test_manager_stopped_while_producers_run(backend):
     assert manager._thread is not None and not manager._thread.is_alive()
     manager.stop()  # idempotent
     before = list(stored)
-    while any(now - then < 50 for now, then in zip(stored, before)):
+    while any(now - then < 50 for now, then in zip(stored, before, strict=True)):
         time.sleep(0.001)
     stop.set()
     for t in producers:
@@ -364,7 +362,7 @@ def test_manager_stopped_while_producers_run(backend):
     assert {s.id for s in evicted} == {"s1", "s2", "s3"}
     manager.delete("s0")
     assert {s.id for s in ended} == {"s0", "s1", "s2", "s3"} and len(manager) == 0
-    for i, session in enumerate(sessions):
+    for session in sessions:
         frames = session.latest_visual_frames(1e9)
         assert frames and all(bytes(f.data) == payload(f.frame_seq) for f in frames)
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import dis
 import gc
+import itertools
 import json
 import math
 import os
@@ -132,8 +134,8 @@ DTYPES = [
 def numpy_buffers(draw):
     dtype = np.dtype(draw(st.sampled_from(DTYPES)))
     shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=7))
-    base = np.frombuffer(draw(st.binary(min_size=dtype.itemsize * int(np.prod(shape)),
-                                        max_size=dtype.itemsize * int(np.prod(shape)))), dtype=dtype).reshape(shape).copy()
+    nbytes = dtype.itemsize * int(np.prod(shape))
+    base = np.frombuffer(draw(st.binary(min_size=nbytes, max_size=nbytes)), dtype=dtype).reshape(shape).copy()
     layout = draw(st.sampled_from(["c", "f", "transpose", "reverse", "step", "broadcast", "readonly", "sliced"]))
     if layout == "f":
         return np.asfortranarray(base)
@@ -271,7 +273,7 @@ def run_twins(twins, entry, prelude, call, hostile_names, data=None, prepare=Non
     STATS[f"{entry}.examples"] += 1
     STATS[f"{entry}.hostile_arguments"] += len(hostile_names)
     first = results[0]
-    for backend, other in zip(twins[1:], results[1:]):
+    for backend, other in zip(twins[1:], results[1:], strict=True):
         assert other == first, f"{twins[0]} and {backend} disagree on {entry}:\n{first}\n{other}"
     return first
 
@@ -345,7 +347,8 @@ def test_store_frame(twins, prelude, data, kwargs, odd_call):
 
 frame_fields = st.fixed_dictionaries({
     "data": arg(valid_data, hostile_data, 0.15),
-    "mime_type": arg(st.sampled_from(["image/jpeg", "video/x-raw-rgb", "video/x-raw-gray", "image/png", ""]), hostile_text),
+    "mime_type": arg(st.sampled_from(["image/jpeg", "video/x-raw-rgb", "video/x-raw-gray", "image/png", ""]),
+                     hostile_text),
     "width": arg(st.integers(0, 64), hostile_number),
     "height": arg(st.integers(0, 64), hostile_number),
     "source": arg(st.sampled_from(["cam", "other"]), hostile_text),
@@ -431,7 +434,8 @@ def test_ingest_visual_frame(twins, prelude, case, now):
     def call(session, clock, subs):
         accepted = session.ingest_visual_frame(frame, config, now)
         if accepted:
-            assert bytes(session.latest_visual_frames(math.inf, now=session.last_active_at)[-1].data) == expected_bytes(frame.data)
+            newest = session.latest_visual_frames(math.inf, now=session.last_active_at)[-1]
+            assert bytes(newest.data) == expected_bytes(frame.data)
         return accepted
 
     run_twins(twins, "ingest_visual_frame", prelude, call, hostile)
@@ -441,7 +445,10 @@ def test_ingest_visual_frame(twins, prelude, case, now):
 @given(prelude=preludes(), frame=st.sampled_from([None, b"\xff\xd8\xff", {"data": b""}]), config=configs,
        swap=st.booleans())
 def test_ingest_rejects_wrong_objects(twins, prelude, frame, config, swap):
-    args, hostile = ((frame, config), {"frame"}) if not swap else ((VisualFrame(JPEG, "image/jpeg", 1, 1), frame), {"config"})
+    if swap:
+        args, hostile = (VisualFrame(JPEG, "image/jpeg", 1, 1), frame), {"config"}
+    else:
+        args, hostile = (frame, config), {"frame"}
     run_twins(twins, "ingest_visual_frame", prelude, lambda s, c, subs: s.ingest_visual_frame(*args), hostile)
 
 
@@ -487,7 +494,8 @@ def test_start_stop_touch(twins, prelude, op, source, now):
 
 @fuzz_settings(300)
 @given(prelude=preludes(), buffer=arg(st.integers(-3, 6), hostile_number),
-       policy=arg(st.sampled_from(["drop_newest", "drop_oldest"]), st.sampled_from(["", "DROP_NEWEST", "fifo", None, 1, b"drop_oldest"])),
+       policy=arg(st.sampled_from(["drop_newest", "drop_oldest"]),
+                  st.sampled_from(["", "DROP_NEWEST", "fifo", None, 1, b"drop_oldest"])),
        positional=st.booleans(), then_store=st.integers(0, 8))
 def test_subscribe_visual_frames(twins, prelude, buffer, policy, positional, then_store):
     (buffer, b1), (policy, b2) = buffer, policy
@@ -601,7 +609,8 @@ clocks = st.one_of(
 
 @fuzz_settings(300)
 @given(id_=arg(st.sampled_from(["s", "", "\x00", "é" * 100]), st.sampled_from([None, 1, b"s", ["s"], 1.5])),
-       mode=arg(st.sampled_from([PipelineMode.OMNI, PipelineMode.STANDARD, 0, 1]), st.sampled_from([2, -1, "omni", None, 1.0, 2**100])),
+       mode=arg(st.sampled_from([PipelineMode.OMNI, PipelineMode.STANDARD, 0, 1]),
+                st.sampled_from([2, -1, "omni", None, 1.0, 2**100])),
        character_id=arg(st.sampled_from(["", "c"]), st.sampled_from([None, 1, b"c"])), clock=clocks)
 def test_session_constructor(twins, id_, mode, character_id, clock):
     (id_, b1), (mode, b2), (character_id, b3), (clock, b4) = id_, mode, character_id, clock
@@ -631,7 +640,7 @@ def test_session_constructor(twins, id_, mode, character_id, clock):
 def test_manager_constructor(twins, max_concurrent, idle_timeout, cleanup_interval, on_session_end, clock):
     values = (max_concurrent, idle_timeout, cleanup_interval, on_session_end, clock)
     names = ("max_concurrent", "idle_timeout", "cleanup_interval", "on_session_end", "clock")
-    hostile = {n for n, (_, bad) in zip(names, values) if bad}
+    hostile = {n for n, (_, bad) in zip(names, values, strict=True) if bad}
     (max_concurrent, idle_timeout, cleanup_interval, on_session_end, clock) = (v for v, _ in values)
     outcomes = []
     for backend in twins:
@@ -746,7 +755,8 @@ def _big(layout: str, size: int):
        layout=st.sampled_from(["contiguous", "reversed", "fortran", "strided"]))
 def test_buffers_of_every_size(twins, size, layout):
     data = _big(layout, size)
-    run_twins(twins, "store_frame.big", [], lambda s, c, subs: s.store_frame(data, source="cam", max_recent=2), set(), data=data)
+    run_twins(twins, "store_frame.big", [], lambda s, c, subs: s.store_frame(data, source="cam", max_recent=2), set(),
+              data=data)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "reversed", "fortran"])
@@ -970,8 +980,8 @@ def test_weak_references_and_edited_records_change_nothing(twins, program):
     arrays are unaffected, and both twins log the same thing at every step."""
     logs = [run_held_program(backend, program) for backend in twins]
     STATS["hardening.held.examples"] += 1
-    for backend, log in zip(twins[1:], logs[1:]):
-        for mine, theirs in zip(logs[0], log):
+    for backend, log in zip(twins[1:], logs[1:], strict=True):
+        for mine, theirs in zip(logs[0], log, strict=True):
             assert mine == theirs, f"{twins[0]} and {backend} disagree:\n{mine}\n{theirs}"
 
 
@@ -1002,7 +1012,8 @@ def odd_buffers(draw):
     count = int(np.prod(shape)) if shape else 1
     items = draw(st.lists(st.integers(0, top), min_size=count, max_size=count))
     layout = draw(st.sampled_from(["c", "fortran", "pil", "pil", "pil_sliced", "c_sliced"]))
-    flags = {"fortran": _testbuffer.ND_FORTRAN, "pil": _testbuffer.ND_PIL, "pil_sliced": _testbuffer.ND_PIL}.get(layout, 0)
+    flags = {"fortran": _testbuffer.ND_FORTRAN, "pil": _testbuffer.ND_PIL,
+             "pil_sliced": _testbuffer.ND_PIL}.get(layout, 0)
     if ndim == 0:
         flags = 0  # a 0-d buffer has no dimension to point through
     data = _testbuffer.ndarray(items if ndim else items[0], shape=shape, format=fmt, flags=flags)
@@ -1320,7 +1331,8 @@ class CallbackHarness:
                 f"{self.backend}: subscriber {i} (opened {rec.opened}, closed {rec.closed}, by finalizer "
                 f"{rec.by_finalizer}) booked {rec.booked()} frames (delivered {rec.sub.delivered} + dropped "
                 f"{rec.sub.dropped} + queued {rec.sub.qsize()}), offered between {low} and {high}")
-            if rec.opened[0] == rec.opened[1] and (rec.closed is None or rec.closed[0] == rec.closed[1] and not rec.closed[2]):
+            made_at_top = rec.opened[0] == rec.opened[1]
+            if made_at_top and (rec.closed is None or rec.closed[0] == rec.closed[1] and not rec.closed[2]):
                 assert low == high, (low, high)  # made and ended at the top level: exact
 
     def check_usable(self) -> None:
@@ -1328,7 +1340,7 @@ class CallbackHarness:
         open_ = [r for r in self.records if r.closed is None]
         before = [r.booked() for r in open_]
         assert self.store() is True, f"{self.backend}: the session refuses stores after the callbacks"
-        assert [r.booked() - b for r, b in zip(open_, before)] == [1] * len(open_), (
+        assert [r.booked() - b for r, b in zip(open_, before, strict=True)] == [1] * len(open_), (
             f"{self.backend}: the store after the callbacks was not offered exactly once to every subscriber")
         for rec in self.records:
             for frame in _drain(rec.sub):
@@ -1460,11 +1472,13 @@ def _release_a_stuck_pure_runner(session) -> None:
 interrupt_programs = st.lists(st.tuples(st.integers(0, 3000),
                                         st.one_of(st.none(), st.integers(1, 40), st.integers(1, 8))),
                               min_size=1, max_size=12)
+# A session's subscribers: one to three of (buffer, policy).
+SUB_SPECS = st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["drop_newest", "drop_oldest"])),
+                     min_size=1, max_size=3)
 
 
 @fuzz_settings(300)
-@given(program=interrupt_programs, sub_specs=st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["drop_newest", "drop_oldest"])),
-                                                      min_size=1, max_size=3))
+@given(program=interrupt_programs, sub_specs=SUB_SPECS)
 @pytest.mark.parametrize("backend", [
     pytest.param("python"),
     pytest.param("cython", marks=pytest.mark.cython),
@@ -1592,8 +1606,6 @@ def test_keyboard_interrupt_in_a_subscribers_event_loop(backend, sizes, fail_at,
 # store, visual_stats, latest_visual_frames, or raise KeyboardInterrupt. The store runs
 # on a worker thread, so a hang is seen (and then unblocked) instead of stalling the run.
 
-import dis
-
 _BREAKER_POINTS: dict = {}
 
 
@@ -1602,7 +1614,7 @@ def _eval_breaker_offsets(code) -> frozenset:
     if points is None:
         instructions = list(dis.get_instructions(code))
         found = set()
-        for ins, after in zip(instructions, instructions[1:]):
+        for ins, after in itertools.pairwise(instructions):
             if ins.opname in ("CALL", "CALL_FUNCTION_EX"):
                 found.add(after.offset)  # checked once the call returned
             if ins.opname == "JUMP_BACKWARD":
@@ -1646,8 +1658,7 @@ handler_programs = st.lists(st.tuples(st.integers(0, 200), st.one_of(st.none(), 
 
 
 @fuzz_settings(300)
-@given(program=handler_programs, sub_specs=st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["drop_newest", "drop_oldest"])),
-                                                    min_size=1, max_size=3))
+@given(program=handler_programs, sub_specs=SUB_SPECS)
 @pytest.mark.parametrize("backend", [
     # run=False: on the pure twin this example search does not finish in minutes (each
     # hung store costs the 2 s join, then shrinking); the hang is held deterministically by

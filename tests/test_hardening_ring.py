@@ -20,9 +20,9 @@ import weakref
 import numpy as np
 import pytest
 
-from capsule_sessions import Session, VisualFrame
+from capsule_sessions import VisualFrame
 from capsule_sessions.errors import NOT_BY_HAND_MESSAGE
-from support import FakeClock, payload, run_child
+from support import payload, run_child
 
 _testbuffer = pytest.importorskip("_testbuffer", reason="CPython's _testbuffer makes the odd buffers")
 
@@ -110,7 +110,7 @@ def test_an_array_resurrected_from_a_weak_reference_never_changes(make_session, 
             session.store_frame(data, source="cam", max_recent=1)
             reader.join()
             changed += [value for array in grabbed if not array.min() == array.max() == value]
-            del grabbed
+            grabbed.clear()
     finally:
         sys.setswitchinterval(interval)
     assert changed == []

@@ -60,11 +60,10 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pathlib import Path
 
 import capsule_sessions
 from capsule_sessions import (
@@ -435,7 +434,7 @@ class Soak:
         seen = list(self.beats)
         ticks = 0
         while not self.stop.is_set():
-            if all(not busy or beat != last for busy, beat, last in zip(self.busy, self.beats, seen)):
+            if all(not busy or beat != last for busy, beat, last in zip(self.busy, self.beats, seen, strict=True)):
                 seen = list(self.beats)
                 self.clock.advance(1.0)
                 ticks += 1
@@ -563,7 +562,8 @@ def run_soak(backend: str) -> dict:
     if len(q2) >= 4 and len(q4) >= 4:
         grown = statistics.median(q4) - statistics.median(q2)
         allowed = RSS_TOLERANCE_BYTES + 0.10 * statistics.median(q2)
-        assert grown <= allowed, f"[{backend}] RSS grew {grown / 2**20:.1f} MB between the 2nd and last quarter: {figures}"
+        assert grown <= allowed, (
+            f"[{backend}] RSS grew {grown / 2**20:.1f} MB between the 2nd and last quarter: {figures}")
     return figures
 
 
@@ -832,7 +832,8 @@ def run_storm(backend: str, interrupts: bool) -> dict:
         assert session.store_frame(make_payload(1), source="cam", max_recent=3, frame_seq=1) is True, name
     for rec, before in open_before:
         booked = rec[1].delivered + rec[1].dropped + rec[1].qsize()
-        assert booked == before + 1, f"[{backend}] the store after the storm reached subscriber of {rec[0]} {booked - before} times"
+        assert booked == before + 1, (
+            f"[{backend}] the store after the storm reached subscriber of {rec[0]} {booked - before} times")
     final = {name: s.visual_stats()["accepted"] for name, s in storm.sessions.items()}
     for name, sub, opened, closed in storm.books:
         offered = (final[name] if closed is None else closed) - opened

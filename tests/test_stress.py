@@ -154,7 +154,8 @@ def test_producers_subscribers_and_latest_readers(backend):
         return reads
 
     readers = start_all([Worker(latest_reader, name=f"latest-{i}") for i in range(2)])
-    makers = start_all([Worker(produce, s, p, per_producer, max_recent, name=f"producer-{p}") for p in range(producers)])
+    makers = start_all([Worker(produce, s, p, per_producer, max_recent, name=f"producer-{p}")
+                        for p in range(producers)])
     results = join_all(makers)
     done.set()
     join_all(readers)
@@ -167,7 +168,7 @@ def test_producers_subscribers_and_latest_readers(backend):
         sub.close()
     received = join_all(drainers)
     assert bad == []
-    for sub, seqs in zip(subs, received):
+    for sub, seqs in zip(subs, received, strict=True):
         check_per_producer_order(seqs)
         assert sub.delivered == len(seqs)
         assert sub.delivered + sub.dropped + sub.qsize() == total
@@ -209,7 +210,7 @@ def test_rate_limited_producers_keep_exact_books(backend, make_session):
     # accepted frames, in the order they were accepted, are min_interval apart (in ns, as compared)
     min_ns = int(min_interval * 1e9)
     received_ns = [int(f.received_at * 1e9) for f in frames]
-    assert all(b - a >= min_ns for a, b in zip(received_ns, received_ns[1:]))
+    assert all(b - a >= min_ns for a, b in itertools.pairwise(received_ns))
 
 
 def test_subscribe_close_churn(backend):
@@ -337,7 +338,7 @@ def test_delete_and_evict_during_use(backend):
         assert s.state is SessionState.CLOSED
         assert s.visual_stats()["accepted"] == accepted[i] == per_producer  # storing goes on after the end
         low, high = window[s.id]
-        for sub, seqs in zip(subs[s.id], received[3 * i:3 * i + 3]):
+        for sub, seqs in zip(subs[s.id], received[3 * i:3 * i + 3], strict=True):
             assert sub.closed and sub.qsize() == 0
             check_per_producer_order(seqs)
             assert sub.delivered == len(seqs)

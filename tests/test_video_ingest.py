@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -11,14 +12,13 @@ import time
 import numpy as np
 import pytest
 
-av = pytest.importorskip("av")
+from capsule_sessions import VisualInputConfig, cli
+from capsule_sessions.cli import _sample
+from capsule_sessions.cli._runner import Run, RunOptions
+from capsule_sessions.cli._sources import VideoSource
+from support import assert_counts_add_up
 
-from capsule_sessions import VisualInputConfig  # noqa: E402
-from capsule_sessions import cli  # noqa: E402
-from capsule_sessions.cli import _sample  # noqa: E402
-from capsule_sessions.cli._runner import Run, RunOptions  # noqa: E402
-from capsule_sessions.cli._sources import VideoSource  # noqa: E402
-from support import assert_counts_add_up  # noqa: E402
+av = pytest.importorskip("av")
 
 W, H, FPS, SECONDS = 320, 240, 30, 2
 FRAMES = FPS * SECONDS
@@ -172,7 +172,7 @@ def test_without_realtime_the_session_clock_follows_the_pts(videos, backend):
     stored = run.session.latest_visual_frames(1e6)
     assert [f.frame_seq for f in stored] == [0, 30, 60, 90, 120]
     stamps = [f.received_at for f in stored]
-    assert [b - a for a, b in zip(stamps, stamps[1:])] == [1.0] * 4
+    assert [b - a for a, b in itertools.pairwise(stamps)] == [1.0] * 4
     # The sampler calls at each second of video (1, 2, 3 and 4 s; the clip ends at
     # 4.97 s), however fast it decodes, and each call sees the frames up to its second:
     # 2, 3, 4 and 5 of them, the newest accepted exactly then (age 0).

@@ -13,9 +13,13 @@ import gc
 import random
 import statistics
 import time
-from typing import Callable, Hashable, Optional
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
+from .._json import JsonObject
 from .workloads import Case
+
+Key = TypeVar("Key", bound=Hashable)
 
 MAX_BATCH = 1 << 22
 
@@ -55,7 +59,7 @@ def _search(case: Case, min_batch_s: float) -> int:
         n = min(MAX_BATCH, max(n + 1, min(n * 100, int(n * 1.2 * goal / elapsed))))
 
 
-def summarize(per_op_ns: list) -> dict:
+def summarize(per_op_ns: list[float]) -> JsonObject:
     median = statistics.median(per_op_ns)
     return {
         "ns_per_op": median,
@@ -67,16 +71,16 @@ def summarize(per_op_ns: list) -> dict:
     }
 
 
-def paired_ratio(a: dict, b: dict) -> Optional[float]:
+def paired_ratio(a: JsonObject, b: JsonObject) -> float | None:
     """Median over rounds of a's time / b's time in the same round (two ``summarize``
     results): both were timed within one round, so whatever slowed the machine in that
     round cancels out of the ratio."""
-    pairs = [x / y for x, y in zip(a["repeats_ns"], b["repeats_ns"]) if y > 0]
+    pairs = [x / y for x, y in zip(a["repeats_ns"], b["repeats_ns"], strict=True) if y > 0]
     return statistics.median(pairs) if pairs else None
 
 
-def interleaved(cases: dict, repeats: int, min_batch_s: float,
-                progress: Optional[Callable[[Hashable], None]] = None) -> dict:
+def interleaved(cases: dict[Key, Case], repeats: int, min_batch_s: float,
+                progress: Callable[[Key], None] | None = None) -> dict[Key, JsonObject]:
     """Median ns/op of each case in ``cases`` ({key: Case}); ``progress(key)`` after each
     calibration and each timed batch."""
     keys = list(cases)
@@ -85,7 +89,7 @@ def interleaved(cases: dict, repeats: int, min_batch_s: float,
         batch[key] = calibrate(cases[key], min_batch_s)
         if progress:
             progress(key)
-    samples: dict = {key: [] for key in keys}
+    samples: dict[Key, list[float]] = {key: [] for key in keys}
     for round_no in range(repeats):
         order = keys[:]
         random.Random(round_no).shuffle(order)

@@ -24,7 +24,7 @@ def _minflt() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def measure(case: Case, stores: int) -> dict:
+def measure(case: Case, stores: int) -> dict[str, float]:
     case.run(WARMUP_STORES)  # fill the ring and the queues: the steady state is measured
     gc.collect()
     before = _minflt()

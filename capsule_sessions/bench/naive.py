@@ -16,13 +16,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 __all__ = ["NaiveClosed", "NaiveFrame", "NaiveSession", "NaiveSubscription"]
 
-# Put into a subscriber's queue by close(): the reader sees it after every queued frame.
-_CLOSED = object()
 
 
 class NaiveClosed(Exception):
@@ -42,19 +41,20 @@ class NaiveFrame:
 
 
 class NaiveSubscription:
-    def __init__(self, session: "NaiveSession", maxsize: int) -> None:
-        self.queue: queue.Queue = queue.Queue(maxsize)
+    def __init__(self, session: NaiveSession, maxsize: int) -> None:
+        # None is put in by close(): the reader sees it after every queued frame.
+        self.queue: queue.Queue[NaiveFrame | None] = queue.Queue(maxsize)
         self.maxsize = maxsize
         self.dropped = 0
         self.delivered = 0
         self.closed = False
         self._session = session
 
-    def get(self, timeout: Optional[float] = None) -> NaiveFrame:
+    def get(self, timeout: float | None = None) -> NaiveFrame:
         if self.closed and self.queue.empty():
             raise NaiveClosed("subscription is closed")
         item = self.queue.get(timeout=timeout)
-        if item is _CLOSED:
+        if item is None:
             raise NaiveClosed("subscription is closed")
         self.delivered += 1
         return item
@@ -70,7 +70,7 @@ class NaiveSubscription:
         # Wakes a reader blocked on an empty queue. A full queue needs no marker: get()
         # sees the closed flag once the reader has drained it.
         try:
-            self.queue.put_nowait(_CLOSED)
+            self.queue.put_nowait(None)
         except queue.Full:
             pass
 
@@ -79,10 +79,10 @@ class NaiveSession:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._frames: list = []
+        self._frames: list[NaiveFrame] = []
         self._source = ""
-        self._last_accepted: Optional[float] = None
-        self._subscribers: list = []
+        self._last_accepted: float | None = None
+        self._subscribers: list[NaiveSubscription] = []
         self.last_active_at = clock()
 
     def store_frame(
@@ -97,7 +97,7 @@ class NaiveSession:
         height: int = 0,
         timestamp_ms: int = 0,
         frame_seq: int = 0,
-        now: Optional[float] = None,
+        now: float | None = None,
     ) -> bool:
         if now is None:
             now = self._clock()
@@ -124,7 +124,7 @@ class NaiveSession:
                     sub.dropped += 1
         return True
 
-    def latest_visual_frames(self, ttl: float, now: Optional[float] = None) -> list:
+    def latest_visual_frames(self, ttl: float, now: float | None = None) -> list[NaiveFrame]:
         if now is None:
             now = self._clock()
         if ttl <= 0:

@@ -9,10 +9,15 @@ matplotlib is the optional ``plot`` extra; the caller checks it is installed.
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import TYPE_CHECKING
 
+from .._json import JsonObject
 from . import targets as T
 from .harness import paired_ratio
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 COLORS = {"python": "#4C72B0", "cython": "#DD8452", "naive": "#8C8C8C", "memcpy": "#55A868", "memcpy_2buf": "#A6D8B4"}
 
@@ -21,7 +26,7 @@ def _color(target: str) -> str:
     return COLORS.get(target, "#937860")
 
 
-def _target_ratio_to_naive(results: dict, wid: str) -> Optional[float]:
+def _target_ratio_to_naive(results: JsonObject, wid: str) -> float | None:
     """The limit for the Cython backend on ``wid``, in units of the naive port's time."""
     prefix = T.short(wid)
     r = results["timed"][wid]["results"]
@@ -31,11 +36,12 @@ def _target_ratio_to_naive(results: dict, wid: str) -> Optional[float]:
     if prefix in T.NAIVE_LIMIT:
         return T.NAIVE_LIMIT[prefix]
     if prefix in T.MEMCPY_LIMIT and "memcpy" in r:
-        return T.MEMCPY_LIMIT[prefix] * paired_ratio(r["memcpy"], r["naive"])
+        ratio = paired_ratio(r["memcpy"], r["naive"])  # None: no round timed the naive port above 0 ns
+        return None if ratio is None else T.MEMCPY_LIMIT[prefix] * ratio
     return None
 
 
-def _plain_log_axis(ax) -> None:
+def _plain_log_axis(ax: Axes) -> None:
     """A log y axis labelled 0.1, 1, 10 (and 2, 5, 20, 50 between) rather than 10^-1."""
     from matplotlib.ticker import FuncFormatter
 
@@ -44,7 +50,7 @@ def _plain_log_axis(ax) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
 
 
-def _timed_panel(ax, results: dict) -> None:
+def _timed_panel(ax: Axes, results: JsonObject) -> None:
     wids = [wid for wid, e in results.get("timed", {}).items() if not e["aux"] and "naive" in e["results"]]
     names = [t for t in results["targets"] if t != "naive"]
     if not wids or not names:
@@ -53,18 +59,20 @@ def _timed_panel(ax, results: dict) -> None:
         return
     width = 0.8 / len(names)
     for i, target in enumerate(names):
-        xs, ys = [], []
+        xs: list[float] = []
+        ys: list[float] = []
         for j, wid in enumerate(wids):
             r = results["timed"][wid]["results"]
             if target in r:
                 xs.append(j - 0.4 + width * (i + 0.5))
-                ys.append(paired_ratio(r[target], r["naive"]))
+                ratio = paired_ratio(r[target], r["naive"])
+                ys.append(math.nan if ratio is None else ratio)  # no bar (None would stop the chart)
         ax.bar(xs, ys, width, label=target, color=_color(target))
     for j, wid in enumerate(wids):
         limit = _target_ratio_to_naive(results, wid)
         if limit:
             ax.hlines(limit, j - 0.45, j + 0.45, colors="red", linewidth=2,
-                      label="target (cython)" if j == 0 else None)
+                      label="target (cython)" if j == 0 else "_nolegend_")
         go = T.GO_NS.get(T.short(wid))
         naive = results["timed"][wid]["results"]["naive"]["ns_per_op"]
         if go:
@@ -80,7 +88,7 @@ def _timed_panel(ax, results: dict) -> None:
     ax.legend(fontsize=7, loc="upper center", ncol=3)
 
 
-def _threads_panel(ax, results: dict) -> None:
+def _threads_panel(ax: Axes, results: JsonObject) -> None:
     scaling = results.get("threads", {})
     if not scaling:
         ax.set_axis_off()
@@ -102,7 +110,7 @@ def _threads_panel(ax, results: dict) -> None:
     ax.legend(fontsize=7, loc="upper right")
 
 
-def _fanout_panel(ax, results: dict) -> None:
+def _fanout_panel(ax: Axes, results: JsonObject) -> None:
     fanout = results.get("fanout", {})
     if not fanout:
         ax.set_axis_off()
@@ -128,7 +136,7 @@ def _fanout_panel(ax, results: dict) -> None:
     ax.legend(fontsize=7, loc="upper left")
 
 
-def write(results: dict, path: str) -> None:
+def write(results: JsonObject, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

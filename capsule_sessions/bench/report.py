@@ -3,36 +3,36 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
+from .._json import JsonObject
 from .targets import format_ratio
 
 RATIOS = ("cython/python", "cython/naive", "cython/memcpy")
 
 
-def _ns(value: Optional[float]) -> str:
+def _ns(value: float | None) -> str:
     if value is None:
         return ""
     return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
 
 
-def _ratio(value: Optional[float]) -> str:
+def _ratio(value: float | None) -> str:
     return "" if value is None else format_ratio(value)
 
 
-def _num(value: Optional[float], digits: int = 0) -> str:
+def _num(value: float | None, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return f"{value:,.{digits}f}"
 
 
-def _table(header: list, rows: list) -> list:
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
 
 
-def _heading(results: dict) -> list:
+def _heading(results: JsonObject) -> list[str]:
     m, s = results["machine"], results["settings"]
     load = m.get("load_average_at_start")
     return [
@@ -45,7 +45,7 @@ def _heading(results: dict) -> list:
     ]
 
 
-def _timed_table(results: dict, aux: bool) -> list:
+def _timed_table(results: JsonObject, aux: bool) -> list[str]:
     names = results["targets"]
     rows = []
     for wid, entry in results.get("timed", {}).items():
@@ -63,7 +63,7 @@ def _timed_table(results: dict, aux: bool) -> list:
     return _table(header, rows)
 
 
-def _alloc_table(results: dict) -> list:
+def _alloc_table(results: JsonObject) -> list[str]:
     rows = []
     for wid, by_target in results.get("alloc", {}).items():
         for target, a in by_target.items():
@@ -74,7 +74,7 @@ def _alloc_table(results: dict) -> list:
                    "minor page faults per store"], rows)
 
 
-def _threads_table(results: dict) -> list:
+def _threads_table(results: JsonObject) -> list[str]:
     rows = [[t, _num(r["fps_1"]), _num(r["fps_2"]), _ratio(r["ratio"]), _ratio(r.get("ratio_of_memcpy_ratio")),
              _num(r.get("cores_used_2"), 2), _num(r.get("other_cores_busy"), 2)]
             for t, r in results.get("threads", {}).items()]
@@ -84,7 +84,7 @@ def _threads_table(results: dict) -> list:
                    "CPU cores busy (2 threads)", "other processes (cores)"], rows)
 
 
-def _fanout_table(results: dict) -> list:
+def _fanout_table(results: JsonObject) -> list[str]:
     rows = []
     for target, by_subs in results.get("fanout", {}).items():
         for subs, phases in sorted(by_subs.items(), key=lambda kv: int(kv[0])):
@@ -104,7 +104,7 @@ def _fanout_table(results: dict) -> list:
                    "p50 us", "p99 us", "paced p50 us", "paced p99 us", "paced p99/p50", "lost uncounted"], rows)
 
 
-def _checks_table(results: dict) -> list:
+def _checks_table(results: JsonObject) -> list[str]:
     rows = [[c["backend"], c["workload"], c["target"], c["figure"],
              "" if c["met"] is None else ("met" if c["met"] else "**not met**")]
             for c in results.get("checks", [])]
@@ -113,7 +113,7 @@ def _checks_table(results: dict) -> list:
     return _table(["backend", "workload", "target (docs/bench.md)", "measured", "verdict"], rows)
 
 
-def markdown(results: dict) -> str:
+def markdown(results: JsonObject) -> str:
     s = results["settings"]
     out = ["## capsule_sessions benchmark", ""] + _heading(results) + [""]
     sections = [
@@ -150,14 +150,14 @@ def markdown(results: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def _fanout_buffer(results: dict) -> str:
+def _fanout_buffer(results: JsonObject) -> str:
     for by_subs in results.get("fanout", {}).values():
         for phases in by_subs.values():
             return str(phases["free"]["buffer"])
     return ""
 
 
-def verdict_counts(results: dict) -> tuple:
+def verdict_counts(results: JsonObject) -> tuple[int, int]:
     checks = results.get("checks", [])
     return sum(1 for c in checks if c["met"]), sum(1 for c in checks if c["met"] is False)
 

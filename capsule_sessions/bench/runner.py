@@ -13,15 +13,17 @@ import os
 import platform
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 import numpy as np
 
 import capsule_sessions
 
+from .._json import JsonObject
 from . import harness, memory, targets, threaded
-from .workloads import BY_ID, TIMED, backends, targets as all_targets
+from .workloads import BY_ID, TIMED, Case, backends
+from .workloads import targets as all_targets
 
 ALLOC_WORKLOADS = ("W3_store_6m_0sub", "W4_store_6m_4sub")
 THREADED_IDS = (threaded.W8_ID, threaded.W9_ID)
@@ -50,20 +52,20 @@ FULL = Settings("full", repeats=9, min_batch_s=0.05, alloc_stores=24, w8_seconds
 
 @dataclass(frozen=True)
 class Selection:
-    workloads: tuple
-    targets: tuple
+    workloads: tuple[str, ...]
+    targets: tuple[str, ...]
 
 
-def _split(value: Optional[str]) -> list:
+def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-def select(workloads: Optional[str] = None, target_names: Optional[str] = None) -> Selection:
+def select(workloads: str | None = None, target_names: str | None = None) -> Selection:
     """Resolve comma-separated filters: a workload is named by its id or its prefix
     (``W2`` selects W2 and its aux points). Unknown names raise ValueError."""
     ids = list(ALL_IDS)
     if workloads:
-        chosen = []
+        chosen: list[str] = []
         for name in _split(workloads):
             hits = [wid for wid in ALL_IDS if wid.lower() == name.lower() or wid.lower().startswith(name.lower() + "_")]
             if not hits:
@@ -84,16 +86,16 @@ def select(workloads: Optional[str] = None, target_names: Optional[str] = None) 
     return Selection(tuple(ids), tuple(names))
 
 
-def _timed_ids(selection: Selection) -> list:
+def _timed_ids(selection: Selection) -> list[str]:
     return [wid for wid in selection.workloads if wid in BY_ID]
 
 
-def _w8_targets(selection: Selection) -> list:
+def _w8_targets(selection: Selection) -> list[str]:
     extra = [threaded.W8_MEMCPY_RING] if "memcpy" in selection.targets else []
     return list(selection.targets) + extra
 
 
-def _w9_targets(selection: Selection) -> list:
+def _w9_targets(selection: Selection) -> list[str]:
     return [t for t in selection.targets if t not in threaded.W9_TARGETS_EXCLUDED]
 
 
@@ -109,7 +111,7 @@ def total_steps(selection: Selection, settings: Settings) -> int:
     return steps
 
 
-def machine() -> dict:
+def machine() -> JsonObject:
     model = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -137,12 +139,12 @@ def machine() -> dict:
     }
 
 
-def _median(values: list) -> float:
+def _median(values: list[float]) -> float:
     return float(np.median(values))
 
 
-def _run_timed(selection: Selection, settings: Settings, tick: Callable[[str], None]) -> dict:
-    cases = {}
+def _run_timed(selection: Selection, settings: Settings, tick: Callable[[str], None]) -> JsonObject:
+    cases: dict[tuple[str, str], Case] = {}
     for wid in _timed_ids(selection):
         for target in selection.targets:
             case = BY_ID[wid].setup(target)
@@ -151,7 +153,7 @@ def _run_timed(selection: Selection, settings: Settings, tick: Callable[[str], N
     try:
         measured = harness.interleaved(cases, settings.repeats, settings.min_batch_s,
                                        progress=lambda key: tick(f"{key[0]} {key[1]}"))
-        alloc: dict = {}
+        alloc: dict[str, dict[str, dict[str, float]]] = {}
         for wid in ALLOC_WORKLOADS:
             for target in selection.targets:
                 if (wid, target) in cases:
@@ -160,7 +162,7 @@ def _run_timed(selection: Selection, settings: Settings, tick: Callable[[str], N
     finally:
         for case in cases.values():
             case.close()
-    timed = {}
+    timed: dict[str, JsonObject] = {}
     for wid in _timed_ids(selection):
         workload = BY_ID[wid]
         results = {target: measured[(wid, target)] for target in selection.targets if (wid, target) in measured}
@@ -179,7 +181,7 @@ def _run_timed(selection: Selection, settings: Settings, tick: Callable[[str], N
     return {"timed": timed, "alloc": alloc}
 
 
-def _ratios(results: dict) -> dict:
+def _ratios(results: dict[str, JsonObject]) -> dict[str, float | None]:
     out = {}
     if "cython" in results:
         for other in ("python", "naive", "memcpy"):
@@ -188,11 +190,11 @@ def _ratios(results: dict) -> dict:
     return out
 
 
-def _run_w8(selection: Selection, settings: Settings, tick: Callable[[str], None]) -> dict:
+def _run_w8(selection: Selection, settings: Settings, tick: Callable[[str], None]) -> dict[str, JsonObject]:
     names = _w8_targets(selection)
-    samples = {target: {1: [], 2: []} for target in names}
-    cores = {target: [] for target in names}
-    others = {target: [] for target in names}
+    samples: dict[str, dict[int, list[float]]] = {target: {1: [], 2: []} for target in names}
+    cores: dict[str, list[float]] = {target: [] for target in names}
+    others: dict[str, list[float]] = {target: [] for target in names}
     for round_no in range(settings.w8_repeats):
         order = list(names)
         random.Random(round_no).shuffle(order)
@@ -208,19 +210,20 @@ def _run_w8(selection: Selection, settings: Settings, tick: Callable[[str], None
     # Ratios are taken per repeat (1 then 2 threads back to back), so drift between
     # repeats cancels; the memcpy ratio of the same repeat is the machine's own ceiling
     # at that moment (on a VM, memory bandwidth left by the neighbours varies by 2x).
-    ratios = {t: [two / one if one > 0 else math.nan for one, two in zip(by_n[1], by_n[2])]
+    ratios = {t: [two / one if one > 0 else math.nan for one, two in zip(by_n[1], by_n[2], strict=True)]
               for t, by_n in samples.items()}
     out = {}
     for target, by_n in samples.items():
         finite = [r for r in ratios[target] if r == r]
-        entry = {"fps_1": _median(by_n[1]), "fps_2": _median(by_n[2]),
+        entry: JsonObject = {"fps_1": _median(by_n[1]), "fps_2": _median(by_n[2]),
                  "ratio": _median(finite) if finite else None,
                  "cores_used_2": _median(cores[target]),
                  "other_cores_busy": _median(others[target]) if others[target] else None,
                  "ratio_of_memcpy_ratio": None,
                  "repeats_fps_1": by_n[1], "repeats_fps_2": by_n[2], "seconds": settings.w8_seconds}
         if "memcpy" in ratios:
-            relative = [r / m for r, m in zip(ratios[target], ratios["memcpy"]) if r == r and m == m and m > 0]
+            relative = [r / m for r, m in zip(ratios[target], ratios["memcpy"], strict=True)
+                        if r == r and m == m and m > 0]
             entry["ratio_of_memcpy_ratio"] = _median(relative) if relative else None
         out[target] = entry
     return out
@@ -230,7 +233,7 @@ _W9_MEDIANS = ("stored_fps", "delivered_fps", "delivered_fps_per_subscriber", "p
 _W9_SUMS = ("received", "dropped", "lost", "counter_mismatch", "out_of_order", "corrupt", "hung_readers")
 
 
-def _merge_w9(runs: list) -> dict:
+def _merge_w9(runs: list[JsonObject]) -> JsonObject:
     merged = {key: _median([r[key] for r in runs]) for key in _W9_MEDIANS}
     merged.update({key: sum(r[key] for r in runs) for key in _W9_SUMS})
     merged.update({key: runs[0][key] for key in ("frames", "interval_s", "buffer", "frame_bytes")})
@@ -238,8 +241,9 @@ def _merge_w9(runs: list) -> dict:
     return merged
 
 
-def _run_w9(selection: Selection, settings: Settings, tick: Callable[[str], None]) -> dict:
-    runs: dict = {}
+def _run_w9(selection: Selection, settings: Settings,
+            tick: Callable[[str], None]) -> dict[str, dict[str, dict[str, JsonObject]]]:
+    runs: dict[str, dict[str, dict[str, list[JsonObject]]]] = {}
     for _ in range(settings.w9_repeats):
         for target in _w9_targets(selection):
             for subs in threaded.W9_SUBSCRIBERS:
@@ -257,9 +261,9 @@ def _run_w9(selection: Selection, settings: Settings, tick: Callable[[str], None
             for target, by_subs in runs.items()}
 
 
-def run(selection: Selection, settings: Settings, progress: Optional[Callable[[str], None]] = None) -> dict:
+def run(selection: Selection, settings: Settings, progress: Callable[[str], None] | None = None) -> JsonObject:
     tick = progress or (lambda label: None)
-    results: dict = {
+    results: JsonObject = {
         "schema": 1,
         "machine": machine(),
         "settings": asdict(settings),

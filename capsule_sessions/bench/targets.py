@@ -18,8 +18,9 @@ are stated in their check text:
 from __future__ import annotations
 
 import statistics
-from typing import Optional
+from collections.abc import Callable
 
+from .._json import JsonObject
 from .harness import paired_ratio
 
 # The project's first reference run, ns per operation (docs/bench.md, "Reference points").
@@ -29,7 +30,7 @@ REFERENCE_MEMCPY_NS = {"W1": 415, "W2": 1_700, "W3": 156_000, "W4": 151_000, "W5
 
 NAIVE_LIMIT = {"W1": 0.5, "W6": 0.5, "W7": 0.5, "W2": 0.25, "W5": 0.5}
 MEMCPY_LIMIT = {"W3": 1.10, "W4": 1.10}
-GO_LIMIT: dict = {}  # every workload: faster than the Go original (ratio < 1)
+GO_LIMIT: dict[str, float] = {}  # every workload: faster than the Go original (ratio < 1)
 SIZE_GROWTH_LIMIT = 0.25
 MINFLT_LIMIT = 1.0
 # W8: the 2-thread/1-thread scaling at least this share of memcpy's own scaling.
@@ -41,33 +42,38 @@ def short(workload_id: str) -> str:
     return workload_id.split("_", 1)[0]
 
 
-def _entry(results: dict, workload_id: str, target: str) -> Optional[dict]:
-    return results.get("timed", {}).get(workload_id, {}).get("results", {}).get(target)
+def _entry(results: JsonObject, workload_id: str, target: str) -> JsonObject | None:
+    entry: JsonObject | None = results.get("timed", {}).get(workload_id, {}).get("results", {}).get(target)
+    return entry
 
 
-def _ns(results: dict, workload_id: str, target: str) -> Optional[float]:
+def _ns(results: JsonObject, workload_id: str, target: str) -> float | None:
     entry = _entry(results, workload_id, target)
-    return None if entry is None else entry["ns_per_op"]
+    if entry is None:
+        return None
+    ns: float = entry["ns_per_op"]
+    return ns
 
 
-def _paired(results: dict, workload_id: str, target: str, reference: str) -> Optional[float]:
+def _paired(results: JsonObject, workload_id: str, target: str, reference: str) -> float | None:
     a, b = _entry(results, workload_id, target), _entry(results, workload_id, reference)
     return None if a is None or b is None else paired_ratio(a, b)
 
 
-def _timed_id(results: dict, prefix: str) -> Optional[str]:
+def _timed_id(results: JsonObject, prefix: str) -> str | None:
+    wid: str
     for wid, entry in results.get("timed", {}).items():
         if short(wid) == prefix and not entry.get("aux"):
             return wid
     return None
 
 
-def _check(backend: str, workload: str, text: str, figure: str, met: Optional[bool]) -> dict:
+def _check(backend: str, workload: str, text: str, figure: str, met: bool | None) -> JsonObject:
     return {"backend": backend, "workload": workload, "target": text, "figure": figure, "met": met}
 
 
-def _ratio_check(backend: str, wid: str, ratio: Optional[float], limit: float,
-                 text: str, ref_name: str, strict: bool = False) -> Optional[dict]:
+def _ratio_check(backend: str, wid: str, ratio: float | None, limit: float,
+                 text: str, ref_name: str, strict: bool = False) -> JsonObject | None:
     if ratio is None:
         return None
     met = ratio < limit if strict else ratio <= limit
@@ -79,7 +85,7 @@ def format_ratio(value: float) -> str:
     return f"{value:.2g}" if abs(value) < 0.1 else f"{value:.2f}"
 
 
-def _rounds(results: dict, pairs: dict) -> Optional[dict]:
+def _rounds(results: JsonObject, pairs: dict[str, tuple[str, str]]) -> dict[str, list[float]] | None:
     """{name: per-round ns list} for {name: (workload_id, target)}, or None if one is missing."""
     out = {}
     for name, (wid, target) in pairs.items():
@@ -90,14 +96,14 @@ def _rounds(results: dict, pairs: dict) -> Optional[dict]:
     return out
 
 
-def _median_per_round(rounds: dict, formula) -> float:
+def _median_per_round(rounds: dict[str, list[float]], formula: Callable[[dict[str, float]], float]) -> float:
     """The median over rounds of ``formula`` applied to one round's figures: the figures
     of one round were timed together, so machine drift cancels within a round."""
     n = min(len(v) for v in rounds.values())
     return statistics.median(formula({k: v[i] for k, v in rounds.items()}) for i in range(n))
 
 
-def _per_sub_growth(results: dict, backend: str) -> Optional[tuple]:
+def _per_sub_growth(results: JsonObject, backend: str) -> tuple[float, float, float] | None:
     """(per-subscriber cost at 4 KiB, at 64 KiB, cost of copying the extra 60 KiB)."""
     rounds = _rounds(results, {
         "w2": ("W2_store_64k_4sub", backend), "w2_64k_0": ("W2_aux_store_64k_0sub", backend),
@@ -111,7 +117,7 @@ def _per_sub_growth(results: dict, backend: str) -> Optional[tuple]:
             _median_per_round(rounds, lambda r: r["copy_64k"] - r["copy_4k"]))
 
 
-def _read_growth(results: dict, backend: str) -> Optional[tuple]:
+def _read_growth(results: JsonObject, backend: str) -> tuple[float, float, float] | None:
     """(8 reads of 4 KiB frames, of 64 KiB frames, cost of copying the extra 8x60 KiB)."""
     rounds = _rounds(results, {
         "big": ("W5_latest_8x64k", backend), "small": ("W5_aux_latest_8x4k", backend),
@@ -124,11 +130,11 @@ def _read_growth(results: dict, backend: str) -> Optional[tuple]:
             _median_per_round(rounds, lambda r: r["copy_big"] - r["copy_small"]))
 
 
-def evaluate(results: dict, backend: str) -> list:
+def evaluate(results: JsonObject, backend: str) -> list[JsonObject]:
     """Every target that this run measured, judged for ``backend``."""
-    checks: list = []
+    checks: list[JsonObject] = []
 
-    def add(check: Optional[dict]) -> None:
+    def add(check: JsonObject | None) -> None:
         if check is not None:
             checks.append(check)
 

@@ -11,12 +11,13 @@ import itertools
 import os
 import threading
 import time
-from typing import Optional
+from collections.abc import Callable
 
 import numpy as np
 
 from capsule_sessions import SubscriptionClosed
 
+from .._json import JsonObject
 from .naive import NaiveClosed
 from .workloads import FRAME_1080P_RGB, TICK, make_session, payload
 
@@ -35,7 +36,7 @@ W9_FRAME_BYTES = 65536
 _CLOSED = (SubscriptionClosed, NaiveClosed)
 
 
-def _producer(target: str, seed: int):
+def _producer(target: str, seed: int) -> Callable[[], None]:
     """A zero-arg store of a 1080p frame into a session (or copy, for memcpy) of its own,
     already past its first calls (the first touch of fresh buffers faults pages in)."""
     data = payload(FRAME_1080P_RGB, seed)
@@ -56,7 +57,7 @@ def _producer(target: str, seed: int):
     return step
 
 
-def _machine_jiffies() -> Optional[tuple]:
+def _machine_jiffies() -> tuple[int, int] | None:
     """(busy, total) CPU jiffies of the whole machine, from /proc/stat (Linux), else None."""
     try:
         with open("/proc/stat") as f:
@@ -67,8 +68,8 @@ def _machine_jiffies() -> Optional[tuple]:
     return sum(fields) - idle, sum(fields)
 
 
-def run_threads(target: str, threads: int, *, seconds: Optional[float] = None,
-                frames: Optional[int] = None) -> dict:
+def run_threads(target: str, threads: int, *, seconds: float | None = None,
+                frames: int | None = None) -> JsonObject:
     """W8: ``threads`` producers, each into its own session, for ``seconds`` of real time
     or ``frames`` stores each (whichever is given). Frames/s summed over the producers."""
     if (seconds is None) == (frames is None):
@@ -116,14 +117,14 @@ def run_threads(target: str, threads: int, *, seconds: Optional[float] = None,
         "threads": threads,
         "frames": sum(counts),
         "seconds": max(spans),
-        "fps": sum(n / s for n, s in zip(counts, spans) if s > 0),
+        "fps": sum(n / s for n, s in zip(counts, spans, strict=True) if s > 0),
         "cores_used": cores,
         "other_cores_busy": others,
     }
 
 
-def run_fanout(target: str, subscribers: int, frames: int, *, interval: Optional[float] = None,
-               buffer: int = W9_BUFFER, size: int = W9_FRAME_BYTES, join_timeout: float = 120.0) -> dict:
+def run_fanout(target: str, subscribers: int, frames: int, *, interval: float | None = None,
+               buffer: int = W9_BUFFER, size: int = W9_FRAME_BYTES, join_timeout: float = 120.0) -> JsonObject:
     """W9: one producer stores ``frames`` frames, as fast as it can (``interval=None``) or
     one every ``interval`` seconds of real time; each subscriber is drained by its own
     thread with ``get()``. Reports throughput, store-to-receive latency, and the
@@ -138,7 +139,7 @@ def run_fanout(target: str, subscribers: int, frames: int, *, interval: Optional
     payloads = [payload(size, seed) for seed in range(pool_size)]
     prefixes = [bytes(p[:16]) for p in payloads]
     sent_ns = np.zeros(frames, dtype=np.int64)
-    received: list = [[] for _ in subs]
+    received: list[list[tuple[int, int]]] = [[] for _ in subs]
     corrupt = [0] * subscribers
     ready = threading.Barrier(subscribers + 1)
 
@@ -185,7 +186,7 @@ def run_fanout(target: str, subscribers: int, frames: int, *, interval: Optional
     latencies = []
     per_sub = []
     last_recv = t_stored
-    for sub, got in zip(subs, received):
+    for sub, got in zip(subs, received, strict=True):
         seqs = np.fromiter((s for s, _ in got), dtype=np.int64, count=len(got))
         times = np.fromiter((t for _, t in got), dtype=np.int64, count=len(got))
         if len(got):

@@ -19,15 +19,17 @@ points the size-independence targets of W2 and W5 are judged by.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
 
 import numpy as np
+import numpy.typing as npt
 
 import capsule_sessions
-from capsule_sessions import Session
+from capsule_sessions import Session, Subscription
 
-from .naive import NaiveSession
+from .._json import JsonObject
+from .naive import NaiveSession, NaiveSubscription
 
 FRAME_1080P_RGB = 1920 * 1080 * 3
 TICK = 0.001  # the fake clock's step per store, seconds
@@ -36,7 +38,7 @@ LIBRARY_ORDER = ("python", "cython")
 REFERENCE_TARGETS = ("naive", "memcpy")
 
 
-def backends() -> list:
+def backends() -> list[str]:
     """The library backends this installation runs, in a stable display order."""
     available = capsule_sessions.available_backends()
     return [name for name in LIBRARY_ORDER if name in available] + [
@@ -44,7 +46,7 @@ def backends() -> list:
     ]
 
 
-def targets() -> list:
+def targets() -> list[str]:
     return backends() + list(REFERENCE_TARGETS)
 
 
@@ -52,14 +54,14 @@ def is_backend(target: str) -> bool:
     return target not in REFERENCE_TARGETS
 
 
-def make_session(target: str) -> Any:
+def make_session(target: str) -> Session | NaiveSession:
     """A fresh session of ``target`` (a backend or ``"naive"``)."""
     if target == "naive":
         return NaiveSession(clock=lambda: 0.0)
     return Session(f"bench-{target}", clock=lambda: 0.0, backend=target)
 
 
-def payload(size: int, seed: int = 0) -> np.ndarray:
+def payload(size: int, seed: int = 0) -> npt.NDArray[np.uint8]:
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
 
 
@@ -74,32 +76,32 @@ class FakeClock:
 
 @dataclass
 class Case:
-    op: Callable[[], Any]
+    op: Callable[[], object]
     run: Callable[[int], None]
     close: Callable[[], None] = lambda: None
     # What the case keeps alive (sessions, subscriptions): a dropped subscription closes.
-    keep: list = field(default_factory=list)
+    keep: Sequence[object] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Workload:
     id: str
     description: str
-    build: Callable[[str, dict], Optional[Case]]
-    params: dict
+    build: Callable[[str, JsonObject], Case | None]
+    params: JsonObject
     aux: bool = False
 
     def applies_to(self, target: str) -> bool:
         # A rate-limited call copies nothing: W6 has no memcpy figure.
         return not (target == "memcpy" and self.params.get("min_interval", 0.0) > 0)
 
-    def setup(self, target: str) -> Optional[Case]:
+    def setup(self, target: str) -> Case | None:
         return self.build(target, self.params) if self.applies_to(target) else None
 
 
 # -- builders ------------------------------------------------------------------------
 
-def _copy_case(sources: list) -> Case:
+def _copy_case(sources: list[npt.NDArray[np.uint8]]) -> Case:
     """The memcpy limit: copy each source array into its own preallocated buffer."""
     pairs = [(np.empty_like(src), src) for src in sources]
     copyto = np.copyto
@@ -124,14 +126,14 @@ def _copy_case(sources: list) -> Case:
     return Case(op, run, keep=pairs)
 
 
-def _close_all(subs: list) -> Callable[[], None]:
+def _close_all(subs: Sequence[Subscription | NaiveSubscription]) -> Callable[[], None]:
     def close() -> None:
         for sub in subs:
             sub.close()
     return close
 
 
-def build_store(target: str, p: dict) -> Optional[Case]:
+def build_store(target: str, p: JsonObject) -> Case | None:
     data = payload(p["size"])
     if target == "memcpy":
         return _copy_case([data])
@@ -142,7 +144,7 @@ def build_store(target: str, p: dict) -> Optional[Case]:
     keep, min_interval = p["max_recent"], p["min_interval"]
     sources = itertools.cycle(p["sources"])
 
-    def op() -> Any:
+    def op() -> bool:
         clock.t = t = clock.t + TICK
         return store(data, source=next(sources), max_recent=keep, min_interval=min_interval, now=t)
 
@@ -156,7 +158,7 @@ def build_store(target: str, p: dict) -> Optional[Case]:
     return Case(op, run, _close_all(subs), keep=[session, subs])
 
 
-def build_latest(target: str, p: dict) -> Optional[Case]:
+def build_latest(target: str, p: JsonObject) -> Case | None:
     frames = [payload(p["size"], seed) for seed in range(p["frames"])]
     if target == "memcpy":
         # What the Go original does per read: copy every frame it returns.
@@ -171,7 +173,7 @@ def build_latest(target: str, p: dict) -> Optional[Case]:
     if len(latest(ttl, now=now)) != p["frames"]:
         raise AssertionError(f"{target}: the ring does not hold the {p['frames']} frames W5 reads")
 
-    def op() -> Any:
+    def op() -> object:
         return latest(ttl, now=now)
 
     def run(n: int) -> None:
@@ -182,7 +184,7 @@ def build_latest(target: str, p: dict) -> Optional[Case]:
 
 
 def _store(size: int, subscribers: int = 0, buffer: int = 1, max_recent: int = 2,
-           min_interval: float = 0.0, sources: tuple = ("camera",)) -> dict:
+           min_interval: float = 0.0, sources: tuple[str, ...] = ("camera",)) -> JsonObject:
     return {"size": size, "subscribers": subscribers, "buffer": buffer, "max_recent": max_recent,
             "min_interval": min_interval, "sources": sources}
 
@@ -198,7 +200,8 @@ TIMED = [
              build_store, _store(FRAME_1080P_RGB, subscribers=4, buffer=2)),
     Workload("W5_latest_8x64k", "latest_visual_frames(ttl=10) over a ring of 8 frames of 65,536 bytes",
              build_latest, {"size": 65536, "frames": 8, "ttl": 10.0}),
-    Workload("W6_rate_limited_reject", "min_interval=0.033, clock +1 ms per call, 4,096-byte frame (most calls rejected)",
+    Workload("W6_rate_limited_reject",
+             "min_interval=0.033, clock +1 ms per call, 4,096-byte frame (most calls rejected)",
              build_store, _store(4096, min_interval=0.033)),
     Workload("W7_source_switch", "source alternates camera/screen on every store, 4,096-byte frame, max_recent=2",
              build_store, _store(4096, sources=("camera", "screen"))),

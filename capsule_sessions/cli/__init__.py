@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from types import ModuleType
 
 from ._errors import UsageError
 from ._extras import EXTRA_OF, MissingExtra, missing_message
@@ -26,7 +27,7 @@ COMMANDS = {
 EXIT_USAGE = 2
 
 
-def _load(name: str):
+def _load(name: str) -> ModuleType:
     """The subcommand's module, or UsageError/MissingExtra saying why it cannot run."""
     module_name = COMMANDS[name][0]
     try:
@@ -40,7 +41,7 @@ def _load(name: str):
         raise
 
 
-def _selected(argv: Sequence[str]) -> Optional[str]:
+def _selected(argv: Sequence[str]) -> str | None:
     # The top-level parser has only flags without values, so the first word that is not
     # a flag is the subcommand.
     for arg in argv:
@@ -49,7 +50,8 @@ def _selected(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _parser(selected: Optional[str], module) -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+def _parser(selected: str | None,
+            module: ModuleType | None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and each command's own parser."""
     from .. import __version__
 
@@ -67,7 +69,7 @@ def _parser(selected: Optional[str], module) -> Tuple[argparse.ArgumentParser, D
     return parser, commands
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for usage errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = _selected(argv)
@@ -85,6 +87,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # argparse has printed usage and the message
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    # A command is required and it is the first word that is not a flag (_selected), so
+    # parsing exits above unless one was named and loaded.
+    assert module is not None
     try:
         return int(module.run(args))
     except (UsageError, MissingExtra) as exc:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from typing import Callable, List, Tuple
+from collections.abc import Callable
+from typing import TypeVar
 
 from .. import available_backends
 from ._consumers import KINDS
@@ -24,6 +25,7 @@ EXIT_CODES = """exit status:
 
 
 _LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+Number = TypeVar("Number", int, float)
 
 
 def plain(text: str) -> str:
@@ -31,7 +33,7 @@ def plain(text: str) -> str:
     return _LITERAL.sub(r"\1", text)
 
 
-def _number(text: str, kind: Callable, what: str) -> float:
+def _number(text: str, kind: Callable[[str], Number], what: str) -> Number:
     try:
         value = kind(text)
     except ValueError:
@@ -65,7 +67,7 @@ def seconds(*, allow_zero: bool, unit: str = "seconds") -> Callable[[str], float
     return parse
 
 
-def size(text: str) -> Tuple[int, int]:
+def size(text: str) -> tuple[int, int]:
     """``WxH`` such as 1280x720."""
     parts = text.lower().split("x")
     try:
@@ -77,7 +79,7 @@ def size(text: str) -> Tuple[int, int]:
     return width, height
 
 
-def subscribers(text: str) -> List[str]:
+def subscribers(text: str) -> list[str]:
     """Comma-separated subscriber kinds; a kind may repeat (fast,fast,slow)."""
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]

@@ -18,10 +18,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
+from .. import Session, Subscription, VisualFrame
 from ._latency import LatencyHistogram
+
+if TYPE_CHECKING:
+    from ._streamtime import StreamClock
 
 KINDS = ("fast", "slow", "async", "sampler")
 
@@ -37,10 +42,10 @@ class SubscriberSpec:
     work: float = 0.0
 
 
-def plan(kinds: Sequence[str], *, buffer: int, slow_work: float) -> List[SubscriberSpec]:
+def plan(kinds: Sequence[str], *, buffer: int, slow_work: float) -> list[SubscriberSpec]:
     """Specs for ``kinds`` (repeats allowed; the second 'fast' is labelled 'fast#2')."""
     specs = []
-    seen: dict = {}
+    seen: dict[str, int] = {}
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown subscriber {kind!r} (choose from {', '.join(KINDS)})")
@@ -55,7 +60,7 @@ def plan(kinds: Sequence[str], *, buffer: int, slow_work: float) -> List[Subscri
     return specs
 
 
-def stamp_matches(frame: Any) -> bool:
+def stamp_matches(frame: VisualFrame) -> bool:
     """Synthetic frames of 8 bytes or more carry their frame_seq in their first 8 bytes
     (little-endian)."""
     return int.from_bytes(bytes(frame.data[:8]), "little") == frame.frame_seq
@@ -64,8 +69,9 @@ def stamp_matches(frame: Any) -> bool:
 class Consumer:
     """Shared bookkeeping of the subscription consumers (fast, slow, async)."""
 
-    def __init__(self, spec: SubscriberSpec, subscription: Any, *, clock: Callable[[], float] = time.monotonic,
-                 verify_stamp: bool = False, stored_at: Optional[Callable[[Any], Optional[float]]] = None) -> None:
+    def __init__(self, spec: SubscriberSpec, subscription: Subscription, *,
+                 clock: Callable[[], float] = time.monotonic, verify_stamp: bool = False,
+                 stored_at: Callable[[VisualFrame], float | None] | None = None) -> None:
         self.spec = spec
         self.subscription = subscription
         self.clock = clock
@@ -75,13 +81,13 @@ class Consumer:
         self.latency = LatencyHistogram()
         self.received = 0
         self.integrity_errors = 0
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
 
     @property
     def label(self) -> str:
         return self.spec.label
 
-    def on_frame(self, frame: Any) -> None:
+    def on_frame(self, frame: VisualFrame) -> None:
         now = self.clock()
         stored = frame.received_at if self.stored_at is None else self.stored_at(frame)
         if stored is None:
@@ -92,7 +98,7 @@ class Consumer:
         if self.verify_stamp and frame.data.nbytes >= 8 and not stamp_matches(frame):
             self.integrity_errors += 1
 
-    def counters(self) -> dict:
+    def counters(self) -> dict[str, int]:
         sub = self.subscription
         return {"delivered": sub.delivered, "dropped": sub.dropped, "queued": sub.qsize()}
 
@@ -117,7 +123,7 @@ class ThreadConsumer(Consumer):
     def start(self) -> None:
         self.thread.start()
 
-    def join(self, timeout: Optional[float] = None) -> None:
+    def join(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
 
 
@@ -152,7 +158,7 @@ class AsyncLoop:
         if self.consumers:
             self.thread.start()
 
-    def join(self, timeout: Optional[float] = None) -> None:
+    def join(self, timeout: float | None = None) -> None:
         if self.thread.is_alive():
             self.thread.join(timeout)
 
@@ -165,8 +171,8 @@ class VisionSampler:
     contract: a frame older than ``ttl``, or frames not oldest first.
     """
 
-    def __init__(self, spec: SubscriberSpec, session: Any, *, ttl: float, interval: float,
-                 clock: Callable[[], float] = time.monotonic, stream_clock: Any = None) -> None:
+    def __init__(self, spec: SubscriberSpec, session: Session, *, ttl: float, interval: float,
+                 clock: Callable[[], float] = time.monotonic, stream_clock: StreamClock | None = None) -> None:
         self.spec = spec
         self.session = session
         self.ttl = ttl
@@ -183,7 +189,7 @@ class VisionSampler:
         self.frames = 0
         self.empty_calls = 0
         self.violations = 0
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"sampler-{spec.label}", daemon=True)
 
@@ -191,7 +197,7 @@ class VisionSampler:
     def label(self) -> str:
         return self.spec.label
 
-    def sample(self, now: Optional[float] = None) -> list:
+    def sample(self, now: float | None = None) -> list[VisualFrame]:
         """One call, as the LLM pipeline would make it; returns the frames."""
         now = self.clock() if now is None else now
         frames = self.session.latest_visual_frames(self.ttl, now)
@@ -235,6 +241,6 @@ class VisionSampler:
         if self.stream_clock is not None:
             self.stream_clock.wake()
 
-    def join(self, timeout: Optional[float] = None) -> None:
+    def join(self, timeout: float | None = None) -> None:
         if self.thread.is_alive():
             self.thread.join(timeout)

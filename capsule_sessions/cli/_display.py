@@ -14,14 +14,26 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable, List, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+from .._json import JsonObject
 from ._extras import available, require
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderResult
+    from rich.live import Live
+    from rich.table import Table
+
+    from ._runner import Run
+
+# A table's header and rows, all cells text.
+Rows = tuple[list[str], list[list[str]]]
 
 MODES = ("auto", "live", "plain", "none")
 
 
-def _fmt_ms(value: Optional[float]) -> str:
+def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -38,7 +50,7 @@ def _dropped_header(label: str) -> str:
     return f"dropped\n{label}"
 
 
-def _live_rows(run: Any) -> tuple:
+def _live_rows(run: Run) -> Rows:
     """Headers and one row per session from the running state (read without locks)."""
     rejected = run.options.config is not None
     headers = ["session", "source", "status", "time s", "fps", "accepted", "rate-limited"]
@@ -47,7 +59,7 @@ def _live_rows(run: Any) -> tuple:
     labels = [c.label for c in run.sessions[0].consumers] if run.sessions else []
     headers += [_dropped_header(label) for label in labels]
     headers += ["p50 ms", "p99 ms"]
-    rows = []
+    rows: list[list[str]] = []
     for s in run.sessions:
         producer = s.producer
         drops = [_fmt_int(c.subscription.dropped) for c in s.consumers]
@@ -65,7 +77,7 @@ def _live_rows(run: Any) -> tuple:
     return headers, rows
 
 
-def session_table(summary: dict) -> tuple:
+def session_table(summary: JsonObject) -> Rows:
     headers = ["session", "source", "status", "offered", "accepted", "rate-limited"]
     if summary["uses_config"]:
         headers.append("rejected")
@@ -81,10 +93,11 @@ def session_table(summary: dict) -> tuple:
     return headers, rows
 
 
-def subscriber_table(summary: dict) -> tuple:
+def subscriber_table(summary: JsonObject) -> tuple[list[str], list[list[str]], list[int]]:
     """Headers, rows, and the index of each session's first row (for section lines)."""
     headers = ["session", "subscriber", "queue", "delivered", "dropped", "queued", "p50 ms", "p99 ms", "max ms"]
-    rows, starts = [], []
+    rows: list[list[str]] = []
+    starts: list[int] = []
     for s in summary["sessions"]:
         starts.append(len(rows))
         first = True
@@ -104,7 +117,7 @@ def subscriber_table(summary: dict) -> tuple:
     return headers, rows, starts
 
 
-def footnotes(summary: dict) -> List[str]:
+def footnotes(summary: JsonObject) -> list[str]:
     notes = []
     for s in summary["sessions"]:
         text = f"{s['id']}: {s['source']}"
@@ -154,7 +167,7 @@ def plain_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
-        out = [c.rjust(w) if _numeric(h) else c.ljust(w) for c, w, h in zip(cells, widths, headers)]
+        out = [c.rjust(w) if _numeric(h) else c.ljust(w) for c, w, h in zip(cells, widths, headers, strict=True)]
         return "  ".join(out).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
@@ -166,7 +179,7 @@ def plain_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
     return "\n".join(lines)
 
 
-def _table(title: Optional[str], headers: Sequence[str], widths: Optional[Sequence[int]] = None) -> Any:
+def _table(title: str | None, headers: Sequence[str], widths: Sequence[int] | None = None) -> Table:
     from rich import box
     from rich.table import Table
 
@@ -182,7 +195,7 @@ def _table(title: Optional[str], headers: Sequence[str], widths: Optional[Sequen
     return table
 
 
-def _needs(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> List[int]:
+def _needs(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
     """The width each column needs: all of it for numbers, up to _TEXT_MIN for text."""
     from rich.cells import cell_len
 
@@ -193,7 +206,8 @@ def _needs(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> List[int]:
     return needs
 
 
-def column_groups(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int, console: Any) -> List[List[int]]:
+def column_groups(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int,
+                  console: Console) -> list[list[int]]:
     """The columns to show as one table, or split in groups (each with the key columns
     first) so that every number fits whole in ``width``. Columns that read together
     (the counts, the drops, the latencies) move to the next group together, unless
@@ -201,11 +215,11 @@ def column_groups(headers: Sequence[str], rows: Sequence[Sequence[str]], width: 
     needs = _needs(headers, rows)
     keys = [i for i, header in enumerate(headers) if header in _KEYS]
 
-    def fits(columns: List[int]) -> bool:
+    def fits(columns: list[int]) -> bool:
         skeleton = _table(None, [headers[i] for i in columns], [needs[i] for i in columns])
         return console.measure(skeleton, options=console.options.update_width(10_000)).maximum <= width
 
-    blocks: List[List[int]] = []
+    blocks: list[list[int]] = []
     for i, header in enumerate(headers):
         if i in keys:
             continue
@@ -213,7 +227,7 @@ def column_groups(headers: Sequence[str], rows: Sequence[Sequence[str]], width: 
             blocks[-1].append(i)
         else:
             blocks.append([i])
-    groups: List[List[int]] = []
+    groups: list[list[int]] = []
     current = list(keys)
     for block in blocks:
         if fits(current + block):
@@ -241,7 +255,7 @@ class FittedTables:
                  starts: Sequence[int] = ()) -> None:
         self.title, self.headers, self.rows, self.starts = title, list(headers), [list(r) for r in rows], starts
 
-    def __rich_console__(self, console: Any, options: Any) -> Any:
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         from rich.text import Text
 
         groups = column_groups(self.headers, self.rows, options.max_width, console)
@@ -254,11 +268,11 @@ class FittedTables:
 
 
 def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
-                starts: Sequence[int] = ()) -> Any:
+                starts: Sequence[int] = ()) -> FittedTables:
     return FittedTables(title, headers, rows, starts)
 
 
-def _console(stderr: bool = False) -> Any:
+def _console(stderr: bool = False) -> Console:
     from rich.console import Console
 
     console = Console(stderr=stderr)
@@ -268,7 +282,7 @@ def _console(stderr: bool = False) -> Any:
     return console
 
 
-def print_summary(summary: dict, *, title: str, use_rich: Optional[bool] = None,
+def print_summary(summary: JsonObject, *, title: str, use_rich: bool | None = None,
                   out: Callable[[str], None] = print) -> None:
     use_rich = available("rich") if use_rich is None else use_rich
     sessions = session_table(summary)
@@ -295,7 +309,7 @@ class _Display:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.messages: List[str] = []
+        self.messages: list[str] = []
 
     def message(self, text: str) -> None:
         with self._lock:
@@ -305,13 +319,13 @@ class _Display:
     def _emit(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    def start(self, run: Any) -> None:
+    def start(self, run: Run) -> None:
         pass
 
-    def update(self, run: Any) -> None:
+    def update(self, run: Run) -> None:
         pass
 
-    def stop(self, run: Any) -> None:
+    def stop(self, run: Run) -> None:
         pass
 
 
@@ -327,16 +341,16 @@ class PlainDisplay(_Display):
         self.every = every
         self._next = every
 
-    def update(self, run: Any) -> None:
+    def update(self, run: Run) -> None:
         elapsed = run.elapsed()
         if elapsed < self._next:
             return
         self._next = elapsed + self.every
         headers, rows = _live_rows(run)
-        for s, row in zip(run.sessions, rows):
+        for s, row in zip(run.sessions, rows, strict=True):
             if s.producer.status != "running":  # failures were reported as they happened
                 continue
-            cells = dict(zip(headers, row))
+            cells = dict(zip(headers, row, strict=True))
             drops = " ".join(f"{c.label} {cells[_dropped_header(c.label)]}" for c in s.consumers) or "-"
             print(f"[{elapsed:6.1f}s] {cells['session']}: {cells['fps']} fps, "
                   f"accepted {cells['accepted']}, rate-limited {cells['rate-limited']}, "
@@ -351,10 +365,10 @@ class LiveDisplay(_Display):
     def __init__(self, title: str) -> None:
         super().__init__()
         self.title = title
-        self._live: Any = None
-        self._held: List[str] = []
+        self._live: Live | None = None
+        self._held: list[str] = []
 
-    def _render(self, run: Any) -> Any:
+    def _render(self, run: Run) -> FittedTables:
         headers, rows = _live_rows(run)
         return _rich_table(f"{self.title} - backend {run.backend} - {run.elapsed():.1f} s", headers, rows)
 
@@ -364,18 +378,18 @@ class LiveDisplay(_Display):
         else:
             self._held.append(text)
 
-    def start(self, run: Any) -> None:
+    def start(self, run: Run) -> None:
         from rich.live import Live
 
         self._live = Live(self._render(run), console=_console(), refresh_per_second=4,
                           redirect_stdout=False, redirect_stderr=False)
         self._live.start()
 
-    def update(self, run: Any) -> None:
+    def update(self, run: Run) -> None:
         if self._live is not None:
             self._live.update(self._render(run))
 
-    def stop(self, run: Any) -> None:
+    def stop(self, run: Run) -> None:
         live, self._live = self._live, None
         if live is not None:
             live.update(self._render(run))

@@ -8,15 +8,18 @@ cost O(1) per sample and bounded memory: fixed bins from 1 µs to 100 s, 50 per 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
-from typing import Iterable, List, Optional
+from collections.abc import Iterable
 
 import numpy as np
 
 LOW = 1e-6
 HIGH = 100.0
 BINS_PER_DECADE = 50
-EDGES: List[float] = [float(x) for x in np.geomspace(LOW, HIGH, int(round(math.log10(HIGH / LOW))) * BINS_PER_DECADE + 1)]
+EDGES: list[float] = [
+    float(x) for x in np.geomspace(LOW, HIGH, int(round(math.log10(HIGH / LOW))) * BINS_PER_DECADE + 1)
+]
 
 
 class LatencyHistogram:
@@ -48,7 +51,7 @@ class LatencyHistogram:
         if seconds > self.max:
             self.max = seconds
 
-    def merge(self, other: "LatencyHistogram") -> None:
+    def merge(self, other: LatencyHistogram) -> None:
         for i, n in enumerate(other.counts):
             self.counts[i] += n
         self.count += other.count
@@ -57,17 +60,17 @@ class LatencyHistogram:
         self.max = max(self.max, other.max)
 
     @classmethod
-    def merged(cls, parts: Iterable["LatencyHistogram"]) -> "LatencyHistogram":
+    def merged(cls, parts: Iterable[LatencyHistogram]) -> LatencyHistogram:
         out = cls()
         for part in parts:
             out.merge(part)
         return out
 
     @property
-    def mean(self) -> Optional[float]:
+    def mean(self) -> float | None:
         return self.total / self.count if self.count else None
 
-    def percentile(self, q: float) -> Optional[float]:
+    def percentile(self, q: float) -> float | None:
         """The q-th percentile (0..100): the geometric middle of the bin holding that rank,
         clamped to the observed min and max. None when nothing was recorded."""
         if not 0.0 <= q <= 100.0:
@@ -77,11 +80,7 @@ class LatencyHistogram:
         if total == 0:
             return None
         rank = max(1, math.ceil(q / 100.0 * total))
-        seen = 0
-        for i, n in enumerate(counts):
-            seen += n
-            if seen >= rank:
-                break
+        i = bisect.bisect_left(list(itertools.accumulate(counts)), rank)  # the bin holding that rank
         if i == 0:  # below the first edge: the smallest sample is the best estimate
             value = self.min
         elif i >= len(EDGES):  # above the last edge: likewise the largest
@@ -90,9 +89,11 @@ class LatencyHistogram:
             value = math.sqrt(EDGES[i - 1] * EDGES[i])
         return min(max(value, self.min), self.max)
 
-    def nonzero_bins(self) -> tuple:
+    def nonzero_bins(self) -> tuple[list[float], list[float], list[int]]:
         """(lower edges, upper edges, counts) of the bins that hold samples, for plotting."""
-        lows, highs, counts = [], [], []
+        lows: list[float] = []
+        highs: list[float] = []
+        counts: list[int] = []
         for i, n in enumerate(self.counts):
             if n:
                 lows.append(EDGES[i - 1] if i > 0 else 0.0)

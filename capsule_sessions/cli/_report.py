@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import os
 import textwrap
-from typing import Any, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from .._json import JsonObject
 from ._display import counted
 from ._extras import require
 from ._latency import LOW, LatencyHistogram
-from ._runner import RunResult
+from ._runner import RunResult, SessionRun
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
 
 FAILED_COLOR = "tab:red"
 AXES = {
@@ -36,7 +43,7 @@ def check_available() -> None:
     require("matplotlib", "--report")
 
 
-def fps_series(timeline: Sequence[Tuple[float, int]], window: float = 1.0) -> Tuple[List[float], List[float]]:
+def fps_series(timeline: Sequence[tuple[float, int]], window: float = 1.0) -> tuple[list[float], list[float]]:
     """Frames per second at the points of ``timeline`` that have a full ``window`` behind them.
 
     Each value counts the frames between a point and the latest earlier point at least
@@ -46,8 +53,8 @@ def fps_series(timeline: Sequence[Tuple[float, int]], window: float = 1.0) -> Tu
     window rather than shown as a spike over a few milliseconds. A run shorter than the
     window gets one value, over all of it.
     """
-    times: List[float] = []
-    fps: List[float] = []
+    times: list[float] = []
+    fps: list[float] = []
     base = 0  # the latest point at least a window before the current one
     for i in range(1, len(timeline)):
         t, n = timeline[i]
@@ -64,7 +71,7 @@ def fps_series(timeline: Sequence[Tuple[float, int]], window: float = 1.0) -> Tu
     return times, fps
 
 
-def _session_label(run: Any) -> str:
+def _session_label(run: SessionRun) -> str:
     producer = run.producer
     label = f"{run.id} {run.source.label}"
     if producer.failed:
@@ -72,7 +79,7 @@ def _session_label(run: Any) -> str:
     return f"{label} ({producer.status})"
 
 
-def report_data(result: RunResult, *, title: str = "capsule-sessions") -> dict:
+def report_data(result: RunResult, *, title: str = "capsule-sessions") -> JsonObject:
     """Everything the report draws, as plain data."""
     sessions = []
     for run in result.sessions:
@@ -85,7 +92,7 @@ def report_data(result: RunResult, *, title: str = "capsule-sessions") -> dict:
             "elapsed_s": run.timeline[-1][0] if run.timeline else 0.0,
         })
     latency = []
-    by_label: dict = {}
+    by_label: dict[str, list[LatencyHistogram]] = {}
     for run in result.sessions:
         for consumer in run.consumers:
             by_label.setdefault(consumer.label, []).append(consumer.latency)
@@ -99,7 +106,7 @@ def report_data(result: RunResult, *, title: str = "capsule-sessions") -> dict:
         p50, p99 = hist.percentile(50), hist.percentile(99)
         latency.append({
             "subscriber": label, "lows_ms": [low * 1e3 for low in lows],
-            "widths_ms": [(high - low) * 1e3 for low, high in zip(lows, highs)], "counts": counts,
+            "widths_ms": [(high - low) * 1e3 for low, high in zip(lows, highs, strict=True)], "counts": counts,
             "p50_ms": p50 * 1e3 if p50 is not None else None, "p99_ms": p99 * 1e3 if p99 is not None else None,
         })
     subscribers = [{"session": run.id, "subscriber": c.label, "delivered": c.subscription.delivered,
@@ -116,7 +123,7 @@ def report_data(result: RunResult, *, title: str = "capsule-sessions") -> dict:
     }
 
 
-def _plain(value: float, _position: Any = None) -> str:
+def _plain(value: float, _position: object = None) -> str:
     """A tick as a plain number: 0.01, 2, 500, 10,000; never 10^-2 or 1e4."""
     if value == 0:
         return "0"
@@ -125,7 +132,7 @@ def _plain(value: float, _position: Any = None) -> str:
     return f"{value:.6f}".rstrip("0").rstrip(".")
 
 
-def _plain_axis(axis: Any, log: bool = False, counts: bool = False) -> None:
+def _plain_axis(axis: Axis, log: bool = False, counts: bool = False) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     if log:
@@ -136,19 +143,19 @@ def _plain_axis(axis: Any, log: bool = False, counts: bool = False) -> None:
     axis.set_major_formatter(FuncFormatter(_plain))
 
 
-def _bar_room(ax: Any, totals: Sequence[int], share: float) -> None:
+def _bar_room(ax: Axes, totals: Sequence[int], share: float) -> None:
     """x from 0 to past the longest bar, leaving ``share`` of the width for its note."""
     ax.set_xlim(0, max(max(totals, default=0), 1) / (1 - share))
 
 
-def _mark_failed(ax: Any, data: dict) -> None:
+def _mark_failed(ax: Axes, data: JsonObject) -> None:
     failed = {s["id"] for s in data["sessions"] if s["failed"]}
     for label in ax.get_yticklabels():
         if label.get_text().split(" ")[0] in failed:
             label.set_color(FAILED_COLOR)
 
 
-def figure(data: dict) -> Any:
+def figure(data: JsonObject) -> Figure:
     """The report's matplotlib Figure, drawn from ``report_data`` alone."""
     matplotlib = require("matplotlib", "--report")
     matplotlib.use("Agg")  # files only: no display needed
@@ -195,7 +202,7 @@ def figure(data: dict) -> Any:
     _plain_axis(ax_fps.yaxis)
     if data["sessions"]:
         legend = ax_fps.legend(loc="best", fontsize="small")
-        for text, s in zip(legend.get_texts(), data["sessions"]):
+        for text, s in zip(legend.get_texts(), data["sessions"], strict=False):
             if s["failed"]:
                 text.set_color(FAILED_COLOR)
 
@@ -206,14 +213,15 @@ def figure(data: dict) -> Any:
     queued = [r["queued"] for r in subs]
     ax_sub.barh(names, delivered, color="tab:green", label="delivered")
     ax_sub.barh(names, dropped, left=delivered, color="tab:red", label="dropped")
-    ax_sub.barh(names, queued, left=[d + x for d, x in zip(delivered, dropped)], color="tab:gray", label="queued")
+    ax_sub.barh(names, queued, left=[d + x for d, x in zip(delivered, dropped, strict=True)], color="tab:gray",
+                label="queued")
     for y, r in enumerate(subs):
         ax_sub.annotate(f" {r['dropped']:,} dropped", (r["delivered"] + r["dropped"] + r["queued"], y),
                         va="center", fontsize="small")
     ax_sub.invert_yaxis()
     ax_sub.set_title("Frames per subscriber: delivered, dropped, queued")
     _plain_axis(ax_sub.xaxis, counts=True)
-    _bar_room(ax_sub, [d + x + q for d, x, q in zip(delivered, dropped, queued)], 0.2)
+    _bar_room(ax_sub, [d + x + q for d, x, q in zip(delivered, dropped, queued, strict=True)], 0.2)
     _mark_failed(ax_sub, data)
     if subs:
         ax_sub.legend(loc="lower right", fontsize="small")

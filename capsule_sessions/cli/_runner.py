@@ -14,15 +14,24 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING
 
-from .. import SessionManager, VisualFrame, VisualInputConfig
+from .. import Session, SessionManager, VisualFrame, VisualInputConfig
 from ._consumers import AsyncConsumer, AsyncLoop, Consumer, ThreadConsumer, VisionSampler, plan
 from ._errors import SourceError
 from ._extras import MissingExtra, require
 from ._sources import Source
 from ._streamtime import StoreTimes, StreamClock
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    # A producer's store of one decoded RGB frame (rgb, frame_seq, stream time, now):
+    # (accepted, bytes stored).
+    Store = Callable[[npt.NDArray[np.uint8], int, float, float | None], tuple[bool, int]]
 
 RAW_MIME = "video/x-raw-rgb"
 JPEG_MIME = "image/jpeg"
@@ -30,7 +39,7 @@ JPEG_MIME = "image/jpeg"
 
 @dataclass
 class RunOptions:
-    backend: Optional[str] = None
+    backend: str | None = None
     subscribers: Sequence[str] = ("fast", "slow", "async")
     max_recent: int = 2
     min_interval: float = 0.0
@@ -38,12 +47,12 @@ class RunOptions:
     realtime: bool = True
     # A wall-clock limit for every source; live sources (cameras) without it run for
     # live_seconds.
-    seconds: Optional[float] = None
+    seconds: float | None = None
     live_seconds: float = 10.0
     # Set: frames go through ingest_visual_frame(frame, config) (its max_recent_frames
     # and frame_interval win over max_recent/min_interval). None: the store_frame hot path.
-    config: Optional[VisualInputConfig] = None
-    jpeg_quality: Optional[int] = None
+    config: VisualInputConfig | None = None
+    jpeg_quality: int | None = None
     buffer: int = 16
     slow_work: float = 0.05
     ttl: float = 10.0
@@ -56,8 +65,8 @@ class RunOptions:
 class Producer:
     """Reads one source on its own thread and stores every frame into one session."""
 
-    def __init__(self, session: Any, source: Source, options: RunOptions, stop: threading.Event,
-                 notify: Callable[["Producer"], None], stream_clock: Optional[StreamClock] = None) -> None:
+    def __init__(self, session: Session, source: Source, options: RunOptions, stop: threading.Event,
+                 notify: Callable[[Producer], None], stream_clock: StreamClock | None = None) -> None:
         self.session = session
         self.source = source
         self.options = options
@@ -77,14 +86,14 @@ class Producer:
         self.first_reject = ""
         self.first_reject_reason = ""
         self.all_rejected = False
-        self.started_at: Optional[float] = None
-        self.ended_at: Optional[float] = None
-        self.first_accepted_at: Optional[float] = None  # wall clock, after its store returned
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.first_accepted_at: float | None = None  # wall clock, after its store returned
         self.failed = False
         self.thread = threading.Thread(target=self._run, name=f"producer-{session.id}", daemon=True)
 
     # -- the store strategies ---------------------------------------------------
-    def _store_function(self) -> Callable[[Any, int, float, Optional[float]], tuple]:
+    def _store_function(self) -> Store:
         options, session, label = self.options, self.session, self.source.label
         config = options.config
         wall = options.clock
@@ -94,15 +103,16 @@ class Producer:
             simplejpeg = require("simplejpeg", "--jpeg")
             quality = options.jpeg_quality
 
-            def encode(rgb: Any) -> bytes:
-                return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB")
+            def encode(rgb: npt.NDArray[np.uint8]) -> bytes:
+                jpeg: bytes = simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB")
+                return jpeg
 
         mime = RAW_MIME if encode is None else JPEG_MIME
         if config is None and encode is None:
             store_frame = session.store_frame
             max_recent, min_interval = options.max_recent, options.min_interval
 
-            def store(rgb: Any, seq: int, t: float, now: Optional[float]) -> tuple:
+            def store(rgb: npt.NDArray[np.uint8], seq: int, t: float, now: float | None) -> tuple[bool, int]:
                 height, width = rgb.shape[:2]
                 if mark is not None:
                     mark(seq, wall())
@@ -113,7 +123,7 @@ class Producer:
 
             return store
 
-        def store_checked(rgb: Any, seq: int, t: float, now: Optional[float]) -> tuple:
+        def store_checked(rgb: npt.NDArray[np.uint8], seq: int, t: float, now: float | None) -> tuple[bool, int]:
             height, width = rgb.shape[:2]
             data = rgb if encode is None else encode(rgb)
             frame = VisualFrame(data, mime, width, height, label, int(t * 1000), seq)
@@ -186,8 +196,7 @@ class Producer:
                 self.started_at = self.ended_at
             self._notify(self)
 
-    def _store_one(self, store: Callable[[Any, int, float, Optional[float]], tuple], rgb: Any, seq: int, t: float,
-                   now: Optional[float]) -> None:
+    def _store_one(self, store: Store, rgb: npt.NDArray[np.uint8], seq: int, t: float, now: float | None) -> None:
         self.offered += 1
         try:
             ok, nbytes = store(rgb, seq, t, now)
@@ -224,15 +233,15 @@ class Producer:
 class SessionRun:
     """Everything the run keeps for one source: its session, producer and subscribers."""
 
-    session: Any
+    session: Session
     source: Source
     producer: Producer
-    consumers: List[Consumer] = field(default_factory=list)
-    samplers: List[VisionSampler] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    samplers: list[VisionSampler] = field(default_factory=list)
     # (seconds since the run started, frames accepted by then): the instant of the first
     # accepted frame with 1, then one point per tick. A rate counted from the first frame
     # cannot overshoot at the start, as one counted from the run's start can.
-    timeline: List[tuple] = field(default_factory=list)
+    timeline: list[tuple[float, int]] = field(default_factory=list)
     first_in_timeline: bool = False
 
     @property
@@ -244,22 +253,20 @@ class SessionRun:
         if len(points) < 2:
             return 0.0
         t1, n1 = points[-1]
-        for t0, n0 in reversed(points):
-            if t1 - t0 >= window:
-                break
+        t0, n0 = next(((t, n) for t, n in reversed(points) if t1 - t >= window), points[0])
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 @dataclass
 class RunResult:
     backend: str
-    sessions: List[SessionRun]
+    sessions: list[SessionRun]
     seconds: float
     interrupted: bool
     options: RunOptions
 
     @property
-    def failed(self) -> List[SessionRun]:
+    def failed(self) -> list[SessionRun]:
         return [s for s in self.sessions if s.producer.failed]
 
 
@@ -274,8 +281,8 @@ class Run:
         self._changed = threading.Event()
         self.manager = SessionManager(max(1, len(sources)), backend=options.backend)
         self.backend = self.manager.backend
-        self.sessions: List[SessionRun] = []
-        async_consumers: List[AsyncConsumer] = []
+        self.sessions: list[SessionRun] = []
+        async_consumers: list[AsyncConsumer] = []
         specs = plan(options.subscribers, buffer=options.buffer, slow_work=options.slow_work)
         stamped_raw = options.jpeg_quality is None
         for index, source in enumerate(sources):
@@ -348,7 +355,7 @@ class Run:
         # waits a whole extra tick for a thread that is only unwinding.
         return any(run.producer.ended_at is None for run in self.sessions)
 
-    def wait(self, on_tick: Callable[["Run"], None] = lambda run: None) -> None:
+    def wait(self, on_tick: Callable[[Run], None] = lambda run: None) -> None:
         """Tick (and call ``on_tick``) every ``refresh`` seconds until every producer ended."""
         try:
             while self.running():
@@ -381,7 +388,7 @@ class Run:
         self.manager.stop()
         return RunResult(self.backend, self.sessions, self.elapsed(), self.interrupted, self.options)
 
-    def execute(self, on_tick: Callable[["Run"], None] = lambda run: None) -> RunResult:
+    def execute(self, on_tick: Callable[[Run], None] = lambda run: None) -> RunResult:
         self.start()
         try:
             self.wait(on_tick)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -40,8 +40,8 @@ def pick_codec() -> str:
     raise RuntimeError("PyAV's FFmpeg has none of the encoders " + ", ".join(PREFERRED_CODECS))
 
 
-def make_test_video(path: "os.PathLike[str] | str", width: int, height: int, fps: int, seconds: float,
-                    *, codec: Optional[str] = None, box: bool = True, pix_fmt: str = "yuv420p") -> str:
+def make_test_video(path: os.PathLike[str] | str, width: int, height: int, fps: int, seconds: float,
+                    *, codec: str | None = None, box: bool = True, pix_fmt: str = "yuv420p") -> str:
     """Encode a moving test pattern to ``path``; returns the encoder used.
 
     Frame i is ``test_pattern(width, height, 4 * i)`` plus a box moving down, so every

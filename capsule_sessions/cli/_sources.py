@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Callable, Iterator, Optional, Tuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ _BARS = np.array(
      [235, 16, 235], [235, 16, 16], [16, 16, 235], [16, 16, 16]], dtype=np.uint16)
 
 
-def fit(width: int, height: int, max_width: Optional[int], max_height: Optional[int]) -> Tuple[int, int]:
+def fit(width: int, height: int, max_width: int | None, max_height: int | None) -> tuple[int, int]:
     """The size to send: scaled down (aspect kept) to fit the maxima, never up."""
     scale = 1.0
     if max_width and width > max_width:
@@ -57,15 +58,15 @@ class Source:
         self.label = label
         self.width = 0
         self.height = 0
-        self.native_size: Optional[Tuple[int, int]] = None
+        self.native_size: tuple[int, int] | None = None
         self.fps = 0.0
         self.codec = ""
-        self.expected_frames: Optional[int] = None
+        self.expected_frames: int | None = None
 
-    def open(self, max_width: Optional[int] = None, max_height: Optional[int] = None) -> None:
+    def open(self, max_width: int | None = None, max_height: int | None = None) -> None:
         raise NotImplementedError
 
-    def frames(self) -> Iterator[Tuple[np.ndarray, float]]:
+    def frames(self) -> Iterator[tuple[np.ndarray, float]]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -104,10 +105,10 @@ class SyntheticSource(Source):
         self.offset = offset
         self.expected_frames = count
         self.codec = "synthetic"
-        self._frames: list = []
+        self._frames: list[np.ndarray] = []
 
     @classmethod
-    def parse(cls, spec: str, seconds: float, *, offset: int = 0) -> "SyntheticSource":
+    def parse(cls, spec: str, seconds: float, *, offset: int = 0) -> SyntheticSource:
         match = _SYNTHETIC.match(spec)
         if not match:
             raise UsageError(f"bad source {spec!r}: expected synthetic:WxH@FPS, e.g. synthetic:1280x720@60")
@@ -117,14 +118,14 @@ class SyntheticSource(Source):
             raise UsageError(f"bad source {spec!r}: FPS must be in (0, 10000]")
         return cls(spec, width, height, fps, max(1, round(fps * seconds)), offset=offset)
 
-    def open(self, max_width: Optional[int] = None, max_height: Optional[int] = None) -> None:
+    def open(self, max_width: int | None = None, max_height: int | None = None) -> None:
         assert self.native_size is not None
         self.width, self.height = fit(*self.native_size, max_width, max_height)
         step = max(1, self.width // (2 * self.PRECOMPUTED))
         self._frames = [test_pattern(self.width, self.height, self.offset * 37 + k * step)
                         for k in range(self.PRECOMPUTED)]
 
-    def frames(self) -> Iterator[Tuple[np.ndarray, float]]:
+    def frames(self) -> Iterator[tuple[np.ndarray, float]]:
         frames = self._frames
         k = len(frames)
         stamp = self.width * self.height * 3 >= 8  # room for the 8-byte stamp
@@ -152,7 +153,7 @@ class VideoSource(Source):
 
     kind = "video"
 
-    def __init__(self, label: str, path: str, *, input_format: Optional[str] = None) -> None:
+    def __init__(self, label: str, path: str, *, input_format: str | None = None) -> None:
         super().__init__(label)
         self.path = path
         self.input_format = input_format
@@ -183,7 +184,7 @@ class VideoSource(Source):
         except (av.error.FFmpegError, OSError) as exc:
             raise SourceError(f"cannot open: {_reason(exc)}") from None
 
-    def open(self, max_width: Optional[int] = None, max_height: Optional[int] = None) -> None:
+    def open(self, max_width: int | None = None, max_height: int | None = None) -> None:
         self._av = require("av", f"reading {self.label}")
         if not self.is_url:
             self._check_exists()
@@ -204,7 +205,7 @@ class VideoSource(Source):
         self.fps = float(rate) if rate else 0.0
         self.expected_frames = self._expected_frames(container, stream)
 
-    def _expected_frames(self, container: Any, stream: Any) -> Optional[int]:
+    def _expected_frames(self, container: Any, stream: Any) -> int | None:
         if self.live:
             return None
         if stream.frames:
@@ -218,7 +219,7 @@ class VideoSource(Source):
             return int(math.floor(seconds * self.fps + 0.5))
         return None
 
-    def frames(self) -> Iterator[Tuple[np.ndarray, float]]:
+    def frames(self) -> Iterator[tuple[np.ndarray, float]]:
         av = self._av
         scale = self.native_size != (self.width, self.height)
         fps = self.fps or 30.0
@@ -259,7 +260,7 @@ class CameraSource(VideoSource):
         if not os.path.exists(self.path):
             raise SourceError(f"no camera at {self.path} (no such device)")
 
-    def open(self, max_width: Optional[int] = None, max_height: Optional[int] = None) -> None:
+    def open(self, max_width: int | None = None, max_height: int | None = None) -> None:
         av = self._av = require("av", f"reading camera {self.path}")
         if not any("v4l2" in name.split(",") for name in av.formats_available):
             raise SourceError("this FFmpeg build has no v4l2 (camera) input")
@@ -271,7 +272,7 @@ def is_camera(spec: str) -> bool:
 
 
 def parse_source(spec: str, *, seconds: float, index: int = 0,
-                 sample_path: Optional[Callable[[], str]] = None) -> Source:
+                 sample_path: Callable[[], str] | None = None) -> Source:
     """A Source for one SOURCE argument (UsageError when it cannot mean anything)."""
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError("a SOURCE must not be empty")

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
 
 import numpy as np
+
+from .. import VisualFrame
 
 
 class StreamClock:
@@ -39,10 +41,10 @@ class StreamClock:
         # Rounded up, not down, so no instant precedes the session's creation.
         self.origin = float(math.ceil(wall()))
         self._now = self.origin
-        self._first: Optional[float] = None
+        self._first: float | None = None
         self._pending = -math.inf  # the instant the producer wants to move to
         self._ended = False
-        self._due: Dict[object, float] = {}  # sampler -> the instant of its next call
+        self._due: dict[object, float] = {}  # sampler -> the instant of its next call
         self._changed = threading.Condition()
 
     def __call__(self) -> float:
@@ -116,7 +118,7 @@ class StoreTimes:
         self._seqs[slot] = seq
         self._walls[slot] = wall
 
-    def get(self, frame: Any) -> Optional[float]:
+    def get(self, frame: VisualFrame) -> float | None:
         seq = frame.frame_seq
         slot = seq & self._mask
         wall = float(self._walls[slot])

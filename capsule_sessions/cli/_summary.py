@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
+from .._json import JsonObject
 from ._latency import LatencyHistogram
 from ._runner import RunResult, SessionRun
 
 
-def _ms(seconds: Optional[float]) -> Optional[float]:
+def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 4)
 
 
-def latency_ms(hist: LatencyHistogram) -> dict:
+def latency_ms(hist: LatencyHistogram) -> dict[str, float | None]:
     return {
         "count": hist.count,
         "p50": _ms(hist.percentile(50)),
@@ -21,11 +20,11 @@ def latency_ms(hist: LatencyHistogram) -> dict:
     }
 
 
-def _error(exc: Optional[BaseException]) -> str:
+def _error(exc: BaseException | None) -> str:
     return "" if exc is None else f"{type(exc).__name__}: {exc}"
 
 
-def session_summary(run: SessionRun) -> dict:
+def session_summary(run: SessionRun) -> JsonObject:
     producer, source = run.producer, run.source
     seconds = producer.active_seconds
     subscribers = []
@@ -75,7 +74,7 @@ def session_summary(run: SessionRun) -> dict:
     }
 
 
-def accounting_problems(summary: dict) -> list:
+def accounting_problems(summary: JsonObject) -> list[str]:
     """Every way the counts fail to add up (an empty list when they all do)."""
     problems = []
     for s in summary["sessions"]:
@@ -99,8 +98,8 @@ def accounting_problems(summary: dict) -> list:
     return problems
 
 
-def summarize(result: RunResult, *, command: str = "") -> dict:
-    out: dict[str, Any] = {
+def summarize(result: RunResult, *, command: str = "") -> JsonObject:
+    out: JsonObject = {
         "command": command,
         "backend": result.backend,
         "seconds": round(result.seconds, 3),

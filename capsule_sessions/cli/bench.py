@@ -17,10 +17,12 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import NoReturn, overload
 
-from ..bench import plot, report, runner
+from .._json import JsonObject
+from ..bench import plot, report, runner, workloads
 from ._errors import UsageError
 from ._extras import MissingExtra, available, missing_message
 
@@ -72,7 +74,7 @@ class _PlainProgress:
 
 
 @contextlib.contextmanager
-def _progress(total: int, enabled: bool) -> Iterator:
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
     if not enabled:
         yield lambda label: None
         return
@@ -95,25 +97,33 @@ def _progress(total: int, enabled: bool) -> Iterator:
 def _list() -> str:
     lines = ["workloads:"]
     for wid in runner.ALL_IDS:
-        workload = runner.BY_ID.get(wid)
-        description = workload.description if workload else ("1 and 2 producer threads, 1080p RGB" if wid.startswith("W8")
-                                                             else "64 KiB frames, 1/4/16 subscribers drained by threads")
+        workload = workloads.BY_ID.get(wid)
+        if workload is not None:
+            description = workload.description
+        elif wid.startswith("W8"):
+            description = "1 and 2 producer threads, 1080p RGB"
+        else:
+            description = "64 KiB frames, 1/4/16 subscribers drained by threads"
         lines.append(f"  {wid:26s} {description}")
-    lines.append("targets: " + ", ".join(runner.all_targets()))
+    lines.append("targets: " + ", ".join(workloads.targets()))
     return "\n".join(lines)
 
 
-def _write_json(path: str, results: dict) -> None:
+def _write_json(path: str, results: JsonObject) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2, allow_nan=False, default=_json_default) + "\n")
 
 
-def _json_default(value):
+def _json_default(value: object) -> NoReturn:
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
-def _finite(value):
+@overload
+def _finite(value: JsonObject) -> JsonObject: ...
+@overload
+def _finite(value: object) -> object: ...
+def _finite(value: object) -> object:
     """JSON has no NaN: an undefined figure (no sample) is written as null."""
     if isinstance(value, float) and value != value:
         return None

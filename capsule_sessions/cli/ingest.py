@@ -34,12 +34,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List
+from typing import TYPE_CHECKING
 
 from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, plain, seconds
 from ._errors import UsageError
 from ._extras import require
 from ._runner import JPEG_MIME, RAW_MIME, RunOptions
+
+if TYPE_CHECKING:
+    from .. import VisualInputConfig
+    from ._sources import Source
 
 HELP = "decode video files, URLs, cameras or synthetic sources into sessions, watched live"
 DEFAULT_LIVE_SECONDS = 10.0
@@ -78,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       f"others {DEFAULT_LIVE_SECONDS:g} s)")
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> VisualInputConfig:
     from .. import VisualInputConfig
 
     raw_limit = args.max_width * args.max_height * 3
@@ -94,7 +98,7 @@ def build_config(args: argparse.Namespace):
     )
 
 
-def resolve_sources(specs: List[str], length: float) -> list:
+def resolve_sources(specs: list[str], length: float) -> list[Source]:
     from ._sample import sample_video
     from ._sources import SyntheticSource, parse_source
 
