@@ -77,7 +77,7 @@ def _default_backend() -> str:
 BACKEND: str = _default_backend()
 
 
-# Session's C forwarders (see ext/_forward.h), or None without the extension.
+# Session's C forwarders (see ext/capsule_sessions/_forward.h), or None without the extension.
 ring_forward: Callable[[Callable[..., object], str, type, object], object] | None = (
     None if _framebuf_c is None else _framebuf_c.ring_forward
 )

@@ -1,4 +1,4 @@
-# Type stub of the compiled twin (ext/_framebuf.pyx). Its classes have the pure twin's
+# Type stub of the compiled twin (ext/capsule_sessions/_framebuf.pyx). Its classes have the pure twin's
 # members with the same signatures, defaults and types (capsule_sessions._framebuf_py,
 # the reference); tests/test_typing.py holds the three to that. At run time the compiled
 # Subscription is registered as a virtual subclass of the pure one (_backend), which is

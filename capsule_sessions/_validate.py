@@ -1,8 +1,9 @@
 """Argument checks and time conversions shared by the pure backend and the session layer.
 
-The Cython backend implements the same rules in C; ``tests/test_validation.py`` holds
-both to them. Time is kept as int64 nanoseconds so that both backends compare instants
-exactly alike: ``ns = int(seconds * 1e9)`` (the product rounded as a C double, then
+The Cython backend takes C fast paths for the common exact types and calls these for
+the rest (its ``_args.pxi``); the differential tests under ``tests/`` hold both to
+them. Time is kept as int64 nanoseconds so that both backends compare instants exactly
+alike: ``ns = int(seconds * 1e9)`` (the product rounded as a C double, then
 truncated toward zero, which is what a C cast does).
 """
 
@@ -14,14 +15,10 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# Instants stay within +-2**62 ns (about 146 years) so that the difference of any two
-# of them still fits an int64.
-MAX_INSTANT_SECONDS = 2**62 / 1e9
-# max_recent and buffer are clamped here: storage grows with what is stored, not with
-# the bound, so a huge bound is harmless and needs no error.
-MAX_COUNT = 2**31 - 1
+import numpy as np
+
+from ._limits import INT32_MAX, INT64_MAX, INT64_MIN, MAX_COUNT, MAX_INSTANT_SECONDS
+
 POLICIES = ("drop_newest", "drop_oldest")
 
 
@@ -128,3 +125,17 @@ def clock(value: Callable[[], float]) -> Callable[[], float]:
     if not callable(value):
         raise TypeError(f"clock must be a callable returning float seconds, got {type(value).__name__}")
     return value
+
+
+def frame_fields(data: Any, mime_type: Any, width: Any, height: Any, timestamp_ms: Any,
+                 frame_seq: Any) -> tuple[str, int, int, int, int]:
+    """The described fields of a stored frame: (mime_type, width, height, timestamp_ms,
+    frame_seq). An image array describes itself when width or height is 0:
+    height, width = shape[:2]."""
+    mime_type = text(mime_type, "mime_type")
+    width = integer(width, "width", 0, INT32_MAX)
+    height = integer(height, "height", 0, INT32_MAX)
+    if (width == 0 or height == 0) and isinstance(data, np.ndarray) and data.ndim >= 2:
+        height = height or min(data.shape[0], INT32_MAX)
+        width = width or min(data.shape[1], INT32_MAX)
+    return mime_type, width, height, integer(timestamp_ms, "timestamp_ms"), integer(frame_seq, "frame_seq")

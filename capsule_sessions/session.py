@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from . import _backend
 from . import _validate as v
 from ._framebuf_py import FrameRing, Subscription
+from ._policy import VisualInputConfig, check_frame
 from ._records import (
     ChatMessage,
     ConversationSnapshot,
@@ -21,7 +22,6 @@ from ._records import (
     VisualFrame,
     rfc3339_from_instant,
 )
-from .ingest import VisualInputConfig, check_frame
 
 if TYPE_CHECKING:
     import numpy as np

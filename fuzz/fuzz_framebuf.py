@@ -593,7 +593,7 @@ def run_storm(backend: str, plan: dict):
 
     def known_pure_runner_bug() -> bool:
         ring = session._ring
-        return backend == "python" and bool(ring._pending) and not STRICT_KNOWN
+        return backend == "python" and bool(ring._fan.pending) and not STRICT_KNOWN
 
     subscribe(0)
     subscribe(1)

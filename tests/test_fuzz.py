@@ -1461,11 +1461,12 @@ def _release_a_stuck_pure_runner(session) -> None:
     # Test cleanup only: a pure ring whose runner flag was left set (the bug below) keeps
     # every other thread's store polling forever; unblock them so none outlives the test.
     ring = session._ring
-    if hasattr(ring, "_fan_done"):
+    fan = getattr(ring, "_fan", None)  # the pure twin's _FanOut; the compiled one is C-only
+    if fan is not None:
         with ring._lock:
-            ring._fanning = False
-            ring._pending.clear()
-            ring._fan_done.notify_all()
+            fan.runner = None
+            fan.pending.clear()
+            fan.done.notify_all()
 
 
 
@@ -1732,15 +1733,17 @@ def test_a_signal_handler_at_a_drawn_eval_breaker_check(backend, program, sub_sp
 
 def test_a_handler_storing_between_fanning_and_runner_does_not_hang():
     """The pure twin's hang, deterministically: a store made (as a SIGALRM handler would)
-    by the thread whose _fan_out has set _fanning but not yet _fan_runner."""
+    by the thread whose _FanOut.await_offer has claimed the runner role (the bug was
+    between setting _fanning and recording _fan_runner; the claim is now one statement,
+    and the handler runs at every line after it)."""
     session = Session("x", clock=FakeClock(), backend="python")
     sub = session.subscribe_visual_frames(4)
     done = []
 
     def tracer(frame, event, arg):
         if event == "call":
-            return tracer if frame.f_code.co_name == "_fan_out" else None
-        if event == "line" and frame.f_locals["self"]._fanning and not done:
+            return tracer if frame.f_code.co_name == "await_offer" else None
+        if event == "line" and frame.f_locals["self"].runner is not None and not done:
             done.append(1)
             session.store_frame(b"handler", source="cam", max_recent=2)
         return tracer
@@ -1759,4 +1762,5 @@ def test_a_handler_storing_between_fanning_and_runner_does_not_hang():
     _release_a_stuck_pure_runner(session)
     worker.join(3)
     assert not hung, "the handler's store waits for a runner that is its own caller"
+    assert done, "the tracer never saw the runner's claim: it no longer tests anything"
     assert sub.qsize() + sub.dropped == session.visual_stats()["accepted"]

@@ -448,7 +448,7 @@ def _call(backend, target, name, args, kwargs):
     return f"no TypeError: returned {result!r}"
 
 
-# Cython's own argument parser words these differently; ext/_framebuf.pyx is the place to
+# Cython's own argument parser words these differently; ext/capsule_sessions/_subscription.pxi is the place to
 # change that (see the report of the hardening-api branch), so these stay marked.
 PYX_SIGNATURE_DIFFERENCES: set = set()
 
@@ -489,7 +489,7 @@ def test_session_methods_are_found_on_the_class(session, backend):
 
 
 def test_forwarded_methods_behave_as_methods_everywhere(backend):
-    # The compiled forwarders (ext/_forward.h) must be indistinguishable from the Python
+    # The compiled forwarders (ext/capsule_sessions/_forward.h) must be indistinguishable from the Python
     # methods they stand for: called unbound, through super(), patched on an instance,
     # taken as a bound method, and with a wrong call worded as Python words it.
     session = Session("fwd", clock=FakeClock(), backend=backend)
