@@ -53,6 +53,7 @@ from capsule_sessions import (
     VisualInputConfig,
     available_backends,
 )
+from capsule_sessions._limits import NOGIL_COPY_MIN_BYTES
 from capsule_sessions.errors import REENTERED_MESSAGE
 from support import FakeClock, payload
 
@@ -751,7 +752,8 @@ def _big(layout: str, size: int):
 
 
 @fuzz_settings(6)
-@given(size=st.sampled_from([0, 1, 16383, 16384, 16385, MB + 7, 8 * MB]),
+@given(size=st.sampled_from([0, 1, NOGIL_COPY_MIN_BYTES - 1, NOGIL_COPY_MIN_BYTES, NOGIL_COPY_MIN_BYTES + 1,
+                             MB + 7, 8 * MB]),
        layout=st.sampled_from(["contiguous", "reversed", "fortran", "strided"]))
 def test_buffers_of_every_size(twins, size, layout):
     data = _big(layout, size)
@@ -815,7 +817,7 @@ RECORD_EDITS = [
     ("received_at", math.nan), ("source", "forged"), ("source", None), ("frame_seq", -7),
     ("width", 2**40), ("mime_type", None), ("timestamp_ms", "x"),
 ]
-HELD_SIZES = [0, 1, 8, 100, 4096, 16384, 70000]  # 16384 and up: the GIL-free copy
+HELD_SIZES = [0, 1, 8, 100, 4096, NOGIL_COPY_MIN_BYTES, 70000]  # NOGIL_COPY_MIN_BYTES and up: the GIL-free copy
 HOW_HELD = ["weak", "weak", "hold", "edit", "edit", "edit_hold", "forget"]
 
 _held_store = st.tuples(st.just("store"), st.sampled_from(["cam", "cam", "cam", "other"]), st.sampled_from(HELD_SIZES),

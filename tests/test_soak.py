@@ -76,6 +76,7 @@ from capsule_sessions import (
     available_backends,
 )
 from capsule_sessions._backend import module_for
+from capsule_sessions._limits import NOGIL_COPY_MIN_BYTES
 from capsule_sessions.errors import REENTERED_MESSAGE
 from support import FakeClock
 
@@ -91,7 +92,7 @@ RSS_TOLERANCE_BYTES = 48 << 20
 IDLE_TIMEOUT = 10.0  # fake seconds
 MAX_SESSIONS = 24
 PRODUCERS, SYNC_SUBSCRIBERS, ASYNC_SUBSCRIBERS, LATEST_READERS = 4, 3, 4, 2
-SIZES = [8, 64, 1000, 4096, 16383, 16384, 20000, 70000, 300000]
+SIZES = [8, 64, 1000, 4096, NOGIL_COPY_MIN_BYTES - 1, NOGIL_COPY_MIN_BYTES, 20000, 70000, 300000]
 MIME = "video/x-raw-gray"
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(int(RUN_SECONDS + JOIN_SECONDS + 240))]
