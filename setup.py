@@ -1,4 +1,5 @@
-"""Builds the Cython frame-buffer backend as ``capsule_sessions._framebuf``.
+"""Builds the Cython frame-buffer backend as ``capsule_sessions._framebuf``, and on Linux
+the shared-memory ring as ``capsule_sessions._shm``.
 
 A failed compile stops the install: a silent fallback to the pure twin would hide a
 10x slowdown. ``CAPSULE_SESSIONS_BACKEND=python pip install .`` installs the pure
@@ -59,15 +60,19 @@ def extensions():
         flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
         compile_args = ["-O1", "-g"] + flags
         link_args = flags
-    ext = Extension(
-        "capsule_sessions._framebuf",
-        ["ext/capsule_sessions/_framebuf.pyx"],
-        include_dirs=[numpy.get_include(), "ext"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
-        extra_compile_args=compile_args,
-        extra_link_args=link_args,
-    )
-    return [ext]
+    def extension(name):
+        return Extension(
+            f"capsule_sessions.{name}",
+            [f"ext/capsule_sessions/{name}.pyx"],
+            include_dirs=[numpy.get_include(), "ext", "ext/capsule_sessions"],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+
+    # _shm (shared sessions) needs POSIX shared memory and Linux futexes.
+    names = ["_framebuf", "_shm"] if sys.platform.startswith("linux") else ["_framebuf"]
+    return [extension(name) for name in names]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtLoudly})

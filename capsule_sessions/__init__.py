@@ -19,11 +19,13 @@ from .errors import (
     SessionError,
     SessionExistsError,
     SessionNotFoundError,
+    SharedMemoryError,
     SubscriptionClosed,
 )
 from .ingest import VisualInputConfig
 from .manager import SessionManager
 from .session import Session
+from .shared import attach, list_shared
 
 __version__ = "0.1.0"
 
@@ -40,9 +42,12 @@ __all__ = [
     "SessionManager",
     "SessionNotFoundError",
     "SessionState",
+    "SharedMemoryError",
     "Subscription",
     "SubscriptionClosed",
     "VisualFrame",
     "VisualInputConfig",
+    "attach",
     "available_backends",
+    "list_shared",
 ]

@@ -34,3 +34,7 @@ REENTERED_MESSAGE = (
     "same thread (a finalizer, signal handler or weakref callback); retry it outside that code"
 )
 NOT_BY_HAND_MESSAGE = "subscriptions are made by Session.subscribe_visual_frames()"
+
+
+class SharedMemoryError(SessionError):
+    """A shared session's memory cannot be used: missing, foreign, corrupted or full."""

@@ -53,6 +53,7 @@ class SessionManager:
         on_session_end: Callable[[Session], object] | None = None,
         clock: Callable[[], float] | None = None,
         backend: str | None = None,
+        shared: str | None = None,
     ) -> None:
         self.max_concurrent = v.integer(max_concurrent, "max_concurrent", 0)
         # Any two instants are less than 2**63 ns apart, so a timeout clamped to the int64
@@ -67,6 +68,12 @@ class SessionManager:
         self.on_session_end = on_session_end
         self._clock = time.monotonic if clock is None else v.clock(clock)
         self.backend = _backend.name_of(_backend.module_for(backend))
+        if shared is not None:
+            from .shared import check_shared
+
+            shared = check_shared(shared, self.backend)
+        # Every session this manager makes puts its frame ring in shared memory under it.
+        self.shared = shared
         self._sessions: dict[str, Session] = {}
         self._closed = False
         self._lock = threading.Lock()
@@ -93,7 +100,7 @@ class SessionManager:
                 raise MaxSessionsError(f"max concurrent sessions reached ({self.max_concurrent})")
             if id in self._sessions:
                 raise SessionExistsError(f"session {id!r} already exists")
-            session = Session(id, mode, character_id, clock=self._clock, backend=self.backend)
+            session = Session(id, mode, character_id, clock=self._clock, backend=self.backend, shared=self.shared)
             self._sessions[id] = session
             return session
 

@@ -50,6 +50,7 @@ class Session:
         *,
         clock: Callable[[], float] | None = None,
         backend: str | None = None,
+        shared: str | None = None,
     ) -> None:
         self.id = v.text(id, "id")
         self.mode = _mode(mode)
@@ -58,8 +59,16 @@ class Session:
         self.created_at, _ = v.instant(self._clock(), "clock()")
         module = _backend.module_for(backend)
         self.backend = _backend.name_of(module)
-        # Either twin's ring; the pure twin's class stands for both (they match).
-        self._ring: FrameRing = module.FrameRing(self._clock, self.created_at)
+        # Either twin's ring, or the shared-memory one; the pure twin's class stands for
+        # all (they match).
+        self.shared = shared
+        self._ring: FrameRing
+        if shared is None:
+            self._ring = module.FrameRing(self._clock, self.created_at)
+        else:
+            from . import shared as _shared  # imported on use: most programs never share
+
+            self._ring = _shared.make_ring(self.backend, shared, self.id, self._clock, self.created_at)
         self.pipeline_cancel: Callable[[], object] | None = None
         self.recording_dir: str | None = None
         self._lock = threading.Lock()

@@ -1,0 +1,182 @@
+# cython: language_level=3, embedsignature=True, auto_pickle=False
+"""Shared sessions: a session's frame ring in POSIX shared memory, one writer (the
+owning process) and readers in any number of processes.
+
+The contract is the in-process ring's, result for result (docs/shared-memory.md): the
+owner keeps the ring's decisions (rate limit, source, max_recent, counters) in its own
+memory, exactly as ``capsule_sessions._framebuf_py._ring`` makes them, and publishes the
+result into the control segment (``_shm.h``); readers, the owner's own reads included,
+read only what is published. No lock is shared between processes:
+
+- the ring is published under a seqlock; a reader copies it and retries on a change;
+- a frame's buffer is leased by the reader that hands it out (a count only it writes)
+  and checked against the buffer's generation, which the owner bumps before rewriting a
+  buffer nobody leases, queues or rings: a Dekker pair on sequentially consistent
+  atomics, so either the owner sees the lease or the reader sees the new generation;
+- each subscription is a single-producer queue of buffer numbers whose tail both sides
+  advance by compare-and-swap (the reader takes, the owner evicts for drop_oldest);
+- a store wakes a subscriber with a futex only when it said it sleeps.
+
+Files: ``_shm_segment.pxi`` (segments, names, liveness), ``_shm_owner.pxi`` (the writer,
+``SharedRing``), ``_shm_reader.pxi`` (``AttachedSession``, leases, frames),
+``_shm_subscription.pxi`` (``SharedSubscription``).
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_FULL_RO, PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport EAGAIN, EINTR, ENOENT, errno
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_RDWR
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap, shm_open, shm_unlink
+from posix.stat cimport fstat, struct_stat
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport close as c_close, ftruncate, getpid
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+import asyncio
+import os
+import queue as _queue_mod
+import threading
+import time
+import weakref
+from collections import deque
+
+import numpy as np
+
+from capsule_sessions import _limits, _validate as v
+from capsule_sessions._framebuf_py._buffers import check_buffer, copy_bytes
+from capsule_sessions._records import VisualFrame
+from capsule_sessions.errors import (NOT_BY_HAND_MESSAGE, REENTERED_MESSAGE, SessionExistsError,
+                                     SharedMemoryError, SubscriptionClosed)
+
+cdef extern from "_shm.h" nogil:
+    enum:
+        CS_MAX_RING  # an array size below, so a compile-time constant
+    uint32_t CS_VERSION
+    uint32_t CS_MAX_BUFFERS
+    uint32_t CS_MAX_READERS
+    uint32_t CS_MAX_SUBS
+    uint32_t CS_MAX_QUEUE
+    uint32_t CS_LEASE_BUDGET
+    uint32_t CS_MAX_WRITING
+    uint32_t CS_ID_MAX
+    uint64_t CS_SUB_FREE
+    uint64_t CS_SUB_CLAIMED
+    uint64_t CS_SUB_ACTIVE
+    uint64_t CS_SUB_RELEASED
+    uint64_t CS_MAGIC
+    uint64_t CS_DATA_MAGIC
+    uint64_t CS_OFF_BUFFERS
+    uint64_t CS_OFF_READERS
+    uint64_t CS_OFF_LEASES
+    uint64_t CS_OFF_SUBS
+    uint64_t CS_TOTAL_SIZE
+    uint64_t CS_ALIGN(uint64_t n)
+
+    ctypedef struct cs_buffer:
+        uint64_t serial
+        uint64_t capacity
+        uint64_t gen
+    ctypedef struct cs_ring_entry:
+        uint64_t entry
+        int64_t received_ns
+        uint64_t nbytes
+    ctypedef struct cs_reader:
+        uint64_t pid
+        uint64_t start_time
+        uint64_t copied_out
+    ctypedef struct cs_sub:
+        uint64_t state
+        uint64_t epoch
+        uint64_t reader
+        uint64_t policy
+        uint64_t maxsize
+        uint64_t closed
+        uint64_t head
+        uint64_t dropped
+        uint64_t tail
+        uint64_t delivered
+        uint32_t wake
+        uint32_t sleepers
+        uint64_t entries[1]
+    ctypedef struct cs_header:
+        uint64_t magic
+        uint32_t version
+        uint32_t header_size
+        uint64_t total_size
+        uint32_t max_ring, max_buffers, max_readers, max_subs, max_queue, lease_budget
+        uint64_t off_buffers, off_readers, off_leases, off_subs
+        uint64_t owner_pid
+        uint64_t owner_start
+        uint64_t nonce
+        uint64_t closed
+        uint64_t id_len
+        char id[1]
+        uint64_t seq
+        uint64_t accepted, rate_limited, source_resets, frames, bytes
+        uint64_t ring_count
+        uint64_t buffers_version
+        cs_ring_entry ring[1]
+    ctypedef struct cs_meta:
+        uint64_t magic
+        uint64_t nbytes
+        int64_t width, height, timestamp_ms, frame_seq
+        double received_at
+        uint32_t mime_len, source_len
+        uint64_t data_offset
+
+    uint64_t cs_load(uint64_t *p)
+    void cs_store(uint64_t *p, uint64_t v)
+    uint64_t cs_add(uint64_t *p, uint64_t v)
+    uint64_t cs_sub_(uint64_t *p, uint64_t v)
+    bint cs_cas(uint64_t *p, uint64_t expected, uint64_t desired)
+    uint32_t cs_load32(uint32_t *p)
+    uint32_t cs_add32(uint32_t *p, uint32_t v)
+    uint32_t cs_sub32(uint32_t *p, uint32_t v)
+    void cs_release32(uint32_t *p)
+    int cs_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns)
+    void cs_futex_wake(uint32_t *word)
+    cs_buffer *cs_buffers(cs_header *h)
+    cs_reader *cs_readers(cs_header *h)
+    uint32_t *cs_leases(cs_header *h, uint32_t reader)
+    cs_sub *cs_subs(cs_header *h)
+
+cdef extern from "Python.h":
+    int PyObject_GenericSetAttr(object o, object name, object value) except -1
+
+__all__ = ["SharedRing", "AttachedSession", "SharedSubscription", "read_owner", "unlink"]
+
+MAX_RING = CS_MAX_RING
+MAX_READERS = CS_MAX_READERS
+MAX_SUBSCRIPTIONS = CS_MAX_SUBS
+MAX_QUEUE = CS_MAX_QUEUE
+LEASE_BUDGET = CS_LEASE_BUDGET
+CONTROL_SIZE = CS_TOTAL_SIZE
+VERSION = CS_VERSION
+
+cdef int64_t WAIT_SLICE_NS = <int64_t>(_limits.WAIT_SLICE_S * 1e9)
+cdef Py_ssize_t NOGIL_COPY_MIN = _limits.NOGIL_COPY_MIN_BYTES
+cdef uint64_t SHRINK_FLOOR = _limits.SHRINK_FLOOR_BYTES
+# Free data segments kept for reuse beyond what the ring holds; more are unlinked.
+cdef Py_ssize_t POOL_SPARE = 4
+cdef uint64_t LOW32 = 0xffffffffULL
+# How often (at most) the owner looks for dead readers to reclaim, in ns.
+cdef int64_t REAP_INTERVAL_NS = 200_000_000
+
+
+cdef inline int64_t monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+include "_shm_segment.pxi"
+include "_shm_owner.pxi"
+include "_shm_reader.pxi"
+include "_shm_subscription.pxi"
