@@ -275,6 +275,16 @@ class Session:
         """accepted, rate_limited, source_resets (since creation); frames, bytes (held now)."""
         return self._ring.visual_stats()
 
+    def shared_stats(self) -> dict[str, int]:
+        """A shared session's costs: ``copied_out`` (frames copied past a reader's lease
+        budget), ``readers``, ``subscriptions`` (in every process), ``buffers`` and
+        ``buffer_bytes`` (its data segments). ValueError for a session not shared."""
+        if self.shared is None:
+            raise ValueError(f"session {self.id!r} is not shared (it was made without shared=)")
+        ring: Any = self._ring
+        stats: dict[str, int] = ring.shared_stats()
+        return stats
+
     def _close(self) -> None:
         """Called by the manager on delete/evict: CLOSED, and every subscriber woken."""
         with self._lock:

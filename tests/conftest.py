@@ -9,6 +9,7 @@ a missing extension is an error, never a quiet python-only run.
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -37,7 +38,18 @@ def pytest_configure(config: pytest.Config) -> None:
 DEFAULT_TEST_TIMEOUT = 300
 
 
+def _python_and_shared(item: pytest.Item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("sharing") == "shared" and params.get("backend") != "cython"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    # Shared sessions exist on the compiled backend only: the pure one's ImportError is
+    # tested on its own, not once per test.
+    deselected = [item for item in items if _python_and_shared(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not _python_and_shared(item)]
     for item in items:
         if item.get_closest_marker("timeout") is None and item.get_closest_marker("soak") is None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT))
@@ -61,15 +73,52 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+# A module that sets ALSO_SHARED = True runs each test that makes its sessions with
+# make_session/session once more on a shared session (shared memory, compiled backend):
+# the shared ring promises the in-process results, and these tests are the proof.
+ALSO_SHARED = "ALSO_SHARED"
+
+
+def _shm_available() -> bool:
+    try:
+        import capsule_sessions._shm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "sharing" in metafunc.fixturenames and getattr(metafunc.module, ALSO_SHARED, False):
+        kinds = ["local", "shared"] if _shm_available() else ["local"]
+        metafunc.parametrize("sharing", kinds, indirect=True)
+
+
 @pytest.fixture
-def make_session(backend: str, clock: FakeClock):
-    """``make_session(id="s1", mode=..., character_id="", clock=None)`` on the backend under test."""
+def sharing(request: pytest.FixtureRequest) -> str:
+    """"local" (an in-process ring) or "shared" (the ring in shared memory)."""
+    return getattr(request, "param", "local")
+
+
+@pytest.fixture
+def make_session(backend: str, clock: FakeClock, sharing: str):
+    """``make_session(id="s1", mode=..., character_id="", clock=None)`` on the backend under
+    test; on a shared session too where the module asks for it (ALSO_SHARED)."""
+    made: list[Session] = []
 
     def make(id: str = "s1", mode=capsule_sessions.PipelineMode.OMNI, character_id: str = "", clock=None) -> Session:
-        return Session(id, mode, character_id, clock=clock if clock is not None else clock_, backend=backend)
+        shared = None if sharing == "local" else f"test-{uuid.uuid4().hex[:16]}"
+        s = Session(id, mode, character_id, clock=clock if clock is not None else clock_, backend=backend,
+                    shared=shared)
+        made.append(s)
+        return s
 
     clock_ = clock
-    return make
+    yield make
+    for s in made:
+        if s.shared is not None:
+            s._ring.close_subscriptions()
+            left = [e for e in os.listdir("/dev/shm") if e.startswith(f"capsule.{s.shared}.")]
+            assert left == [], f"shared memory left behind: {left}"
 
 
 @pytest.fixture

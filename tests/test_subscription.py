@@ -11,7 +11,16 @@ import threading
 import pytest
 
 from capsule_sessions import SubscriptionClosed
+from capsule_sessions._limits import MAX_COUNT
 from support import assert_handed_out, assert_payload_matches, payload
+
+try:
+    from capsule_sessions._shm import MAX_QUEUE
+except ImportError:  # no shared sessions here: the in-process bound alone is checked
+    MAX_QUEUE = -1
+
+# Every test here runs on a shared session too (tests/conftest.py).
+ALSO_SHARED = True
 
 
 def put(session, seq, **kw):
@@ -68,7 +77,9 @@ def test_buffer_not_positive_counts_as_one(session, buffer):
 
 def test_huge_buffer_is_harmless(session):
     sub = session.subscribe_visual_frames(2**62)
-    assert sub.maxsize >= 2**31 - 1
+    # In-process the bound is clamped to MAX_COUNT; a shared session's queue holds at
+    # most MAX_QUEUE frames (docs/shared-memory.md).
+    assert sub.maxsize == (MAX_QUEUE if session.shared else MAX_COUNT)
     for seq in range(5):
         put(session, seq)
     assert drain(sub) == [0, 1, 2, 3, 4]

@@ -12,6 +12,9 @@ import pytest
 from capsule_sessions import VisualFrame
 from support import assert_handed_out, payload
 
+# Every test here runs on a shared session too (tests/conftest.py).
+ALSO_SHARED = True
+
 
 def store(s, data=b"frame", *, source="cam", max_recent=4, min_interval=0.0, now=None, **fields):
     return s.store_frame(data, source=source, max_recent=max_recent, min_interval=min_interval, now=now, **fields)

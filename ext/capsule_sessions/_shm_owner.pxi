@@ -27,6 +27,7 @@ cdef class _SubMirror:
 
 
 @cython.final
+@cython.no_gc_clear
 cdef class SharedRing:
     """A session's frame ring in shared memory (the owning process's side). Same methods
     and results as ``FrameRing``; reads go through an ``AttachedSession`` of its own."""
@@ -206,9 +207,9 @@ cdef class SharedRing:
                 frame_seq, now):
         check_buffer(data)
         source = v.text(source, "source")
-        keep = v.count(max_recent, "max_recent")
-        if keep > CS_MAX_RING:
-            raise ValueError(f"max_recent must be at most {CS_MAX_RING} for a shared session, got {keep}")
+        # The published ring has room for CS_MAX_RING frames: a larger bound is that one
+        # (as in-process, where a huge bound is clamped too; docs/shared-memory.md).
+        keep = min(v.count(max_recent, "max_recent"), CS_MAX_RING)
         min_ns = v.duration_ns(min_interval, "min_interval")
         mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
             data, mime_type, width, height, timestamp_ms, frame_seq)
@@ -339,7 +340,7 @@ cdef class SharedRing:
         for slot in self._slots:
             index = slot[0]
             cs_store(&h.ring[i].entry, _pack(cs_load(&buffers[index].gen), index))
-            cs_store(<uint64_t *>&h.ring[i].received_ns, <uint64_t>slot[2])
+            cs_store(<uint64_t *>&h.ring[i].received_ns, <uint64_t><int64_t>slot[2])
             cs_store(&h.ring[i].nbytes, slot[1])
             i += 1
         cs_store(&h.ring_count, i)
@@ -555,8 +556,14 @@ cdef class SharedRing:
     def visual_stats(self):
         with self._lock:
             return {"accepted": self._accepted, "rate_limited": self._rate_limited,
-                    "source_resets": self._source_resets, "frames": len(self._slots), "bytes": self._bytes,
-                    "copied_out": self._local._copied_out_total()}
+                    "source_resets": self._source_resets, "frames": len(self._slots), "bytes": self._bytes}
+
+    def shared_stats(self):
+        """What sharing costs, beside visual_stats (whose keys stay the in-process ones)."""
+        with self._lock:
+            held = sum(seg.size for seg in self._segments if seg is not None)
+            buffers = sum(1 for seg in self._segments if seg is not None)
+        return dict(self._local.shared_stats(), buffers=buffers, buffer_bytes=held)
 
     def subscribe_visual_frames(self, buffer=1, *, policy="drop_newest"):
         return self._local.subscribe_visual_frames(buffer, policy=policy)

@@ -10,7 +10,10 @@ cdef int SEQLOCK_TRIES = 10000
 cdef int64_t MAX_INSTANT_NS = 1 << 62
 
 
+# no_gc_clear on every class whose __dealloc__ writes to shared memory: the garbage
+# collector must not drop the segment it writes to (unmapping it) first.
 @cython.final
+@cython.no_gc_clear
 cdef class _Lease:
     """A reader's hold on one buffer, the base of the arrays handed out over it: while it
     lives, the owner does not rewrite the buffer (it is leased); collecting it ends the
@@ -28,6 +31,7 @@ cdef class _Lease:
 
 
 @cython.final
+@cython.no_gc_clear
 cdef class AttachedSession:
     """The read side of a shared session: ``latest_visual_frames``,
     ``subscribe_visual_frames``, ``visual_stats``, ``closed``, ``close()``. Made by
@@ -41,7 +45,7 @@ cdef class AttachedSession:
     cdef uint64_t *_map_serials
     cdef Py_ssize_t _held
     cdef object _clock
-    cdef SharedRing _owner
+    cdef bint _owner_local
     cdef str _data_prefix
     cdef readonly str session_id
     cdef readonly str namespace
@@ -74,8 +78,10 @@ cdef class AttachedSession:
 
     @staticmethod
     cdef AttachedSession _for_owner(SharedRing owner, _Segment control, object clock):
+        # Not a reference to the ring (it holds this): a cycle of objects that write to
+        # shared memory when collected could not be broken safely.
         cdef AttachedSession self = AttachedSession._new(control, clock, owner.session_id, owner.namespace)
-        self._owner = owner
+        self._owner_local = True
         return self
 
     @staticmethod
@@ -128,10 +134,10 @@ cdef class AttachedSession:
 
     # -- state ---------------------------------------------------------------------------
     cdef bint _owner_gone(self):
-        if self._owner is not None:
-            return self._owner._ended
         if cs_load(&self._h.closed):
             return True
+        if self._owner_local:
+            return False
         return not process_alive(self._h.owner_pid, self._h.owner_start)
 
     @property
@@ -318,11 +324,26 @@ cdef class AttachedSession:
         return total
 
     def visual_stats(self):
-        """The session's counters as the owner published them, and ``copied_out``: frames
-        copied out of shared memory because a reader held its whole lease budget."""
+        """The session's counters as the owner published them (the in-process keys)."""
         accepted, rate_limited, source_resets, frames, nbytes = self._stats()
         return {"accepted": accepted, "rate_limited": rate_limited, "source_resets": source_resets,
-                "frames": frames, "bytes": nbytes, "copied_out": self._copied_out_total()}
+                "frames": frames, "bytes": nbytes}
+
+    cdef int _reader_count(self):
+        cdef cs_reader *readers = cs_readers(self._h)
+        cdef uint32_t r
+        cdef int count = 0
+        for r in range(CS_MAX_READERS):
+            if cs_load(&readers[r].pid) != 0:
+                count += 1
+        return count
+
+    def shared_stats(self):
+        """``copied_out``: frames copied out of shared memory because their reader held
+        its whole lease budget; ``readers``: attached handles (the owner's own
+        included); ``subscriptions``: open subscriptions in every process."""
+        return {"copied_out": self._copied_out_total(), "readers": self._reader_count(),
+                "subscriptions": self._subscriber_count()}
 
     cdef int _subscriber_count(self):
         cdef cs_sub *subs = cs_subs(self._h)
@@ -335,10 +356,10 @@ cdef class AttachedSession:
 
     def subscribe_visual_frames(self, buffer=1, *, policy="drop_newest"):
         self._check_open()
-        maxsize = v.count(buffer, "buffer")
+        # A queue in the control segment has room for CS_MAX_QUEUE frames: a larger
+        # buffer is that one, and maxsize says so.
+        maxsize = min(v.count(buffer, "buffer"), CS_MAX_QUEUE)
         policy = v.policy(policy)
-        if maxsize > CS_MAX_QUEUE:
-            raise ValueError(f"buffer must be at most {CS_MAX_QUEUE} for a shared session, got {maxsize}")
         if self._owner_gone():
             return SharedSubscription._born_closed(self, maxsize, policy)
         cdef cs_sub *subs = cs_subs(self._h)

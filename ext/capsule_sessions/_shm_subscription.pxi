@@ -9,6 +9,7 @@ _waiters = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_pre
 
 
 @cython.final
+@cython.no_gc_clear
 cdef class SharedSubscription:
     """A subscriber's handle on a shared session (``capsule_sessions.Subscription``)."""
 
