@@ -92,7 +92,8 @@ typedef struct {
     uint64_t closed;
     uint64_t id_len;
     char id[CS_ID_MAX];
-    uint64_t pad0[4];
+    uint64_t owner_reader;  /* the owner's own reader slot: it reads by index, never by name */
+    uint64_t pad0[3];
     /* published by the owner under the seqlock `seq` (odd while it writes) */
     uint64_t seq;
     uint64_t accepted, rate_limited, source_resets, frames, bytes;

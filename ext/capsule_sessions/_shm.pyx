@@ -40,6 +40,7 @@ cimport numpy as cnp
 cnp.import_array()
 
 import asyncio
+import atexit
 import os
 import queue as _queue_mod
 import threading
@@ -118,6 +119,7 @@ cdef extern from "_shm.h" nogil:
         uint64_t closed
         uint64_t id_len
         char id[1]
+        uint64_t owner_reader
         uint64_t seq
         uint64_t accepted, rate_limited, source_resets, frames, bytes
         uint64_t ring_count

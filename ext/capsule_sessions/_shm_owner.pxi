@@ -88,7 +88,8 @@ cdef class SharedRing:
                 f"session {session_id!r} is already shared in namespace {namespace!r} by a live process") from None
         self._h = <cs_header *>self._control.addr
         self._init_header(encoded)
-        self._local = AttachedSession._for_owner(self, self._control, self._clock)
+        self._local = AttachedSession._for_owner(self, self._control, self._clock, self._segments)
+        cs_store(&self._h.owner_reader, self._local._index)
         _live_rings.add(self)
 
     cdef _init_header(self, bytes encoded):
@@ -593,10 +594,11 @@ cdef class SharedRing:
             self._unlink_all()
 
     cdef _unlink_all(self):
+        # The control name goes now (nobody new can attach); the data segments stay
+        # while another process is attached, which may still map a queued frame's
+        # buffer by name: the last reader to detach unlinks them (_leave_if_last).
         self._control.unlink()
-        for seg in self._segments:
-            if seg is not None:
-                (<_Segment>seg).unlink()
+        _leave_if_last(self._h, self._local._index, self._data_prefix)
 
 
 # Rings still shared at interpreter exit are ended then, so a normal exit leaves nothing
@@ -612,5 +614,4 @@ def _end_live_rings():
             pass
 
 
-import atexit
 atexit.register(_end_live_rings)

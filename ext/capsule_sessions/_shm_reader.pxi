@@ -46,6 +46,7 @@ cdef class AttachedSession:
     cdef Py_ssize_t _held
     cdef object _clock
     cdef bint _owner_local
+    cdef list _owner_segments
     cdef str _data_prefix
     cdef readonly str session_id
     cdef readonly str namespace
@@ -74,14 +75,18 @@ cdef class AttachedSession:
         self.namespace = namespace
         self._subscriptions = weakref.WeakSet()
         self._claim_reader_slot()
+        _live_readers.add(self)
         return self
 
     @staticmethod
-    cdef AttachedSession _for_owner(SharedRing owner, _Segment control, object clock):
+    cdef AttachedSession _for_owner(SharedRing owner, _Segment control, object clock, list segments):
         # Not a reference to the ring (it holds this): a cycle of objects that write to
         # shared memory when collected could not be broken safely.
         cdef AttachedSession self = AttachedSession._new(control, clock, owner.session_id, owner.namespace)
         self._owner_local = True
+        # The owner's reads use its own mappings (by index), never a name: they work
+        # after the names are gone, and nothing is mapped twice.
+        self._owner_segments = segments
         return self
 
     @staticmethod
@@ -118,12 +123,25 @@ cdef class AttachedSession:
         if self._index >= 0 and self._h != NULL:
             # Every lease and subscription holds this object, so none is left: the slot
             # is free for the next reader.
-            readers = cs_readers(self._h)
-            memset(self._leases, 0, CS_MAX_BUFFERS * sizeof(uint32_t))
-            cs_store(&readers[self._index].start_time, 0)
-            cs_store(&readers[self._index].pid, 0)
+            self._leave()
         free(self._map_serials)
         self._map_serials = NULL
+
+    cdef void _leave(self) noexcept:
+        """Give the reader slot back (and clean up after an ended session, if last)."""
+        if self._index < 0:
+            return
+        cdef cs_reader *readers = cs_readers(self._h)
+        cdef int index = self._index
+        self._index = -1
+        memset(self._leases, 0, CS_MAX_BUFFERS * sizeof(uint32_t))
+        cs_store(&readers[index].start_time, 0)
+        cs_store(&readers[index].pid, 0)
+        if not self._owner_local:
+            try:
+                _leave_if_last(self._h, index, self._data_prefix)
+            except BaseException:
+                pass  # a name that cannot be unlinked now is the next sweep's
 
     def __reduce_ex__(self, protocol):
         raise TypeError("cannot pickle an attached session: attach() again in the other process")
@@ -172,6 +190,8 @@ cdef class AttachedSession:
         self._held -= 1
 
     cdef _Segment _mapping(self, uint32_t index):
+        if self._owner_segments is not None:
+            return self._owner_segments[index] if index < len(self._owner_segments) else None
         cdef uint64_t serial = cs_load(&cs_buffers(self._h)[index].serial)
         if serial == 0:
             return None
@@ -382,3 +402,16 @@ cdef class AttachedSession:
                 self._subscriptions.add(sub)
                 return sub
         raise SharedMemoryError(f"shared session {self.session_id!r} already has {CS_MAX_SUBS} subscriptions")
+
+
+# Handles still attached at interpreter exit leave then (their frames die with the
+# process), so the last process out of an ended session unlinks what it left.
+_live_readers = weakref.WeakSet()
+
+
+def _leave_live_readers():
+    for reader in list(_live_readers):
+        (<AttachedSession>reader)._leave()
+
+
+atexit.register(_leave_live_readers)

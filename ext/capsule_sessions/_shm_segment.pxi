@@ -182,3 +182,31 @@ def read_owner(str name):
         raise SharedMemoryError(f"shared-memory segment {name!r} is not a capsule_sessions session: {reason}")
     session_id = h.id[:h.id_len].decode("utf-8", "surrogatepass")
     return session_id, h.owner_pid, h.owner_start, h.nonce, bool(cs_load(&h.closed))
+
+
+cdef _leave_if_last(cs_header *h, int leaving, str data_prefix):
+    """Reader slot ``leaving`` is going away from an ended session: when no other live
+    process is attached, unlink every data segment (and the control segment, in case
+    its owner was killed and never did); otherwise the last of them will."""
+    cdef cs_reader *readers = cs_readers(h)
+    cdef uint32_t r
+    if not cs_load(&h.closed) and process_alive(h.owner_pid, h.owner_start):
+        return
+    for r in range(CS_MAX_READERS):
+        if <int>r == leaving or r == cs_load(&h.owner_reader):
+            continue
+        pid = cs_load(&readers[r].pid)
+        if pid != 0 and process_alive(pid, cs_load(&readers[r].start_time)):
+            return
+    cdef cs_buffer *buffers = cs_buffers(h)
+    cdef uint32_t i
+    for i in range(CS_MAX_BUFFERS):
+        serial = cs_load(&buffers[i].serial)
+        if serial != 0:
+            _unlink_name(f"{data_prefix}.{serial}")
+    control_name, nonce = data_prefix.rsplit(".", 1)
+    try:
+        if read_owner(control_name)[3] == int(nonce, 16):  # not a new session of the same name
+            _unlink_name(control_name)
+    except (OSError, SharedMemoryError):
+        pass

@@ -25,6 +25,10 @@ cdef class SharedSubscription:
     cdef uint64_t _lost
     cdef object __weakref__
 
+    def __cinit__(self):
+        # Released until a factory claims a slot: one made by hand has none to release.
+        self._released = True
+
     def __init__(self, *args, **kwargs):
         raise TypeError(NOT_BY_HAND_MESSAGE)
 
@@ -38,6 +42,7 @@ cdef class SharedSubscription:
         self._epoch = epoch
         self._maxsize = maxsize
         self._policy = policy
+        self._released = False
         return self
 
     @staticmethod

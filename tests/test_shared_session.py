@@ -1,0 +1,249 @@
+"""Shared sessions in one process: the owner's API, its manager, threads and asyncio.
+
+The in-process semantics are proven by test_visual_input.py and test_subscription.py,
+which run on shared sessions too (ALSO_SHARED); other processes are
+test_shared_processes.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import pickle
+import queue
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+import capsule_sessions as cs
+from capsule_sessions import SessionExistsError, SessionNotFoundError, Subscription, SubscriptionClosed
+
+shm = pytest.importorskip("capsule_sessions._shm")
+pytestmark = pytest.mark.cython
+
+
+def ours(namespace: str) -> list[str]:
+    return sorted(e for e in os.listdir("/dev/shm") if e.startswith(f"capsule.{namespace}."))
+
+
+@pytest.fixture
+def namespace():
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    yield ns
+    gc.collect()
+    assert ours(ns) == [], "a test left shared memory behind"
+
+
+@pytest.fixture
+def manager(namespace):
+    with cs.SessionManager(8, shared=namespace, backend="cython", cleanup_interval=None) as m:
+        yield m
+
+
+def frame(seq: int, size: int = 64) -> np.ndarray:
+    return np.full(size, seq % 251, dtype=np.uint8)
+
+
+def test_a_shared_session_is_listed_attachable_and_gone_after_delete(manager, namespace):
+    cam = manager.create("cam-1")
+    assert cam.shared == namespace
+    assert cs.list_shared(namespace) == ["cam-1"]
+    assert cam.store_frame(frame(1), source="c", max_recent=2, frame_seq=1)
+    reader = cs.attach("cam-1", namespace=namespace)
+    assert [f.frame_seq for f in reader.latest_visual_frames(10)] == [1]
+    manager.delete("cam-1")
+    assert reader.closed
+    assert cs.list_shared(namespace) == []
+    with pytest.raises(SessionNotFoundError):
+        cs.attach("cam-1", namespace=namespace)
+    # The control name is gone; the data stays while a reader is attached (it may still
+    # map a queued frame by name), and the last reader to leave unlinks it.
+    assert [e for e in ours(namespace) if e.count(".") == 2] == []
+    assert ours(namespace) != []
+    del reader
+    gc.collect()
+    assert ours(namespace) == []
+
+
+def test_the_same_id_cannot_be_shared_twice(manager, namespace):
+    manager.create("cam-1")
+    with pytest.raises(SessionExistsError, match="already shared"):
+        cs.Session("cam-1", backend="cython", shared=namespace)
+
+
+def test_ids_that_are_not_plain_names_are_hashed_into_the_segment_name(manager, namespace):
+    odd = "rooms/../cam 1 é"
+    cam = manager.create(odd)
+    assert cam.store_frame(frame(7), source="c", max_recent=1, frame_seq=7)
+    (entry,) = [e for e in ours(namespace) if e.count(".") == 2]  # the control segment
+    assert "/" not in entry and ".." not in entry and entry.split(".")[2].startswith("~")
+    assert cs.list_shared(namespace) == [odd]
+    assert cs.attach(odd, namespace=namespace).latest_visual_frames(10)[0].frame_seq == 7
+
+
+def test_a_session_dropped_without_delete_unlinks_its_names(namespace):
+    s = cs.Session("lonely", backend="cython", shared=namespace)
+    s.store_frame(frame(1, 100_000), source="c", max_recent=1)
+    assert len(ours(namespace)) == 2  # control + one data segment
+    del s
+    gc.collect()
+    assert ours(namespace) == []
+
+
+def test_segments_are_owner_only(manager, namespace):
+    cam = manager.create("cam-1")
+    cam.store_frame(frame(1), source="c", max_recent=1)
+    for entry in ours(namespace):
+        assert os.stat(f"/dev/shm/{entry}").st_mode & 0o777 == 0o600
+
+
+def test_subscriptions_are_the_public_class_and_refuse_copies(manager):
+    sub = manager.create("cam-1").subscribe_visual_frames(2)
+    assert isinstance(sub, Subscription)
+    with pytest.raises(TypeError):
+        pickle.dumps(sub)
+    with pytest.raises(TypeError):
+        type(sub)()
+
+
+def test_frames_are_read_only_views_and_outlive_the_session(manager):
+    cam = manager.create("cam-1")
+    cam.store_frame(frame(3, 4096), source="c", max_recent=1, frame_seq=3)
+    (held,) = cam.latest_visual_frames(10)
+    assert not held.data.flags.writeable
+    with pytest.raises(ValueError):
+        held.data[0] = 1
+    manager.delete("cam-1")
+    gc.collect()
+    assert held.data.tobytes() == frame(3, 4096).tobytes()
+
+
+def test_past_the_lease_budget_frames_are_copied_out_and_counted(manager):
+    cam = manager.create("cam-1")
+    sub = cam.subscribe_visual_frames(shm.MAX_QUEUE)
+    held = []
+    for seq in range(shm.LEASE_BUDGET + 5):
+        cam.store_frame(frame(seq), source="c", max_recent=1, frame_seq=seq)
+        held.append(sub.get_nowait())
+    assert cam.shared_stats()["copied_out"] == 5
+    assert [f.data[0] for f in held] == [seq % 251 for seq in range(shm.LEASE_BUDGET + 5)]
+    for f in held:
+        assert not f.data.flags.writeable
+
+
+def test_shared_stats_counts_readers_subscriptions_and_buffers(manager, namespace):
+    cam = manager.create("cam-1")
+    cam.store_frame(frame(1, 10_000), source="c", max_recent=2)
+    reader = cs.attach("cam-1", namespace=namespace)
+    sub = reader.subscribe_visual_frames(1)
+    stats = cam.shared_stats()
+    assert stats["readers"] == 2 and stats["subscriptions"] == 1  # the owner reads through a handle too
+    assert stats["buffers"] == 1 and stats["buffer_bytes"] >= 10_000
+    assert reader.shared_stats()["subscriptions"] == 1
+    sub.close()
+    del sub
+    gc.collect()
+    assert cam.shared_stats()["subscriptions"] == 0
+    with pytest.raises(ValueError, match="not shared"):
+        cs.Session("x", backend="cython").shared_stats()
+
+
+def test_a_resolution_change_gets_new_buffers_and_drops_the_old(manager):
+    cam = manager.create("cam-1")
+    for size in (1 << 20, 4 << 20, 64 << 10):
+        for seq in range(6):
+            cam.store_frame(frame(seq, size), source="c", max_recent=2)
+        (last,) = cam.latest_visual_frames(10)[-1:]
+        assert last.nbytes == size
+        del last
+        stats = cam.shared_stats()
+        # ring + spare pool, sized for the current frames (the old ones were unlinked).
+        assert stats["buffer_bytes"] <= 8 * (size + (64 << 10)), stats
+
+
+def test_a_reader_blocked_in_get_wakes_when_the_session_ends(manager):
+    cam = manager.create("cam-1")
+    sub = cam.subscribe_visual_frames(2)
+    outcome = []
+
+    def read():
+        try:
+            outcome.append(sub.get(timeout=10))
+            sub.get(timeout=10)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=read)
+    t.start()
+    cam.store_frame(frame(1), source="c", max_recent=1, frame_seq=1)
+    manager.delete("cam-1")
+    t.join(5)
+    assert not t.is_alive()
+    assert outcome[0].frame_seq == 1 and isinstance(outcome[1], SubscriptionClosed)
+
+
+def test_asyncio_readers_wake_on_a_store_from_another_thread(manager):
+    cam = manager.create("cam-1")
+    sub = cam.subscribe_visual_frames(4)
+
+    async def main():
+        got = []
+        timer = threading.Timer(0.05, lambda: [cam.store_frame(frame(s), source="c", max_recent=1, frame_seq=s)
+                                               for s in range(3)])
+        timer.start()
+        async for f in sub:
+            got.append(f.frame_seq)
+            if len(got) == 3:
+                break
+        with pytest.raises(queue.Empty):
+            await sub.aget(timeout=0.05)
+        manager.delete("cam-1")
+        with pytest.raises(SubscriptionClosed):
+            await sub.aget(timeout=5)
+        return got
+
+    assert asyncio.run(main()) == [0, 1, 2]
+
+
+def test_threads_storing_and_reading_at_once_balance_the_books(manager):
+    cam = manager.create("cam-1")
+    subs = [cam.subscribe_visual_frames(2, policy=p) for p in ("drop_newest", "drop_oldest")]
+    stop = threading.Event()
+    received = {id(s): [] for s in subs}
+
+    def store(base):
+        for seq in range(base, base + 300):
+            cam.store_frame(frame(seq, 1000 + seq % 7 * 5000), source="c", max_recent=3, frame_seq=seq)
+
+    def read(sub):
+        while not stop.is_set():
+            try:
+                f = sub.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            assert (f.data == f.frame_seq % 251).all()
+            received[id(sub)].append(f.frame_seq)
+        del f
+
+    readers = [threading.Thread(target=read, args=(s,)) for s in subs]
+    writers = [threading.Thread(target=store, args=(base,)) for base in (0, 1000, 2000)]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join(30)
+    stop.set()
+    for t in readers:
+        t.join(30)
+    accepted = cam.visual_stats()["accepted"]
+    assert accepted == 900
+    for sub in subs:
+        while True:
+            try:
+                received[id(sub)].append(sub.get_nowait().frame_seq)
+            except queue.Empty:
+                break
+        assert sub.delivered == len(received[id(sub)])
+        assert sub.delivered + sub.dropped == accepted
