@@ -162,6 +162,8 @@ LEASE_BUDGET = CS_LEASE_BUDGET
 CONTROL_SIZE = CS_TOTAL_SIZE
 VERSION = CS_VERSION
 
+# Where a frame's bytes start in its data segment: after the frame header, aligned.
+cdef uint64_t DATA_OFFSET = CS_ALIGN(sizeof(cs_meta))
 cdef int64_t WAIT_SLICE_NS = <int64_t>(_limits.WAIT_SLICE_S * 1e9)
 cdef Py_ssize_t NOGIL_COPY_MIN = _limits.NOGIL_COPY_MIN_BYTES
 cdef uint64_t SHRINK_FLOOR = _limits.SHRINK_FLOOR_BYTES

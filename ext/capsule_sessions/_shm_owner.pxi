@@ -225,9 +225,12 @@ cdef class SharedRing:
             gathered = copy_bytes(data)  # strided or PIL-style: one gather, then one copy
             PyObject_GetBuffer(gathered, &view, PyBUF_C_CONTIGUOUS)
         cdef int index = -1
+        cdef bytes mime = mime_type.encode("utf-8", "surrogatepass")
+        cdef bytes src = source.encode("utf-8", "surrogatepass")
         try:
-            index = self._reserve(view.len, mime_type, source)
-            self._write(index, &view, mime_type, width, height, timestamp_ms, frame_seq, seconds, source)
+            index = self._reserve(DATA_OFFSET + view.len + len(mime) + len(src))
+            self._copy_in(index, &view)
+            self._describe(index, view.len, mime, src, width, height, timestamp_ms, frame_seq, seconds)
         except BaseException:
             if index >= 0:
                 self._unreserve(index)
@@ -252,15 +255,13 @@ cdef class SharedRing:
         last = self._last_accepted_ns
         return last is not None and min_ns > 0 and now_ns - last < min_ns
 
-    cdef int _reserve(self, Py_ssize_t nbytes, str mime_type, str source) except -1:
-        meta_len = sizeof(cs_meta) + len(mime_type.encode("utf-8", "surrogatepass")) \
-            + len(source.encode("utf-8", "surrogatepass"))
-        needed = CS_ALIGN(meta_len) + nbytes
+    cdef int _reserve(self, uint64_t needed) except -1:
+        """A buffer of ``needed`` bytes (frame header, bytes, text) for one store or loan."""
         with self._lock:
             self._claim()
             try:
                 if self._writing >= CS_MAX_WRITING:
-                    raise RuntimeError(f"more than {CS_MAX_WRITING} stores of one shared session at once")
+                    raise RuntimeError(f"more than {CS_MAX_WRITING} stores and loans of one shared session at once")
                 index = self._allocate(needed)
                 self._writing += 1
                 return index
@@ -272,25 +273,8 @@ cdef class SharedRing:
             self._writing -= 1
             self._free.append(index)
 
-    cdef _write(self, int index, Py_buffer *view, str mime_type, int64_t width, int64_t height,
-                int64_t timestamp_ms, int64_t frame_seq, double seconds, str source):
-        cdef _Segment seg = self._segments[index]
-        cdef cs_meta *meta = <cs_meta *>seg.addr
-        cdef bytes mime = mime_type.encode("utf-8", "surrogatepass")
-        cdef bytes src = source.encode("utf-8", "surrogatepass")
-        meta.magic = CS_DATA_MAGIC
-        meta.nbytes = view.len
-        meta.width = width
-        meta.height = height
-        meta.timestamp_ms = timestamp_ms
-        meta.frame_seq = frame_seq
-        meta.received_at = seconds
-        meta.mime_len = len(mime)
-        meta.source_len = len(src)
-        memcpy(seg.addr + sizeof(cs_meta), <char *>mime, len(mime))
-        memcpy(seg.addr + sizeof(cs_meta) + len(mime), <char *>src, len(src))
-        meta.data_offset = CS_ALIGN(sizeof(cs_meta) + len(mime) + len(src))
-        cdef char *dst = seg.addr + meta.data_offset
+    cdef _copy_in(self, int index, Py_buffer *view):
+        cdef char *dst = (<_Segment>self._segments[index]).addr + DATA_OFFSET
         cdef char *from_ = <char *>view.buf
         cdef Py_ssize_t n = view.len
         if n >= NOGIL_COPY_MIN:
@@ -298,6 +282,25 @@ cdef class SharedRing:
                 memcpy(dst, from_, n)
         else:
             memcpy(dst, from_, n)
+
+    cdef _describe(self, int index, uint64_t nbytes, bytes mime, bytes src, int64_t width, int64_t height,
+                   int64_t timestamp_ms, int64_t frame_seq, double seconds):
+        """Write the frame header and its text (after the bytes, so a loan's bytes sit at
+        a fixed offset before the text is known)."""
+        cdef _Segment seg = self._segments[index]
+        cdef cs_meta *meta = <cs_meta *>seg.addr
+        meta.magic = CS_DATA_MAGIC
+        meta.nbytes = nbytes
+        meta.width = width
+        meta.height = height
+        meta.timestamp_ms = timestamp_ms
+        meta.frame_seq = frame_seq
+        meta.received_at = seconds
+        meta.mime_len = len(mime)
+        meta.source_len = len(src)
+        meta.data_offset = DATA_OFFSET
+        memcpy(seg.addr + DATA_OFFSET + nbytes, <char *>mime, len(mime))
+        memcpy(seg.addr + DATA_OFFSET + nbytes + len(mime), <char *>src, len(src))
 
     cdef bint _commit(self, int index, Py_ssize_t nbytes, Py_ssize_t keep, int64_t min_ns, double seconds,
                       int64_t now_ns, str source) except -1:

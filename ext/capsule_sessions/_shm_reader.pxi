@@ -237,10 +237,11 @@ cdef class AttachedSession:
     cdef object _build(self, uint32_t index, _Segment seg):
         cdef cs_meta *meta = <cs_meta *>seg.addr
         cdef uint64_t size = seg.size
-        if (meta.magic != CS_DATA_MAGIC or meta.data_offset > size or meta.nbytes > size - meta.data_offset
-                or <uint64_t>sizeof(cs_meta) + meta.mime_len + meta.source_len > meta.data_offset):
+        if (meta.magic != CS_DATA_MAGIC or meta.data_offset != DATA_OFFSET or meta.data_offset > size
+                or meta.nbytes > size - meta.data_offset
+                or <uint64_t>meta.mime_len + meta.source_len > size - meta.data_offset - meta.nbytes):
             raise SharedMemoryError(f"data segment {seg.name!r} is corrupted: its frame header is out of bounds")
-        cdef char *strings = seg.addr + sizeof(cs_meta)
+        cdef char *strings = seg.addr + meta.data_offset + meta.nbytes
         try:
             mime_type = strings[:meta.mime_len].decode("utf-8", "surrogatepass")
             source = strings[meta.mime_len:meta.mime_len + meta.source_len].decode("utf-8", "surrogatepass")
