@@ -77,15 +77,18 @@ class FrameLoan(metaclass=abc.ABCMeta):
     def array(self) -> npt.NDArray[np.uint8]:
         """The loan's memory as a writable 1-D uint8 array: a new view on every read, that
         must be gone before ``commit()``. ValueError once the loan is finished."""
+        check_not_forked(self._fork_gen)  # before the lock, which a forked child may find held
         with self._lock:
             return np.frombuffer(self._check_open(), dtype=np.uint8)
 
     def as_array(self, shape: int | Sequence[int], dtype: npt.DTypeLike = np.uint8) -> npt.NDArray[Any]:
         """A writable view of the loan's memory as ``dtype`` with ``shape``, which must
         cover the ``nbytes`` exactly (ValueError naming ``shape`` otherwise)."""
-        array = self.array
+        self._check_open()
+        # Checked before a view exists: a refused call leaves nothing exported (not even
+        # in its traceback).
         dims, kind = v.view_layout(shape, dtype, self._nbytes)
-        return array.view(kind).reshape(dims)
+        return self.array.view(kind).reshape(dims)
 
     def commit(
         self,
@@ -131,6 +134,7 @@ class FrameLoan(metaclass=abc.ABCMeta):
         """The loan's memory, for a commit: the loan is finished from here on. ValueError
         when it is already, BufferError (and the loan stays open) while a view of it is
         alive."""
+        check_not_forked(self._fork_gen)
         with self._lock:
             memory = self._check_open()
             # Resizing checks the exports and changes nothing else: pop and append back

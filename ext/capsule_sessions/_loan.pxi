@@ -102,9 +102,10 @@ cdef class FrameLoan:
         ``dtype`` with ``shape``, which must cover the ``nbytes`` exactly (ValueError
         naming ``shape`` otherwise)."""
         shape, dtype = as_array_arguments(args, kwargs)
-        array = self.array
+        self._check_open()
+        # Checked before a view exists: a refused call leaves nothing exported.
         dims, kind = _validate.view_layout(shape, dtype, self._nbytes)
-        return array.view(kind).reshape(dims)
+        return self.array.view(kind).reshape(dims)
 
     def commit(self, *args, **kwargs):
         """commit(*, source, max_recent, min_interval=0.0, mime_type="", width=0, height=0,
