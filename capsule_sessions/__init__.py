@@ -5,7 +5,7 @@ backend when it is built, or on the pure-Python reference backend.
 """
 
 from ._backend import BACKEND, available_backends
-from ._framebuf_py import Subscription
+from ._framebuf_py import FrameLoan, Subscription
 from ._records import (
     ChatMessage,
     ConversationSnapshot,
@@ -34,6 +34,7 @@ __all__ = [
     "ChatMessage",
     "ConversationSnapshot",
     "DialogContextItem",
+    "FrameLoan",
     "MaxSessionsError",
     "PipelineMode",
     "Session",

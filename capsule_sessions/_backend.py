@@ -30,10 +30,11 @@ ENV_VAR = "CAPSULE_SESSIONS_BACKEND"
 _MODULES: dict[str, ModuleType] = {"python": _framebuf_py}
 if _framebuf_c is not None:
     _MODULES["cython"] = _framebuf_c
-    # One public Subscription class for both twins (capsule_sessions.Subscription, the
-    # pure one): isinstance() holds for a compiled handle too, without the compiled
-    # class deriving from a Python class.
+    # One public Subscription and FrameLoan class for both twins (capsule_sessions.
+    # Subscription and .FrameLoan, the pure ones): isinstance() holds for a compiled
+    # object too, without the compiled class deriving from a Python class.
     _framebuf_py.Subscription.register(_framebuf_c.Subscription)
+    _framebuf_py.FrameLoan.register(_framebuf_c.FrameLoan)
 
 
 def _missing_cython_message() -> str:

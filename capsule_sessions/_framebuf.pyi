@@ -1,18 +1,19 @@
 # Type stub of the compiled twin (ext/capsule_sessions/_framebuf.pyx). Its classes have the pure twin's
 # members with the same signatures, defaults and types (capsule_sessions._framebuf_py,
 # the reference); tests/test_typing.py holds the three to that. At run time the compiled
-# Subscription is registered as a virtual subclass of the pure one (_backend), which is
-# capsule_sessions.Subscription.
+# Subscription and FrameLoan are registered as virtual subclasses of the pure ones
+# (_backend), which are capsule_sessions.Subscription and capsule_sessions.FrameLoan.
 import datetime
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from typing_extensions import Buffer
 
 from ._records import VisualFrame
 
-__all__ = ["FrameRing", "Subscription"]
+__all__ = ["FrameLoan", "FrameRing", "Subscription"]
 
 NOGIL_COPY_MIN_BYTES: int
 SHRINK_FLOOR_BYTES: int
@@ -45,6 +46,29 @@ class Subscription:
     def __aiter__(self) -> Subscription: ...
     async def __anext__(self) -> VisualFrame: ...
 
+class FrameLoan:
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def array(self) -> npt.NDArray[np.uint8]: ...
+    def as_array(self, shape: int | Sequence[int], dtype: npt.DTypeLike = np.uint8) -> npt.NDArray[Any]: ...
+    def commit(
+        self,
+        *,
+        source: str,
+        max_recent: int,
+        min_interval: float | datetime.timedelta = 0.0,
+        mime_type: str = "",
+        width: int = 0,
+        height: int = 0,
+        timestamp_ms: int = 0,
+        frame_seq: int = 0,
+        now: float | None = None,
+    ) -> bool: ...
+    def cancel(self) -> None: ...
+    def __enter__(self) -> FrameLoan: ...
+    def __exit__(self, *exc: object) -> None: ...
+
 class FrameRing:
     def __init__(self, clock: Callable[[], float], created_at: float) -> None: ...
     @property
@@ -70,6 +94,7 @@ class FrameRing:
         self, frame: VisualFrame, max_recent: int, min_interval: float | datetime.timedelta = 0.0,
         now: float | None = None,
     ) -> bool: ...
+    def loan_frame(self, nbytes: int) -> FrameLoan: ...
     def latest_visual_frames(self, ttl: float | datetime.timedelta, now: float | None = None) -> list[VisualFrame]: ...
     def visual_stats(self) -> dict[str, int]: ...
     def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> Subscription: ...

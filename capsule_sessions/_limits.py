@@ -18,3 +18,9 @@ NOGIL_COPY_MIN_BYTES = 16384
 # The compiled twin reuses a buffer up to this size for any frame that fits in it;
 # a larger one only for a frame that fills at least a quarter of it.
 SHRINK_FLOOR_BYTES = 256 * 1024
+# Session.loan_frame lends at most this many bytes (1 TiB): beyond any frame, and far
+# from the Py_ssize_t edge, where rounding a buffer up to its alignment would overflow.
+# A loan this side of it that the machine cannot hold is a MemoryError.
+MAX_LOAN_BYTES = 2**40
+# The most dimensions FrameLoan.as_array gives a view (numpy's own limit).
+MAX_NDIM = 64

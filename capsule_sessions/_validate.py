@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ._limits import INT32_MAX, INT64_MAX, INT64_MIN, MAX_COUNT, MAX_INSTANT_SECONDS
+from ._limits import INT32_MAX, INT64_MAX, INT64_MIN, MAX_COUNT, MAX_INSTANT_SECONDS, MAX_NDIM
 
 POLICIES = ("drop_newest", "drop_oldest")
 
@@ -139,3 +139,45 @@ def frame_fields(data: Any, mime_type: Any, width: Any, height: Any, timestamp_m
         height = height or min(data.shape[0], INT32_MAX)
         width = width or min(data.shape[1], INT32_MAX)
     return mime_type, width, height, integer(timestamp_ms, "timestamp_ms"), integer(frame_seq, "frame_seq")
+
+
+def _dimension(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("shape must hold ints, got bool")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"shape must hold ints, got {type(value).__name__}") from None
+    if number < 0:
+        raise ValueError(f"shape must not have a negative dimension, got {number}")
+    return number
+
+
+def view_layout(shape: Any, dtype: Any, nbytes: int) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """The shape (a tuple of ints) and dtype of a view of exactly ``nbytes`` bytes, as
+    ``FrameLoan.as_array`` takes them: an int or a sequence of ints, and anything
+    ``numpy.dtype`` accepts, without Python objects or sub-arrays."""
+    try:
+        kind = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype must be a numpy dtype, got {dtype!r} ({exc})") from None
+    if kind.hasobject or kind.itemsize == 0 or kind.subdtype is not None:
+        raise ValueError(f"dtype must be a fixed-size type without Python objects or sub-arrays, got {kind}")
+    if isinstance(shape, bool):
+        raise TypeError("shape must be an int or a sequence of ints, got bool")
+    try:
+        dims: tuple[int, ...] = (operator.index(shape),)
+    except TypeError:
+        try:
+            items = list(shape)
+        except TypeError:
+            raise TypeError(f"shape must be an int or a sequence of ints, got {type(shape).__name__}") from None
+        dims = tuple(_dimension(item) for item in items)
+    else:
+        dims = (_dimension(dims[0]),)
+    if len(dims) > MAX_NDIM:
+        raise ValueError(f"shape must have at most {MAX_NDIM} dimensions, got {len(dims)}")
+    covered = math.prod(dims) * kind.itemsize
+    if covered != nbytes:
+        raise ValueError(f"shape {dims} of {kind} covers {covered} bytes, but the loan has {nbytes}")
+    return dims, kind

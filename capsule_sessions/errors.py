@@ -34,6 +34,12 @@ REENTERED_MESSAGE = (
     "same thread (a finalizer, signal handler or weakref callback); retry it outside that code"
 )
 NOT_BY_HAND_MESSAGE = "subscriptions are made by Session.subscribe_visual_frames()"
+LOAN_NOT_BY_HAND_MESSAGE = "frame loans are made by Session.loan_frame()"
+LOAN_FINISHED_MESSAGE = "this frame loan is finished (committed or cancelled); take a new one with loan_frame()"
+LOAN_EXPORTED_MESSAGE = (
+    "the loan's memory is still exported: delete every array and memoryview made from "
+    "loan.array or loan.as_array() before commit()"
+)
 
 
 class SharedMemoryError(SessionError):

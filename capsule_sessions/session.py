@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _backend
 from . import _validate as v
-from ._framebuf_py import FrameRing, Subscription
+from ._framebuf_py import FrameLoan, FrameRing, Subscription
 from ._policy import VisualInputConfig, check_frame
 from ._records import (
     ChatMessage,
@@ -258,6 +258,11 @@ class Session:
         """Go's StoreVisualFrame: store a copy of ``frame`` unless rate-limited."""
         return self._ring.store_visual_frame(frame, max_recent, min_interval, now)
 
+    def loan_frame(self, nbytes: int) -> FrameLoan:
+        """Writable memory for one frame of ``nbytes`` bytes, to fill in place and then
+        commit() as store_frame would store it (without a copy on the compiled backend)."""
+        return self._ring.loan_frame(nbytes)
+
     def ingest_visual_frame(self, frame: VisualFrame, config: VisualInputConfig, now: float | None = None) -> bool:
         """Validate ``frame`` against a ``VisualInputConfig``, then store it."""
         check_frame(frame, config)
@@ -302,6 +307,7 @@ _FORWARDED = (
     "stop_visual_input",
     "store_frame",
     "store_visual_frame",
+    "loan_frame",
     "latest_visual_frames",
     "subscribe_visual_frames",
     "visual_stats",

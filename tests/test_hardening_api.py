@@ -381,10 +381,15 @@ def _subscription(backend):
     return _session(backend).subscribe_visual_frames()  # a handle keeps its ring alive
 
 
+def _loan(backend):
+    return _session(backend).loan_frame(4)  # a loan keeps its ring alive
+
+
 # (the class whose signatures are the reference, how to make an instance on a backend)
 TARGETS = {
     "Session": (Session, _session),
     "Subscription": (_framebuf_py.Subscription, _subscription),
+    "FrameLoan": (_framebuf_py.FrameLoan, _loan),
     "SessionManager": (SessionManager, lambda backend: SessionManager(4, cleanup_interval=None, backend=backend)),
     "VisualInputConfig": (VisualInputConfig, lambda backend: VisualInputConfig()),
 }
@@ -470,7 +475,9 @@ def test_the_signature_cases_cover_the_examples():
                     "Session.store_frame-too-many-positional", "Subscription.get-too-many-positional",
                     "Session.subscribe_visual_frames-too-many-positional", "Session.latest_visual_frames-missing-all",
                     "SessionManager.create-missing-all", "VisualInputConfig.__init__-unknown-keyword",
-                    "Session.__init__-missing-all"):
+                    "Session.__init__-missing-all", "FrameLoan.commit-missing-all",
+                    "FrameLoan.commit-too-many-positional", "FrameLoan.as_array-unknown-keyword",
+                    "Session.loan_frame-missing-all"):
         assert example in ids
 
 

@@ -154,7 +154,7 @@ COMPILED_ONLY_MEMBERS = {
 }
 
 
-@pytest.mark.parametrize("cls", ["FrameRing", "Subscription", "_Queue", "_FanOut"])
+@pytest.mark.parametrize("cls", ["FrameRing", "FrameLoan", "Subscription", "_Queue", "_FanOut"])
 def test_the_twins_classes_have_the_same_members(cls: str) -> None:
     pure = pure_members()[cls] - PURE_ONLY_MEMBERS.get(cls, set())
     compiled = compiled_members()[cls] - COMPILED_ONLY_MEMBERS.get(cls, set())

@@ -16,6 +16,7 @@ import types
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import capsule_sessions
@@ -25,7 +26,7 @@ from support import FakeClock
 ROOT = Path(__file__).resolve().parents[1]
 STUB = ROOT / "capsule_sessions" / "_framebuf.pyi"
 USER_PROGRAM = ROOT / "tests" / "typing" / "user_program.py"
-CLASSES = ("Subscription", "FrameRing")
+CLASSES = ("Subscription", "FrameLoan", "FrameRing")
 # The protocol methods a user's code reaches through syntax (with, for, async for): they
 # must agree too, though their names start with an underscore.
 PROTOCOL = {"__init__", "__enter__", "__exit__", "__iter__", "__aiter__", "__anext__"}
@@ -66,19 +67,29 @@ def _normalized(annotation: object) -> str | None:
     return ast.unparse(ast.parse(annotation, mode="eval").body)
 
 
+def _default(node: ast.expr) -> object:
+    """A default's value: a literal, or a name of numpy's (``np.uint8``)."""
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        module, _, name = ast.unparse(node).partition(".")
+        assert module == "np", ast.unparse(node)
+        return getattr(np, name)
+
+
 def _stub_params(args: ast.arguments) -> list[tuple[str, str, object, str | None]]:
     """(name, kind, default, annotation) of each parameter, the default as its value."""
     out: list[tuple[str, str, object, str | None]] = []
     positional = args.posonlyargs + args.args
     defaults: list[object] = [inspect.Parameter.empty] * (len(positional) - len(args.defaults))
-    defaults += [ast.literal_eval(d) for d in args.defaults]
+    defaults += [_default(d) for d in args.defaults]
     for i, (arg, default) in enumerate(zip(positional, defaults, strict=True)):
         kind = "POSITIONAL_ONLY" if i < len(args.posonlyargs) else "POSITIONAL_OR_KEYWORD"
         out.append((arg.arg, kind, default, _annotation(arg.annotation)))
     if args.vararg is not None:
         out.append((args.vararg.arg, "VAR_POSITIONAL", inspect.Parameter.empty, _annotation(args.vararg.annotation)))
     for arg, kw_default in zip(args.kwonlyargs, args.kw_defaults, strict=True):
-        default = inspect.Parameter.empty if kw_default is None else ast.literal_eval(kw_default)
+        default = inspect.Parameter.empty if kw_default is None else _default(kw_default)
         out.append((arg.arg, "KEYWORD_ONLY", default, _annotation(arg.annotation)))
     if args.kwarg is not None:
         out.append((args.kwarg.arg, "VAR_KEYWORD", inspect.Parameter.empty, _annotation(args.kwarg.annotation)))

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 import numpy as np
 
 from .. import _validate as v
+from .._limits import MAX_LOAN_BYTES
 from .._records import VisualFrame
 from ..errors import REENTERED_MESSAGE
 from ._buffers import check_buffer, copy_bytes
 from ._fanout import _FanOut
 from ._fork import _MAKE, _fork, _refuse_copy, check_not_forked
+from ._loan import FrameLoan
 from ._queue import _Queue
 from ._slots import _Slot
 from ._subscription import Subscription
@@ -161,17 +163,42 @@ class FrameRing:
         # Cheap early rejection: most calls of a rate-limited camera loop end here.
         if self._count_if_rate_limited(now_ns, min_ns):
             return False
-        # The copy runs outside the lock; the decision is taken again under it below,
-        # because another producer may have stored meanwhile.
+        # The copy runs outside the lock; the decision is taken again under it (in
+        # _commit), because another producer may have stored meanwhile.
         payload = copy_bytes(data)
         frame = VisualFrame(payload, mime_type, width, height, source, timestamp_ms, frame_seq, seconds)
+        return self._accept(frame, payload.nbytes, keep, min_ns, seconds, now_ns)
+
+    def _store_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
+                    width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
+        """FrameLoan.commit: _store's checks (a loan is 1-D: no width or height is read
+        from a shape), then the loan's bytes as the frame's, copied once."""
+        source = v.text(source, "source")
+        keep = v.count(max_recent, "max_recent")
+        min_ns = v.duration_ns(min_interval, "min_interval")
+        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
+            None, mime_type, width, height, timestamp_ms, frame_seq)
+        seconds, now_ns = self._read_now(now)
+        memory = loan._take()
+        # Rate-limited: the loan is finished all the same, and nothing is copied.
+        if self._count_if_rate_limited(now_ns, min_ns):
+            return False
+        payload = copy_bytes(memory)
+        del memory
+        frame = VisualFrame(payload, mime_type, width, height, source, timestamp_ms, frame_seq, seconds)
+        return self._accept(frame, payload.nbytes, keep, min_ns, seconds, now_ns)
+
+    def _accept(self, frame: VisualFrame, nbytes: int, keep: int, min_ns: int, seconds: float,
+                now_ns: int) -> bool:
+        """Commit a copied frame and see it offered to every subscriber; False when
+        another producer's store made it rate-limited meanwhile."""
         # pending[0] is set (with no call in between) when the frame joins the fan-out
         # queue, so a KeyboardInterrupt that lands between accepting and offering is
         # still followed by the offer, in the finally, before the store returns.
         pending = [0]
         offered = False
         try:
-            seq = self._commit(frame, payload.nbytes, keep, min_ns, seconds, now_ns, pending)
+            seq = self._commit(frame, nbytes, keep, min_ns, seconds, now_ns, pending)
             if seq == 0:
                 return False
             if seq != NO_FAN_OUT:
@@ -232,6 +259,12 @@ class FrameRing:
                 return self._accepted
             finally:
                 self._busy = False
+
+    def loan_frame(self, nbytes: int) -> FrameLoan:
+        """Writable memory for one frame of ``nbytes`` bytes; its commit() stores it."""
+        size = v.integer(nbytes, "nbytes", 0, MAX_LOAN_BYTES)
+        check_not_forked(self._fork_gen)
+        return FrameLoan(_MAKE, self, size)
 
     # -- reads --------------------------------------------------------------------
     def latest_visual_frames(self, ttl: float | datetime.timedelta, now: float | None = None) -> list[VisualFrame]:

@@ -60,19 +60,23 @@ cdef inline str parse_text(object value, str name):
 
 
 
-cdef inline str parse_frame_fields(Slot *meta, object data, object mime_type, object width, object height,
-                            object timestamp_ms, object frame_seq):
+cdef inline str parse_frame_fields(Slot *meta, object mime_type, object width, object height,
+                                   object timestamp_ms, object frame_seq):
     """The described fields of a frame, into meta (the exact str of mime_type is returned
-    for the caller to keep alive); an image array describes itself when width or height
-    is 0: height, width = shape[:2]."""
+    for the caller to keep alive)."""
     mime_type = parse_text(mime_type, "mime_type")
     meta.width = parse_int(width, "width", 0, INT32_MAX)
     meta.height = parse_int(height, "height", 0, INT32_MAX)
+    meta.timestamp_ms = parse_int(timestamp_ms, "timestamp_ms", -INT64_MAX - 1, INT64_MAX)
+    meta.frame_seq = parse_int(frame_seq, "frame_seq", -INT64_MAX - 1, INT64_MAX)
+    return mime_type
+
+
+cdef inline void describe_image(Slot *meta, object data) noexcept:
+    """An image array describes itself when width or height is 0: height, width =
+    shape[:2] (after every field was checked: this raises nothing)."""
     if (meta.width == 0 or meta.height == 0) and cnp.PyArray_Check(data) and cnp.PyArray_NDIM(<cnp.ndarray>data) >= 2:
         if meta.height == 0:
             meta.height = min(cnp.PyArray_DIM(<cnp.ndarray>data, 0), INT32_MAX)
         if meta.width == 0:
             meta.width = min(cnp.PyArray_DIM(<cnp.ndarray>data, 1), INT32_MAX)
-    meta.timestamp_ms = parse_int(timestamp_ms, "timestamp_ms", -INT64_MAX - 1, INT64_MAX)
-    meta.frame_seq = parse_int(frame_seq, "frame_seq", -INT64_MAX - 1, INT64_MAX)
-    return mime_type

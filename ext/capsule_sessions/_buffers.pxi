@@ -91,6 +91,15 @@ cdef object make_view(PyObject *buffer, Py_ssize_t nbytes):
     return arr
 
 
+cdef object make_writable_view(_FrameBuffer buffer, Py_ssize_t nbytes):
+    """A writable 1-D uint8 array over a loaned buffer, based on it: while the array (or
+    any view of it) is alive, the buffer has a reference besides the loan's."""
+    cdef cnp.npy_intp dims = nbytes
+    cdef cnp.ndarray arr = cnp.PyArray_SimpleNewFromData(1, &dims, cnp.NPY_UINT8, buffer.ptr)
+    cnp.set_array_base(arr, buffer)
+    return arr
+
+
 cdef object _object_new = object.__new__
 
 

@@ -121,6 +121,19 @@ cdef class _FanOut:
     cdef int offer_to(self, FrameRing ring, list queues, Slot *meta, bint give_up, bint retry) except -1
 
 
+# _loan.pxi: a pool buffer lent for one frame, then made the frame's buffer.
+@cython.final
+@cython.no_gc_clear
+cdef class FrameLoan:
+    cdef FrameRing _ring
+    cdef _FrameBuffer _buffer   # None once the loan is finished
+    cdef Py_ssize_t _nbytes
+    cdef unsigned long _fork_gen
+
+    cdef int _check_open(self) except -1
+    cdef _FrameBuffer _take(self)
+
+
 @cython.final
 cdef class FrameRing:
     cdef pthread_mutex_t _lock
@@ -150,6 +163,10 @@ cdef class FrameRing:
     cdef bint _store(self, object data, object source, object max_recent, object min_interval,
                      object mime_type, object width, object height, object timestamp_ms,
                      object frame_seq, object now) except -1
+    cdef bint _store_loan(self, FrameLoan loan, object source, object max_recent, object min_interval,
+                          object mime_type, object width, object height, object timestamp_ms,
+                          object frame_seq, object now) except -1
+    cdef bint _accept(self, _FrameBuffer target, Slot *meta, Py_ssize_t keep, int64_t min_ns) except -1
     cdef bint _count_if_rate_limited(self, int64_t now_ns, int64_t min_ns) noexcept
     cdef _FrameBuffer _copy_frame(self, const Py_buffer *buf, object source, Py_ssize_t keep)
     cdef uint64_t _commit(self, _FrameBuffer target, Slot *meta, Py_ssize_t keep, int64_t min_ns,

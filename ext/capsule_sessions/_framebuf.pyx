@@ -53,7 +53,8 @@ This file holds the module's set-up; each job has its own include file, and
 ``_locks.pxi`` (locks and the clock), ``_args.pxi`` (argument parsing),
 ``_buffers.pxi`` (frame memory and the pool), ``_slots.pxi`` (the ring's slots),
 ``_queue.pxi`` (the subscriber queue), ``_subscription.pxi`` (its handle),
-``_fanout.pxi`` (offering accepted frames), ``_ring.pxi`` (the ring).
+``_fanout.pxi`` (offering accepted frames), ``_ring.pxi`` (the ring), ``_loan.pxi``
+(frame loans: a pool buffer written in place, then made the frame's).
 docs/architecture.md maps them onto the pure twin's modules.
 """
 
@@ -89,9 +90,12 @@ import inspect
 import os
 import queue as _queue_mod
 
+import numpy
+
 from capsule_sessions import _limits, _validate
 from capsule_sessions._records import VisualFrame
-from capsule_sessions.errors import FORKED_MESSAGE, NOT_BY_HAND_MESSAGE, SubscriptionClosed
+from capsule_sessions.errors import (FORKED_MESSAGE, LOAN_EXPORTED_MESSAGE, LOAN_FINISHED_MESSAGE,
+                                     LOAN_NOT_BY_HAND_MESSAGE, NOT_BY_HAND_MESSAGE, SubscriptionClosed)
 
 cdef extern from "Python.h":
     # Only ever called with the GIL held; declared nogil so the ring's C helpers can
@@ -105,13 +109,14 @@ cdef extern from "Python.h":
 cdef extern from "_forward.h":
     object capsule_forward_new(object reference, object name, object refit, object owner, object ring_slot)
 
-__all__ = ["FrameRing", "Subscription"]
+__all__ = ["FrameLoan", "FrameRing", "Subscription"]
 
 # The limits both twins share come from capsule_sessions._limits.
 cdef Py_ssize_t NOGIL_COPY_MIN = _limits.NOGIL_COPY_MIN_BYTES
 cdef Py_ssize_t SHRINK_FLOOR = _limits.SHRINK_FLOOR_BYTES
 cdef double MAX_INSTANT_SECONDS = _limits.MAX_INSTANT_SECONDS
 cdef Py_ssize_t MAX_COUNT = _limits.MAX_COUNT
+cdef int64_t MAX_LOAN = _limits.MAX_LOAN_BYTES
 cdef int64_t WAIT_SLICE_NS = <int64_t>(_limits.WAIT_SLICE_S * 1e9)
 cdef Py_ssize_t BUFFER_ALIGN = 64
 cdef uint64_t NO_FAN_OUT = <uint64_t>-1
@@ -148,3 +153,4 @@ include "_queue.pxi"
 include "_subscription.pxi"
 include "_fanout.pxi"
 include "_ring.pxi"
+include "_loan.pxi"

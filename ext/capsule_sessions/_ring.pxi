@@ -128,8 +128,6 @@ cdef class FrameRing:
         cdef int64_t min_ns
         cdef Py_buffer buf
         cdef _FrameBuffer target
-        cdef uint64_t seq
-        cdef bint run
 
         if not PyObject_CheckBuffer(data):
             raise TypeError("data must support the buffer protocol (bytes, bytearray, "
@@ -137,7 +135,8 @@ cdef class FrameRing:
         source = parse_text(source, "source")
         keep = parse_count(max_recent, "max_recent")
         min_ns = parse_duration_ns(min_interval, "min_interval")
-        mime_type = parse_frame_fields(&meta, data, mime_type, width, height, timestamp_ms, frame_seq)
+        mime_type = parse_frame_fields(&meta, mime_type, width, height, timestamp_ms, frame_seq)
+        describe_image(&meta, data)
         self._read_now(now, &meta.received_at, &meta.received_ns)
         meta.source = <PyObject *>source
         meta.mime = <PyObject *>mime_type
@@ -154,7 +153,31 @@ cdef class FrameRing:
             meta.nbytes = buf.len
         finally:
             PyBuffer_Release(&buf)
-        seq = self._commit(target, &meta, keep, min_ns, &run)
+        return self._accept(target, &meta, keep, min_ns)
+
+    cdef bint _store_loan(self, FrameLoan loan, object source, object max_recent, object min_interval,
+                          object mime_type, object width, object height, object timestamp_ms,
+                          object frame_seq, object now) except -1:
+        """FrameLoan.commit: _store's checks (a loan is 1-D: no width or height is read
+        from a shape), then the loan's buffer becomes the frame's, without a copy."""
+        cdef Slot meta
+        cdef Py_ssize_t keep
+        cdef int64_t min_ns
+        source = parse_text(source, "source")
+        keep = parse_count(max_recent, "max_recent")
+        min_ns = parse_duration_ns(min_interval, "min_interval")
+        mime_type = parse_frame_fields(&meta, mime_type, width, height, timestamp_ms, frame_seq)
+        self._read_now(now, &meta.received_at, &meta.received_ns)
+        meta.source = <PyObject *>source
+        meta.mime = <PyObject *>mime_type
+        meta.nbytes = loan._nbytes
+        return self._accept(loan._take(), &meta, keep, min_ns)
+
+    cdef bint _accept(self, _FrameBuffer target, Slot *meta, Py_ssize_t keep, int64_t min_ns) except -1:
+        """Commit a filled buffer and see it offered to every subscriber; False when
+        another producer's store made it rate-limited meanwhile."""
+        cdef bint run
+        cdef uint64_t seq = self._commit(target, meta, keep, min_ns, &run)
         if seq == 0:
             return False
         if run:
@@ -279,6 +302,12 @@ cdef class FrameRing:
         if run[0]:
             self._fan.claim()
         return slot.seq
+
+    def loan_frame(self, nbytes):
+        """Writable memory for one frame of ``nbytes`` bytes; its commit() stores it."""
+        cdef Py_ssize_t size = <Py_ssize_t>parse_int(nbytes, "nbytes", 0, MAX_LOAN)
+        check_not_forked(self._fork_gen)
+        return lend(self, size)
 
     # -- reads --------------------------------------------------------------------
     def latest_visual_frames(self, ttl, now=None):

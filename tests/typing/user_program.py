@@ -21,6 +21,7 @@ from capsule_sessions import (
     ChatMessage,
     ConversationSnapshot,
     DialogContextItem,
+    FrameLoan,
     MaxSessionsError,
     PipelineMode,
     Session,
@@ -117,6 +118,27 @@ def frames(session: Session, clock: Clock) -> None:
         pass
 
 
+def loans(session: Session, clock: Clock) -> None:
+    height, width = 2, 3
+    clock.now += 0.1
+    with session.loan_frame(height * width * 3) as loan:
+        assert_type(loan, FrameLoan)
+        assert isinstance(loan, FrameLoan) and loan.nbytes == 18
+        np.copyto(loan.as_array((height, width, 3)), 7)  # a view made and dropped
+        loan.array[:3] = (1, 2, 3)
+        committed = assert_type(loan.commit(source="camera", max_recent=2, width=width, height=height,
+                                            mime_type="video/x-raw-rgb", frame_seq=10), bool)
+        assert committed
+    (frame,) = [f for f in session.latest_visual_frames(10.0) if f.frame_seq == 10]
+    assert bytes(frame.data[:4]) == b"\x01\x02\x03\x07"
+    cancelled = session.loan_frame(4)
+    cancelled.cancel()
+    try:
+        cancelled.commit(source="camera", max_recent=2)
+    except ValueError as exc:
+        print(f"finished: {exc}")
+
+
 def ingest(session: Session, clock: Clock) -> None:
     config = VisualInputConfig(frame_interval=0.0, max_width=640, max_height=480, mime_types=("image/jpeg",))
     clock.now += 1.0
@@ -156,6 +178,7 @@ def manage() -> None:
                         clock=clock, backend=backend) as manager:
         session = conversation(manager, clock)
         frames(session, clock)
+        loans(session, clock)
         ingest(session, clock)
         assert asyncio.run(watch(session, clock)) == [0, 1, 2]
         try:
