@@ -31,10 +31,11 @@ except ImportError as exc:
     _shm_missing = str(exc)
 else:
     _shm_missing = ""
-    from ._framebuf_py import Subscription
+    from ._framebuf_py import FrameLoan, Subscription
 
-    # capsule_sessions.Subscription covers subscriptions to shared sessions too.
+    # capsule_sessions.Subscription and FrameLoan cover shared sessions' too.
     Subscription.register(_shm.SharedSubscription)
+    FrameLoan.register(_shm.SharedLoan)
 
 SHM_DIR = "/dev/shm"
 PREFIX = "capsule"

@@ -28,6 +28,9 @@ from capsule_sessions import FrameLoan, Session, _framebuf_py, _limits, availabl
 from capsule_sessions.errors import LOAN_EXPORTED_MESSAGE, LOAN_FINISHED_MESSAGE, LOAN_NOT_BY_HAND_MESSAGE
 from support import FakeClock, assert_handed_out, payload, run_child, seq_of
 
+# Every test here runs on a shared session too (tests/conftest.py).
+ALSO_SHARED = True
+
 FRAME_1080P = 1920 * 1080 * 3
 needs_cython = pytest.mark.skipif("cython" not in available_backends(), reason="the Cython backend is not built")
 

@@ -247,3 +247,41 @@ def test_threads_storing_and_reading_at_once_balance_the_books(manager):
                 break
         assert sub.delivered == len(received[id(sub)])
         assert sub.delivered + sub.dropped == accepted
+
+
+def test_a_loan_is_published_where_it_was_written(manager, namespace):
+    cam = manager.create("cam-1")
+    reader = cs.attach("cam-1", namespace=namespace)
+    sub = reader.subscribe_visual_frames(2)
+    with cam.loan_frame(6 * 4 * 3) as loan:
+        view = loan.as_array((6, 4, 3))
+        written_at = view.__array_interface__["data"][0]
+        np.copyto(view, np.arange(72, dtype=np.uint8).reshape(6, 4, 3)[..., ::-1])
+        del view
+        assert loan.commit(source="c", max_recent=1, width=4, height=6, mime_type="video/x-raw-rgb")
+    (own,) = cam.latest_visual_frames(10)
+    assert own.data.__array_interface__["data"][0] == written_at  # no copy
+    got = sub.get(timeout=1)
+    assert got.as_array((6, 4, 3)).tolist() == np.arange(72, dtype=np.uint8).reshape(6, 4, 3)[..., ::-1].tolist()
+    assert (got.width, got.height, got.mime_type) == (4, 6, "video/x-raw-rgb")
+
+
+def test_a_loan_cancelled_while_a_view_lives_never_reaches_a_frame(manager):
+    cam = manager.create("cam-1")
+    loan = cam.loan_frame(4096)
+    kept = loan.array
+    loan.cancel()
+    kept[:] = 7  # writes into memory no frame will ever use
+    for seq in range(20):
+        cam.store_frame(frame(seq, 4096), source="c", max_recent=4, frame_seq=seq)
+    assert all((f.data == f.frame_seq % 251).all() for f in cam.latest_visual_frames(10))
+
+
+def test_a_long_source_moves_a_loan_to_a_bigger_buffer(manager):
+    cam = manager.create("cam-1")
+    loan = cam.loan_frame(100)
+    loan.array[:] = 9
+    long_source = "s" * 5000
+    assert loan.commit(source=long_source, max_recent=1)
+    (f,) = cam.latest_visual_frames(10)
+    assert f.source == long_source and f.data.tolist() == [9] * 100

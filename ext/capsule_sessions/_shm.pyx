@@ -19,7 +19,7 @@ read only what is published. No lock is shared between processes:
 
 Files: ``_shm_segment.pxi`` (segments, names, liveness), ``_shm_owner.pxi`` (the writer,
 ``SharedRing``), ``_shm_reader.pxi`` (``AttachedSession``, leases, frames),
-``_shm_subscription.pxi`` (``SharedSubscription``).
+``_shm_subscription.pxi`` (``SharedSubscription``), ``_shm_loan.pxi`` (``SharedLoan``).
 """
 
 cimport cython
@@ -53,8 +53,9 @@ import numpy as np
 from capsule_sessions import _limits, _validate as v
 from capsule_sessions._framebuf_py._buffers import check_buffer, copy_bytes
 from capsule_sessions._records import VisualFrame
-from capsule_sessions.errors import (NOT_BY_HAND_MESSAGE, REENTERED_MESSAGE, SessionExistsError,
-                                     SharedMemoryError, SubscriptionClosed)
+from capsule_sessions.errors import (FORKED_MESSAGE, LOAN_EXPORTED_MESSAGE, LOAN_FINISHED_MESSAGE,
+                                     LOAN_NOT_BY_HAND_MESSAGE, NOT_BY_HAND_MESSAGE, REENTERED_MESSAGE,
+                                     SessionExistsError, SharedMemoryError, SubscriptionClosed)
 
 cdef extern from "_shm.h" nogil:
     enum:
@@ -152,7 +153,7 @@ cdef extern from "_shm.h" nogil:
 cdef extern from "Python.h":
     int PyObject_GenericSetAttr(object o, object name, object value) except -1
 
-__all__ = ["SharedRing", "AttachedSession", "SharedSubscription", "read_owner", "unlink"]
+__all__ = ["SharedRing", "AttachedSession", "SharedSubscription", "SharedLoan", "read_owner", "unlink"]
 
 MAX_RING = CS_MAX_RING
 MAX_READERS = CS_MAX_READERS
@@ -184,3 +185,4 @@ include "_shm_segment.pxi"
 include "_shm_owner.pxi"
 include "_shm_reader.pxi"
 include "_shm_subscription.pxi"
+include "_shm_loan.pxi"

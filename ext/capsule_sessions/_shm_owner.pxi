@@ -56,6 +56,8 @@ cdef class SharedRing:
     cdef int64_t _reaped_at
     cdef uint32_t _writing
     cdef AttachedSession _local
+    cdef list _returned             # (index, abandoned) of loans given back, drained under the lock
+    cdef uint64_t _pid
     cdef object __weakref__
 
     def __cinit__(self):
@@ -74,6 +76,8 @@ cdef class SharedRing:
         self._free = []
         self._unused = []
         self._mirrors = [None] * CS_MAX_SUBS
+        self._returned = []
+        self._pid = getpid()
         self.namespace = namespace
         self.session_id = session_id
         self.control_name = control_name
@@ -128,6 +132,8 @@ cdef class SharedRing:
 
     # -- locking and time (as FrameRing) -------------------------------------------------------
     cdef _claim(self):
+        if <uint64_t>getpid() != self._pid:
+            raise RuntimeError(FORKED_MESSAGE)
         if self._busy:
             raise RuntimeError(REENTERED_MESSAGE)
         self._busy = True
@@ -273,6 +279,64 @@ cdef class SharedRing:
             self._writing -= 1
             self._free.append(index)
 
+    cdef void _give_back(self, int index, bint abandoned) noexcept:
+        # No lock, no claim: a loan may be dropped by a finalizer in the middle of a store
+        # on this thread. The next store takes it back (_drain_returned).
+        self._returned.append((index, abandoned))
+
+    cdef _drain_returned(self):
+        while self._returned:
+            index, abandoned = self._returned.pop()
+            self._writing -= 1
+            if abandoned:  # a view of the cancelled loan lives on: that memory is its alone
+                self._destroy(index)
+            else:
+                self._free.append(index)
+
+    def loan_frame(self, nbytes):
+        """Writable memory for one frame of ``nbytes`` bytes, in shared memory; its
+        commit() publishes it without a copy."""
+        size = v.integer(nbytes, "nbytes", 0, _limits.MAX_LOAN_BYTES)
+        index = self._reserve(DATA_OFFSET + size + LOAN_TEXT_ROOM)
+        return SharedLoan._lend(self, index, size)
+
+    cdef _store_loan(self, SharedLoan loan, source, max_recent, min_interval, mime_type, width, height,
+                     timestamp_ms, frame_seq, now):
+        """SharedLoan.commit: _store's checks (a loan is 1-D: no width or height is read
+        from a shape), then the loan's bytes published as the frame's, where they are."""
+        source = v.text(source, "source")
+        keep = min(v.count(max_recent, "max_recent"), CS_MAX_RING)
+        min_ns = v.duration_ns(min_interval, "min_interval")
+        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
+            None, mime_type, width, height, timestamp_ms, frame_seq)
+        seconds, now_ns = self._read_now(now)
+        cdef bytes mime = mime_type.encode("utf-8", "surrogatepass")
+        cdef bytes src = source.encode("utf-8", "surrogatepass")
+        cdef int index = loan._take()
+        cdef uint64_t nbytes = loan._nbytes
+        cdef int moved
+        try:
+            limited = self._count_if_rate_limited(now_ns, min_ns)
+        except BaseException:
+            self._give_back(index, False)
+            raise
+        if limited:
+            self._give_back(index, False)
+            return False
+        cdef uint64_t needed = DATA_OFFSET + nbytes + len(mime) + len(src)
+        if needed > cs_buffers(self._h)[index].capacity:  # text longer than the room kept for it
+            try:
+                moved = self._reserve(needed)
+            except BaseException:
+                self._give_back(index, False)
+                raise
+            memcpy((<_Segment>self._segments[moved]).addr + DATA_OFFSET,
+                   (<_Segment>self._segments[index]).addr + DATA_OFFSET, nbytes)
+            self._give_back(index, False)
+            index = moved
+        self._describe(index, nbytes, mime, src, width, height, timestamp_ms, frame_seq, seconds)
+        return self._commit(index, nbytes, keep, min_ns, seconds, now_ns, source)
+
     cdef _copy_in(self, int index, Py_buffer *view):
         cdef char *dst = (<_Segment>self._segments[index]).addr + DATA_OFFSET
         cdef char *from_ = <char *>view.buf
@@ -309,6 +373,7 @@ cdef class SharedRing:
             self._claim()
             try:
                 self._writing -= 1
+                self._drain_returned()
                 if self._is_rate_limited(now_ns, min_ns):
                     self._rate_limited += 1
                     self._free.append(index)
@@ -372,6 +437,7 @@ cdef class SharedRing:
         cdef cs_buffer *buffers = cs_buffers(self._h)
         cdef Py_ssize_t i
         cdef uint64_t index
+        self._drain_returned()
         self._reap_readers(False)
         self._reap_subscribers()
         for attempt in range(2):

@@ -59,13 +59,13 @@ cdef class SharedSubscription:
         self._release_slot()
 
     def __reduce_ex__(self, protocol):
-        raise TypeError("cannot pickle 'Subscription' object")
+        raise TypeError("cannot pickle or copy 'Subscription' object")
 
     def __copy__(self):
-        raise TypeError("cannot pickle 'Subscription' object")
+        raise TypeError("cannot pickle or copy 'Subscription' object")
 
     def __deepcopy__(self, memo):
-        raise TypeError("cannot pickle 'Subscription' object")
+        raise TypeError("cannot pickle or copy 'Subscription' object")
 
     cdef void _release_slot(self) noexcept:
         if self._released:
