@@ -14,7 +14,7 @@ import pytest
 
 import capsule_sessions
 from capsule_sessions import Session, SessionManager, available_backends
-from support import FakeClock
+from support import FakeClock, backend_params
 
 REQUIRE_CYTHON_ENV = "CAPSULE_SESSIONS_REQUIRE_CYTHON"
 
@@ -43,14 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT))
 
 
-def _backend_params() -> list:
-    return [
-        pytest.param(name, id=name, marks=[pytest.mark.cython] if name == "cython" else [])
-        for name in available_backends()
-    ]
-
-
-@pytest.fixture(params=_backend_params())
+@pytest.fixture(params=backend_params())
 def backend(request: pytest.FixtureRequest) -> str:
     """The backend name to pass as ``backend=`` to Session/SessionManager."""
     return request.param
