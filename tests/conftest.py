@@ -8,6 +8,7 @@ a missing extension is an error, never a quiet python-only run.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 
 import pytest
@@ -41,6 +42,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     for item in items:
         if item.get_closest_marker("timeout") is None and item.get_closest_marker("soak") is None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT))
+
+
+@pytest.fixture
+def deadlock_watchdog():
+    """A hang with the GIL held would also stop pytest-timeout; faulthandler's C watchdog
+    still dumps every thread's stack and ends the run. (Opted into with
+    ``pytest.mark.usefixtures("deadlock_watchdog")``.)"""
+    faulthandler.dump_traceback_later(240.0, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(params=backend_params())

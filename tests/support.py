@@ -342,3 +342,30 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 def run_child(code: str, backend: str, timeout: float = CHILD_DEADLINE) -> tuple[int, str, str]:
     """Run ``code`` in a child interpreter on ``backend``: (exit code, stdout, stderr)."""
     return finish(start_child(code, backend, timeout))
+
+
+def run_scenario(script: str, backend: str, timeout: float = CHILD_DEADLINE) -> tuple[str, str]:
+    """Run a scenario's child script on ``backend`` and require that it ends well: exit
+    code 0 and "ok" first on stdout. Returns (stdout, stderr)."""
+    code, out, err = run_child(script, backend, timeout)
+    assert code == 0 and out.startswith("ok"), f"exit {code}\n{out}\n{err}"
+    return out, err
+
+
+# What the child scripts of the ring scenarios (tests/test_reentry.py, tests/test_faults.py)
+# start from and end with.
+
+
+def session_with_subscribers(name: str, size: int) -> tuple[Session, list]:
+    """A session on a fake clock (on the child's backend, CAPSULE_SESSIONS_BACKEND) with
+    one subscriber of each drop policy, each of ``size`` frames."""
+    session = Session(name, clock=FakeClock())
+    return session, [session.subscribe_visual_frames(size, policy=p) for p in ("drop_oldest", "drop_newest")]
+
+
+def assert_books_balance(session, subs) -> None:
+    """Every frame ``session`` accepted was delivered to, dropped by or is still queued for
+    each subscriber of ``subs`` (all made before its first store)."""
+    accepted = session.visual_stats()["accepted"]
+    for sub in subs:
+        assert sub.delivered + sub.dropped + sub.qsize() == accepted, (sub, accepted)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import gc
+import pickle
 import queue
 import threading
 
 import pytest
 
 from capsule_sessions import SubscriptionClosed
+from capsule_sessions.errors import NOT_BY_HAND_MESSAGE
 from support import assert_handed_out, assert_payload_matches, payload
 
 
@@ -77,6 +80,22 @@ def test_huge_buffer_is_harmless(session):
 def test_policy_keyword(session):
     assert session.subscribe_visual_frames(3, policy="drop_oldest").policy == "drop_oldest"
     assert session.subscribe_visual_frames(3, policy="drop_newest").policy == "drop_newest"
+
+
+def test_subscription_refuses_to_be_made_copied_or_pickled(session):
+    sub = session.subscribe_visual_frames(2)
+    cls = type(sub)
+    for make in (lambda: cls(), lambda: cls.__new__(cls), lambda: cls.__new__(cls, None, None, None)):
+        with pytest.raises(TypeError, match=NOT_BY_HAND_MESSAGE):
+            make()
+    for duplicate in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot pickle or copy"):
+            duplicate(sub)
+    assert not hasattr(sub, "__setstate_cython__")
+    gc.collect()  # a refused copy left nothing behind that could close the original
+    assert session.store_frame(b"x", source="cam", max_recent=1)
+    assert bytes(sub.get(timeout=5).data) == b"x" and not sub.closed
+    assert repr(sub).startswith("<Subscription open")
 
 
 # -- drop policies and counters ----------------------------------------------------
