@@ -1,4 +1,5 @@
-"""Enums and records: SessionState, PipelineMode, ChatMessage, DialogContextItem, VisualFrame."""
+"""Enums and records: SessionState, PipelineMode, ChatMessage, DialogContextItem, VisualFrame
+(a value: replaced, copied and pickled as one)."""
 
 from __future__ import annotations
 

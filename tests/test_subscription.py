@@ -1,4 +1,5 @@
-"""Subscriptions: bounded queues, both drop policies, counters, blocking/async reads, close."""
+"""Subscriptions: bounded queues, both drop policies, counters, blocking/async reads (with
+queue.Queue's manners), close, and no copies."""
 
 from __future__ import annotations
 
@@ -220,6 +221,55 @@ def test_get_with_timeout_wakes_on_close(session):
     sub.close()
     join(thread)
     assert isinstance(result[0][1], SubscriptionClosed)
+
+
+# queue.Queue manners: get(block, timeout), empty(), full().
+
+def test_get_block_false_is_get_nowait(session):
+    sub = session.subscribe_visual_frames(2)
+    with pytest.raises(queue.Empty):
+        sub.get(False)
+    with pytest.raises(queue.Empty):
+        sub.get(block=False, timeout=10)  # as queue.Queue: timeout is ignored
+    session.store_frame(b"a", source="cam", max_recent=2)
+    assert bytes(sub.get(False).data) == b"a"
+    session.store_frame(b"b", source="cam", max_recent=2)
+    assert bytes(sub.get(True, 5).data) == b"b"
+    sub.close()
+    with pytest.raises(SubscriptionClosed):
+        sub.get(False)
+
+
+def test_get_timeout_keyword_and_positional(session, clock):
+    sub = session.subscribe_visual_frames(4)
+    with pytest.raises(queue.Empty):
+        sub.get(timeout=0.01)
+    with pytest.raises(queue.Empty):
+        sub.get(True, 0.01)
+    for n in range(3):
+        clock.advance(0.001)
+        session.store_frame(bytes([n]), source="cam", max_recent=3)
+    assert [bytes(sub.get(timeout=1).data), bytes(sub.get(True, timeout=1).data), bytes(sub.get(block=True).data)] == [
+        b"\x00", b"\x01", b"\x02"]
+
+
+def test_get_wrong_calls_read_like_queue_get(session):
+    sub = session.subscribe_visual_frames()
+    for args, kwargs in (((True, 1, 2), {}), ((True,), {"block": False}), ((), {"blocking": True})):
+        with pytest.raises(TypeError, match=r"^Subscription\.get\(\) "):
+            sub.get(*args, **kwargs)
+
+
+def test_empty_and_full(session, clock):
+    sub = session.subscribe_visual_frames(2)
+    assert sub.empty() and not sub.full()
+    session.store_frame(b"a", source="cam", max_recent=2)
+    assert not sub.empty() and not sub.full()
+    clock.advance(0.001)
+    session.store_frame(b"b", source="cam", max_recent=2)
+    assert sub.full()
+    sub.get_nowait()
+    assert not sub.full() and not sub.empty()
 
 
 # -- close ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Visual input: the ring, rate limiting, sources, TTL, frame immutability and visual_stats."""
+"""Visual input: the ring, rate limiting, sources, TTL, buffer input of any layout (up to
+64 dimensions, suboffsets), frame immutability and visual_stats."""
 
 from __future__ import annotations
 
@@ -74,6 +75,26 @@ def test_store_keeps_every_field_and_sets_received_at(session, clock):
         "screen", "image/png", 640, 480, -(2**63), 2**63 - 1, 77.25)
     assert bytes(f.data) == b"\x01\x02"
     assert_handed_out(f)
+
+
+def test_width_and_height_come_from_an_image_array(session, clock):
+    rgb = np.zeros((360, 640, 3), np.uint8)
+    session.store_frame(rgb, source="cam", max_recent=4)
+    clock.advance(0.001)
+    session.store_frame(rgb[:, :320], source="cam", max_recent=4, width=100)  # given wins
+    clock.advance(0.001)
+    session.store_frame(np.zeros((4, 5), np.uint16), source="cam", max_recent=4)
+    clock.advance(0.001)
+    session.store_frame(np.zeros(12, np.uint8), source="cam", max_recent=4)  # 1-D: no shape to read
+    sizes = [(f.width, f.height) for f in session.latest_visual_frames(10)]
+    assert sizes == [(640, 360), (100, 360), (5, 4), (0, 0)]
+
+
+def test_negative_width_or_height_is_a_value_error(session):
+    for name in ("width", "height"):
+        with pytest.raises(ValueError, match=name):
+            session.store_frame(b"x", source="cam", max_recent=2, **{name: -3})
+    assert session.visual_stats()["accepted"] == 0
 
 
 def test_explicit_now_sets_received_at(session):
