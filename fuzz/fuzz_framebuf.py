@@ -56,7 +56,6 @@ import datetime as dt
 import gc
 import math
 import os
-import queue
 import random
 import sys
 import time
@@ -65,7 +64,12 @@ import weakref
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALLOWED = (TypeError, ValueError, OverflowError)
+REPO = os.path.dirname(HERE)
+# The twin-comparison toolkit (frame_key, compared, Twin, lie) is the test suite's own,
+# tests/support.py. It imports the package, so main() imports it once atheris has
+# instrumented the package (a module imported before that gets no coverage feedback).
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+support = None
 # What the hardening operations tried, printed at the end of a --no-atheris run.
 COUNTS: collections.Counter = collections.Counter()
 # Known bugs (tests/test_fuzz.py holds them as strict xfails): by default their symptoms
@@ -125,65 +129,6 @@ DTYPES = ["u1", "i1", "<i2", ">i2", "<u4", ">f4", "<f8", ">c8", "?", "S3", "V5",
 MIMES = ["image/jpeg", "video/x-raw-rgb", "video/x-raw-gray", "video/x-raw-bgra", "image/png", ""]
 
 
-class LyingInt(int):
-    def __index__(self):
-        return 1000
-
-    def __int__(self):
-        return -1
-
-    def __float__(self):
-        return 1e300
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = int.__hash__
-
-
-class LyingFloat(float):
-    def __float__(self):
-        return math.nan
-
-    def __index__(self):
-        return 7
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = float.__hash__
-
-
-class LyingStr(str):
-    def __str__(self):
-        return "lie"
-
-    def __eq__(self, other):
-        return True
-
-    def __ne__(self, other):
-        return False
-
-    def __hash__(self):
-        return 0
-
-    def __len__(self):
-        return 0
-
-
-def lie(v):
-    """``v`` as a subclass instance whose hooks lie: the ring must read its value."""
-    if isinstance(v, bool) or v is None:
-        return v
-    if isinstance(v, int) and not isinstance(v, np.integer):
-        return LyingInt(v)
-    if isinstance(v, float) and not isinstance(v, np.floating):
-        return LyingFloat(v)
-    if isinstance(v, str):
-        return LyingStr(v)
-    return v
-
-
 def value(r: Reader, valid):
     """A valid value (a list to pick from, or a callable) or, 1 time in 6, a hostile one;
     1 time in 8 a valid one is passed as a lying int/float/str subclass."""
@@ -192,7 +137,7 @@ def value(r: Reader, valid):
     v = valid(r) if callable(valid) else r.pick(valid)
     if r.chance(12):
         COUNTS["lying_subclass_arguments"] += 1
-        return lie(v)
+        return support.lie(v)
     return v
 
 
@@ -256,62 +201,6 @@ RECORD_EDITS = [("data", None), ("data", b"forged"), ("received_at", -1e9), ("re
                 ("frame_seq", -7), ("width", 2**40), ("mime_type", None)]
 
 
-def frame_key(frame) -> tuple:
-    if id(frame) in EDITED:
-        return EDITED[id(frame)][1]
-    data = frame.data
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1 and not data.flags.writeable):
-        raise AssertionError(f"a handed-out frame's data is not a read-only 1-D uint8 array: {data!r}")
-    return (frame.frame_seq, frame.source, frame.mime_type, frame.width, frame.height, frame.timestamp_ms,
-            frame.received_at, bytes(data))
-
-
-class Twin:
-    """One backend's session, its subscriptions and its fake clock."""
-
-    def __init__(self, backend: str) -> None:
-        from capsule_sessions import Session
-
-        self.now = [1000.0]
-        self.backend = backend
-        self.session = Session("fuzz", clock=lambda: self.now[0], backend=backend)
-        self.subs: list = []
-        self.weak: list = []  # (weak reference to a handed-out array, the bytes it had)
-        self.held: list = []  # (array a reader keeps, the bytes it had)
-
-    def check_held(self) -> None:
-        for array, want in self.held:
-            if bytes(array) != want:
-                raise AssertionError(f"{self.backend}: an array a reader holds changed its bytes")
-        for ref, want in self.weak:
-            array = ref()
-            if array is not None and bytes(array) != want:
-                raise AssertionError(f"{self.backend}: an array resurrected from a weak reference has foreign bytes")
-
-    def state(self) -> tuple:
-        s = self.session
-        return (s.visual_stats(), [frame_key(f) for f in s.latest_visual_frames(math.inf)], s.last_active_at,
-                s._ring.subscriber_count, [(x.qsize(), x.dropped, x.delivered, x.closed) for x in self.subs])
-
-
-def outcome(call):
-    from capsule_sessions import SubscriptionClosed
-
-    try:
-        result = call()
-    except ALLOWED as exc:
-        return ("rejected", type(exc).__name__)
-    except (queue.Empty, SubscriptionClosed) as exc:
-        return ("read", type(exc).__name__)
-    if isinstance(result, list):
-        return ("ok", [frame_key(f) for f in result])
-    if hasattr(result, "frame_seq") and hasattr(result, "data"):
-        return ("ok", frame_key(result))
-    if hasattr(result, "maxsize"):
-        return ("ok", (result.maxsize, result.policy))
-    return ("ok", result)
-
-
 def decode_op(r: Reader, twins):
     """One operation as (name, function(twin) -> result)."""
     from capsule_sessions import VisualFrame, VisualInputConfig
@@ -344,7 +233,7 @@ def decode_op(r: Reader, twins):
             config = VisualInputConfig(frame_interval=r.pick([0.0, 0.5, 1.0]), max_width=r.int(1, 64),
                                        max_height=r.int(1, 64), max_frame_bytes=r.int(1, 6000),
                                        max_recent_frames=r.int(-1, 5), mime_types=tuple(MIMES[: r.int(1, 5)]))
-        except ALLOWED:
+        except support.REJECTED:
             config = VisualInputConfig()
         now = value(r, [None, 1000.5])
         return "ingest_visual_frame", lambda t: t.session.ingest_visual_frame(frame, config, now)
@@ -389,7 +278,7 @@ def decode_op(r: Reader, twins):
         step = r.pick([0.0, 0.25, 0.5, 1.0, 10.0, -1.0])
 
         def advance(t):
-            t.now[0] += step
+            t.clock.advance(step)
 
         return "advance_clock", advance
     if op == 11:
@@ -451,7 +340,7 @@ def decode_hardening_op(r: Reader, op: int):
             frames = t.session.latest_visual_frames(math.inf)
             if frames and id(frames[index % len(frames)]) not in EDITED:
                 frame = frames[index % len(frames)]
-                EDITED[id(frame)] = (frame, frame_key(frame))
+                EDITED[id(frame)] = (frame, support.frame_key(frame))
                 t.held.append((frame.data, bytes(frame.data)))
                 object.__setattr__(frame, field, new)
                 COUNTS["records_edited"] += 1
@@ -509,7 +398,7 @@ def run_storm(backend: str, plan: dict):
     the books balance (exactly for what the top level did, within bounds for callbacks);
     a store afterwards is offered once to every open subscriber. Returns None, so the
     twins compare equal whatever completed."""
-    from capsule_sessions import Session, SubscriptionClosed
+    from capsule_sessions import Session
     from capsule_sessions.errors import REENTERED_MESSAGE
 
     session = Session("storm", clock=lambda: 1000.0, backend=backend)
@@ -548,7 +437,7 @@ def run_storm(backend: str, plan: dict):
         if recs:
             try:
                 recs[n % len(recs)][0].get_nowait()
-            except (queue.Empty, SubscriptionClosed):
+            except support.READ_ENDS:
                 pass
 
     def call(kind, n):
@@ -658,14 +547,14 @@ def run_storm(backend: str, plan: dict):
 def run_program(data: bytes) -> None:
     EDITED.clear()
     r = Reader(data)
-    twins = [Twin("cython"), Twin("python")]
+    twins = [support.Twin("cython"), support.Twin("python")]
     steps = 0
     while r.more() and steps < 64:
         steps += 1
         name, call = decode_op(r, twins)
-        before = [t.state() for t in twins]
-        results = [outcome(lambda: call(t)) for t in twins]
-        after = [t.state() for t in twins]
+        before = [t.state(EDITED) for t in twins]
+        results = [support.compared(lambda: call(t), reads=support.READ_ENDS, edited=EDITED) for t in twins]
+        after = [t.state(EDITED) for t in twins]
         if results[0] != results[1]:
             raise AssertionError(f"step {steps} {name}: cython {results[0]} != python {results[1]}")
         if results[0][0] == "rejected" and name not in ("drop",):
@@ -690,12 +579,12 @@ def main() -> None:
                         help="fail on the known bugs' symptoms too (tests/test_fuzz.py's strict xfails)")
     parser.add_argument("--counts", action="store_true", help="print what the hardening operations tried")
     args, rest = parser.parse_known_args()
-    global STRICT_KNOWN
+    global STRICT_KNOWN, support
     STRICT_KNOWN = args.strict_known
 
-    sys.path.insert(0, os.path.dirname(HERE))
     if args.no_atheris:
         import capsule_sessions
+        import support
 
         if "cython" not in capsule_sessions.available_backends():
             sys.exit("fuzz_framebuf: the Cython backend is not built (make build)")
@@ -732,6 +621,7 @@ def main() -> None:
         import capsule_sessions._framebuf_py  # noqa: F401
         import capsule_sessions._validate  # noqa: F401
         import capsule_sessions.ingest  # noqa: F401
+    import support
     if "cython" not in capsule_sessions.available_backends():
         sys.exit("fuzz_framebuf: the Cython backend is not built (make build)")
     atheris.Setup([sys.argv[0]] + rest, run_program)

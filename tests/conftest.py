@@ -8,6 +8,7 @@ a missing extension is an error, never a quiet python-only run.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import uuid
 
@@ -15,7 +16,7 @@ import pytest
 
 import capsule_sessions
 from capsule_sessions import Session, SessionManager, available_backends
-from support import FakeClock
+from support import FakeClock, backend_params
 
 REQUIRE_CYTHON_ENV = "CAPSULE_SESSIONS_REQUIRE_CYTHON"
 
@@ -55,14 +56,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT))
 
 
-def _backend_params() -> list:
-    return [
-        pytest.param(name, id=name, marks=[pytest.mark.cython] if name == "cython" else [])
-        for name in available_backends()
-    ]
+@pytest.fixture
+def deadlock_watchdog():
+    """A hang with the GIL held would also stop pytest-timeout; faulthandler's C watchdog
+    still dumps every thread's stack and ends the run. (Opted into with
+    ``pytest.mark.usefixtures("deadlock_watchdog")``.)"""
+    faulthandler.dump_traceback_later(240.0, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
-@pytest.fixture(params=_backend_params())
+@pytest.fixture(params=backend_params())
 def backend(request: pytest.FixtureRequest) -> str:
     """The backend name to pass as ``backend=`` to Session/SessionManager."""
     return request.param

@@ -1,4 +1,5 @@
-"""Interpreter faults: Ctrl-C in a blocked read, fork with a ring lock held, garbage
+"""Interpreter faults: Ctrl-C in a blocked read, during stores and in a subscriber's
+wake-up, interpreter exit during a GIL-free copy, fork with a ring lock held, garbage
 collection of sessions that still have subscribers, a manager stopped under load, and
 subscriptions dropped without close().
 
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from capsule_sessions import Session, SessionManager
-from support import FakeClock, finish, payload, start_child
+from support import FakeClock, finish, payload, run_child, run_scenario, start_child
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -104,6 +105,169 @@ def test_ctrl_c_interrupts_a_blocked_read(backend, mode):
     # The Cython wait checks for signals every 100 ms; 5 s only rules out "never".
     assert waited < 5.0, f"KeyboardInterrupt took {waited:.2f} s"
     assert out.strip() == "still works" and code_ == 0, err
+
+
+# -- Ctrl-C during a store, and in a subscriber's wake-up ------------------------------
+
+_INTERRUPTS = """
+import asyncio, signal, threading, time
+from support import assert_books_balance, payload, session_with_subscribers
+
+s, sync_subs = session_with_subscribers("ctrl-c", 3)
+loop = asyncio.new_event_loop()
+async_sub = s.subscribe_visual_frames(3)
+received = []
+
+async def consume():
+    async for frame in async_sub:
+        received.append(frame.frame_seq)
+
+loop_thread = threading.Thread(target=lambda: loop.run_until_complete(consume()))
+loop_thread.start()
+armed = hit = False
+caught = lost = 0
+
+def interrupt(signum, frame):
+    global hit
+    if armed:
+        hit = True
+        raise KeyboardInterrupt
+
+signal.signal(signal.SIGALRM, interrupt)
+signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
+deadline = time.monotonic() + 4
+n = 0
+while time.monotonic() < deadline:
+    hit = False
+    try:
+        armed = True
+        s.store_frame(payload(n), source="cam", max_recent=2, frame_seq=n)
+        armed = False
+        lost += hit  # an interrupt was raised inside the store, and the store returned
+    except KeyboardInterrupt:
+        armed = False
+        caught += 1
+    for sub in sync_subs:
+        while sub.qsize() > 1:
+            sub.get_nowait()
+    n += 1
+signal.setitimer(signal.ITIMER_REAL, 0)
+assert_books_balance(s, sync_subs + [async_sub])
+async_sub.close()
+loop_thread.join(10)
+assert not loop_thread.is_alive(), "the asyncio reader never finished"
+assert received == sorted(received)
+assert lost == 0 and caught > 0, (lost, caught)
+print("ok", n, s.visual_stats()["accepted"], caught)
+"""
+
+
+def test_keyboard_interrupt_during_stores_reaches_the_caller_and_books_balance(backend):
+    _, err = run_scenario(_INTERRUPTS, backend, timeout=120)
+    assert "Exception ignored" not in err, err
+
+
+class _InterruptingLoop(asyncio.SelectorEventLoop):
+    """An event loop whose wake-up from another thread raises KeyboardInterrupt, as a
+    signal handler firing inside call_soon_threadsafe would."""
+
+    interrupt = False
+
+    def call_soon_threadsafe(self, callback, *args, **kwargs):
+        if self.interrupt:
+            self.interrupt = False
+            raise KeyboardInterrupt
+        return super().call_soon_threadsafe(callback, *args, **kwargs)
+
+
+def test_an_interrupt_in_a_wake_up_still_offers_the_frame_to_every_subscriber(session, clock):
+    first = session.subscribe_visual_frames(2)
+    parked = session.subscribe_visual_frames(2)
+    last = session.subscribe_visual_frames(2, policy="drop_oldest")
+    loop = _InterruptingLoop()
+    got = []
+    ready = threading.Event()
+
+    async def read_two():
+        ready.set()
+        got.append(await parked.aget(timeout=30))
+        got.append(await parked.aget(timeout=30))
+
+    reader = threading.Thread(target=loop.run_until_complete, args=(read_two(),))
+    reader.start()
+    try:
+        ready.wait(5)
+        time.sleep(0.05)  # aget() is parked on the loop
+        loop.interrupt = True
+        with pytest.raises(KeyboardInterrupt):
+            session.store_frame(b"one", source="cam", max_recent=2)
+        for sub in (first, last):
+            assert bytes(sub.get_nowait().data) == b"one"
+        # The waiter the interrupt kept asleep is woken by the next frame.
+        clock.advance(0.001)
+        assert session.store_frame(b"two", source="cam", max_recent=2)
+        reader.join(10)
+        assert not reader.is_alive()
+        assert [bytes(f.data) for f in got] == [b"one", b"two"]
+        assert parked.delivered == 2 and parked.dropped == 0
+    finally:
+        parked.close()
+        reader.join(10)
+        loop.close()
+
+
+def test_a_session_is_usable_after_many_interrupted_stores(session, clock):
+    sub = session.subscribe_visual_frames(64)
+    for n in range(20):
+        clock.advance(0.001)
+        session.store_frame(payload(n), source="cam", max_recent=4, frame_seq=n)
+    assert [f.frame_seq for f in session.latest_visual_frames(10)] == [16, 17, 18, 19]
+    assert [sub.get_nowait().frame_seq for _ in range(20)] == list(range(20))
+
+
+
+# -- interpreter shutdown while a daemon thread copies without the GIL -----------------
+
+_SHUTDOWN = """
+import sys, threading
+import numpy as np
+from capsule_sessions import Session
+
+s = Session("exit")
+sub = s.subscribe_visual_frames(2)
+big = np.zeros(64 << 20, np.uint8)
+started = threading.Event()
+
+def produce():
+    while True:
+        s.store_frame(big, source="cam", max_recent=2)
+        started.set()
+
+def consume():
+    for frame in sub:
+        pass
+
+class AtTeardown:
+    # Finalized while the interpreter tears its modules down, with the producer
+    # stopped wherever it was (inside the GIL-free copy, most likely).
+    def __del__(self):
+        s.visual_stats()
+        s.latest_visual_frames(10)
+        sub.close()
+
+threading.Thread(target=produce, daemon=True).start()
+threading.Thread(target=consume, daemon=True).start()
+started.wait()
+keeper = AtTeardown()
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_interpreter_exit_during_a_gil_free_copy_does_not_hang(backend, attempt):
+    code, out, err = run_child(_SHUTDOWN, backend, timeout=60)
+    assert code == 0 and out.strip() == "exiting", f"exit {code}\n{out}\n{err}"
+    assert "Fatal Python error" not in err, err
 
 
 # -- fork while other threads hold the ring lock --------------------------------------

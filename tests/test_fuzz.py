@@ -55,11 +55,10 @@ from capsule_sessions import (
 )
 from capsule_sessions._limits import NOGIL_COPY_MIN_BYTES
 from capsule_sessions.errors import REENTERED_MESSAGE
-from support import FakeClock, payload
+from support import FakeClock, Twin, drain, frame_key, lie, normalise, outcome, payload, state, sub_books
 
 pytestmark = pytest.mark.timeout(300)
 
-ALLOWED = (TypeError, ValueError, OverflowError)
 SCALE = float(os.environ.get("CAPSULE_SESSIONS_FUZZ_EXAMPLES", "1"))
 STATS: collections.Counter = collections.Counter()
 
@@ -178,24 +177,6 @@ def expected_bytes(data) -> bytes:
 # -- the twin harness -----------------------------------------------------------------
 
 
-def frame_key(frame) -> tuple:
-    data = frame.data
-    assert isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1
-    assert not data.flags.writeable
-    return (frame.frame_seq, frame.source, frame.mime_type, frame.width, frame.height,
-            frame.timestamp_ms, frame.received_at, bytes(data))
-
-
-def state(session, subs) -> tuple:
-    return (
-        session.visual_stats(),
-        [frame_key(f) for f in session.latest_visual_frames(math.inf)],
-        session.last_active_at,
-        session._ring.subscriber_count,
-        [(s.qsize(), s.dropped, s.delivered, s.closed) for s in subs],
-    )
-
-
 @st.composite
 def preludes(draw):
     """What the session went through before the fuzzed call: frames stored so far (with
@@ -214,29 +195,13 @@ def preludes(draw):
 
 
 def build(backend, prelude, sub_specs=((4, "drop_newest"), (2, "drop_oldest"))):
-    clock = FakeClock(1000.0)
-    session = Session("fuzz", clock=clock, backend=backend)
-    subs = [session.subscribe_visual_frames(n, policy=p) for n, p in sub_specs]
+    twin = Twin(backend)
+    twin.subs = [twin.session.subscribe_visual_frames(n, policy=p) for n, p in sub_specs]
     for seq, (source, advance, min_interval, keep, size) in enumerate(prelude):
-        clock.advance(advance)
-        session.store_frame(bytes([seq]) * size, source=source, max_recent=keep, min_interval=min_interval,
-                            frame_seq=seq, width=size, height=1)
-    return clock, session, subs
-
-
-def outcome(call):
-    try:
-        return ("ok", call())
-    except ALLOWED as exc:
-        return ("rejected", type(exc), str(exc))
-
-
-def normalise(result):
-    if isinstance(result, list):
-        return [frame_key(f) for f in result]
-    if isinstance(result, VisualFrame):
-        return frame_key(result)
-    return result
+        twin.clock.advance(advance)
+        twin.session.store_frame(bytes([seq]) * size, source=source, max_recent=keep, min_interval=min_interval,
+                                 frame_seq=seq, width=size, height=1)
+    return twin.clock, twin.session, twin.subs
 
 
 def run_twins(twins, entry, prelude, call, hostile_names, data=None, prepare=None):
@@ -269,7 +234,7 @@ def run_twins(twins, entry, prelude, call, hostile_names, data=None, prepare=Non
             STATS[f"{entry}.ok"] += 1
             results.append(("ok", normalise(got[1]), after))
         # Whatever reached the subscribers is part of the outcome too.
-        delivered = [[frame_key(f) for f in _drain(s)] for s in subs]
+        delivered = [[frame_key(f) for f in drain(s)] for s in subs]
         results[-1] += (delivered,)
     STATS[f"{entry}.examples"] += 1
     STATS[f"{entry}.hostile_arguments"] += len(hostile_names)
@@ -277,15 +242,6 @@ def run_twins(twins, entry, prelude, call, hostile_names, data=None, prepare=Non
     for backend, other in zip(twins[1:], results[1:], strict=True):
         assert other == first, f"{twins[0]} and {backend} disagree on {entry}:\n{first}\n{other}"
     return first
-
-
-def _drain(sub):
-    out = []
-    while True:
-        try:
-            out.append(sub.get_nowait())
-        except (queue.Empty, SubscriptionClosed):
-            return out
 
 
 # -- store_frame ----------------------------------------------------------------------
@@ -506,7 +462,7 @@ def test_subscribe_visual_frames(twins, prelude, buffer, policy, positional, the
         sub = session.subscribe_visual_frames(buffer, policy=policy)
         for seq in range(then_store):
             session.store_frame(bytes([seq]) * 9, source="cam", max_recent=2, frame_seq=100 + seq)
-        got = [f.frame_seq for f in _drain(sub)]
+        got = [f.frame_seq for f in drain(sub)]
         assert sub.dropped + len(got) == then_store
         result = (sub.maxsize, sub.policy, got, sub.dropped, sub.delivered)
         sub.close()
@@ -963,11 +919,11 @@ def run_held_program(backend: str, program) -> list:
         log.append((step, kind, result, session.visual_stats(),
                     [mine.key(f) for f in session.latest_visual_frames(math.inf)],
                     [mine.key(f) for f in session.latest_visual_frames(0.6)],  # by the ring's own instants
-                    [(s.qsize(), s.dropped, s.delivered, s.closed) for s in subs]))
+                    [sub_books(s) for s in subs]))
         STATS[f"hardening.held.{kind}"] += 1
     # The end: every subscriber's books balance, and what is queued is intact.
     stats = session.visual_stats()
-    log.append(("drained", [[mine.key(f) for f in _drain(s)] for s in subs], stats))
+    log.append(("drained", [[mine.key(f) for f in drain(s)] for s in subs], stats))
     gc.collect()
     mine.check()
     return log
@@ -1049,88 +1005,7 @@ def test_buffers_of_any_dimension_and_with_suboffsets(twins, case, prelude, min_
         assert got[0] == ("ok" if got[1] is False else "rejected"), got[:2]
 
 
-# -- number and text subclasses whose hooks lie -----------------------------------------
-
-
-class LyingInt(int):
-    """An int whose every conversion hook says something else than its value."""
-
-    def __index__(self):
-        return 1000
-
-    def __int__(self):
-        return -1
-
-    def __float__(self):
-        return 1e300
-
-    def __str__(self):
-        return "lie"
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = int.__hash__
-
-
-class LyingFloat(float):
-    def __float__(self):
-        return math.nan
-
-    def __int__(self):
-        return 7
-
-    def __index__(self):
-        return 7
-
-    def __round__(self, n=None):
-        return 0
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = float.__hash__
-
-
-class LyingStr(str):
-    def __str__(self):
-        return "lie"
-
-    def __eq__(self, other):
-        return True
-
-    def __ne__(self, other):
-        return False
-
-    def __hash__(self):
-        return 0
-
-    def __len__(self):
-        return 0
-
-    def encode(self, *args, **kwargs):
-        return b"lie"
-
-
-class LyingTimedelta(dt.timedelta):
-    def total_seconds(self):
-        return -1.0
-
-
-def lie(value):
-    """``value`` as a lying subclass instance (the ring must read its value/contents)."""
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int):
-        return LyingInt(value)
-    if isinstance(value, float):
-        return LyingFloat(value)
-    if isinstance(value, str):
-        return LyingStr(value)
-    if isinstance(value, dt.timedelta):
-        return LyingTimedelta(seconds=value.total_seconds())
-    return value
-
+# -- number and text subclasses whose hooks lie (support.lie) ----------------------------
 
 plain_store_kwargs = st.fixed_dictionaries({
     "source": st.sampled_from(["cam", "other", ""]),
@@ -1170,7 +1045,7 @@ def test_number_and_text_subclasses_are_read_by_value(twins, prelude, kwargs, li
                 session.stop_visual_input(source, now)
             elif then == "touch":
                 session.touch(now)
-            out.append((sub.maxsize, sub.policy, type(sub.policy), [frame_key(f) for f in _drain(sub)]))
+            out.append((sub.maxsize, sub.policy, type(sub.policy), [frame_key(f) for f in drain(sub)]))
             out.append([(type(f.source), type(f.mime_type), type(f.width), type(f.frame_seq), type(f.received_at))
                         for f in session.latest_visual_frames(math.inf)])
             sub.close()
@@ -1345,7 +1220,7 @@ class CallbackHarness:
         assert [r.booked() - b for r, b in zip(open_, before, strict=True)] == [1] * len(open_), (
             f"{self.backend}: the store after the callbacks was not offered exactly once to every subscriber")
         for rec in self.records:
-            for frame in _drain(rec.sub):
+            for frame in drain(rec.sub):
                 assert_payload_of(frame)
         stats = self.session.visual_stats()
         held = self.session.latest_visual_frames(math.inf)
@@ -1506,7 +1381,7 @@ def test_keyboard_interrupt_at_a_drawn_point_of_a_store(backend, program, sub_sp
                     f"after store {seq} ({got[0]} at call {at} of {seen}): subscriber {i} booked "
                     f"{sub.delivered} + {sub.dropped} + {sub.qsize()} of {accepted} accepted frames")
             if seq % 3 == 2 and subs:
-                _drain(subs[seq % len(subs)])
+                drain(subs[seq % len(subs)])
         assert _store_from_another_thread(session), "a store from another thread hangs"
         assert session.store_frame(b"after", source="cam", max_recent=2, frame_seq=10**6) is True
         accepted = session.visual_stats()["accepted"]

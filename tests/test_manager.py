@@ -1,8 +1,12 @@
-"""SessionManager: registry, limits, callbacks outside the lock, eviction, the cleanup thread."""
+"""SessionManager: registry, limits, callbacks outside the lock (and interrupted by a
+BaseException), eviction and its idle_timeout, the cleanup thread, a shutdown that ends
+sessions."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import math
 import threading
 
 import pytest
@@ -11,12 +15,14 @@ from capsule_sessions import (
     MaxSessionsError,
     PipelineMode,
     Session,
+    SessionError,
     SessionExistsError,
     SessionManager,
     SessionNotFoundError,
     SessionState,
     SubscriptionClosed,
 )
+from capsule_sessions._validate import MAX_INSTANT_SECONDS
 
 
 def test_create_get_list_count(make_manager, backend):
@@ -203,6 +209,135 @@ def test_callback_error_still_closes_and_is_raised(make_manager):
     assert s.state is SessionState.CLOSED and sub.closed and "a" not in m
 
 
+# -- a BaseException from on_session_end ---------------------------------------------
+
+INTERRUPTS = [KeyboardInterrupt, SystemExit, asyncio.CancelledError]
+
+
+def _blocked_reader(session):
+    """A thread iterating a new subscription of ``session`` that has read one frame, so
+    it waits in get() for the next; returns (thread, subscription, frame_seqs it read)."""
+    sub = session.subscribe_visual_frames(4)
+    seen = []
+    got_one = threading.Event()
+
+    def read():
+        for frame in sub:
+            seen.append(frame.frame_seq)
+            got_one.set()
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    session.store_frame(b"frame", source="cam", max_recent=1, frame_seq=1)
+    assert got_one.wait(10)
+    return thread, sub, seen
+
+
+def _assert_ended(sessions, subs, readers):
+    for s in sessions:
+        assert s.state is SessionState.CLOSED, f"{s.id} was removed but not ended"
+    for sub in subs:
+        assert sub.closed
+    for thread in readers:
+        thread.join(10)
+        assert not thread.is_alive(), "a reader blocked on an interrupted session never woke"
+
+
+@pytest.mark.parametrize("interrupt", INTERRUPTS, ids=lambda e: e.__name__)
+def test_interrupted_eviction_still_ends_every_session(make_manager, clock, interrupt):
+    attempted = []
+
+    def on_end(session):
+        attempted.append(session.id)
+        if session.id == "a":
+            raise interrupt("stop")
+
+    clock.set(0.0)
+    m = make_manager(idle_timeout=1.0, on_session_end=on_end)
+    sessions = [m.create(name) for name in ("a", "b", "c")]
+    readers = [_blocked_reader(s) for s in sessions]
+    clock.set(5.0)
+    with pytest.raises(interrupt):
+        m.evict_idle()
+    assert attempted == ["a", "b", "c"]  # the callback was attempted for every session
+    assert m.count() == 0
+    _assert_ended(sessions, [r[1] for r in readers], [r[0] for r in readers])
+    assert [r[2] for r in readers] == [[1], [1], [1]]
+
+
+@pytest.mark.parametrize("interrupt", INTERRUPTS, ids=lambda e: e.__name__)
+def test_interrupted_delete_still_ends_the_session(make_manager, interrupt):
+    def on_end(session):
+        raise interrupt("stop")
+
+    m = make_manager(on_session_end=on_end)
+    s = m.create("a")
+    thread, sub, _ = _blocked_reader(s)
+    with pytest.raises(interrupt):
+        m.delete("a")
+    assert "a" not in m
+    _assert_ended([s], [sub], [thread])
+
+
+def test_a_base_exception_wins_over_an_earlier_error(make_manager, clock):
+    def on_end(session):
+        if session.id == "a":
+            raise RuntimeError("ordinary failure")
+        if session.id == "b":
+            raise KeyboardInterrupt
+
+    clock.set(0.0)
+    m = make_manager(idle_timeout=1.0, on_session_end=on_end)
+    sessions = [m.create(name) for name in ("a", "b", "c")]
+    subs = [s.subscribe_visual_frames() for s in sessions]
+    clock.set(5.0)
+    with pytest.raises(KeyboardInterrupt):
+        m.evict_idle()
+    _assert_ended(sessions, subs, [])
+
+
+def test_the_first_of_several_errors_is_raised(make_manager, clock):
+    def on_end(session):
+        raise RuntimeError(f"failed on {session.id}")
+
+    clock.set(0.0)
+    m = make_manager(idle_timeout=1.0, on_session_end=on_end)
+    sessions = [m.create(name) for name in ("a", "b")]
+    clock.set(5.0)
+    with pytest.raises(RuntimeError, match="failed on a"):
+        m.evict_idle()
+    _assert_ended(sessions, [], [])
+
+
+def test_interrupted_background_eviction_still_ends_every_session(backend, clock, monkeypatch):
+    died = []
+    thread_died = threading.Event()
+
+    def hook(args):
+        died.append(args.exc_type)
+        thread_died.set()
+
+    monkeypatch.setattr(threading, "excepthook", hook)
+
+    def on_end(session):
+        if session.id == "a":
+            raise KeyboardInterrupt
+
+    clock.set(0.0)
+    m = SessionManager(8, 1.0, cleanup_interval=0.005, on_session_end=on_end, clock=clock, backend=backend)
+    try:
+        sessions = [m.create(name) for name in ("a", "b", "c")]
+        readers = [_blocked_reader(s) for s in sessions]
+        clock.set(5.0)
+        assert thread_died.wait(10), "the callback's KeyboardInterrupt did not reach the cleanup thread"
+        # The interrupt ends the cleanup thread (as in any thread), but only after the
+        # whole round was ended.
+        assert died == [KeyboardInterrupt]
+        _assert_ended(sessions, [r[1] for r in readers], [r[0] for r in readers])
+    finally:
+        m.stop()
+
+
 # -- idle eviction ---------------------------------------------------------------------
 
 
@@ -290,6 +425,45 @@ def test_evict_callback_may_call_the_manager(make_manager, clock):
     assert seen == [0] and [x.id for x in m.list()] == ["a-next"]
 
 
+# idle_timeout: huge means never, NaN is an error, <= 0 evicts at once.
+
+@pytest.mark.parametrize("forever", [10**400, math.inf, 1e300, dt.timedelta.max],
+                         ids=["huge-int", "inf", "1e300", "timedelta.max"])
+def test_a_huge_idle_timeout_never_evicts(make_manager, clock, forever):
+    clock.set(-MAX_INSTANT_SECONDS * 0.999)
+    m = make_manager(idle_timeout=forever)
+    s = m.create("a")
+    # The two instants furthest apart there are: still not idle.
+    assert m.evict_idle(now=MAX_INSTANT_SECONDS * 0.999) == []
+    assert m.list() == [s] and s.state is SessionState.INIT
+
+
+@pytest.mark.parametrize("bad", [math.nan, -math.nan], ids=["nan", "-nan"])
+def test_a_nan_idle_timeout_is_a_value_error(backend, bad):
+    with pytest.raises(ValueError, match="idle_timeout"):
+        SessionManager(1, bad, cleanup_interval=None, backend=backend)
+
+
+@pytest.mark.parametrize("timeout", [-1.0, -(10**400), -math.inf, dt.timedelta(seconds=-5)],
+                         ids=["-1", "-huge-int", "-inf", "timedelta"])
+def test_a_negative_idle_timeout_evicts_every_session(make_manager, clock, timeout):
+    # As in Go (idle when now - last_active > idle_timeout): below zero even a session
+    # touched at this very instant is idle.
+    clock.set(10.0)
+    m = make_manager(idle_timeout=timeout)
+    s = m.create("a")
+    assert m.evict_idle() == [s]
+
+
+def test_a_zero_idle_timeout_evicts_any_session_idle_at_all(make_manager, clock):
+    clock.set(10.0)
+    m = make_manager(idle_timeout=0)
+    s = m.create("a")
+    assert m.evict_idle() == []  # idle for exactly 0 s: not longer than 0
+    clock.advance(0.001)
+    assert m.evict_idle() == [s]
+
+
 def test_background_thread_evicts(make_manager, clock):
     clock.set(0.0)
     evicted = threading.Event()
@@ -370,3 +544,54 @@ def test_defaults(backend):
 
 def test_repr(make_manager):
     assert "SessionManager" in repr(make_manager())
+
+
+# -- a shutdown that ends sessions --------------------------------------------------
+
+def test_close_ends_every_session_once_and_wakes_readers(make_manager):
+    ended = []
+    manager = make_manager(on_session_end=ended.append)
+    sessions = [manager.create(f"s{i}") for i in range(3)]
+    sub = sessions[0].subscribe_visual_frames()
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(sub))
+    reader.start()
+    manager.close()
+    reader.join(10)
+    assert not reader.is_alive(), "a reader blocked in `for f in sub` was not woken"
+    assert ended == sessions and all(s.state is SessionState.CLOSED for s in sessions)
+    assert manager.count() == 0
+    manager.close()  # idempotent: nobody ended twice
+    assert ended == sessions
+    with pytest.raises(SessionError, match="closed"):
+        manager.create("late")
+
+
+def test_leaving_the_with_block_closes_and_stops_the_thread(backend, clock):
+    ended = []
+    with SessionManager(4, cleanup_interval=0.01, on_session_end=ended.append, clock=clock, backend=backend) as manager:
+        session = manager.create("cam")
+        sub = session.subscribe_visual_frames()
+        thread = manager._thread
+    assert ended == [session] and sub.closed and not thread.is_alive()
+
+
+def test_stop_keeps_sessions_alive(make_manager):
+    manager = make_manager(cleanup_interval=0.01)
+    session = manager.create("cam")
+    manager.stop()
+    assert "cam" in manager and session.state is SessionState.INIT
+    manager.close()
+    assert session.state is SessionState.CLOSED
+
+
+def test_close_ends_the_rest_when_a_callback_raises(make_manager):
+    def end(session):
+        if session.id == "s0":
+            raise KeyboardInterrupt
+
+    manager = make_manager(on_session_end=end)
+    sessions = [manager.create(f"s{i}") for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        manager.close()
+    assert all(s.state is SessionState.CLOSED for s in sessions)

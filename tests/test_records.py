@@ -1,8 +1,11 @@
-"""Enums and records: SessionState, PipelineMode, ChatMessage, DialogContextItem, VisualFrame."""
+"""Enums and records: SessionState, PipelineMode, ChatMessage, DialogContextItem, VisualFrame
+(a value: replaced, copied and pickled as one)."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import pickle
 import time
 
 import numpy as np
@@ -144,6 +147,22 @@ def test_frames_from_every_backend_are_visual_frames(make_session):
     got = s.latest_visual_frames(10.0)[0].as_array((2, 2, 3))
     assert np.array_equal(got, rgb.reshape(2, 2, 3))
     assert not got.flags.writeable
+
+
+def test_replace_makes_a_new_frame_and_keeps_the_old():
+    frame = VisualFrame(b"abc", "image/jpeg", 3, 1, "cam", 7, 8, 9.0)
+    moved = frame.replace(source="screen", width=4)
+    assert (moved.source, moved.width, moved.height, bytes(moved.data)) == ("screen", 4, 1, b"abc")
+    assert (frame.source, frame.width) == ("cam", 3)
+    with pytest.raises(TypeError, match="colour"):
+        frame.replace(colour="red")
+
+
+def test_frames_copy_and_pickle_as_values():
+    frame = VisualFrame(b"abc", "image/jpeg", 3, 1, "cam", 7, 8, 9.0)
+    assert copy.copy(frame) == frame
+    assert copy.deepcopy(frame) == frame
+    assert pickle.loads(pickle.dumps(frame)) == frame
 
 
 def test_conversation_snapshot_is_a_named_tuple():

@@ -1,10 +1,15 @@
-"""Session core: state, owner, pipeline and turn sequencing, greeting, history, dialog context."""
+"""Session core: state, owner, pipeline and turn sequencing, greeting, history (and the
+validation of the messages added to it), dialog context, and methods that stay methods
+(found on the class, subclassed, patched, forwarded to the compiled ring)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import json
+import math
 import threading
+from unittest import mock
 
 import pytest
 
@@ -16,6 +21,7 @@ from capsule_sessions import (
     Session,
     SessionState,
 )
+from support import FakeClock
 
 
 def test_new_session_attributes(make_session, clock, backend):
@@ -256,6 +262,53 @@ def test_role_match_is_exact(session):
     assert [c for _, c, _ in _roles(session)] == ["u1", "u2", "A"]
 
 
+BAD_MESSAGES = [
+    ("msg.timestamp", ValueError, dict(timestamp=math.nan)),
+    ("msg.timestamp", ValueError, dict(timestamp=math.inf)),
+    ("msg.timestamp", ValueError, dict(timestamp=-math.inf)),
+    ("msg.timestamp", ValueError, dict(timestamp=1e300)),
+    ("msg.timestamp", ValueError, dict(timestamp=10**400)),
+    ("msg.timestamp", TypeError, dict(timestamp="now")),
+    ("msg.timestamp", TypeError, dict(timestamp=True)),
+    ("msg.timestamp", TypeError, dict(timestamp=dt.datetime(2024, 1, 1))),
+    ("msg.turn_seq", TypeError, dict(turn_seq="1")),
+    ("msg.turn_seq", TypeError, dict(turn_seq=1.0)),
+    ("msg.turn_seq", TypeError, dict(turn_seq=None)),
+    ("msg.turn_seq", TypeError, dict(turn_seq=True)),
+    ("msg.turn_seq", ValueError, dict(turn_seq=2**64)),
+    ("msg.role", TypeError, dict(role=None)),
+    ("msg.role", TypeError, dict(role=b"assistant")),
+    ("msg.content", TypeError, dict(content=None)),
+    ("msg.content", TypeError, dict(content=5)),
+]
+
+
+@pytest.mark.parametrize("name,error,bad", BAD_MESSAGES, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_MESSAGES)])
+def test_add_message_rejects_bad_fields(make_session, clock, name, error, bad):
+    s = make_session()
+    s.add_message(ChatMessage("user", "hi", turn_seq=1))
+    before = (s.history_snapshot(), s.last_active_at)
+    fields = dict(role="assistant", content="hello", timestamp=None, turn_seq=1)
+    fields.update(bad)
+    clock.advance(5)
+    with pytest.raises(error) as info:
+        s.add_message(ChatMessage(**fields))
+    assert name in str(info.value), f"message {str(info.value)!r} does not name {name!r}"
+    assert (s.history_snapshot(), s.last_active_at) == before, "a rejected message changed the session"
+    assert len(s.to_dict()["history"]) == 1
+
+
+def test_add_message_keeps_valid_fields_as_plain_values(make_session, clock):
+    clock.set(50.0)
+    s = make_session()
+    s.add_message(ChatMessage("user", "a", timestamp=7))  # an int instant is a valid instant
+    s.add_message(ChatMessage("user", "b"))  # None: the clock's now
+    s.add_message(ChatMessage("user", "c", timestamp=0.0))  # 0.0 is an instant, not "unset"
+    history = s.history_snapshot()
+    assert [(m.timestamp, type(m.timestamp)) for m in history] == [(7.0, float), (50.0, float), (0.0, float)]
+    assert len(s.to_dict()["history"]) == 3
+
+
 def test_history_snapshot_is_a_copy(session):
     session.add_message(ChatMessage("user", "a"))
     snap = session.history_snapshot()
@@ -324,6 +377,59 @@ def test_to_dict_maps_instants_through_the_session_clock(make_session, clock):
     last = dt.datetime.fromisoformat(out["last_active_at"][:-1] + "+00:00")
     assert abs((last - created).total_seconds() - 60.0) < 0.01
     assert abs(last.timestamp() - dt.datetime.now(dt.timezone.utc).timestamp()) < 5.0
+
+
+# -- methods: found on the class, forwarded as methods -----------------------------
+
+def test_session_methods_are_found_on_the_class(session, backend):
+    # docs/spec.md: subclass overrides and mock.patch.object(Session, ...) work on both backends.
+    class Counting(Session):
+        def store_frame(self, data, **kwargs):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().store_frame(data, **kwargs)
+
+    counting = Counting("c", clock=FakeClock(), backend=backend)
+    assert counting.store_frame(b"x", source="cam", max_recent=1)
+    assert counting.calls == 1
+    with mock.patch.object(Session, "latest_visual_frames", return_value=["patched"]):
+        assert session.latest_visual_frames(1.0) == ["patched"]
+
+
+def test_forwarded_methods_behave_as_methods_everywhere(backend):
+    # The compiled forwarders (ext/capsule_sessions/_forward.h) must be indistinguishable from the Python
+    # methods they stand for: called unbound, through super(), patched on an instance,
+    # taken as a bound method, and with a wrong call worded as Python words it.
+    session = Session("fwd", clock=FakeClock(), backend=backend)
+    assert Session.store_frame(session, b"a", source="cam", max_recent=2)
+
+    class Logged(Session):
+        def latest_visual_frames(self, ttl, now=None):
+            return ["logged"] + super().latest_visual_frames(ttl, now)
+
+    logged = Logged("l", clock=FakeClock(), backend=backend)
+    logged.store_frame(b"b", source="cam", max_recent=2)
+    assert [x if isinstance(x, str) else bytes(x.data) for x in logged.latest_visual_frames(10)] == ["logged", b"b"]
+    store = session.store_frame
+    assert store(b"c", source="cam", max_recent=2) and session.visual_stats()["accepted"] == 2
+    with mock.patch.object(session, "visual_stats", return_value={"patched": True}):
+        assert session.visual_stats() == {"patched": True}
+    assert session.visual_stats()["accepted"] == 2
+    assert list(inspect.signature(Session.latest_visual_frames).parameters) == ["self", "ttl", "now"]
+    with pytest.raises(TypeError, match=r"^Session\.visual_stats\(\) takes 1 positional argument but 2 were given$"):
+        session.visual_stats(1)
+    with pytest.raises(TypeError, match="buffer protocol"):  # the ring's own error stands
+        session.store_frame(42, source="cam", max_recent=2)
+
+
+def test_forwarders_are_compiled_where_the_extension_is(backend):
+    from capsule_sessions import _backend
+
+    forwarder = vars(Session)["store_frame"]
+    if _backend.ring_forward is None:
+        assert inspect.isfunction(forwarder)
+    else:
+        assert type(forwarder).__name__ == "RingForward"
+        assert Session.store_frame.__doc__ and Session.store_frame.__name__ == "store_frame"
 
 
 def test_repr_names_the_session(session):

@@ -60,12 +60,10 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import capsule_sessions
 from capsule_sessions import (
     MaxSessionsError,
     Session,
@@ -78,7 +76,7 @@ from capsule_sessions import (
 from capsule_sessions._backend import module_for
 from capsule_sessions._limits import NOGIL_COPY_MIN_BYTES
 from capsule_sessions.errors import REENTERED_MESSAGE
-from support import FakeClock
+from support import PACKAGE_ROOT, TESTS_DIR, FakeClock, backend_params, drain
 
 TOTAL_SECONDS = float(os.environ.get("CAPSULE_SESSIONS_SOAK_SECONDS", "60"))
 # The callback storms (test_soak_storm) take a third of the budget, the rest is the soak
@@ -842,7 +840,7 @@ def run_storm(backend: str, interrupts: bool) -> dict:
         assert booked == offered, (
             f"[{backend}] session {name}: delivered {sub.delivered} + dropped {sub.dropped} + queued {sub.qsize()}"
             f" != offered {offered}")
-        for frame in list(_drain_storm(sub)):
+        for frame in drain(sub):
             check_frame(frame)
     counts = collections.Counter(storm.counts)
     for c in storm.thread_counts.values():
@@ -856,16 +854,6 @@ def run_storm(backend: str, interrupts: bool) -> dict:
     return figures
 
 
-def _drain_storm(sub):
-    while True:
-        try:
-            yield sub.get_nowait()
-        except (queue.Empty, SubscriptionClosed):
-            return
-
-
-PACKAGE_ROOT = Path(capsule_sessions.__file__).resolve().parent.parent
-TESTS_DIR = Path(__file__).resolve().parent
 # The child's own last resort: a thread stuck holding the GIL stops even the monitor;
 # faulthandler then dumps every stack and ends the child.
 CHILD_DEADLINE = RUN_SECONDS + STALL_SECONDS + 2 * JOIN_SECONDS + 60
@@ -898,12 +886,8 @@ def test_soak(backend, capsys):
 
 
 def _storm_params():
-    params = []
-    for name in available_backends():
-        marks = [pytest.mark.cython] if name == "cython" else []
-        params.append(pytest.param(name, "callbacks", id=f"{name}-callbacks", marks=marks))
-        params.append(pytest.param(name, "interrupts", id=f"{name}-interrupts", marks=marks))
-    return params
+    return [pytest.param(*backend.values, mode, id=f"{backend.id}-{mode}", marks=backend.marks)
+            for backend in backend_params() for mode in ("callbacks", "interrupts")]
 
 
 @pytest.mark.parametrize("backend_name, mode", _storm_params())

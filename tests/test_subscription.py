@@ -1,10 +1,13 @@
-"""Subscriptions: bounded queues, both drop policies, counters, blocking/async reads, close."""
+"""Subscriptions: bounded queues, both drop policies, counters, blocking/async reads (with
+queue.Queue's manners), close, and no copies."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import gc
+import pickle
 import queue
 import threading
 
@@ -12,6 +15,7 @@ import pytest
 
 from capsule_sessions import SubscriptionClosed
 from capsule_sessions._limits import MAX_COUNT
+from capsule_sessions.errors import NOT_BY_HAND_MESSAGE
 from support import assert_handed_out, assert_payload_matches, payload
 
 try:
@@ -88,6 +92,22 @@ def test_huge_buffer_is_harmless(session):
 def test_policy_keyword(session):
     assert session.subscribe_visual_frames(3, policy="drop_oldest").policy == "drop_oldest"
     assert session.subscribe_visual_frames(3, policy="drop_newest").policy == "drop_newest"
+
+
+def test_subscription_refuses_to_be_made_copied_or_pickled(session):
+    sub = session.subscribe_visual_frames(2)
+    cls = type(sub)
+    for make in (lambda: cls(), lambda: cls.__new__(cls), lambda: cls.__new__(cls, None, None, None)):
+        with pytest.raises(TypeError, match=NOT_BY_HAND_MESSAGE):
+            make()
+    for duplicate in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot pickle or copy"):
+            duplicate(sub)
+    assert not hasattr(sub, "__setstate_cython__")
+    gc.collect()  # a refused copy left nothing behind that could close the original
+    assert session.store_frame(b"x", source="cam", max_recent=1)
+    assert bytes(sub.get(timeout=5).data) == b"x" and not sub.closed
+    assert repr(sub).startswith("<Subscription open")
 
 
 # -- drop policies and counters ----------------------------------------------------
@@ -212,6 +232,55 @@ def test_get_with_timeout_wakes_on_close(session):
     sub.close()
     join(thread)
     assert isinstance(result[0][1], SubscriptionClosed)
+
+
+# queue.Queue manners: get(block, timeout), empty(), full().
+
+def test_get_block_false_is_get_nowait(session):
+    sub = session.subscribe_visual_frames(2)
+    with pytest.raises(queue.Empty):
+        sub.get(False)
+    with pytest.raises(queue.Empty):
+        sub.get(block=False, timeout=10)  # as queue.Queue: timeout is ignored
+    session.store_frame(b"a", source="cam", max_recent=2)
+    assert bytes(sub.get(False).data) == b"a"
+    session.store_frame(b"b", source="cam", max_recent=2)
+    assert bytes(sub.get(True, 5).data) == b"b"
+    sub.close()
+    with pytest.raises(SubscriptionClosed):
+        sub.get(False)
+
+
+def test_get_timeout_keyword_and_positional(session, clock):
+    sub = session.subscribe_visual_frames(4)
+    with pytest.raises(queue.Empty):
+        sub.get(timeout=0.01)
+    with pytest.raises(queue.Empty):
+        sub.get(True, 0.01)
+    for n in range(3):
+        clock.advance(0.001)
+        session.store_frame(bytes([n]), source="cam", max_recent=3)
+    assert [bytes(sub.get(timeout=1).data), bytes(sub.get(True, timeout=1).data), bytes(sub.get(block=True).data)] == [
+        b"\x00", b"\x01", b"\x02"]
+
+
+def test_get_wrong_calls_read_like_queue_get(session):
+    sub = session.subscribe_visual_frames()
+    for args, kwargs in (((True, 1, 2), {}), ((True,), {"block": False}), ((), {"blocking": True})):
+        with pytest.raises(TypeError, match=r"^Subscription\.get\(\) "):
+            sub.get(*args, **kwargs)
+
+
+def test_empty_and_full(session, clock):
+    sub = session.subscribe_visual_frames(2)
+    assert sub.empty() and not sub.full()
+    session.store_frame(b"a", source="cam", max_recent=2)
+    assert not sub.empty() and not sub.full()
+    clock.advance(0.001)
+    session.store_frame(b"b", source="cam", max_recent=2)
+    assert sub.full()
+    sub.get_nowait()
+    assert not sub.full() and not sub.empty()
 
 
 # -- close ---------------------------------------------------------------------------

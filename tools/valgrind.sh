@@ -18,9 +18,10 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get ins
 if [ "$#" -eq 0 ]; then
   # Everything the compiled ring does, each at least once; minus what only stresses time
   # (soak, stress), 64 MB copies, a 1 TiB refused allocation, and the subprocess tests.
+  subprocesses="ctrl_c or fork or dropping_a_subscription or keyboard_interrupt_during_stores or interpreter_exit"
   set -- tests/test_subscription.py tests/test_visual_input.py tests/test_session.py \
          tests/test_faults.py tests/test_fuzz.py \
-         -k "cython and not 64_megabyte and not absurd and not ctrl_c and not fork and not dropping_a_subscription"
+         -k "cython and not 64_megabyte and not absurd and not ($subprocesses)"
 fi
 
 export PYTHONMALLOC=malloc
