@@ -10,6 +10,7 @@ Linux only (POSIX shared memory and futexes), and the compiled backend only.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 import secrets
@@ -22,11 +23,12 @@ from .errors import SessionNotFoundError, SharedMemoryError
 
 if TYPE_CHECKING:
     from ._framebuf_py import FrameRing
+    from ._shm import AttachedSession
 
 _shm: Any
 try:
-    from . import _shm  # type: ignore[attr-defined,no-redef]
-except ImportError as exc:
+    _shm = importlib.import_module("capsule_sessions._shm")
+except ImportError as exc:  # not Linux, or built without it
     _shm = None
     _shm_missing = str(exc)
 else:
@@ -176,7 +178,7 @@ def list_shared(namespace: str) -> list[str]:
     return sorted(ids)
 
 
-def attach(session_id: str, *, namespace: str, timeout: float | None = None) -> Any:
+def attach(session_id: str, *, namespace: str, timeout: float | None = None) -> AttachedSession:
     """The read side of shared session ``session_id`` of ``namespace``, in any process of
     the same user: ``latest_visual_frames``, ``subscribe_visual_frames``,
     ``visual_stats``, ``closed``, ``close()``. ``timeout`` waits that long for the
@@ -193,7 +195,8 @@ def attach(session_id: str, *, namespace: str, timeout: float | None = None) -> 
         try:
             _, pid, start, _, closed = shm.read_owner(name)
             if not closed and shm.process_alive(pid, start):
-                return shm.AttachedSession._attach(name, session_id, namespace)
+                attached: AttachedSession = shm.AttachedSession._attach(name, session_id, namespace)
+                return attached
         except FileNotFoundError:
             pass
         except SharedMemoryError as exc:  # possibly one being made: retried until the deadline

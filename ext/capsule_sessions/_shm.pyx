@@ -18,7 +18,7 @@ read only what is published. No lock is shared between processes:
 - a store wakes a subscriber with a futex only when it said it sleeps.
 
 Files: ``_shm_segment.pxi`` (segments, names, liveness), ``_shm_owner.pxi`` (the writer,
-``SharedRing``), ``_shm_reader.pxi`` (``AttachedSession``, leases, frames),
+``SharedRing``), ``_shm_pool.pxi`` (its buffers), ``_shm_fanout.pxi`` (its subscribers), ``_shm_reader.pxi`` (``AttachedSession``, leases, frames),
 ``_shm_subscription.pxi`` (``SharedSubscription``), ``_shm_loan.pxi`` (``SharedLoan``).
 """
 
@@ -152,6 +152,7 @@ cdef extern from "_shm.h" nogil:
 
 cdef extern from "Python.h":
     int PyObject_GenericSetAttr(object o, object name, object value) except -1
+    enum: PyBUF_MAX_NDIM
 
 __all__ = ["SharedRing", "AttachedSession", "SharedSubscription", "SharedLoan", "read_owner", "unlink"]
 
@@ -165,6 +166,8 @@ VERSION = CS_VERSION
 
 # Where a frame's bytes start in its data segment: after the frame header, aligned.
 cdef uint64_t DATA_OFFSET = CS_ALIGN(sizeof(cs_meta))
+# The key of the classes that only this module makes (as _framebuf's _MAKE).
+cdef object _MAKE = object()
 cdef int64_t WAIT_SLICE_NS = <int64_t>(_limits.WAIT_SLICE_S * 1e9)
 cdef Py_ssize_t NOGIL_COPY_MIN = _limits.NOGIL_COPY_MIN_BYTES
 cdef uint64_t SHRINK_FLOOR = _limits.SHRINK_FLOOR_BYTES
@@ -183,6 +186,8 @@ cdef inline int64_t monotonic_ns() noexcept nogil:
 
 include "_shm_segment.pxi"
 include "_shm_owner.pxi"
+include "_shm_pool.pxi"
+include "_shm_fanout.pxi"
 include "_shm_reader.pxi"
 include "_shm_subscription.pxi"
 include "_shm_loan.pxi"

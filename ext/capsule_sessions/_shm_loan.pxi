@@ -52,15 +52,14 @@ cdef class SharedLoan:
     cdef _LoanMemory _memory
     cdef object _lock
 
-    def __cinit__(self):
+    def __cinit__(self, *args, **kwargs):
         self._index = -1
-
-    def __init__(self, *args, **kwargs):
-        raise TypeError(LOAN_NOT_BY_HAND_MESSAGE)
+        if len(args) != 1 or args[0] is not _MAKE or kwargs:
+            raise TypeError(LOAN_NOT_BY_HAND_MESSAGE)
 
     @staticmethod
     cdef SharedLoan _lend(SharedRing ring, int index, uint64_t nbytes):
-        cdef SharedLoan self = SharedLoan.__new__(SharedLoan)
+        cdef SharedLoan self = SharedLoan.__new__(SharedLoan, _MAKE)
         cdef _LoanMemory memory = _LoanMemory.__new__(_LoanMemory)
         memory.segment = ring._segments[index]
         memory.ptr = memory.segment.addr + DATA_OFFSET
@@ -115,8 +114,8 @@ cdef class SharedLoan:
         the loan is finished, rate-limited or not. A bad argument, or a view of the loan
         still alive (BufferError), leaves it open."""
         self._check_open()
-        return self._ring._store_loan(self, source, max_recent, min_interval, mime_type, width, height,
-                                      timestamp_ms, frame_seq, now)
+        return loan_commit(self._ring, self, source, max_recent, min_interval, mime_type, width, height,
+                           timestamp_ms, frame_seq, now)
 
     def cancel(self):
         """Give the memory back, storing nothing. A finished loan stays as it is."""
@@ -151,3 +150,41 @@ cdef class SharedLoan:
     def __repr__(self):
         state = "finished" if self._index < 0 else "open"
         return f"<FrameLoan {state} nbytes={self._nbytes}>"
+
+
+cdef loan_commit(SharedRing ring, SharedLoan loan, source, max_recent, min_interval, mime_type, width, height,
+                 timestamp_ms, frame_seq, now):
+    """SharedLoan.commit: _store's checks (a loan is 1-D: no width or height is read
+    from a shape), then the loan's bytes published as the frame's, where they are."""
+    source = v.text(source, "source")
+    keep = min(v.count(max_recent, "max_recent"), CS_MAX_RING)
+    min_ns = v.duration_ns(min_interval, "min_interval")
+    mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
+        None, mime_type, width, height, timestamp_ms, frame_seq)
+    seconds, now_ns = ring._read_now(now)
+    cdef bytes mime = mime_type.encode("utf-8", "surrogatepass")
+    cdef bytes src = source.encode("utf-8", "surrogatepass")
+    cdef int index = loan._take()
+    cdef uint64_t nbytes = loan._nbytes
+    cdef int moved
+    try:
+        limited = ring._count_if_rate_limited(now_ns, min_ns)
+    except BaseException:
+        ring._give_back(index, False)
+        raise
+    if limited:
+        ring._give_back(index, False)
+        return False
+    cdef uint64_t needed = DATA_OFFSET + nbytes + len(mime) + len(src)
+    if needed > cs_buffers(ring._h)[index].capacity:  # text longer than the room kept for it
+        try:
+            moved = ring._reserve(needed)
+        except BaseException:
+            ring._give_back(index, False)
+            raise
+        memcpy((<_Segment>ring._segments[moved]).addr + DATA_OFFSET,
+               (<_Segment>ring._segments[index]).addr + DATA_OFFSET, nbytes)
+        ring._give_back(index, False)
+        index = moved
+    ring._describe(index, nbytes, mime, src, width, height, timestamp_ms, frame_seq, seconds)
+    return ring._commit(index, nbytes, keep, min_ns, seconds, now_ns, source)

@@ -5,27 +5,6 @@ cdef inline uint64_t _pack(uint64_t gen, uint64_t index) noexcept nogil:
     return ((gen & LOW32) << 32) | index
 
 
-cdef inline bint _fits(uint64_t capacity, uint64_t needed) noexcept nogil:
-    # As the compiled twin's pool: a buffer is reused for a frame that fits and fills a
-    # quarter of it (small buffers for any frame that fits).
-    return capacity >= needed and (capacity <= SHRINK_FLOOR or needed * 4 >= capacity)
-
-
-@cython.final
-cdef class _SubMirror:
-    """What the owner remembers of one subscription slot: which claim it belongs to,
-    how far it has counted the queue's entries out of the buffer books, and the accept
-    number it booked last."""
-    cdef uint64_t epoch
-    cdef uint64_t seen_tail
-    cdef uint64_t booked
-    # Read once at adoption: the shared copies are writable by readers, so the owner
-    # never divides by, or branches on, what a reader could change afterwards.
-    cdef uint64_t maxsize
-    cdef bint drop_oldest
-    cdef uint64_t head
-
-
 @cython.final
 @cython.no_gc_clear
 cdef class SharedRing:
@@ -128,10 +107,12 @@ cdef class SharedRing:
             self._unlink_all()
 
     def __reduce_ex__(self, protocol):
-        raise TypeError("cannot pickle a shared session's ring: attach() to it by name instead")
+        raise TypeError("cannot pickle or copy 'FrameRing' object (another process attach()es to a shared session by name)")
 
     # -- locking and time (as FrameRing) -------------------------------------------------------
     cdef _claim(self):
+        if self._h == NULL:
+            raise TypeError("this shared ring was never initialised (made with SharedRing.__new__)")
         if <uint64_t>getpid() != self._pid:
             raise RuntimeError(FORKED_MESSAGE)
         if self._busy:
@@ -230,6 +211,9 @@ cdef class SharedRing:
         except (BufferError, ValueError, TypeError):
             gathered = copy_bytes(data)  # strided or PIL-style: one gather, then one copy
             PyObject_GetBuffer(gathered, &view, PyBUF_C_CONTIGUOUS)
+        if view.ndim > PyBUF_MAX_NDIM:  # refused as memoryview (so in-process) refuses it
+            PyBuffer_Release(&view)
+            copy_bytes(data)
         cdef int index = -1
         cdef bytes mime = mime_type.encode("utf-8", "surrogatepass")
         cdef bytes src = source.encode("utf-8", "surrogatepass")
@@ -268,7 +252,7 @@ cdef class SharedRing:
             try:
                 if self._writing >= CS_MAX_WRITING:
                     raise RuntimeError(f"more than {CS_MAX_WRITING} stores and loans of one shared session at once")
-                index = self._allocate(needed)
+                index = pool_allocate(self, needed)
                 self._writing += 1
                 return index
             finally:
@@ -284,58 +268,12 @@ cdef class SharedRing:
         # on this thread. The next store takes it back (_drain_returned).
         self._returned.append((index, abandoned))
 
-    cdef _drain_returned(self):
-        while self._returned:
-            index, abandoned = self._returned.pop()
-            self._writing -= 1
-            if abandoned:  # a view of the cancelled loan lives on: that memory is its alone
-                self._destroy(index)
-            else:
-                self._free.append(index)
-
     def loan_frame(self, nbytes):
         """Writable memory for one frame of ``nbytes`` bytes, in shared memory; its
         commit() publishes it without a copy."""
         size = v.integer(nbytes, "nbytes", 0, _limits.MAX_LOAN_BYTES)
         index = self._reserve(DATA_OFFSET + size + LOAN_TEXT_ROOM)
         return SharedLoan._lend(self, index, size)
-
-    cdef _store_loan(self, SharedLoan loan, source, max_recent, min_interval, mime_type, width, height,
-                     timestamp_ms, frame_seq, now):
-        """SharedLoan.commit: _store's checks (a loan is 1-D: no width or height is read
-        from a shape), then the loan's bytes published as the frame's, where they are."""
-        source = v.text(source, "source")
-        keep = min(v.count(max_recent, "max_recent"), CS_MAX_RING)
-        min_ns = v.duration_ns(min_interval, "min_interval")
-        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
-            None, mime_type, width, height, timestamp_ms, frame_seq)
-        seconds, now_ns = self._read_now(now)
-        cdef bytes mime = mime_type.encode("utf-8", "surrogatepass")
-        cdef bytes src = source.encode("utf-8", "surrogatepass")
-        cdef int index = loan._take()
-        cdef uint64_t nbytes = loan._nbytes
-        cdef int moved
-        try:
-            limited = self._count_if_rate_limited(now_ns, min_ns)
-        except BaseException:
-            self._give_back(index, False)
-            raise
-        if limited:
-            self._give_back(index, False)
-            return False
-        cdef uint64_t needed = DATA_OFFSET + nbytes + len(mime) + len(src)
-        if needed > cs_buffers(self._h)[index].capacity:  # text longer than the room kept for it
-            try:
-                moved = self._reserve(needed)
-            except BaseException:
-                self._give_back(index, False)
-                raise
-            memcpy((<_Segment>self._segments[moved]).addr + DATA_OFFSET,
-                   (<_Segment>self._segments[index]).addr + DATA_OFFSET, nbytes)
-            self._give_back(index, False)
-            index = moved
-        self._describe(index, nbytes, mime, src, width, height, timestamp_ms, frame_seq, seconds)
-        return self._commit(index, nbytes, keep, min_ns, seconds, now_ns, source)
 
     cdef _copy_in(self, int index, Py_buffer *view):
         cdef char *dst = (<_Segment>self._segments[index]).addr + DATA_OFFSET
@@ -373,13 +311,13 @@ cdef class SharedRing:
             self._claim()
             try:
                 self._writing -= 1
-                self._drain_returned()
+                pool_drain_returned(self)
                 if self._is_rate_limited(now_ns, min_ns):
                     self._rate_limited += 1
                     self._free.append(index)
                     self._publish()
                     return False
-                self._adopt_subscribers()
+                fan_adopt(self)
                 if self._source != source:
                     self._switch_source(source)
                 else:
@@ -394,8 +332,8 @@ cdef class SharedRing:
                 self._accepted += 1
                 self._publish()
                 gen = cs_load(&cs_buffers(self._h)[index].gen)
-                self._fan_out(_pack(gen, index))
-                self._trim_pool()
+                fan_out(self, _pack(gen, index))
+                pool_trim(self)
                 return True
             finally:
                 self._busy = False
@@ -420,204 +358,7 @@ cdef class SharedRing:
         cs_store(&h.bytes, self._bytes)
         cs_add(&h.seq, 1)
 
-    # -- buffers (lock held) --------------------------------------------------------------
-    cdef bint _leased(self, uint64_t index):
-        cdef cs_header *h = self._h
-        cdef cs_reader *readers = cs_readers(h)
-        cdef uint32_t r
-        for r in range(CS_MAX_READERS):
-            if cs_load32(&cs_leases(h, r)[index]) != 0:
-                return True
-        return False
 
-    cdef int _allocate(self, uint64_t needed) except -1:
-        """A buffer of at least ``needed`` bytes that no reader can reach: not in the
-        ring, in no queue, leased by nobody; its generation is bumped before it is
-        handed out, so a reader racing for its old frame fails its check."""
-        cdef cs_buffer *buffers = cs_buffers(self._h)
-        cdef Py_ssize_t i
-        cdef uint64_t index
-        self._drain_returned()
-        self._reap_readers(False)
-        self._reap_subscribers()
-        for attempt in range(2):
-            for i in range(len(self._free) - 1, -1, -1):
-                index = self._free[i]
-                if self._qrefs[index] or self._leased(index):
-                    continue
-                if not _fits(buffers[index].capacity, needed):
-                    del self._free[i]
-                    self._destroy(index)
-                    continue
-                cs_add(&buffers[index].gen, 1)
-                if self._leased(index):  # a reader leased it before it saw the new generation
-                    continue
-                del self._free[i]
-                return index
-            if self._unused or len(self._segments) < CS_MAX_BUFFERS:
-                return self._new_buffer(needed)
-            self._reap_readers(True)
-        raise SharedMemoryError(f"every one of the {CS_MAX_BUFFERS} buffers of shared session "
-                                f"{self.session_id!r} is in use")
-
-    cdef int _new_buffer(self, uint64_t needed) except -1:
-        cdef uint64_t capacity = (needed + 4095) & ~(<uint64_t>4095)
-        if self._unused:
-            index = self._unused.pop()
-        else:
-            index = len(self._segments)
-            self._segments.append(None)
-        self._serial += 1
-        name = f"{self._data_prefix}.{self._serial}"
-        try:
-            seg = _create_segment(name, capacity)
-        except BaseException:
-            self._unused.append(index)
-            raise
-        if self._ended:
-            seg.unlink()  # nobody can attach any more: the name would only leak
-        self._segments[index] = seg
-        cdef cs_buffer *b = &cs_buffers(self._h)[index]
-        cs_add(&b.gen, 1)
-        cs_store(&b.capacity, capacity)
-        cs_store(&b.serial, self._serial)
-        cs_add(&self._h.buffers_version, 1)
-        return index
-
-    cdef _destroy(self, uint64_t index):
-        cdef cs_buffer *b = &cs_buffers(self._h)[index]
-        seg = self._segments[index]
-        cs_store(&b.serial, 0)
-        cs_add(&b.gen, 1)
-        self._segments[index] = None
-        self._unused.append(index)
-        if seg is not None and not self._ended:
-            (<_Segment>seg).unlink()
-
-    cdef _trim_pool(self):
-        # Free buffers beyond a few spares are unlinked, so memory follows what the ring,
-        # the queues and the readers hold (a reader's mapping outlives the name).
-        cdef Py_ssize_t i
-        cdef uint64_t index
-        if len(self._free) <= POOL_SPARE:
-            return
-        for i in range(len(self._free) - 1 - POOL_SPARE, -1, -1):
-            index = self._free[i]
-            if self._qrefs[index] == 0 and not self._leased(index):
-                del self._free[i]
-                self._destroy(index)
-
-    # -- subscribers (lock held) ----------------------------------------------------------
-    cdef _count_out(self, cs_sub *s, _SubMirror m, uint64_t upto):
-        cdef uint64_t k, e
-        if upto > m.head:  # a tail past the head: only a corrupted table says so
-            upto = m.head
-        for k in range(m.seen_tail, upto):
-            e = cs_load(&s.entries[k % m.maxsize])
-            if (e & LOW32) < CS_MAX_BUFFERS and self._qrefs[e & LOW32]:
-                self._qrefs[e & LOW32] -= 1
-        m.seen_tail = upto
-
-    cdef _reap_subscribers(self):
-        cdef cs_sub *subs = cs_subs(self._h)
-        cdef uint32_t i
-        for i in range(CS_MAX_SUBS):
-            m = self._mirrors[i]
-            if m is None:
-                if cs_load(&subs[i].state) == CS_SUB_RELEASED:
-                    cs_store(&subs[i].state, CS_SUB_FREE)
-                continue
-            state = cs_load(&subs[i].state)
-            if state == CS_SUB_ACTIVE and cs_load(&subs[i].epoch) == (<_SubMirror>m).epoch:
-                self._count_out(&subs[i], m, cs_load(&subs[i].tail))
-            else:  # released (or reclaimed and claimed again): nothing of it is queued
-                self._count_out(&subs[i], m, (<_SubMirror>m).head)
-                self._mirrors[i] = None
-                if state == CS_SUB_RELEASED:
-                    cs_store(&subs[i].state, CS_SUB_FREE)
-
-    cdef _adopt_subscribers(self):
-        """Subscriptions claimed since the last store start with the next accept number."""
-        cdef cs_sub *subs = cs_subs(self._h)
-        cdef uint32_t i
-        cdef _SubMirror m
-        self._reap_subscribers()
-        for i in range(CS_MAX_SUBS):
-            if self._mirrors[i] is None and cs_load(&subs[i].state) == CS_SUB_ACTIVE:
-                maxsize = cs_load(&subs[i].maxsize)
-                if maxsize == 0 or maxsize > CS_MAX_QUEUE:  # a corrupted claim: refuse it
-                    cs_store(&subs[i].closed, 1)
-                    continue
-                m = _SubMirror.__new__(_SubMirror)
-                m.epoch = cs_load(&subs[i].epoch)
-                m.head = cs_load(&subs[i].head)
-                m.seen_tail = m.head
-                m.booked = self._accepted
-                m.maxsize = maxsize
-                m.drop_oldest = cs_load(&subs[i].policy) == 1
-                self._mirrors[i] = m
-
-    cdef _fan_out(self, uint64_t entry):
-        cdef cs_sub *subs = cs_subs(self._h)
-        cdef cs_sub *s
-        cdef uint32_t i
-        cdef uint64_t head, tail
-        cdef _SubMirror m
-        for i in range(CS_MAX_SUBS):
-            if self._mirrors[i] is None:
-                continue
-            m = self._mirrors[i]
-            s = &subs[i]
-            if cs_load(&s.closed) or m.booked >= self._accepted:
-                continue
-            m.booked = self._accepted
-            head = m.head
-            tail = cs_load(&s.tail)
-            if tail > head or head - tail > m.maxsize:  # corrupted by a reader: closed
-                cs_store(&s.closed, 1)
-                continue
-            if head - tail >= m.maxsize:
-                if not m.drop_oldest:
-                    cs_add(&s.dropped, 1)
-                    continue
-                while head - tail >= m.maxsize and tail <= head:
-                    if cs_cas(&s.tail, tail, tail + 1):
-                        cs_add(&s.dropped, 1)
-                    tail = cs_load(&s.tail)
-                if tail > head:
-                    cs_store(&s.closed, 1)
-                    continue
-                self._count_out(s, m, tail)
-            cs_store(&s.entries[head % m.maxsize], entry)
-            self._qrefs[entry & LOW32] += 1
-            m.head = head + 1
-            cs_store(&s.head, head + 1)
-            cs_add32(&s.wake, 1)
-            if cs_load32(&s.sleepers):
-                cs_futex_wake(&s.wake)
-
-    cdef _reap_readers(self, bint now):
-        """Reclaim the leases and subscriptions of readers whose process died (at most
-        every REAP_INTERVAL_NS unless ``now``)."""
-        cdef int64_t t = monotonic_ns()
-        if not now and t - self._reaped_at < REAP_INTERVAL_NS:
-            return
-        self._reaped_at = t
-        cdef cs_header *h = self._h
-        cdef cs_reader *readers = cs_readers(h)
-        cdef cs_sub *subs = cs_subs(h)
-        cdef uint32_t r, i
-        for r in range(CS_MAX_READERS):
-            pid = cs_load(&readers[r].pid)
-            if pid == 0 or process_alive(pid, cs_load(&readers[r].start_time)):
-                continue
-            for i in range(CS_MAX_SUBS):
-                if cs_load(&subs[i].reader) == r and cs_load(&subs[i].state) in (CS_SUB_CLAIMED, CS_SUB_ACTIVE):
-                    cs_store(&subs[i].state, CS_SUB_RELEASED)
-            memset(cs_leases(h, r), 0, CS_MAX_BUFFERS * sizeof(uint32_t))
-            cs_store(&readers[r].start_time, 0)
-            cs_store(&readers[r].pid, 0)
-        self._reap_subscribers()
 
     # -- reads: the owner's own attachment ---------------------------------------------------
     def latest_visual_frames(self, ttl, now=None):
@@ -651,6 +392,8 @@ cdef class SharedRing:
         get what was queued, then SubscriptionClosed) and the names are unlinked."""
         cdef cs_sub *subs = cs_subs(self._h)
         cdef uint32_t i
+        if self._h == NULL:
+            return
         with self._lock:
             if self._ended:
                 return

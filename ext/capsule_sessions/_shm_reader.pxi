@@ -54,18 +54,17 @@ cdef class AttachedSession:
     cdef object _subscriptions
     cdef object __weakref__
 
-    def __cinit__(self):
+    def __cinit__(self, *args, **kwargs):
         self._index = -1
+        if len(args) != 1 or args[0] is not _MAKE or kwargs:
+            raise TypeError("attached sessions are made by capsule_sessions.attach()")
         self._map_serials = <uint64_t *>calloc(CS_MAX_BUFFERS, sizeof(uint64_t))
         if self._map_serials == NULL:
             raise MemoryError()
 
-    def __init__(self, *args, **kwargs):
-        raise TypeError("attached sessions are made by capsule_sessions.attach()")
-
     @staticmethod
     cdef AttachedSession _new(_Segment control, object clock, str session_id, str namespace):
-        cdef AttachedSession self = AttachedSession.__new__(AttachedSession)
+        cdef AttachedSession self = AttachedSession.__new__(AttachedSession, _MAKE)
         self._control = control
         self._h = <cs_header *>control.addr
         self._clock = clock
@@ -144,7 +143,7 @@ cdef class AttachedSession:
                 pass  # a name that cannot be unlinked now is the next sweep's
 
     def __reduce_ex__(self, protocol):
-        raise TypeError("cannot pickle an attached session: attach() again in the other process")
+        raise TypeError("cannot pickle or copy 'AttachedSession' object (attach() again in the other process)")
 
     def __repr__(self):
         state = "closed" if self.closed else "open"

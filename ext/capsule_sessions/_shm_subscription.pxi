@@ -8,6 +8,29 @@ import concurrent.futures
 _waiters = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="capsule-shm-wait")
 
 
+cdef frozenset GET_KEYWORDS = frozenset(("block", "timeout"))
+
+
+cdef tuple _get_arguments(tuple args, dict kwargs):
+    """(block, timeout) of a ``get(block=True, timeout=None)`` call; a call that does not
+    fit gets the TypeError the in-process Subscription.get gives."""
+    cdef Py_ssize_t n = len(args)
+    if not kwargs and n <= 2:
+        return (args[0] if n else True, args[1] if n == 2 else None)
+    if n <= 2 and GET_KEYWORDS.issuperset(kwargs) and not (n >= 1 and "block" in kwargs) \
+            and not (n == 2 and "timeout" in kwargs):
+        return (args[0] if n else kwargs.get("block", True), args[1] if n == 2 else kwargs.get("timeout"))
+    _refuse_call("Subscription", "get", args, kwargs)
+
+
+cdef int _refuse_call(str cls, str method, tuple args, dict kwargs) except -1:
+    """Raise the TypeError the pure twin's ``cls.method`` raises for arguments that do
+    not fit its signature (CPython checks them before running the body)."""
+    from capsule_sessions import _framebuf_py
+    getattr(getattr(_framebuf_py, cls), method)(None, *args, **kwargs)
+    raise AssertionError(f"{cls}.{method}() accepted arguments its shared twin refused")
+
+
 @cython.final
 @cython.no_gc_clear
 cdef class SharedSubscription:
@@ -25,17 +48,16 @@ cdef class SharedSubscription:
     cdef uint64_t _lost
     cdef object __weakref__
 
-    def __cinit__(self):
-        # Released until a factory claims a slot: one made by hand has none to release.
+    def __cinit__(self, *args, **kwargs):
+        # Released until a factory claims a slot; one made by hand is refused at the door.
         self._released = True
-
-    def __init__(self, *args, **kwargs):
-        raise TypeError(NOT_BY_HAND_MESSAGE)
+        if len(args) != 1 or args[0] is not _MAKE or kwargs:
+            raise TypeError(NOT_BY_HAND_MESSAGE)
 
     @staticmethod
     cdef SharedSubscription _claimed(AttachedSession reader, uint32_t slot, uint64_t epoch, uint64_t maxsize,
                                      str policy):
-        cdef SharedSubscription self = SharedSubscription.__new__(SharedSubscription)
+        cdef SharedSubscription self = SharedSubscription.__new__(SharedSubscription, _MAKE)
         self._reader = reader
         self._slot = slot
         self._s = &cs_subs(reader._h)[slot]
@@ -47,7 +69,7 @@ cdef class SharedSubscription:
 
     @staticmethod
     cdef SharedSubscription _born_closed(AttachedSession reader, uint64_t maxsize, str policy):
-        cdef SharedSubscription self = SharedSubscription.__new__(SharedSubscription)
+        cdef SharedSubscription self = SharedSubscription.__new__(SharedSubscription, _MAKE)
         self._reader = reader
         self._slot = -1
         self._released = True
@@ -176,10 +198,12 @@ cdef class SharedSubscription:
     def _wait_slice(self, double seconds):
         self._wait_for_push(<int64_t>(seconds * 1e9))
 
-    def get(self, block=True, timeout=None):
-        """As ``queue.Queue.get``: the next frame, waiting up to ``timeout`` seconds
-        (forever when None), or at once when ``block`` is false; ``queue.Empty`` when
-        there is none. After close(): the frames still queued, then SubscriptionClosed."""
+    def get(self, *args, **kwargs):
+        """get(block=True, timeout=None): as ``queue.Queue.get``, the next frame, waiting
+        up to ``timeout`` seconds (forever when None), or at once when ``block`` is false;
+        ``queue.Empty`` when there is none. After close(): the frames still queued, then
+        SubscriptionClosed."""
+        block, timeout = _get_arguments(args, kwargs)
         if not block:
             return self.get_nowait()
         return self._get_blocking(timeout)

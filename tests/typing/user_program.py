@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import queue
 import threading
 from typing import TYPE_CHECKING
@@ -30,11 +31,14 @@ from capsule_sessions import (
     SessionManager,
     SessionNotFoundError,
     SessionState,
+    SharedMemoryError,
     Subscription,
     SubscriptionClosed,
     VisualFrame,
     VisualInputConfig,
+    attach,
     available_backends,
+    list_shared,
 )
 
 if TYPE_CHECKING:
@@ -211,5 +215,28 @@ def manage() -> None:
     print(f"capsule_sessions {capsule_sessions.__version__} on {backend}: done")
 
 
+def share() -> None:
+    """A shared session read through attach(), as another process would (Linux, compiled)."""
+    namespace = f"typing-{os.getpid()}"
+    with SessionManager(2, shared=namespace, backend="cython") as manager:
+        cam = manager.create("cam")
+        assert cam.store_frame(np.zeros((2, 2, 3), np.uint8), source="c", max_recent=2)
+        assert list_shared(namespace) == ["cam"]
+        with attach("cam", namespace=namespace, timeout=1.0) as reader:
+            frames: list[VisualFrame] = reader.latest_visual_frames(10.0)
+            sub: Subscription = reader.subscribe_visual_frames(2, policy="drop_oldest")
+            stats: dict[str, int] = reader.visual_stats()
+            assert len(frames) == 1 and stats["accepted"] == 1 and not sub.closed
+            print(f"shared: {describe(frames[0])}, {reader.shared_stats()}")
+    try:
+        attach("cam", namespace=namespace)
+    except SessionNotFoundError:
+        pass
+    except SharedMemoryError as exc:
+        print(f"not a session: {exc}")
+
+
 if __name__ == "__main__":
+    if "cython" in available_backends():
+        share()
     manage()
