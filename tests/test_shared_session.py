@@ -159,6 +159,8 @@ def test_a_resolution_change_gets_new_buffers_and_drops_the_old(manager):
         (last,) = cam.latest_visual_frames(10)[-1:]
         assert last.nbytes == size
         del last
+        # The pool is trimmed at a store: the next one lets the old size's buffers go.
+        cam.store_frame(frame(0, size), source="c", max_recent=2)
         stats = cam.shared_stats()
         # ring + spare pool, sized for the current frames (the old ones were unlinked).
         assert stats["buffer_bytes"] <= 8 * (size + (64 << 10)), stats

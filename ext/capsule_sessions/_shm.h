@@ -22,11 +22,11 @@
 #include <linux/futex.h>
 
 #define CS_MAGIC 0x31534e5343415043ULL   /* "CPACSNS1" read little-endian */
-#define CS_VERSION 1u
+#define CS_VERSION 2u
 #define CS_MAX_RING 256u        /* max_recent of a shared session */
 #define CS_MAX_BUFFERS 4096u    /* > ring + every queue + every lease budget + open stores */
 #define CS_MAX_READERS 32u      /* attached handles (processes) at once */
-#define CS_MAX_SUBS 32u         /* subscriptions at once, over every reader */
+#define CS_MAX_SUBS 32u         /* subscriptions at once, over every reader (<= 64: a bitmask) */
 #define CS_MAX_QUEUE 64u        /* buffer= of a shared subscription */
 #define CS_LEASE_BUDGET 16u     /* frames one reader holds before it copies out */
 #define CS_MAX_WRITING 64u      /* stores and loans in progress at once */
@@ -99,7 +99,8 @@ typedef struct {
     uint64_t accepted, rate_limited, source_resets, frames, bytes;
     uint64_t ring_count;
     uint64_t buffers_version;  /* bumped when a data segment is created */
-    uint64_t pad1[8];
+    uint64_t subs_version;     /* bumped by a reader that claims or releases a subscription */
+    uint64_t pad1[7];
     cs_ring_entry ring[CS_MAX_RING];
 } cs_header;
 

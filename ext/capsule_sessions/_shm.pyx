@@ -125,6 +125,7 @@ cdef extern from "_shm.h" nogil:
         uint64_t accepted, rate_limited, source_resets, frames, bytes
         uint64_t ring_count
         uint64_t buffers_version
+        uint64_t subs_version
         cs_ring_entry ring[1]
     ctypedef struct cs_meta:
         uint64_t magic
@@ -149,6 +150,9 @@ cdef extern from "_shm.h" nogil:
     cs_reader *cs_readers(cs_header *h)
     uint32_t *cs_leases(cs_header *h, uint32_t reader)
     cs_sub *cs_subs(cs_header *h)
+
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long x) nogil
 
 cdef extern from "Python.h":
     int PyObject_GenericSetAttr(object o, object name, object value) except -1

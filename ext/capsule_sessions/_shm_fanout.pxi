@@ -28,33 +28,56 @@ cdef fan_count_out(SharedRing ring, cs_sub *s, _SubMirror m, uint64_t upto):
     m.seen_tail = upto
 
 
-cdef fan_reap_subscribers(SharedRing ring):
+cdef inline int _lowest_bit(uint64_t bits) noexcept nogil:
+    return __builtin_ctzll(bits)
+
+
+cdef fan_forget(SharedRing ring, uint32_t i, uint64_t state):
+    ring._mirrors[i] = None
+    ring._mirrored &= ~(1ULL << i)
+    if state == CS_SUB_RELEASED:
+        cs_store(&cs_subs(ring._h)[i].state, CS_SUB_FREE)
+
+
+cdef fan_reap_subscribers(SharedRing ring, bint full):
+    """Count taken entries out of the buffers' references; forget released
+    subscriptions. ``full``: also free slots released before they were adopted."""
     cdef cs_sub *subs = cs_subs(ring._h)
     cdef uint32_t i
-    for i in range(CS_MAX_SUBS):
+    cdef uint64_t bits = ring._mirrored
+    cdef uint64_t state
+    cdef _SubMirror m
+    while bits:
+        i = _lowest_bit(bits)
+        bits &= bits - 1
         m = ring._mirrors[i]
-        if m is None:
-            if cs_load(&subs[i].state) == CS_SUB_RELEASED:
-                cs_store(&subs[i].state, CS_SUB_FREE)
-            continue
         state = cs_load(&subs[i].state)
-        if state == CS_SUB_ACTIVE and cs_load(&subs[i].epoch) == (<_SubMirror>m).epoch:
+        if state == CS_SUB_ACTIVE and cs_load(&subs[i].epoch) == m.epoch:
             fan_count_out(ring, &subs[i], m, cs_load(&subs[i].tail))
         else:  # released (or reclaimed and claimed again): nothing of it is queued
-            fan_count_out(ring, &subs[i], m, (<_SubMirror>m).head)
-            ring._mirrors[i] = None
-            if state == CS_SUB_RELEASED:
+            fan_count_out(ring, &subs[i], m, m.head)
+            fan_forget(ring, i, state)
+    if full:
+        for i in range(CS_MAX_SUBS):
+            if not (ring._mirrored >> i) & 1 and cs_load(&subs[i].state) == CS_SUB_RELEASED:
                 cs_store(&subs[i].state, CS_SUB_FREE)
 
 
 cdef fan_adopt(SharedRing ring):
-    """Subscriptions claimed since the last store start with the next accept number."""
+    """Subscriptions claimed since the last store start with the next accept number.
+    Readers bump subs_version when they claim or release one, so a store whose
+    version is unchanged looks at the adopted subscriptions only."""
     cdef cs_sub *subs = cs_subs(ring._h)
     cdef uint32_t i
     cdef _SubMirror m
-    fan_reap_subscribers(ring)
+    cdef uint64_t version = cs_load(&ring._h.subs_version)
+    if version == ring._subs_seen:
+        fan_reap_subscribers(ring, False)
+        return
+    ring._subs_seen = version
+    fan_reap_subscribers(ring, True)
     for i in range(CS_MAX_SUBS):
-        if ring._mirrors[i] is None and cs_load(&subs[i].state) == CS_SUB_ACTIVE:
+        if not (ring._mirrored >> i) & 1 and cs_load(&subs[i].state) == CS_SUB_ACTIVE:
             maxsize = cs_load(&subs[i].maxsize)
             if maxsize == 0 or maxsize > CS_MAX_QUEUE:  # a corrupted claim: refuse it
                 cs_store(&subs[i].closed, 1)
@@ -67,6 +90,7 @@ cdef fan_adopt(SharedRing ring):
             m.maxsize = maxsize
             m.drop_oldest = cs_load(&subs[i].policy) == 1
             ring._mirrors[i] = m
+            ring._mirrored |= 1ULL << i
 
 
 cdef fan_out(SharedRing ring, uint64_t entry):
@@ -74,10 +98,11 @@ cdef fan_out(SharedRing ring, uint64_t entry):
     cdef cs_sub *s
     cdef uint32_t i
     cdef uint64_t head, tail
+    cdef uint64_t bits = ring._mirrored
     cdef _SubMirror m
-    for i in range(CS_MAX_SUBS):
-        if ring._mirrors[i] is None:
-            continue
+    while bits:
+        i = _lowest_bit(bits)
+        bits &= bits - 1
         m = ring._mirrors[i]
         s = &subs[i]
         if cs_load(&s.closed) or m.booked >= ring._accepted:
@@ -130,4 +155,5 @@ cdef fan_reap_readers(SharedRing ring, bint now):
         memset(cs_leases(h, r), 0, CS_MAX_BUFFERS * sizeof(uint32_t))
         cs_store(&readers[r].start_time, 0)
         cs_store(&readers[r].pid, 0)
-    fan_reap_subscribers(ring)
+        cs_add(&h.subs_version, 1)  # its subscriptions are released: the next store looks
+    fan_reap_subscribers(ring, False)

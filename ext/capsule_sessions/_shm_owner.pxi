@@ -31,7 +31,10 @@ cdef class SharedRing:
     cdef list _unused               # indices without a segment
     cdef uint32_t *_qrefs           # queue entries naming each buffer
     cdef uint64_t _serial
+    cdef uint64_t _last_needed          # the size the last store or loan asked for
     cdef list _mirrors
+    cdef uint64_t _mirrored         # bit i: slot i has a mirror (an adopted subscription)
+    cdef uint64_t _subs_seen        # the header's subs_version at the last full look
     cdef int64_t _reaped_at
     cdef uint32_t _writing
     cdef AttachedSession _local
@@ -72,7 +75,7 @@ cdef class SharedRing:
         self._h = <cs_header *>self._control.addr
         self._init_header(encoded)
         self._local = AttachedSession._for_owner(self, self._control, self._clock, self._segments)
-        cs_store(&self._h.owner_reader, self._local._index)
+        cs_store(&self._h.owner_reader, self._local._slot.index)
         _live_rings.add(self)
 
     cdef _init_header(self, bytes encoded):
@@ -410,7 +413,7 @@ cdef class SharedRing:
         # while another process is attached, which may still map a queued frame's
         # buffer by name: the last reader to detach unlinks them (_leave_if_last).
         self._control.unlink()
-        _leave_if_last(self._h, self._local._index, self._data_prefix)
+        _leave_if_last(self._h, self._local._slot.index, self._data_prefix)
 
 
 # Rings still shared at interpreter exit are ended then, so a normal exit leaves nothing

@@ -25,9 +25,10 @@ cdef int pool_allocate(SharedRing ring, uint64_t needed) except -1:
     cdef cs_buffer *buffers = cs_buffers(ring._h)
     cdef Py_ssize_t i
     cdef uint64_t index
+    ring._last_needed = needed
     pool_drain_returned(ring)
     fan_reap_readers(ring, False)
-    fan_reap_subscribers(ring)
+    fan_reap_subscribers(ring, False)
     for attempt in range(2):
         for i in range(len(ring._free) - 1, -1, -1):
             index = ring._free[i]
@@ -85,18 +86,39 @@ cdef pool_destroy(SharedRing ring, uint64_t index):
         (<_Segment>seg).unlink()
 
 
+cdef Py_ssize_t pool_budget(SharedRing ring):
+    """How many buffers the session can need at once: its ring, every adopted queue, two
+    frames in hand per attached reader, the stores in progress, and a few spares. Up to
+    it, a free buffer is kept for reuse (a new data segment costs a page fault per page
+    on both sides); beyond it, unlinked."""
+    cdef Py_ssize_t queued = 0
+    cdef uint64_t bits = ring._mirrored
+    cdef uint32_t i
+    while bits:
+        i = _lowest_bit(bits)
+        bits &= bits - 1
+        queued += (<_SubMirror>ring._mirrors[i]).maxsize
+    return len(ring._slots) + queued + 2 * ring._local._reader_count() + ring._writing + POOL_SPARE
+
+
 cdef pool_trim(SharedRing ring):
-    # Free buffers beyond a few spares are unlinked, so memory follows what the ring,
-    # the queues and the readers hold (a reader's mapping outlives the name).
-    cdef Py_ssize_t i
+    # Memory follows what the ring, the queues and the readers can hold: free buffers
+    # beyond the budget are unlinked (a reader's mapping outlives the name).
+    cdef Py_ssize_t i, excess
     cdef uint64_t index
-    if len(ring._free) <= POOL_SPARE:
-        return
-    for i in range(len(ring._free) - 1 - POOL_SPARE, -1, -1):
-        index = ring._free[i]
-        if ring._qrefs[index] == 0 and not pool_leased(ring, index):
+    cdef cs_buffer *buffers = cs_buffers(ring._h)
+    excess = len(ring._slots) + len(ring._free) + ring._writing - pool_budget(ring)
+    i = 0
+    while i < len(ring._free):
+        index = ring._free[i]  # the oldest first: the newest are the likeliest to fit
+        # Beyond the budget, or of a size the frames have left behind (a resolution change).
+        if ((excess > 0 or not _fits(buffers[index].capacity, ring._last_needed))
+                and ring._qrefs[index] == 0 and not pool_leased(ring, index)):
             del ring._free[i]
             pool_destroy(ring, index)
+            excess -= 1
+        else:
+            i += 1
 
 
 cdef pool_drain_returned(SharedRing ring):

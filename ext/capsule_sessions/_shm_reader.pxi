@@ -14,17 +14,84 @@ cdef int64_t MAX_INSTANT_NS = 1 << 62
 # collector must not drop the segment it writes to (unmapping it) first.
 @cython.final
 @cython.no_gc_clear
+cdef class _ReaderSlot:
+    """One entry of the reader table and the lease counts that go with it, held by the
+    attached session and by every lease it gave out: the slot (and its leases) is given
+    back only when the last of them is gone, so a frame outliving its handle stays as it
+    was. Frames never reference the handle itself, so a handle caching frames makes no
+    reference cycle."""
+    cdef _Segment control
+    cdef cs_header *h
+    cdef uint32_t *leases
+    cdef int index
+    cdef Py_ssize_t held
+    cdef bint owner_local
+    cdef str data_prefix
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self.index = -1
+
+    @staticmethod
+    cdef _ReaderSlot claim(_Segment control, bint owner_local, str data_prefix, str session_id):
+        cdef _ReaderSlot self = _ReaderSlot.__new__(_ReaderSlot)
+        self.control = control
+        self.h = <cs_header *>control.addr
+        self.owner_local = owner_local
+        self.data_prefix = data_prefix
+        cdef cs_reader *readers = cs_readers(self.h)
+        cdef uint64_t pid = getpid()
+        cdef uint32_t r
+        for r in range(CS_MAX_READERS):
+            if cs_cas(&readers[r].pid, 0, pid):
+                cs_store(&readers[r].copied_out, 0)
+                cs_store(&readers[r].start_time, own_start_time())
+                self.index = r
+                self.leases = cs_leases(self.h, r)
+                _live_slots.add(self)
+                return self
+        raise SharedMemoryError(f"shared session {session_id!r} already has {CS_MAX_READERS} readers attached")
+
+    def __dealloc__(self):
+        self.leave()
+
+    cdef void release(self, uint32_t index) noexcept:
+        cs_release32(&self.leases[index])
+        self.held -= 1
+
+    cdef inline void release_raw(self, uint32_t index) noexcept:
+        cs_release32(&self.leases[index])
+
+    cdef void leave(self) noexcept:
+        """Give the slot back (and clean up after an ended session, if last)."""
+        if self.index < 0 or self.h == NULL:
+            return
+        cdef cs_reader *readers = cs_readers(self.h)
+        cdef int index = self.index
+        self.index = -1
+        memset(self.leases, 0, CS_MAX_BUFFERS * sizeof(uint32_t))
+        cs_store(&readers[index].start_time, 0)
+        cs_store(&readers[index].pid, 0)
+        if not self.owner_local:
+            try:
+                _leave_if_last(self.h, index, self.data_prefix)
+            except BaseException:
+                pass  # a name that cannot be unlinked now is the next sweep's
+
+
+@cython.final
+@cython.no_gc_clear
 cdef class _Lease:
     """A reader's hold on one buffer, the base of the arrays handed out over it: while it
     lives, the owner does not rewrite the buffer (it is leased); collecting it ends the
     lease. It also keeps the mapping alive, so the view stays valid after unlink."""
-    cdef AttachedSession reader
+    cdef _ReaderSlot slot
     cdef _Segment mapping
     cdef uint32_t index
 
     def __dealloc__(self):
-        if self.reader is not None:
-            self.reader._release(self.index)
+        if self.slot is not None:
+            self.slot.release(self.index)
 
     def __reduce_ex__(self, protocol):
         raise TypeError("a shared frame's lease cannot be pickled; copy the frame's data instead")
@@ -39,11 +106,9 @@ cdef class AttachedSession:
 
     cdef _Segment _control
     cdef cs_header *_h
-    cdef uint32_t *_leases
-    cdef int _index
+    cdef _ReaderSlot _slot
     cdef list _maps
     cdef uint64_t *_map_serials
-    cdef Py_ssize_t _held
     cdef object _clock
     cdef bint _owner_local
     cdef list _owner_segments
@@ -52,10 +117,10 @@ cdef class AttachedSession:
     cdef readonly str namespace
     cdef bint _closed
     cdef object _subscriptions
+    cdef dict _ring_frames          # ring entry (generation, buffer) -> the frame last handed out for it
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
-        self._index = -1
         if len(args) != 1 or args[0] is not _MAKE or kwargs:
             raise TypeError("attached sessions are made by capsule_sessions.attach()")
         self._map_serials = <uint64_t *>calloc(CS_MAX_BUFFERS, sizeof(uint64_t))
@@ -63,7 +128,7 @@ cdef class AttachedSession:
             raise MemoryError()
 
     @staticmethod
-    cdef AttachedSession _new(_Segment control, object clock, str session_id, str namespace):
+    cdef AttachedSession _new(_Segment control, object clock, str session_id, str namespace, bint owner_local):
         cdef AttachedSession self = AttachedSession.__new__(AttachedSession, _MAKE)
         self._control = control
         self._h = <cs_header *>control.addr
@@ -73,16 +138,16 @@ cdef class AttachedSession:
         self.session_id = session_id
         self.namespace = namespace
         self._subscriptions = weakref.WeakSet()
-        self._claim_reader_slot()
-        _live_readers.add(self)
+        self._ring_frames = {}
+        self._owner_local = owner_local
+        self._slot = _ReaderSlot.claim(control, owner_local, self._data_prefix, session_id)
         return self
 
     @staticmethod
     cdef AttachedSession _for_owner(SharedRing owner, _Segment control, object clock, list segments):
         # Not a reference to the ring (it holds this): a cycle of objects that write to
         # shared memory when collected could not be broken safely.
-        cdef AttachedSession self = AttachedSession._new(control, clock, owner.session_id, owner.namespace)
-        self._owner_local = True
+        cdef AttachedSession self = AttachedSession._new(control, clock, owner.session_id, owner.namespace, True)
         # The owner's reads use its own mappings (by index), never a name: they work
         # after the names are gone, and nothing is mapped twice.
         self._owner_segments = segments
@@ -102,45 +167,11 @@ cdef class AttachedSession:
             raise SharedMemoryError(f"{control_name!r} is corrupted: its session id is not UTF-8") from None
         if stored_id != session_id:
             raise SharedMemoryError(f"{control_name!r} holds session {stored_id!r}, not {session_id!r}")
-        return AttachedSession._new(control, time.monotonic, session_id, namespace)
-
-    cdef _claim_reader_slot(self):
-        cdef cs_reader *readers = cs_readers(self._h)
-        cdef uint64_t pid = getpid()
-        cdef uint32_t r
-        for r in range(CS_MAX_READERS):
-            if cs_cas(&readers[r].pid, 0, pid):
-                cs_store(&readers[r].copied_out, 0)
-                cs_store(&readers[r].start_time, own_start_time())
-                self._index = r
-                self._leases = cs_leases(self._h, r)
-                return
-        raise SharedMemoryError(f"shared session {self.session_id!r} already has {CS_MAX_READERS} readers attached")
+        return AttachedSession._new(control, time.monotonic, session_id, namespace, False)
 
     def __dealloc__(self):
-        cdef cs_reader *readers
-        if self._index >= 0 and self._h != NULL:
-            # Every lease and subscription holds this object, so none is left: the slot
-            # is free for the next reader.
-            self._leave()
         free(self._map_serials)
         self._map_serials = NULL
-
-    cdef void _leave(self) noexcept:
-        """Give the reader slot back (and clean up after an ended session, if last)."""
-        if self._index < 0:
-            return
-        cdef cs_reader *readers = cs_readers(self._h)
-        cdef int index = self._index
-        self._index = -1
-        memset(self._leases, 0, CS_MAX_BUFFERS * sizeof(uint32_t))
-        cs_store(&readers[index].start_time, 0)
-        cs_store(&readers[index].pid, 0)
-        if not self._owner_local:
-            try:
-                _leave_if_last(self._h, index, self._data_prefix)
-            except BaseException:
-                pass  # a name that cannot be unlinked now is the next sweep's
 
     def __reduce_ex__(self, protocol):
         raise TypeError("cannot pickle or copy 'AttachedSession' object (attach() again in the other process)")
@@ -170,6 +201,7 @@ cdef class AttachedSession:
         """Close this handle and its subscriptions (idempotent). Frames already handed
         out stay valid; the reader slot is given back when the last of them is gone."""
         self._closed = True
+        self._ring_frames = {}
         for sub in list(self._subscriptions):
             sub.close()
 
@@ -184,10 +216,6 @@ cdef class AttachedSession:
             raise ValueError(f"attached session {self.session_id!r} is closed")
 
     # -- leases and frames -----------------------------------------------------------------
-    cdef void _release(self, uint32_t index) noexcept:
-        cs_release32(&self._leases[index])
-        self._held -= 1
-
     cdef _Segment _mapping(self, uint32_t index):
         if self._owner_segments is not None:
             return self._owner_segments[index] if index < len(self._owner_segments) else None
@@ -211,26 +239,23 @@ cdef class AttachedSession:
         (lease ended) when the buffer moved on or its segment is gone."""
         cdef uint32_t index = entry & LOW32
         if (cs_load(&cs_buffers(self._h)[index].gen) & LOW32) != (entry >> 32):
-            self._release_raw(index)
+            self._slot.release_raw(index)
             return None
         seg = self._mapping(index)
         if seg is None:
-            self._release_raw(index)
+            self._slot.release_raw(index)
             return None
         try:
             return self._build(index, seg)
         except BaseException:
-            self._release_raw(index)
+            self._slot.release_raw(index)
             raise
-
-    cdef inline void _release_raw(self, uint32_t index) noexcept:
-        cs_release32(&self._leases[index])
 
     cdef object _frame(self, uint64_t entry):
         cdef uint32_t index = entry & LOW32
         if index >= CS_MAX_BUFFERS:
             raise SharedMemoryError(f"shared session {self.session_id!r} is corrupted: buffer {index} out of range")
-        cs_add32(&self._leases[index], 1)
+        cs_add32(&self._slot.leases[index], 1)
         return self._frame_of_leased(entry)
 
     cdef object _build(self, uint32_t index, _Segment seg):
@@ -249,20 +274,20 @@ cdef class AttachedSession:
         cdef cnp.npy_intp dims = <cnp.npy_intp>meta.nbytes
         cdef cnp.ndarray arr
         cdef _Lease lease
-        if self._held >= CS_LEASE_BUDGET:
+        if self._slot.held >= CS_LEASE_BUDGET:
             # Past the budget a frame is copied out, so a reader that hoards frames pins
             # no more shared memory than its budget (counted in visual_stats).
             arr = cnp.PyArray_EMPTY(1, &dims, cnp.NPY_UINT8, 0)
             memcpy(cnp.PyArray_DATA(arr), seg.addr + meta.data_offset, meta.nbytes)
-            self._release_raw(index)
-            cs_add(&cs_readers(self._h)[self._index].copied_out, 1)
+            self._slot.release_raw(index)
+            cs_add(&cs_readers(self._h)[self._slot.index].copied_out, 1)
         else:
             arr = cnp.PyArray_SimpleNewFromData(1, &dims, cnp.NPY_UINT8, seg.addr + meta.data_offset)
             lease = _Lease.__new__(_Lease)
             lease.mapping = seg
             lease.index = index
-            lease.reader = self
-            self._held += 1
+            lease.slot = self._slot
+            self._slot.held += 1
             cnp.set_array_base(arr, lease)
         cnp.PyArray_CLEARFLAGS(arr, cnp.NPY_ARRAY_WRITEABLE)
         frame = VisualFrame.__new__(VisualFrame)
@@ -307,15 +332,26 @@ cdef class AttachedSession:
             if cs_load(&h.seq) != seq:
                 continue
             frames = []
+            fresh = {}
             for k in range(n):
                 if received[k] > MAX_INSTANT_NS or received[k] < -MAX_INSTANT_NS:
                     raise SharedMemoryError(f"shared session {self.session_id!r} is corrupted: a frame's instant")
                 if now_ns - received[k] <= ttl_ns:
-                    frame = self._frame(entries[k])
-                    if frame is None:  # rewritten since the copy: read the ring again
-                        break
+                    # A frame this handle made for the same buffer and generation is the
+                    # same frame (its lease kept the buffer as it was): handed out again,
+                    # as in-process.
+                    frame = self._ring_frames.get(entries[k])
+                    if frame is None:
+                        frame = self._frame(entries[k])
+                        if frame is None:  # rewritten since the copy: read the ring again
+                            break
                     frames.append(frame)
+                    fresh[entries[k]] = frame
             else:
+                # Only the frames just handed out stay cached: one that left the ring is
+                # let go (its lease ends with the caller's last reference), so the cache
+                # pins no buffer the ring does not hold anyway.
+                self._ring_frames = fresh
                 return frames
         if self._owner_gone():
             return []
@@ -388,7 +424,7 @@ cdef class AttachedSession:
         for i in range(CS_MAX_SUBS):
             s = &subs[i]
             if cs_cas(&s.state, CS_SUB_FREE, CS_SUB_CLAIMED):
-                cs_store(&s.reader, self._index)
+                cs_store(&s.reader, self._slot.index)
                 cs_store(&s.policy, 1 if policy == "drop_oldest" else 0)
                 cs_store(&s.maxsize, maxsize)
                 cs_store(&s.closed, 0)
@@ -398,6 +434,7 @@ cdef class AttachedSession:
                 cs_store(&s.delivered, 0)
                 epoch = cs_add(&s.epoch, 1)
                 cs_store(&s.state, CS_SUB_ACTIVE)
+                cs_add(&self._h.subs_version, 1)
                 sub = SharedSubscription._claimed(self, i, epoch, maxsize, policy)
                 self._subscriptions.add(sub)
                 return sub
@@ -406,12 +443,12 @@ cdef class AttachedSession:
 
 # Handles still attached at interpreter exit leave then (their frames die with the
 # process), so the last process out of an ended session unlinks what it left.
-_live_readers = weakref.WeakSet()
+_live_slots = weakref.WeakSet()
 
 
-def _leave_live_readers():
-    for reader in list(_live_readers):
-        (<AttachedSession>reader)._leave()
+def _leave_live_slots():
+    for slot in list(_live_slots):
+        (<_ReaderSlot>slot).leave()
 
 
-atexit.register(_leave_live_readers)
+atexit.register(_leave_live_slots)

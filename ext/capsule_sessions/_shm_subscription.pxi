@@ -97,6 +97,7 @@ cdef class SharedSubscription:
         self._delivered_at_release = cs_load(&self._s.delivered)
         cs_store(&self._s.closed, 1)
         cs_store(&self._s.state, CS_SUB_RELEASED)  # the owner counts its entries out, then frees it
+        cs_add(&self._reader._h.subs_version, 1)
 
     # -- counters ------------------------------------------------------------------------
     @property
@@ -152,9 +153,9 @@ cdef class SharedSubscription:
             if index >= CS_MAX_BUFFERS:
                 raise SharedMemoryError(f"a subscription of {self._reader.session_id!r} is corrupted")
             # Lease first, then take: from the owner's side the buffer is never unreferenced.
-            cs_add32(&self._reader._leases[index], 1)
+            cs_add32(&self._reader._slot.leases[index], 1)
             if not cs_cas(&s.tail, tail, tail + 1):  # the owner evicted it (drop_oldest)
-                self._reader._release_raw(index)
+                self._reader._slot.release_raw(index)
                 continue
             frame = self._reader._frame_of_leased(entry)
             if frame is None:  # its segment is gone with the session: counted, not lost silently
