@@ -120,6 +120,13 @@ def _new_tag() -> str:
     return f"csb{os.getpid()}x{next(_TAGS)}"
 
 
+def is_ours(name: str) -> bool:
+    """Whether a /dev/shm entry can be this process's: named with its tags (the Frigate
+    slots, iceoryx2's files, the library's namespace), or a multiprocessing semaphore.
+    On a shared machine other processes come and go in /dev/shm too."""
+    return f"csb{os.getpid()}x" in name or name.startswith("sem.mp-")
+
+
 def dev_shm() -> set[str]:
     """The names in /dev/shm (empty where there is no /dev/shm)."""
     try:
@@ -238,100 +245,133 @@ def _consume(reader: Reader, spec: StreamSpec, control: Control) -> JsonObject:
             "counters": reader.counters(), "latencies_ns": latencies.tobytes()}
 
 
-def _error(out: Any, role: str, index: int) -> None:
-    out.put(("error", role, index, traceback.format_exc(limit=8)))
+@dataclass
+class Phase:
+    """One case of a group: its spec, its wiring and its controls, all made before the
+    group is spawned (multiprocessing queues and events reach a child only that way)."""
+
+    spec: StreamSpec
+    wiring: Wiring
+    control: Control
 
 
-def _producer_main(peer_name: str, wiring: Wiring, spec: StreamSpec, control: Control, out: Any) -> None:
-    producer = None
-    try:
-        producer = PEERS[peer_name].producer(wiring)
-        out.put(("ready", "producer", 0, None))
-        out.put(("result", "producer", 0, _produce(producer, spec, control)))
-        control.finish.wait(FINISH_WAIT_S)  # the readers may still hold what the producer lent them
-    except BaseException:
-        control.stop.set()
-        _error(out, "producer", 0)
-    finally:
-        if producer is not None:
-            producer.close()
+def _error(out: Any, phase: int, role: str, index: int) -> None:
+    out.put(("error", phase, role, index, traceback.format_exc(limit=8)))
 
 
-def _reader_main(peer_name: str, wiring: Wiring, spec: StreamSpec, index: int, control: Control, out: Any) -> None:
-    reader = None
-    try:
-        reader = PEERS[peer_name].reader(wiring, index)
-        out.put(("ready", "reader", index, None))
-        out.put(("result", "reader", index, _consume(reader, spec, control)))
-    except BaseException:
-        _error(out, "reader", index)
-    finally:
-        if reader is not None:
-            reader.close()
+def _producer_main(peer_name: str, phases: list[Phase], out: Any) -> None:
+    for k, phase in enumerate(phases):
+        producer = None
+        try:
+            producer = PEERS[peer_name].producer(phase.wiring)
+            out.put(("ready", k, "producer", 0, None))
+            out.put(("result", k, "producer", 0, _produce(producer, phase.spec, phase.control)))
+            phase.control.finish.wait(FINISH_WAIT_S)  # the readers may still hold what the producer lent them
+        except BaseException:
+            phase.control.stop.set()
+            _error(out, k, "producer", 0)
+            return
+        finally:
+            if producer is not None:
+                producer.close()
 
 
-def _group_main(peer_name: str, wiring: Wiring, spec: StreamSpec, control: Control, out: Any) -> None:
-    """The in-process peer: the producer in the main thread, each reader a thread."""
-    peer = PEERS[peer_name]
-    try:
-        producer = peer.producer(wiring)
-        readers = [peer.reader(wiring, i) for i in range(spec.readers)]
-    except BaseException:
-        _error(out, "producer", 0)
-        return
+def _reader_main(peer_name: str, phases: list[Phase], index: int, out: Any) -> None:
+    for k, phase in enumerate(phases):
+        if index >= phase.spec.readers:
+            # Not in this case: keep still until it is over, so that opening the next
+            # case's end does not run beside this case's measurement.
+            phase.control.finish.wait(READY_TIMEOUT_S + FINISH_WAIT_S)
+            continue
+        reader = None
+        try:
+            reader = PEERS[peer_name].reader(phase.wiring, index)
+            out.put(("ready", k, "reader", index, None))
+            out.put(("result", k, "reader", index, _consume(reader, phase.spec, phase.control)))
+        except BaseException:
+            _error(out, k, "reader", index)
+            return
+        finally:
+            if reader is not None:
+                reader.close()
+
+
+def _group_phase(peer: Peer, k: int, phase: Phase, out: Any) -> None:
+    """The in-process peer's case: the producer in the main thread, each reader a thread."""
+    spec, control = phase.spec, phase.control
+    producer = peer.producer(phase.wiring)
+    readers = [peer.reader(phase.wiring, i) for i in range(spec.readers)]
 
     def reading(index: int) -> Callable[[], None]:
         def run() -> None:
             try:
-                out.put(("result", "reader", index, _consume(readers[index], spec, control)))
+                out.put(("result", k, "reader", index, _consume(readers[index], spec, control)))
             except BaseException:
-                _error(out, "reader", index)
+                _error(out, k, "reader", index)
         return run
 
     threads = run_threads([reading(i) for i in range(spec.readers)])
     try:
-        out.put(("ready", "producer", 0, None))
-        out.put(("result", "producer", 0, _produce(producer, spec, control)))
-    except BaseException:
+        out.put(("ready", k, "producer", 0, None))
+        out.put(("result", k, "producer", 0, _produce(producer, spec, control)))
+    finally:
         control.stop.set()
-        _error(out, "producer", 0)
-    for thread in threads:
-        thread.join(RESULT_GRACE_S)
-    for reader in readers:
-        reader.close()
-    producer.close()
+        for thread in threads:
+            thread.join(RESULT_GRACE_S)
+        for reader in readers:
+            reader.close()
+        producer.close()
 
 
-# -- the benchmark's side of one case ------------------------------------------------------
-
-def _collect(out: Any, procs: list[Any], kind: str, expected: int, timeout: float,
-             results: dict[tuple[str, int], JsonObject], errors: list[str]) -> bool:
-    """Read messages until ``expected`` of ``kind`` have come, an error comes, a child
-    dies without a word, or ``timeout`` passes; False unless they all came."""
-    deadline = time.monotonic() + timeout
-    seen = 0
-    while seen < expected:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            errors.append(f"timed out after {timeout:g} s waiting for {expected - seen} '{kind}' message(s)")
-            return False
+def _group_main(peer_name: str, phases: list[Phase], out: Any) -> None:
+    for k, phase in enumerate(phases):
         try:
-            message, role, index, body = out.get(timeout=min(left, 0.2))
-        except queue.Empty:
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                errors.append(", ".join(f"{p.name} exited with code {p.exitcode}" for p in dead))
+            _group_phase(PEERS[peer_name], k, phase, out)
+        except BaseException:
+            _error(out, k, "producer", 0)
+            return
+        phase.control.finish.wait(FINISH_WAIT_S)
+
+
+# -- the benchmark's side of a group of cases -------------------------------------------------
+
+class _Mailbox:
+    """The children's messages, as they come: ("ready" | "result" | "error", case
+    number, role, index, body). A child may say it is ready for the next case before
+    another has sent its result for this one, so every message is kept until asked for."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.counts: dict[tuple[str, int], int] = {}
+        self.results: dict[tuple[int, str, int], JsonObject] = {}
+
+    def wait(self, procs: list[Any], phase: int, kind: str, expected: int, timeout: float,
+             errors: list[str]) -> bool:
+        """Until ``expected`` messages of ``kind`` have come for ``phase``, an error comes,
+        a child dies without a word, or ``timeout`` passes; False unless they all came."""
+        deadline = time.monotonic() + timeout
+        while self.counts.get((kind, phase), 0) < expected:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = expected - self.counts.get((kind, phase), 0)
+                errors.append(f"timed out after {timeout:g} s waiting for {missing} '{kind}' message(s)")
                 return False
-            continue
-        if message == "error":
-            errors.append(f"{role} {index}: {body.strip().splitlines()[-1]}")
-            errors.append(body)
-            return False
-        if message == "result":
-            results[(role, index)] = body
-        if message == kind:
-            seen += 1
-    return True
+            try:
+                message, k, role, index, body = self.out.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(", ".join(f"{p.name} exited with code {p.exitcode}" for p in dead))
+                    return False
+                continue
+            if message == "error":
+                errors.append(f"{role} {index}: {body.strip().splitlines()[-1]}")
+                errors.append(body)
+                return False
+            if message == "result":
+                self.results[(k, role, index)] = body
+            self.counts[(message, k)] = self.counts.get((message, k), 0) + 1
+        return True
 
 
 def _end(procs: list[Any]) -> int:
@@ -353,58 +393,80 @@ def _end(procs: list[Any]) -> int:
     return forced
 
 
-def run_stream(peer_name: str, spec: StreamSpec) -> JsonObject:
-    """Run one W10/W11 case: spawn, go, collect, end, clean up. Always returns a dict:
-    its "errors" say what went wrong, if anything; "shm_left", what is in /dev/shm now
-    that was not before (once the case's queues and events, whose semaphores are named
-    ones under 'spawn', have been collected)."""
+def run_group(peer_name: str, specs: list[StreamSpec],
+              progress: Callable[[StreamSpec], None] | None = None) -> list[JsonObject]:
+    """Run W10/W11 cases of one peer, one after the other, in one group of spawned
+    processes (a producer, and as many readers as the largest case has; a case with
+    fewer leaves the others idle): prepare every case, spawn, then per case wait until
+    its children are ready, go, collect; then end the group and clean up. One dict per
+    case, whatever happened: its "errors" say what went wrong, if anything; its
+    "shm_left", what of this run's is in /dev/shm after the group that was not before
+    (once the group's queues and events, named semaphores under 'spawn', have been
+    collected)."""
     before = dev_shm()
-    result = _run_stream(peer_name, spec)
+    summaries = _run_group(peer_name, specs, progress or (lambda spec: None))
     gc.collect()
-    result["shm_left"] = sorted(dev_shm() - before)
-    return result
+    left = sorted(name for name in dev_shm() - before if is_ours(name))
+    for summary in summaries:
+        summary["shm_left"] = left
+    return summaries
 
 
-def _run_stream(peer_name: str, spec: StreamSpec) -> JsonObject:
+def _run_group(peer_name: str, specs: list[StreamSpec], progress: Callable[[StreamSpec], None]) -> list[JsonObject]:
     peer = PEERS[peer_name]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    control = Control(ctx.Event(), ctx.Event(), ctx.Event(), ctx.Value("q", 0, lock=False))
-    results: dict[tuple[str, int], JsonObject] = {}
-    errors: list[str] = []
+    mailbox = _Mailbox(out)
+    phases: list[Phase] = []
+    errors: list[list[str]] = [[] for _ in specs]
     procs: list[Any] = []
-    wiring: Wiring | None = None
     forced = 0
     swept: list[str] = []
     try:
-        wiring = peer.prepare(ctx, spec.size, spec.readers, spec.buffer, spec.tag)
+        for spec in specs:
+            control = Control(ctx.Event(), ctx.Event(), ctx.Event(), ctx.Value("q", 0, lock=False))
+            phases.append(Phase(spec, peer.prepare(ctx, spec.size, spec.readers, spec.buffer, spec.tag), control))
+        most = max(spec.readers for spec in specs)
         if peer.single_process:
-            procs.append(ctx.Process(target=_group_main, args=(peer_name, wiring, spec, control, out),
+            procs.append(ctx.Process(target=_group_main, args=(peer_name, phases, out),
                                      name=f"{peer_name}-group", daemon=True))
         else:
-            procs.append(ctx.Process(target=_producer_main, args=(peer_name, wiring, spec, control, out),
+            procs.append(ctx.Process(target=_producer_main, args=(peer_name, phases, out),
                                      name=f"{peer_name}-producer", daemon=True))
-            procs += [ctx.Process(target=_reader_main, args=(peer_name, wiring, spec, i, control, out),
-                                  name=f"{peer_name}-reader-{i}", daemon=True) for i in range(spec.readers)]
+            procs += [ctx.Process(target=_reader_main, args=(peer_name, phases, i, out),
+                                  name=f"{peer_name}-reader-{i}", daemon=True) for i in range(most)]
         for p in procs:
             p.start()
-        ready = 1 if peer.single_process else 1 + spec.readers
-        if _collect(out, procs, "ready", ready, READY_TIMEOUT_S, results, errors):
-            control.t_go.value = time.monotonic_ns() + int(GO_DELAY_S * 1e9)
-            control.go.set()
-            _collect(out, procs, "result", 1 + spec.readers - len(results),
-                     GO_DELAY_S + spec.warmup_s + spec.window_s + RESULT_GRACE_S, results, errors)
+        for k, phase in enumerate(phases):
+            spec, control = phase.spec, phase.control
+            ready = 1 if peer.single_process else 1 + spec.readers
+            ok = mailbox.wait(procs, k, "ready", ready, READY_TIMEOUT_S, errors[k])
+            if ok:
+                control.t_go.value = time.monotonic_ns() + int(GO_DELAY_S * 1e9)
+                control.go.set()
+                ok = mailbox.wait(procs, k, "result", 1 + spec.readers,
+                                  GO_DELAY_S + spec.warmup_s + spec.window_s + RESULT_GRACE_S, errors[k])
+            control.stop.set()
+            control.finish.set()
+            progress(spec)
+            if not ok:
+                for rest in range(k + 1, len(phases)):
+                    errors[rest].append(f"not run: an earlier case of the group failed ({errors[k][0]})")
+                    progress(phases[rest].spec)
+                break
     except Exception:
-        errors.append(traceback.format_exc(limit=8))
+        errors[0].append(traceback.format_exc(limit=8))
     finally:
-        control.stop.set()
-        control.finish.set()
+        for phase in phases:
+            phase.control.stop.set()
+            phase.control.finish.set()
         forced = _end(procs)
-        if wiring is not None:
-            swept = peer.cleanup(wiring)
+        for phase in phases:
+            swept += peer.cleanup(phase.wiring)
         out.close()
         out.cancel_join_thread()
-    return _summarize(spec, results, errors, forced, swept)
+    return [_summarize(spec, {(role, index): body for (k2, role, index), body in mailbox.results.items() if k2 == k},
+                       errors[k], forced, swept) for k, spec in enumerate(specs)]
 
 
 def _percentile_us(latencies: np.ndarray[Any, np.dtype[np.int64]], q: float) -> float | None:
@@ -413,6 +475,8 @@ def _percentile_us(latencies: np.ndarray[Any, np.dtype[np.int64]], q: float) -> 
 
 def _summarize(spec: StreamSpec, results: dict[tuple[str, int], JsonObject], errors: list[str], forced: int,
                swept: list[str]) -> JsonObject:
+    """One case's figures from its children's results (``forced`` and ``swept`` are the
+    group's)."""
     out: JsonObject = {"readers": spec.readers, "errors": errors, "forced_exits": forced, "shm_swept": swept}
     producer = results.get(("producer", 0))
     readers = [results.get(("reader", i)) for i in range(spec.readers)]
@@ -490,10 +554,10 @@ def _latest_producer_main(namespace: str, sizes: list[int], control: Control, ou
     producer = None
     try:
         producer = LatestProducer(namespace, sizes, W12_FRAMES, lambda size, seq: stamped(size, seq, seed=seq))
-        out.put(("ready", "producer", 0, None))
+        out.put(("ready", 0, "producer", 0, None))
         control.finish.wait(FINISH_WAIT_S + RESULT_GRACE_S)
     except BaseException:
-        _error(out, "producer", 0)
+        _error(out, 0, "producer", 0)
     finally:
         if producer is not None:
             producer.close()
@@ -520,11 +584,11 @@ def _latest_reader_main(namespace: str, sizes: list[int], repeats: int, min_batc
                                   "torn": sum(is_torn(f.data, offsets, f.frame_seq) for f in frames)}
             del frames
             cases[size] = _latest_case(call)
-        out.put(("ready", "reader", 0, None))
+        out.put(("ready", 0, "reader", 0, None))
         measured = harness.interleaved(cases, repeats, min_batch_s)
-        out.put(("result", "reader", 0, {str(size): {**measured[size], **checked[str(size)]} for size in sizes}))
+        out.put(("result", 0, "reader", 0, {str(size): {**measured[size], **checked[str(size)]} for size in sizes}))
     except BaseException:
-        _error(out, "reader", 0)
+        _error(out, 0, "reader", 0)
     finally:
         for session in sessions:
             session.close()
@@ -539,7 +603,8 @@ def _per_frame(summary: JsonObject) -> JsonObject:
 def run_latest_in_process(repeats: int, min_batch_s: float) -> JsonObject:
     """The in-process reference: W5 itself (8 x 64 KiB) and the W12 sizes, on the
     compiled backend where it is built."""
-    backend = backends()[0]
+    available = backends()
+    backend = "cython" if "cython" in available else available[0]
     sizes = sorted({W12_W5_SIZE, *W12_SIZES})
     cases = {size: build_latest(backend, {"size": size, "frames": W12_FRAMES, "ttl": 10.0}) for size in sizes}
     measured = harness.interleaved({k: c for k, c in cases.items() if c is not None}, repeats, min_batch_s)
@@ -555,18 +620,18 @@ def run_latest_shm(repeats: int, min_batch_s: float) -> JsonObject:
     out = ctx.Queue()
     control = Control(ctx.Event(), ctx.Event(), ctx.Event(), ctx.Value("q", 0, lock=False))
     namespace = _new_tag()
-    results: dict[tuple[str, int], JsonObject] = {}
+    mailbox = _Mailbox(out)
     errors: list[str] = []
     procs = [ctx.Process(target=_latest_producer_main, args=(namespace, list(W12_SIZES), control, out),
                          name="shm-latest-producer", daemon=True)]
     try:
         procs[0].start()
-        if _collect(out, procs, "ready", 1, READY_TIMEOUT_S, results, errors):
+        if mailbox.wait(procs, 0, "ready", 1, READY_TIMEOUT_S, errors):
             procs.append(ctx.Process(target=_latest_reader_main,
                                      args=(namespace, list(W12_SIZES), repeats, min_batch_s, out),
                                      name="shm-latest-reader", daemon=True))
             procs[1].start()
-            _collect(out, procs, "result", 1, READY_TIMEOUT_S + FINISH_WAIT_S, results, errors)
+            mailbox.wait(procs, 0, "result", 1, READY_TIMEOUT_S + FINISH_WAIT_S, errors)
     finally:
         control.finish.set()
         forced = _end(procs)
@@ -574,8 +639,9 @@ def run_latest_shm(repeats: int, min_batch_s: float) -> JsonObject:
         out.cancel_join_thread()
     del out, control, procs
     gc.collect()
-    summary: JsonObject = {"errors": errors, "forced_exits": forced, "shm_left": sorted(dev_shm() - before)}
-    reader = results.get(("reader", 0))
+    summary: JsonObject = {"errors": errors, "forced_exits": forced,
+                           "shm_left": sorted(name for name in dev_shm() - before if is_ours(name))}
+    reader = mailbox.results.get((0, "reader", 0))
     if reader is not None:
         summary["results"] = {size: _per_frame(r) for size, r in reader.items()}
     return summary
@@ -593,6 +659,12 @@ def stream_spec(workload: str, readers: int, window_s: float, warmup_s: float, w
 def availability(targets: list[str]) -> dict[str, str | None]:
     """{target: why it cannot run here, or None}."""
     return {name: PEERS[name].unavailable() for name in targets}
+
+
+def _ticker(tick: Callable[[str], None], target: str) -> Callable[[StreamSpec], None]:
+    def done(spec: StreamSpec) -> None:
+        tick(f"{spec.workload} {target} {spec.readers} reader{'s' if spec.readers > 1 else ''}")
+    return done
 
 
 def steps(workloads: list[str], targets: list[str], repeats: int) -> int:
@@ -613,24 +685,28 @@ def run(workloads: list[str], targets: list[str], *, window_s: float, warmup_s: 
     runnable = [name for name in targets if reasons[name] is None]
     out: JsonObject = {"targets": targets, "unavailable": {k: v for k, v in reasons.items() if v is not None},
                        "descriptions": {name: PEERS[name].description for name in targets}}
-    for wid in (W10_ID, W11_ID):
-        if wid not in workloads:
-            continue
-        runs: dict[tuple[str, int], list[JsonObject]] = {(t, n): [] for t in runnable for n in READERS}
-        for round_no in range(repeats):
-            order = list(runs)
-            random.Random(round_no).shuffle(order)
-            for target, readers in order:
-                spec = stream_spec(wid, readers, window_s, warmup_s, w11_frames)
-                runs[(target, readers)].append(run_stream(target, spec))
-                tick(f"{wid} {target} {readers} reader{'s' if readers > 1 else ''}")
+    streams = [wid for wid in (W10_ID, W11_ID) if wid in workloads]
+    runs: dict[tuple[str, str, int], list[JsonObject]] = {
+        (wid, t, n): [] for wid in streams for t in runnable for n in READERS}
+    # Each round runs every peer once, in an order shuffled from round to round (as the
+    # in-process rounds are), each peer's cases in one group of processes, also shuffled.
+    for round_no in range(repeats if streams else 0):
+        order = list(runnable)
+        random.Random(round_no).shuffle(order)
+        for target in order:
+            specs = [stream_spec(wid, n, window_s, warmup_s, w11_frames) for wid in streams for n in READERS]
+            random.Random(round_no).shuffle(specs)
+            summaries = run_group(target, specs, _ticker(tick, target))
+            for spec, summary in zip(specs, summaries, strict=True):
+                runs[(spec.workload, target, spec.readers)].append(summary)
+    for wid in streams:
         spec = stream_spec(wid, 1, window_s, warmup_s, w11_frames)
         by_target: JsonObject = {}
         for target in targets:
             if reasons[target] is not None:
                 by_target[target] = {"unavailable": reasons[target]}
             else:
-                by_target[target] = {str(n): merge(runs[(target, n)]) for n in READERS}
+                by_target[target] = {str(n): merge(runs[(wid, target, n)]) for n in READERS}
         out[wid] = {"description": DESCRIPTIONS[wid], "results": by_target,
                     "params": {"frame_bytes": spec.size, "buffer": BUFFER, "readers": list(READERS),
                                "warmup_s": spec.warmup_s, "window_s": spec.window_s,
@@ -648,5 +724,6 @@ def run(workloads: list[str], targets: list[str], *, window_s: float, warmup_s: 
         out[W12_ID] = w12
     after = dev_shm()
     out["dev_shm"] = {"before": sorted(before), "after": sorted(after), "left": sorted(after - before),
+                      "left_by_this_run": sorted(name for name in after - before if is_ours(name)),
                       "unchanged": after == before}
     return out
