@@ -226,12 +226,12 @@ def _consume(reader: Reader, spec: StreamSpec, control: Control) -> JsonObject:
         expected = got[1]
         t = clock()
         first = unpack(data, o0)
-        if is_torn(data, offsets, expected):
-            torn += 1
-        elif unpack(data, o0) != first:  # changed while held
-            torn += 1
-        seqs.append(first[0])
-        sent.append(first[1])
+        bad = is_torn(data, offsets, expected) or unpack(data, o0) != first  # or changed while held
+        torn += bad
+        # The order is the transport's (what it said it delivered, where it says); a
+        # torn frame's stamps are no one's, so it has no latency.
+        seqs.append(expected if expected >= 0 else first[0])
+        sent.append(-1 if bad else first[1])
         got_at.append(t)
         del data, got
         release()
