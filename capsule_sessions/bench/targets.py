@@ -259,8 +259,8 @@ def _w10_checks(w10: JsonObject, mine: JsonObject) -> list[JsonObject]:
             if other is not None:
                 ratios[peer] = _paired_rounds(mine[n][key], other[n][key])
         known = {peer: r for peer, r in ratios.items() if r is not None}
-        checks.append(_check(IPC_LIBRARY, W10_ID, f"per-reader frames/s above {' and '.join(W10_ABOVE)} "
-                             f"in the same run ({_readers_label(n)})",
+        checks.append(_check(IPC_LIBRARY, W10_ID, f"per-reader frames/s above {' and '.join(ratios or W10_ABOVE)}"
+                             f" in the same run ({_readers_label(n)})",
                              "; ".join(f"{format_ratio(r)}x {peer}" for peer, r in known.items()) or "no peer ran",
                              all(r > 1 for r in known.values()) if known and len(known) == len(ratios) else None))
     scaling = _paired_rounds(mine["4"][key], mine["1"][key])
