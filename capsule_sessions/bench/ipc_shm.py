@@ -5,7 +5,8 @@ Written against the API that docs/bench.md's W10-W12 measure (the producer's
 ``capsule_sessions.attach(session_id, namespace=..., timeout=...)`` and its
 ``subscribe_visual_frames(buffer=..., policy="drop_oldest")``, ``latest_visual_frames``).
 Where this installation has no ``capsule_sessions.attach`` the target is reported as
-unavailable (not built) and nothing here runs. The library cleans up its own shared
+unavailable (not built), and without the compiled backend (whose shared memory it is) as
+unavailable too; nothing here runs then. The library cleans up its own shared
 memory: ``cleanup`` removes nothing, so that the /dev/shm check sees what it leaves.
 """
 
@@ -66,7 +67,12 @@ class ShmPeer(Peer):
                    "reader attach()es and subscribe_visual_frames(buffer, policy='drop_oldest')")
 
     def unavailable(self) -> str | None:
-        return None if hasattr(capsule_sessions, "attach") else UNAVAILABLE
+        if not hasattr(capsule_sessions, "attach"):
+            return UNAVAILABLE
+        if "cython" not in capsule_sessions.available_backends():
+            # The pure backend's shared= and attach() raise ImportError (no shared memory).
+            return "unavailable (the compiled backend is not built)"
+        return None
 
     def prepare(self, ctx: Any, size: int, readers: int, buffer: int, tag: str) -> Wiring:
         wiring = super().prepare(ctx, size, readers, buffer, tag)
