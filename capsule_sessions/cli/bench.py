@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n", 1)[1]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--quick", action="store_true",
-                        help="short batches and windows: the whole matrix in about a minute")
+                        help="short batches and windows: the whole matrix in under a minute")
     parser.add_argument("--targets", metavar="LIST",
                         help="comma-separated targets to run (default: every backend, naive, memcpy, and for "
                              "W10-W12 shm, iceoryx2, frigate, faster_fifo, mp_queue, in_process)")
