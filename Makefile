@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"
 	$(PY) -m pip install --quiet "Cython>=3.1" "numpy>=2"
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,cli,plot,video,lint]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,cli,plot,video,lint,bench]"
 	touch $(STAMP)
 
 # build_ext --inplace is a no-op when the .so is newer than its sources.

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from capsule_sessions import Session, available_backends, cli
-from capsule_sessions.bench import naive, plot, report, runner, workloads
+from capsule_sessions.bench import ipc, naive, plot, report, runner, targets, workloads
 from capsule_sessions.cli import bench as bench_cli
 from capsule_sessions.cli._errors import UsageError
 from capsule_sessions.cli._extras import MissingExtra, available
@@ -205,3 +205,107 @@ def test_naive_port_keeps_the_go_semantics_of_the_reference():
 
 def test_json_never_holds_nan():
     assert bench_cli._finite({"a": [math.nan, 1.0], "b": {"c": math.nan}}) == {"a": [None, 1.0], "b": {"c": None}}
+
+
+# -- across processes (W10-W12) ---------------------------------------------------------
+
+PEERS = [name for name in ipc.TARGETS if name != ipc.LIBRARY]
+
+
+def test_quick_across_processes_on_the_peers(tmp_path, capsys):
+    """W10 and W11 with --quick on every peer: each case ran in spawned processes that
+    all came back by themselves, every figure is there, no frame was torn (but the
+    Frigate pattern's: its producer overwrites slots that nothing protects, which is what
+    the column is there to show), and nothing of the run is left in /dev/shm."""
+    before = ipc.dev_shm()
+    out = tmp_path / "ipc.json"
+    code = bench_cli.run(parse("--quick", "--workloads", "W10,W11", "--targets", ",".join(PEERS),
+                               "--json", str(out), "--no-progress"))
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "### W10" in printed and "### W11" in printed and "### W1-W7" not in printed
+    assert table_header(printed, "target")[:4] == ["target", "readers", "producer frames/s", "frames/s per reader"]
+
+    results = json.loads(out.read_text())
+    assert results["workloads"] == [ipc.W10_ID, ipc.W11_ID] and results["ipc_targets"] == PEERS
+    assert results["timed"] == {} and results["checks"] == []  # no library target was selected
+    across = results["ipc"]
+    for wid in (ipc.W10_ID, ipc.W11_ID):
+        assert list(across[wid]["results"]) == PEERS
+        for target, by_readers in across[wid]["results"].items():
+            if "unavailable" in by_readers:  # faster_fifo or iceoryx2 not installed (the bench extra)
+                assert target in across["unavailable"] and "capsule_sessions[bench]" in by_readers["unavailable"]
+                continue
+            assert set(by_readers) == {"1", "4"}
+            for readers, r in by_readers.items():
+                where = f"{wid} {target} {readers}"
+                assert (r["runs"], r["failed"], r["errors"], r["forced_exits"]) == (1, 0, [], 0), where
+                assert r["producer_fps"] > 0 and r["fps_per_reader"] > 0 and r["received"] > 0, where
+                assert r["published"] * int(readers) == r["received"] + r["dropped"], where
+                assert r["out_of_order"] == 0 and r["p99_us"] >= r["p50_us"] > 0, where
+                if target != "frigate":
+                    assert r["torn"] == 0, where
+                assert r["shm_left"] == [], where
+    assert across["dev_shm"]["left_by_this_run"] == []
+    assert [name for name in ipc.dev_shm() - before if ipc.is_ours(name)] == []
+
+
+def test_the_torn_check_reads_three_stamps():
+    size = 4096
+    offsets = ipc.stamp_offsets(size)
+    frame = ipc.stamped(size, seq=7, t_ns=123)
+    assert not ipc.is_torn(frame, offsets) and not ipc.is_torn(frame, offsets, expected_seq=7)
+    assert ipc.is_torn(frame, offsets, expected_seq=8)  # the transport named another frame
+    for offset in offsets:
+        torn = frame.copy()
+        ipc.STAMP.pack_into(torn.data, offset, 8, 123)  # one part already overwritten by the next frame
+        assert ipc.is_torn(torn, offsets)
+    with pytest.raises(ValueError):
+        ipc.stamp_offsets(40)
+
+
+def test_the_library_target_is_unavailable_until_attach_exists():
+    import capsule_sessions
+
+    if hasattr(capsule_sessions, "attach"):
+        pytest.skip("the shared-memory API is built: the shm target runs")
+    reason = ipc.availability([ipc.LIBRARY])[ipc.LIBRARY]
+    assert reason == "unavailable (not built)"
+    selection = runner.select("W12", "shm")
+    assert selection.ipc_targets == ("shm",) and selection.targets == ()
+    results = runner.run(selection, TINY)
+    assert results["ipc"][ipc.W12_ID]["results"] == {"shm": {"unavailable": reason}}
+    reference = results["ipc"][ipc.W12_ID]["in_process"]["results"]
+    assert set(reference) == {"4096", "65536", str(workloads.FRAME_1080P_RGB)}
+    assert [(c["workload"], c["figure"], c["met"]) for c in results["checks"]] == [(ipc.W12_ID, reason, None)]
+    assert "unavailable (not built)" in report.markdown(results)
+
+
+def _stream(fps: float, p50: float = 100.0, p99: float = 300.0, torn: int = 0) -> dict:
+    return {"repeats_fps_per_reader": [fps], "repeats_p50_us": [p50], "repeats_p99_us": [p99],
+            "torn": torn, "received": 1000, "errors": []}
+
+
+def test_the_across_process_targets_are_judged_against_the_same_run():
+    """The verdicts of W10-W12 from made-up figures (the shm target does not run yet)."""
+    def w10(shm_1: float, shm_4: float, torn: int = 0) -> dict:
+        return {"results": {"shm": {"1": _stream(shm_1, torn=torn), "4": _stream(shm_4)},
+                            "iceoryx2": {"1": _stream(1700), "4": _stream(1600)},
+                            "frigate": {"1": _stream(1800), "4": _stream(1100)},
+                            "mp_queue": {"1": _stream(90), "4": _stream(23)}}}
+
+    def verdicts(ipc_results: dict) -> dict:
+        return {c["target"]: c["met"] for c in targets.evaluate_ipc({"ipc": ipc_results})}
+
+    good = verdicts({ipc.W10_ID: w10(2000, 1950)})
+    assert list(good.values()) == [True] * 5, good
+    bad = verdicts({ipc.W10_ID: w10(1750, 1000, torn=1)})
+    assert list(bad.values()) == [False, False, False, True, False], bad  # below frigate at 1 reader, ...
+
+    w11 = {"results": {"shm": {"1": _stream(0, 30, 200), "4": _stream(0, 120, 300)},
+                       "iceoryx2": {"1": _stream(0, 35, 227), "4": _stream(0, 109, 388)}}}
+    assert list(verdicts({ipc.W11_ID: w11}).values()) == [True, False]  # 4 readers: p50 above iceoryx2's
+
+    w12 = {"in_process": {"results": {"65536": {"ns_per_frame": 20.0}}},
+           "results": {"shm": {"results": {"4096": {"ns_per_frame": 35.0}, "6220800": {"ns_per_frame": 45.0}}}}}
+    assert list(verdicts({ipc.W12_ID: w12}).values()) == [True, False]

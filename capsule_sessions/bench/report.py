@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from .._json import JsonObject
+from . import ipc
 from .targets import format_ratio
 
 RATIOS = ("cython/python", "cython/naive", "cython/memcpy")
@@ -104,6 +106,105 @@ def _fanout_table(results: JsonObject) -> list[str]:
                    "p50 us", "p99 us", "paced p50 us", "paced p99 us", "paced p99/p50", "lost uncounted"], rows)
 
 
+def _ipc_note(entry: JsonObject) -> str:
+    notes = []
+    if entry.get("failed"):
+        notes.append(f"{entry['failed']} of {entry['runs']} runs failed: {entry['errors'][0].strip().splitlines()[-1]}")
+    if entry.get("forced_exits"):
+        notes.append(f"{entry['forced_exits']} child(ren) had to be killed")
+    if entry.get("shm_left"):
+        notes.append("left in /dev/shm: " + ", ".join(entry["shm_left"]))
+    return "; ".join(notes)
+
+
+def _ipc_stream_rows(results: JsonObject, wid: str,
+                     cells: Callable[[JsonObject], list[str]], width: int) -> list[list[str]]:
+    rows = []
+    for target, by_readers in results.get("ipc", {}).get(wid, {}).get("results", {}).items():
+        if "unavailable" in by_readers:
+            rows.append([target, ""] + [""] * width + [by_readers["unavailable"]])
+            continue
+        for readers, entry in sorted(by_readers.items(), key=lambda kv: int(kv[0])):
+            rows.append([target, readers] + cells(entry) + [_ipc_note(entry)])
+    return rows
+
+
+def _uncounted(entry: JsonObject) -> str:
+    return "n/a" if entry.get("unaccounted") is None else str(entry["unaccounted"])
+
+
+def _w10_table(results: JsonObject) -> list[str]:
+    def cells(e: JsonObject) -> list[str]:
+        offered = e["dropped"] + e["received"]
+        return [_num(e["producer_fps"]), _num(e["fps_per_reader"]), _num(e["fps_slowest_reader"]),
+                f"{100 * e['dropped'] / offered:.0f}%" if offered else "",
+                str(e["torn"]), _uncounted(e), _num(e["p50_us"]), _num(e["p99_us"])]
+
+    rows = _ipc_stream_rows(results, ipc.W10_ID, cells, 8)
+    if not rows:
+        return []
+    return _table(["target", "readers", "producer frames/s", "frames/s per reader", "slowest reader", "dropped",
+                   "torn", "lost uncounted", "p50 us", "p99 us", "note"], rows)
+
+
+def _w11_table(results: JsonObject) -> list[str]:
+    def cells(e: JsonObject) -> list[str]:
+        tail = e["p99_us"] / e["p50_us"] if e["p50_us"] and e["p99_us"] is not None else None
+        return [_num(e["p50_us"]), _num(e["p99_us"]), _num(tail, 1),
+                f"{e['dropped']:,} of {e['dropped'] + e['received']:,}", str(e["torn"]), _uncounted(e)]
+
+    rows = _ipc_stream_rows(results, ipc.W11_ID, cells, 6)
+    if not rows:
+        return []
+    return _table(["target", "readers", "p50 us", "p99 us", "p99/p50", "dropped", "torn", "lost uncounted", "note"],
+                  rows)
+
+
+def _w12_table(results: JsonObject) -> list[str]:
+    w12 = results.get("ipc", {}).get(ipc.W12_ID)
+    if not w12:
+        return []
+    reference = w12["in_process"]
+    w5 = reference["results"].get(str(ipc.W12_W5_SIZE), {}).get("ns_per_frame")
+    rows = []
+
+    def row(target: str, size: str, r: JsonObject, note: str = "") -> list[str]:
+        return [target, f"{int(size):,}", _ns(r["ns_per_op"]), _ns(r["ns_per_frame"]),
+                _ratio(r["ns_per_frame"] / w5) if w5 else "", str(r.get("torn", "")), note]
+
+    for size, r in reference["results"].items():
+        rows.append(row(f"in-process ({reference['backend']})", size, r,
+                        "W5 itself" if size == str(ipc.W12_W5_SIZE) else ""))
+    for target, entry in w12["results"].items():
+        if "unavailable" in entry:
+            rows.append([target, "", "", "", "", "", entry["unavailable"]])
+            continue
+        if "results" not in entry:
+            rows.append([target, "", "", "", "", "", "failed: " + "; ".join(e.strip().splitlines()[-1]
+                                                                           for e in entry["errors"][:1])])
+            continue
+        for size, r in entry["results"].items():
+            rows.append(row(target, size, r, f"{r['frames']} frames read"))
+    return _table(["target", "frame bytes", "ns per call (8 frames)", "ns per frame", "x in-process W5 per frame",
+                   "torn", "note"], rows)
+
+
+def _ipc_peers_note(results: JsonObject) -> str:
+    ipc_results = results.get("ipc")
+    if not ipc_results:
+        return ""
+    lines = [f"{name}: {text}." for name, text in ipc_results["descriptions"].items()]
+    shm = ipc_results["dev_shm"]
+    if shm["unchanged"]:
+        lines.append(f"/dev/shm: unchanged by the run ({len(shm['before'])} entries before and after).")
+    elif shm["left_by_this_run"]:
+        lines.append("/dev/shm: **left behind by the run**: " + ", ".join(shm["left_by_this_run"]) + ".")
+    else:
+        changed = len(set(shm["before"]) ^ set(shm["after"]))
+        lines.append(f"/dev/shm: nothing of the run's left (other processes changed {changed} entries meanwhile).")
+    return " ".join(lines)
+
+
 def _checks_table(results: JsonObject) -> list[str]:
     rows = [[c["backend"], c["workload"], c["target"], c["figure"],
              "" if c["met"] is None else ("met" if c["met"] else "**not met**")]
@@ -139,6 +240,21 @@ def markdown(results: JsonObject) -> str:
          f"Paced: {s['w9_paced_frames']:,} frames, one every {s['w9_interval_s'] * 1e3:g} ms (wake-up latency). "
          "Lost uncounted: frames neither received nor counted as dropped, plus any corrupt, "
          "out-of-order or miscounted delivery (must be 0)."),
+        (f"### W10: 1080p frames from one producer process to reader processes (buffer={ipc.BUFFER}, "
+         f"free-running, {s.get('ipc_seconds', 0):g} s window, median of {s.get('ipc_repeats', 0)})",
+         _w10_table(results),
+         "Frames/s per reader: received within the window, averaged over the readers. Dropped: frames the "
+         "producer published that a reader never received. Torn: frames whose stamps (sequence number and "
+         "time at the start, middle and end) did not all match, changed while held, or named another frame "
+         "than the transport did (must be 0). Lost uncounted: neither received nor counted as dropped by "
+         "the transport's own counter (n/a: the transport counts no drops). Latency: the producer's stamp "
+         "just before the store to the reader holding a usable numpy array. " + _ipc_peers_note(results)),
+        (f"### W11: 64 KiB frames paced at 1 kHz to reader processes ({s.get('w11_frames', 0):,} frames, "
+         f"median of {s.get('ipc_repeats', 0)})", _w11_table(results),
+         "Store-to-receive latency on time.monotonic_ns(), which is one clock for every process on Linux, "
+         "pooled over the readers."),
+        ("### W12: latest_visual_frames(ttl=10) from a reader process over 8 frames", _w12_table(results),
+         "The in-process rows are the reference (W5 is 8 x 64 KiB); the target is judged per frame handed out."),
         ("### Targets", _checks_table(results), ""),
     ]
     for title, lines, note in sections:

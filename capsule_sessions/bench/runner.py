@@ -1,8 +1,9 @@
-"""The whole matrix in one process: settings, selection, and the JSON-ready results.
+"""The whole matrix: settings, selection, and the JSON-ready results.
 
 ``run(selection, settings, progress)`` times W1..W7 (and the aux points) for every
 selected target with interleaved repeats, measures allocation and page faults for the
-1080p stores, runs W8 and W9, and judges every library backend against the targets (docs/bench.md).
+1080p stores, runs W8 and W9 in this process and W10-W12 in spawned ones (``ipc.py``),
+and judges every library backend against the targets (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import numpy as np
 import capsule_sessions
 
 from .._json import JsonObject
-from . import harness, memory, targets, threaded
+from . import harness, ipc, memory, targets, threaded
 from .workloads import BY_ID, TIMED, Case, backends
 from .workloads import targets as all_targets
 
 ALLOC_WORKLOADS = ("W3_store_6m_0sub", "W4_store_6m_4sub")
 THREADED_IDS = (threaded.W8_ID, threaded.W9_ID)
-ALL_IDS = tuple(w.id for w in TIMED) + THREADED_IDS
+ALL_IDS = tuple(w.id for w in TIMED) + THREADED_IDS + ipc.IDS
 
 
 @dataclass(frozen=True)
@@ -42,18 +43,28 @@ class Settings:
     w9_paced_frames: int  # paced phase
     w9_interval_s: float
     w9_repeats: int
+    # W10/W11 (across processes): the measured window of each case after its warm-up,
+    # the rounds, and W11's frames at 1 kHz. W12 uses repeats and min_batch_s.
+    ipc_seconds: float = 0.3
+    ipc_warmup_s: float = 0.1
+    ipc_repeats: int = 1
+    w11_frames: int = 200
 
 
 QUICK = Settings("quick", repeats=5, min_batch_s=0.01, alloc_stores=6, w8_seconds=0.2, w8_repeats=5,
-                 w9_frames=1500, w9_paced_frames=150, w9_interval_s=0.001, w9_repeats=1)
+                 w9_frames=1500, w9_paced_frames=150, w9_interval_s=0.001, w9_repeats=1,
+                 ipc_seconds=0.3, ipc_warmup_s=0.1, ipc_repeats=1, w11_frames=200)
 FULL = Settings("full", repeats=9, min_batch_s=0.05, alloc_stores=24, w8_seconds=0.3, w8_repeats=15,
-                w9_frames=10000, w9_paced_frames=1500, w9_interval_s=0.001, w9_repeats=3)
+                w9_frames=10000, w9_paced_frames=1500, w9_interval_s=0.001, w9_repeats=3,
+                ipc_seconds=1.0, ipc_warmup_s=0.2, ipc_repeats=3, w11_frames=1000)
 
 
 @dataclass(frozen=True)
 class Selection:
     workloads: tuple[str, ...]
     targets: tuple[str, ...]
+    # The contenders of W10-W12 (ipc.TARGETS): selected by --targets like the others.
+    ipc_targets: tuple[str, ...] = ipc.TARGETS
 
 
 def _split(value: str | None) -> list[str]:
@@ -73,17 +84,25 @@ def select(workloads: str | None = None, target_names: str | None = None) -> Sel
             chosen.extend(hit for hit in hits if hit not in chosen)
         ids = [wid for wid in ALL_IDS if wid in chosen]
     names = all_targets()
+    ipc_names = list(ipc.TARGETS)
     if target_names:
         chosen = []
         for name in _split(target_names):
-            if name not in names:
-                known = ", ".join(names)
+            if name not in names and name not in ipc_names:
+                known = ", ".join(names + ipc_names)
                 extra = " (the Cython extension is not built)" if name == "cython" else ""
                 raise ValueError(f"unknown or unavailable target {name!r}{extra}; available: {known}")
             if name not in chosen:
                 chosen.append(name)
         names = [name for name in all_targets() if name in chosen]
-    return Selection(tuple(ids), tuple(names))
+        # A target that cannot run here (shm before it is built, a peer whose package is
+        # missing) may still be named: the report says why it has no figures.
+        ipc_names = [name for name in ipc.TARGETS if name in chosen]
+    return Selection(tuple(ids), tuple(names), tuple(ipc_names))
+
+
+def _ipc_ids(selection: Selection) -> list[str]:
+    return [wid for wid in selection.workloads if wid in ipc.IDS]
 
 
 def _timed_ids(selection: Selection) -> list[str]:
@@ -108,6 +127,7 @@ def total_steps(selection: Selection, settings: Settings) -> int:
         steps += settings.w8_repeats * len(_w8_targets(selection)) * 2
     if threaded.W9_ID in selection.workloads:
         steps += settings.w9_repeats * len(_w9_targets(selection)) * len(threaded.W9_SUBSCRIBERS) * 2
+    steps += ipc.steps(_ipc_ids(selection), list(selection.ipc_targets), settings.ipc_repeats)
     return steps
 
 
@@ -268,6 +288,7 @@ def run(selection: Selection, settings: Settings, progress: Callable[[str], None
         "machine": machine(),
         "settings": asdict(settings),
         "targets": list(selection.targets),
+        "ipc_targets": list(selection.ipc_targets),
         "workloads": list(selection.workloads),
     }
     results.update(_run_timed(selection, settings, tick))
@@ -275,6 +296,12 @@ def run(selection: Selection, settings: Settings, progress: Callable[[str], None
         results["threads"] = _run_w8(selection, settings, tick)
     if threaded.W9_ID in selection.workloads:
         results["fanout"] = _run_w9(selection, settings, tick)
+    if _ipc_ids(selection):
+        results["ipc"] = ipc.run(_ipc_ids(selection), list(selection.ipc_targets), window_s=settings.ipc_seconds,
+                                 warmup_s=settings.ipc_warmup_s, repeats=settings.ipc_repeats,
+                                 w11_frames=settings.w11_frames, latest_repeats=settings.repeats,
+                                 min_batch_s=settings.min_batch_s, progress=tick)
     results["checks"] = [check for backend in selection.targets if backend in backends()
                          for check in targets.evaluate(results, backend)]
+    results["checks"] += targets.evaluate_ipc(results)
     return results

@@ -21,6 +21,7 @@ import statistics
 from collections.abc import Callable
 
 from .._json import JsonObject
+from . import ipc
 from .harness import paired_ratio
 
 # The project's first reference run, ns per operation (docs/bench.md, "Reference points").
@@ -211,4 +212,126 @@ def evaluate(results: JsonObject, backend: str) -> list[JsonObject]:
                           for key in ("lost", "corrupt", "counter_mismatch", "out_of_order", "hung_readers"))
         add(_check(backend, "W9_fanout_drain", "no lost frame that was not counted as dropped",
                    f"{unaccounted} unaccounted", unaccounted == 0))
+    return checks
+
+
+# -- across processes (W10-W12): the library's shared memory against the peers -------------
+
+IPC_LIBRARY = ipc.LIBRARY
+W10_ID, W11_ID, W12_ID = ipc.W10_ID, ipc.W11_ID, ipc.W12_ID
+W10_ABOVE = ("iceoryx2", "frigate")  # per-reader frames/s strictly above both, same run
+W10_SCALING_LIMIT = 0.95  # 4-reader rate over 1-reader rate
+W10_MP_QUEUE_LIMIT = 15.0
+W11_BELOW = "iceoryx2"  # p50 and p99 strictly below
+W12_W5_LIMIT = 2.0  # cost per frame handed out, over the in-process W5's
+W12_W5_SIZE = str(ipc.W12_W5_SIZE)
+IPC_TEXT = {
+    W10_ID: "per-reader frames/s above iceoryx2's and the Frigate pattern's (1 and 4 readers); 4 readers >= "
+            f"{W10_SCALING_LIMIT:g}x 1 reader; >= {W10_MP_QUEUE_LIMIT:g}x multiprocessing.Queue; 0 torn frames",
+    W11_ID: "p50 and p99 both below iceoryx2's (1 and 4 readers)",
+    W12_ID: f"at most {W12_W5_LIMIT:g}x the in-process W5 cost per frame, at 4 KiB and at 6 MB",
+}
+
+
+def _paired_rounds(a: list[float | None], b: list[float | None]) -> float | None:
+    """The median over rounds of a/b, both measured in the same round (W10 and W11 run
+    every case once per round, in a shuffled order)."""
+    ratios = [x / y for x, y in zip(a, b, strict=False) if x is not None and y is not None and y > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def _readers_label(n: str) -> str:
+    return f"{n} reader{'s' if n != '1' else ''}"
+
+
+def _ipc_peer(workload: JsonObject, name: str) -> JsonObject | None:
+    entry: JsonObject | None = workload["results"].get(name)
+    return None if entry is None or "unavailable" in entry else entry
+
+
+def _w10_checks(w10: JsonObject, mine: JsonObject) -> list[JsonObject]:
+    checks = []
+    key = "repeats_fps_per_reader"
+    for n in ("1", "4"):
+        ratios = {}
+        for peer in W10_ABOVE:
+            other = _ipc_peer(w10, peer)
+            if other is not None:
+                ratios[peer] = _paired_rounds(mine[n][key], other[n][key])
+        known = {peer: r for peer, r in ratios.items() if r is not None}
+        checks.append(_check(IPC_LIBRARY, W10_ID, f"per-reader frames/s above {' and '.join(ratios or W10_ABOVE)}"
+                             f" in the same run ({_readers_label(n)})",
+                             "; ".join(f"{format_ratio(r)}x {peer}" for peer, r in known.items()) or "no peer ran",
+                             all(r > 1 for r in known.values()) if known and len(known) == len(ratios) else None))
+    scaling = _paired_rounds(mine["4"][key], mine["1"][key])
+    if scaling is not None:
+        checks.append(_check(IPC_LIBRARY, W10_ID, f"with 4 readers at least {W10_SCALING_LIMIT:g}x the 1-reader "
+                             "rate per reader", f"{format_ratio(scaling)}x", scaling >= W10_SCALING_LIMIT))
+    mp_queue = _ipc_peer(w10, "mp_queue")
+    if mp_queue is not None:
+        ratios = {n: _paired_rounds(mine[n][key], mp_queue[n][key]) for n in ("1", "4")}
+        if None not in ratios.values():
+            checks.append(_check(IPC_LIBRARY, W10_ID, f"at least {W10_MP_QUEUE_LIMIT:g}x multiprocessing.Queue's "
+                                 "per-reader frames/s (1 and 4 readers)",
+                                 ", ".join(f"{_readers_label(n)}: {format_ratio(r)}x" for n, r in ratios.items()
+                                           if r is not None),
+                                 min(r for r in ratios.values() if r is not None) >= W10_MP_QUEUE_LIMIT))
+    torn = sum(mine[n]["torn"] for n in ("1", "4"))
+    received = sum(mine[n]["received"] for n in ("1", "4"))
+    checks.append(_check(IPC_LIBRARY, W10_ID, "0 torn frames", f"{torn} torn of {received:,} received",
+                         torn == 0 if received else None))
+    return checks
+
+
+def _w11_checks(w11: JsonObject, mine: JsonObject) -> list[JsonObject]:
+    other = _ipc_peer(w11, W11_BELOW)
+    if other is None:
+        return []
+    checks = []
+    for n in ("1", "4"):
+        p50 = _paired_rounds(mine[n]["repeats_p50_us"], other[n]["repeats_p50_us"])
+        p99 = _paired_rounds(mine[n]["repeats_p99_us"], other[n]["repeats_p99_us"])
+        if p50 is None or p99 is None:
+            continue
+        checks.append(_check(IPC_LIBRARY, W11_ID, f"p50 and p99 both below {W11_BELOW}'s ({_readers_label(n)})",
+                             f"p50 {format_ratio(p50)}x, p99 {format_ratio(p99)}x {W11_BELOW}", p50 < 1 and p99 < 1))
+    return checks
+
+
+def _w12_checks(w12: JsonObject, mine: JsonObject) -> list[JsonObject]:
+    w5 = w12["in_process"]["results"].get(W12_W5_SIZE)
+    if w5 is None or "results" not in mine:
+        return []
+    checks = []
+    for size, figures in mine["results"].items():
+        ratio = figures["ns_per_frame"] / w5["ns_per_frame"]
+        checks.append(_check(IPC_LIBRARY, W12_ID, f"at most {W12_W5_LIMIT:g}x the in-process W5 cost per frame "
+                             f"({int(size):,}-byte frames)",
+                             f"{figures['ns_per_frame']:,.0f} ns/frame: {format_ratio(ratio)}x W5's "
+                             f"{w5['ns_per_frame']:,.0f}", ratio <= W12_W5_LIMIT))
+    return checks
+
+
+def evaluate_ipc(results: JsonObject) -> list[JsonObject]:
+    """The W10-W12 targets, judged for the library's shared memory (``shm``) against the
+    peers of the same run; where ``shm`` could not run, one unjudged row per workload
+    says why."""
+    ipc = results.get("ipc")
+    if not ipc:
+        return []
+    checks: list[JsonObject] = []
+    judges = {W10_ID: _w10_checks, W11_ID: _w11_checks, W12_ID: _w12_checks}
+    for wid, judge in judges.items():
+        workload = ipc.get(wid)
+        if workload is None or IPC_LIBRARY not in workload["results"]:
+            continue
+        mine = workload["results"][IPC_LIBRARY]
+        if "unavailable" in mine:
+            checks.append(_check(IPC_LIBRARY, wid, IPC_TEXT[wid], mine["unavailable"], None))
+            continue
+        errors = mine.get("errors", []) + [e for n in ("1", "4") for e in mine.get(n, {}).get("errors", [])]
+        if errors:
+            checks.append(_check(IPC_LIBRARY, wid, "every run completes without an error",
+                                 errors[0].strip().splitlines()[-1], False))
+        checks += judge(workload, mine)
     return checks

@@ -13,6 +13,8 @@ EXTRA_OF = {
     "simplejpeg": "video",
     "pytest": "test",
     "pytest_benchmark": "test",
+    "faster_fifo": "bench",
+    "iceoryx2": "bench",
 }
 
 

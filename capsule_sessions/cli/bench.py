@@ -1,12 +1,16 @@
-"""``capsule-sessions bench``: the benchmark matrix on every backend, in one process.
+"""``capsule-sessions bench``: the benchmark matrix on every backend.
 
 Times W1..W7 on each library backend, the naive port and the memcpy limit with
 interleaved repeats (medians), measures allocation and page faults of the 1080p stores,
-runs the threaded workloads W8 (producer scaling) and W9 (fan-out latency), then prints
-a markdown table with the ratios and the targets judged. The project's docs/bench.md
-defines each workload and target. The workloads are installed with the package
-(capsule_sessions.bench), so the command runs anywhere and needs numpy only; rich draws
-the progress bar when it is installed, and --plot needs matplotlib.
+runs the threaded workloads W8 (producer scaling) and W9 (fan-out latency), the
+across-process workloads W10-W12 in spawned processes against their peers
+(multiprocessing.Queue, faster_fifo, the Frigate pattern, iceoryx2, the in-process
+subscription), then prints a markdown table with the ratios and the targets judged.
+The project's docs/bench.md defines each workload and target. The workloads are
+installed with the package (capsule_sessions.bench), so the command runs anywhere and
+needs numpy only; rich draws the progress bar when it is installed, --plot needs
+matplotlib, and the peers faster_fifo and iceoryx2 come with the 'bench' extra (without
+them they are reported as unavailable).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import NoReturn, overload
 
 from .._json import JsonObject
-from ..bench import plot, report, runner, workloads
+from ..bench import ipc, plot, report, runner, workloads
 from ._errors import UsageError
 from ._extras import MissingExtra, available, missing_message
 
@@ -33,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n", 1)[1]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--quick", action="store_true",
-                        help="short batches and windows: the whole matrix in well under a minute")
+                        help="short batches and windows: the whole matrix in under a minute")
     parser.add_argument("--targets", metavar="LIST",
-                        help="comma-separated targets to run (default: every backend, naive, memcpy)")
+                        help="comma-separated targets to run (default: every backend, naive, memcpy, and for "
+                             "W10-W12 shm, iceoryx2, frigate, faster_fifo, mp_queue, in_process)")
     parser.add_argument("--workloads", metavar="LIST",
                         help="comma-separated workload ids or prefixes, e.g. W1,W3,W8 (default: all)")
     parser.add_argument("--repeats", type=_positive_int, metavar="N",
@@ -100,12 +105,16 @@ def _list() -> str:
         workload = workloads.BY_ID.get(wid)
         if workload is not None:
             description = workload.description
+        elif wid in ipc.DESCRIPTIONS:
+            description = ipc.DESCRIPTIONS[wid]
         elif wid.startswith("W8"):
             description = "1 and 2 producer threads, 1080p RGB"
         else:
             description = "64 KiB frames, 1/4/16 subscribers drained by threads"
         lines.append(f"  {wid:26s} {description}")
     lines.append("targets: " + ", ".join(workloads.targets()))
+    peers = [name + (f" ({reason})" if reason else "") for name, reason in ipc.availability(list(ipc.TARGETS)).items()]
+    lines.append("across processes (W10-W12): " + ", ".join(peers))
     return "\n".join(lines)
 
 
