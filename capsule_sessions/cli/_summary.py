@@ -106,6 +106,7 @@ def summarize(result: RunResult, *, command: str = "") -> JsonObject:
         "interrupted": result.interrupted,
         "uses_config": result.options.config is not None,
         "jpeg": result.options.jpeg_quality is not None,
+        "shared": result.options.shared,
         "sessions": [session_summary(run) for run in result.sessions],
     }
     out["accounting_problems"] = accounting_problems(out)
