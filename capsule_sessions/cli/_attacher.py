@@ -37,7 +37,7 @@ def frame_problem(frame: VisualFrame) -> tuple[bool, str]:
     or ""). Raw RGB must be width x height x 3 bytes and a synthetic frame's first 8
     bytes its frame_seq (little-endian); a JPEG must start with its SOI marker."""
     data = frame.data
-    size = int(data.nbytes)
+    size = memoryview(data).nbytes
     what = f"frame {frame.frame_seq}"
     if frame.mime_type == RAW_MIME:
         if frame.width > 0 and frame.height > 0 and size != frame.width * frame.height * 3:
@@ -112,7 +112,7 @@ class SessionReader:
             self.first_at = now
         self.last_at = now
         self.received += 1
-        self.bytes += int(frame.data.nbytes)
+        self.bytes += memoryview(frame.data).nbytes
         if not self.source:
             self.source, self.mime_type = frame.source, frame.mime_type
         self.width, self.height = frame.width, frame.height
