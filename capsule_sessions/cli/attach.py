@@ -41,8 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = plain(__doc__.split("\n\n", 1)[1])
     parser.epilog = EXIT_CODES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--namespace", type=namespace, required=True, metavar="NS",
-                        help="the namespace the sessions are shared in (demo --shared NS)")
+    # Required, but checked in run(): argparse would report a missing --namespace before
+    # an unknown flag, and the unknown flag is the likelier mistake.
+    parser.add_argument("--namespace", type=namespace, default=None, metavar="NS",
+                        help="required: the namespace the sessions are shared in (demo --shared NS)")
     parser.add_argument("--seconds", type=seconds(allow_zero=False), default=None, metavar="S",
                         help="stop S seconds after the first attach (default: when every session ended)")
     parser.add_argument("--wait", type=seconds(allow_zero=True), default=5.0, metavar="S",
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from ._attacher import Attacher, AttachOptions
     from ._summary import summarize_attach
 
+    if args.namespace is None:
+        raise UsageError("--namespace NS is required: the namespace the sessions are shared in (demo --shared NS)")
     _check_shared_memory(args.namespace)
     title = "capsule-sessions attach"
     view = AttachView(args.display, title)
