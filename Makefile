@@ -23,11 +23,22 @@ build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
 # The synthetic multi-camera demo, then the real-video ingest on a sample clip that
-# the project encodes itself on first use (cached under .cache/).
+# the project encodes itself on first use (cached under .cache/), then across processes:
+# the demo again with its sessions in shared memory (namespace "demo", in the
+# background, its summary kept in .cache/ and shown after) while a second process
+# attaches to every session and shows its own drops and latency. Both must succeed, and
+# nothing of the namespace may be left in /dev/shm.
 demo: build
 	$(PY) -m capsule_sessions demo --seconds 3
 	$(PY) -m capsule_sessions ingest --realtime --frame-interval 0.025 --report .cache/demo-report.png \
 	  sample synthetic:1280x720@60 synthetic:640x360@30
+	mkdir -p .cache
+	$(PY) -m capsule_sessions demo --shared demo --seconds 3 --display none > .cache/demo-shared.txt & producer=$$!; \
+	$(PY) -m capsule_sessions attach --namespace demo --wait 5 --seconds 10; reader=$$?; \
+	wait $$producer; status=$$?; \
+	echo; echo "The producer's side (capsule-sessions demo --shared demo):"; cat .cache/demo-shared.txt; \
+	if ls /dev/shm 2>/dev/null | grep '^capsule\.demo\.'; then echo "left in /dev/shm (above)"; exit 1; fi; \
+	test $$reader -eq 0 && test $$status -eq 0
 
 # Style and types: ruff over every Python file of the project, mypy --strict over the
 # package and the program in tests/typing that uses all of its public API.

@@ -1,4 +1,4 @@
-"""The ``capsule-sessions`` command: ``demo``, ``ingest`` and ``bench``.
+"""The ``capsule-sessions`` command: ``demo``, ``ingest``, ``attach`` and ``bench``.
 
 Each subcommand is a module with ``add_arguments(parser)`` and ``run(args) -> int``.
 Only the module of the subcommand being run is imported, so an optional extra that one
@@ -22,6 +22,8 @@ PROG = "capsule-sessions"
 COMMANDS = {
     "demo": ("capsule_sessions.cli.demo", "simulated multi-camera ingest into one SessionManager"),
     "ingest": ("capsule_sessions.cli.ingest", "decode video files, URLs, cameras or synthetic sources into sessions"),
+    "attach": ("capsule_sessions.cli.attach",
+               "attach to another process's shared sessions and show its drops and latency from here"),
     "bench": ("capsule_sessions.cli.bench", "benchmark both backends (workloads and targets: docs/bench.md)"),
 }
 EXIT_USAGE = 2

@@ -90,6 +90,16 @@ def subscribers(text: str) -> list[str]:
     return kinds
 
 
+def namespace(text: str) -> str:
+    """A shared-memory namespace: 1-64 of A-Z a-z 0-9 _ - (the library's own check)."""
+    from ..shared import check_namespace
+
+    try:
+        return check_namespace(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_subscribers: str,
                          default_seconds: object, seconds_help: str) -> None:
     parser.add_argument("--seconds", type=seconds(allow_zero=False), default=default_seconds, metavar="S",
@@ -113,8 +123,32 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_subscribers
     parser.add_argument("--report", metavar="PATH.png",
                         help="write a PNG with a latency histogram and fps over time (needs matplotlib)")
     parser.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    parser.add_argument("--shared", type=namespace, default=None, metavar="NS",
+                        help="put every session's frame ring in shared memory under namespace NS, so other "
+                             "processes can attach to it (capsule-sessions attach --namespace NS); "
+                             "compiled backend only, Linux (docs/shared-memory.md)")
 
 
 def check_backend(name: object) -> None:
     if name is not None and name not in available_backends():
         raise UsageError(f"backend {name!r} is not available here (available: {', '.join(available_backends())})")
+
+
+def check_shared(namespace: str | None, backend: str | None) -> None:
+    """``--shared NS`` with ``--backend``: what SessionManager(shared=NS) would refuse
+    (ImportError for the pure backend or a build without the shared-memory module,
+    ValueError/TypeError for a bad name), as a UsageError before anything runs."""
+    if namespace is None:
+        return
+    from .. import _backend
+    from ..shared import check_shared as library_check
+
+    name = _backend.name_of(_backend.module_for(backend))
+    if name != "cython":
+        how = "" if backend else f" (the {name} backend is the default here)"
+        raise UsageError(f"--shared needs the compiled backend (--backend cython){how}; "
+                         f"the {name} backend keeps frames in process memory only")
+    try:
+        library_check(namespace, name)
+    except (ImportError, TypeError, ValueError) as exc:
+        raise UsageError(f"--shared: {exc}") from None

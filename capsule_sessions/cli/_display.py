@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from rich.live import Live
     from rich.table import Table
 
+    from ._attacher import Attacher
     from ._runner import Run
 
 # A table's header and rows, all cells text.
@@ -151,6 +152,7 @@ _TEXT_MIN = 22
 _BLOCK_OF = {"source": "what", "status": "what", "time s": "rate", "fps": "rate", "MB/s": "rate",
              "offered": "counts", "accepted": "counts", "rate-limited": "counts", "rejected": "counts",
              "delivered": "counts", "dropped": "counts", "queued": "counts",
+             "received": "counts", "bad frames": "counts",
              "p50 ms": "latency", "p99 ms": "latency", "max ms": "latency"}
 
 
@@ -414,4 +416,150 @@ def make_display(mode: str, title: str) -> _Display:
     return PlainDisplay()
 
 
-__all__ = ["MODES", "counted", "make_display", "print_summary", "plain_table"]
+# -- attach: this process reading another one's shared sessions ------------------------
+def _attach_live_rows(attacher: Attacher) -> Rows:
+    headers = ["session", "source", "status", "time s", "fps", "received", "dropped", "p50 ms", "p99 ms"]
+    rows: list[list[str]] = []
+    for r in attacher.readers:
+        p50, p99 = r.latency.percentile(50), r.latency.percentile(99)
+        status = r.status if not r.message else f"{r.status}: {r.message}"
+        rows.append([r.id, r.source or "-", status, f"{r.active_seconds:.1f}", f"{r.recent_fps():.1f}",
+                     _fmt_int(r.received), _fmt_int(r.subscription.dropped),
+                     _fmt_ms(None if p50 is None else p50 * 1e3), _fmt_ms(None if p99 is None else p99 * 1e3)])
+    return headers, rows
+
+
+def attach_table(summary: JsonObject) -> Rows:
+    headers = ["session", "source", "status", "queue", "accepted", "received", "delivered", "dropped", "fps",
+               "MB/s", "p50 ms", "p99 ms", "max ms", "bad frames"]
+    rows = []
+    for s in summary["sessions"]:
+        lat = s["latency_ms"]
+        accepted = s["ring"].get("accepted")
+        rows.append([s["id"], s["source"] or "-", s["status"], f"{s['policy']}/{s['buffer']}",
+                     "-" if accepted is None else _fmt_int(accepted), _fmt_int(s["received"]),
+                     _fmt_int(s["delivered"]), _fmt_int(s["dropped"]), f"{s['fps']:.1f}", f"{s['mb_per_s']:.1f}",
+                     _fmt_ms(lat["p50"]), _fmt_ms(lat["p99"]), _fmt_ms(lat["max"]),
+                     _fmt_int(s["integrity_errors"])])
+    return headers, rows
+
+
+def attach_footnotes(summary: JsonObject) -> list[str]:
+    notes = []
+    for s in summary["sessions"]:
+        text = f"{s['id']}: owner pid {s['owner_pid']}"
+        if s["source"]:
+            text += f", {s['source']} ({s['width']}x{s['height']} {s['mime_type']})"
+        if s["message"]:
+            text += f" - {s['status']}: {s['message']}"
+        notes.append(text)
+    if summary["missed"]:
+        notes.append(f"ended before this process could attach: {', '.join(summary['missed'])}")
+    if summary["sessions"]:
+        notes.append("latency: time.monotonic in this process at receipt - the frame's received_at, the owner's "
+                     "time.monotonic at its store (one clock for every process on Linux; for a session on video "
+                     "time, ingest without --realtime, it is not a latency)")
+        notes.append("accepted: frames the session accepted in its whole life (its visual_stats()); this process "
+                     "subscribed later, so delivered + dropped <= accepted")
+        stamped = sum(s["stamped"] for s in summary["sessions"])
+        notes.append(f"integrity: every frame's size checked, and the frame_seq stamp of {stamped:,} synthetic "
+                     "frames; bad frames = frames whose bytes were wrong")
+    notes += [f"FAILED {text}" for text in summary["failures"]]
+    notes += [f"ACCOUNTING ERROR {text}" for text in summary["accounting_problems"]]
+    if summary["sessions"] and not summary["accounting_problems"]:
+        notes.append("accounting: received = delivered for every session, and no frame had wrong bytes")
+    return notes
+
+
+def print_attach_summary(summary: JsonObject, *, title: str, use_rich: bool | None = None,
+                         out: Callable[[str], None] = print) -> None:
+    use_rich = available("rich") if use_rich is None else use_rich
+    table = attach_table(summary)
+    notes = attach_footnotes(summary)
+    if use_rich:
+        console = _console()
+        if summary["sessions"]:
+            console.print(_rich_table(title, *table))
+        else:
+            console.print(title, markup=False, highlight=False)
+        for note in notes:
+            style = "bold red" if note.startswith(("ACCOUNTING ERROR", "FAILED")) else "dim"
+            console.print(note, style=style, markup=False, highlight=False, overflow="fold")
+        return
+    out(plain_table(title, *table) if summary["sessions"] else title)
+    out("")
+    for note in notes:
+        out(note)
+
+
+class AttachView:
+    """The live view of ``attach``: a rich table redrawn four times a second (live), a
+    line per session about every second on stderr (plain), or nothing (none). Messages
+    are one line each on stderr, held while a live table is up."""
+
+    def __init__(self, mode: str, title: str, every: float = 1.0) -> None:
+        if mode == "live":
+            require("rich", "--display live")
+        elif mode == "auto":
+            mode = "live" if available("rich") and sys.stdout.isatty() else "plain"
+        self.mode = mode
+        self.title = title
+        self.every = every
+        self._next = every
+        self._lock = threading.Lock()
+        self._live: Live | None = None
+        self._held: list[str] = []
+
+    def message(self, text: str) -> None:
+        with self._lock:
+            if self._live is not None:
+                self._held.append(text)
+                return
+        print(text, file=sys.stderr, flush=True)
+
+    def _render(self, attacher: Attacher) -> FittedTables:
+        headers, rows = _attach_live_rows(attacher)
+        return _rich_table(f"{self.title} - namespace {attacher.namespace} - {attacher.elapsed():.1f} s",
+                           headers, rows)
+
+    def start(self, attacher: Attacher) -> None:
+        if self.mode != "live":
+            return
+        from rich.live import Live
+
+        live = Live(self._render(attacher), console=_console(), refresh_per_second=4,
+                    redirect_stdout=False, redirect_stderr=False)
+        live.start()
+        with self._lock:
+            self._live = live
+
+    def update(self, attacher: Attacher) -> None:
+        if self._live is not None:
+            self._live.update(self._render(attacher))
+        elif self.mode == "plain":
+            elapsed = attacher.elapsed()
+            if elapsed < self._next:
+                return
+            self._next = elapsed + self.every
+            headers, rows = _attach_live_rows(attacher)
+            for r, row in zip(attacher.readers, rows, strict=True):
+                if r.done:
+                    continue
+                cells = dict(zip(headers, row, strict=True))
+                print(f"[{elapsed:6.1f}s] {cells['session']}: {cells['fps']} fps, received {cells['received']}, "
+                      f"dropped {cells['dropped']}, p50 {cells['p50 ms']} ms, p99 {cells['p99 ms']} ms",
+                      file=sys.stderr, flush=True)
+
+    def stop(self, attacher: Attacher) -> None:
+        with self._lock:
+            live, self._live = self._live, None
+            held, self._held = self._held, []
+        if live is not None:
+            live.update(self._render(attacher))
+            live.stop()
+        for text in held:
+            print(text, file=sys.stderr, flush=True)
+
+
+__all__ = ["MODES", "AttachView", "counted", "make_display", "print_attach_summary", "print_summary",
+           "plain_table"]

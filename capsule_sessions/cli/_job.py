@@ -27,6 +27,9 @@ def run_job(command: str, sources: Sequence[Source], options: RunOptions, args: 
     if args.report:
         _report.check_available()
     run = Run(sources, options, on_message=display.message)
+    if options.shared is not None:
+        display.message(f"sessions shared in namespace {options.shared!r}: "
+                        f"capsule-sessions attach --namespace {options.shared}")
     display.start(run)
     try:
         result = run.execute(display.update)

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .. import Session, SessionManager, VisualFrame, VisualInputConfig
+from .. import Session, SessionExistsError, SessionManager, VisualFrame, VisualInputConfig
 from ._consumers import AsyncConsumer, AsyncLoop, Consumer, ThreadConsumer, VisionSampler, plan
-from ._errors import SourceError
+from ._errors import SourceError, UsageError
 from ._extras import MissingExtra, require
 from ._sources import Source
 from ._streamtime import StoreTimes, StreamClock
@@ -59,6 +59,9 @@ class RunOptions:
     sampler_interval: float = 1.0
     refresh: float = 0.25
     session_prefix: str = "s"
+    # Set: every session's frame ring is in shared memory under this namespace, for
+    # other processes to attach to (compiled backend only).
+    shared: str | None = None
     clock: Callable[[], float] = time.monotonic
 
 
@@ -279,14 +282,17 @@ class Run:
         self.on_message = on_message
         self._stop = threading.Event()
         self._changed = threading.Event()
-        self.manager = SessionManager(max(1, len(sources)), backend=options.backend)
+        try:
+            self.manager = SessionManager(max(1, len(sources)), backend=options.backend, shared=options.shared)
+        except (ImportError, TypeError, ValueError) as exc:  # shared= on the pure backend, a bad name
+            raise UsageError(f"--shared: {exc}") from None
         self.backend = self.manager.backend
         self.sessions: list[SessionRun] = []
         async_consumers: list[AsyncConsumer] = []
         specs = plan(options.subscribers, buffer=options.buffer, slow_work=options.slow_work)
         stamped_raw = options.jpeg_quality is None
         for index, source in enumerate(sources):
-            session = self.manager.create(f"{options.session_prefix}{index}")
+            session = self._create(f"{options.session_prefix}{index}")
             # A camera is paced by its own capture, and --realtime paces the others: both
             # run on the wall clock. Everything else is read flat out, on video time.
             stream_clock = None if options.realtime or source.live else StreamClock(options.clock)
@@ -310,6 +316,18 @@ class Run:
         self.async_loop = AsyncLoop(async_consumers)
         self.started_at = options.clock()
         self.interrupted = False
+
+    def _create(self, session_id: str) -> Session:
+        try:
+            return self.manager.create(session_id)
+        except SessionExistsError:
+            if self.options.shared is None:
+                raise
+            # Another live process shares this id in the namespace: nothing has run yet;
+            # the sessions made so far end (their shared memory is unlinked).
+            self.manager.close()
+            raise UsageError(f"--shared {self.options.shared}: another live process already shares a session "
+                             f"{session_id!r} in that namespace; choose another namespace") from None
 
     def _producer_done(self, producer: Producer) -> None:
         if producer.failed:

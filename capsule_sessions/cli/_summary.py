@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from .._json import JsonObject
+from ._attacher import AttachResult, SessionReader
 from ._latency import LatencyHistogram
 from ._runner import RunResult, SessionRun
 
@@ -106,7 +109,86 @@ def summarize(result: RunResult, *, command: str = "") -> JsonObject:
         "interrupted": result.interrupted,
         "uses_config": result.options.config is not None,
         "jpeg": result.options.jpeg_quality is not None,
+        "shared": result.options.shared,
         "sessions": [session_summary(run) for run in result.sessions],
     }
     out["accounting_problems"] = accounting_problems(out)
+    return out
+
+
+# -- attach ---------------------------------------------------------------------------
+def reader_summary(reader: SessionReader) -> JsonObject:
+    seconds = reader.active_seconds
+    sub = reader.subscription
+    return {
+        "id": reader.id,
+        "owner_pid": reader.owner_pid,
+        "source": reader.source,
+        "mime_type": reader.mime_type,
+        "width": reader.width,
+        "height": reader.height,
+        "status": reader.status,
+        "message": reader.message,
+        "policy": sub.policy,
+        "buffer": sub.maxsize,
+        "received": reader.received,
+        **reader.counters(),
+        "bytes": reader.bytes,
+        "active_seconds": round(seconds, 4),
+        "fps": round(reader.rate(reader.received), 2),
+        "mb_per_s": round(reader.rate(reader.bytes) / 1e6, 2),
+        "latency_ms": latency_ms(reader.latency),
+        "stamped": reader.stamped,
+        "integrity_errors": reader.integrity_errors,
+        "first_integrity_error": reader.first_integrity_error,
+        "ring": reader.ring,
+        "shared": reader.shared,
+        "timeline": [[round(t, 3), n] for t, n in reader.timeline],
+    }
+
+
+def attach_problems(summary: JsonObject) -> tuple[list[str], list[str]]:
+    """(accounting problems: counts that do not add up or wrong bytes, a bug worth
+    reporting; failures: nothing found, a session that could not be read or gave no
+    frame). Both empty when everything went well."""
+    accounting: list[str] = []
+    failures: list[str] = []
+    if not summary["sessions"] and not summary["failed"]:
+        failures.append(f"no shared session appeared in namespace {summary['namespace']!r} "
+                        f"within {summary['wait']:g} s")
+    for session_id, why in summary["failed"].items():
+        failures.append(f"{session_id}: {why}")
+    for s in summary["sessions"]:
+        if s["received"] != s["delivered"]:
+            accounting.append(f"{s['id']}: received {s['received']} != delivered {s['delivered']}")
+        if s["integrity_errors"]:
+            accounting.append(f"{s['id']}: {s['integrity_errors']} frames with wrong bytes, the first: "
+                              f"{s['first_integrity_error']}")
+        accepted = s["ring"].get("accepted")
+        if accepted is not None and s["delivered"] + s["dropped"] + s["queued"] > accepted:
+            accounting.append(f"{s['id']}: delivered + dropped + queued = "
+                              f"{s['delivered'] + s['dropped'] + s['queued']} > the {accepted} frames the "
+                              "session accepted")
+        if s["status"] == "failed":
+            failures.append(f"{s['id']}: {s['message']}")
+        elif not s["received"]:
+            failures.append(f"{s['id']}: no frame received ({s['status']} after {s['active_seconds']:.1f} s)")
+    return accounting, failures
+
+
+def summarize_attach(result: AttachResult) -> JsonObject:
+    options = result.options
+    out: JsonObject = {
+        "command": "attach",
+        "namespace": result.namespace,
+        "pid": os.getpid(),
+        "seconds": round(result.seconds, 3),
+        "waited": round(result.waited, 3),
+        "wait": options.wait if options else 0.0,
+        "interrupted": result.interrupted,
+        "sessions": [reader_summary(reader) for reader in result.readers],
+        "missed": list(result.missed),
+        "failed": dict(result.failed),
+    }
+    out["accounting_problems"], out["failures"] = attach_problems(out)
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, plain, seconds, size
+from ._args import EXIT_CODES, add_common_arguments, check_backend, check_shared, int_at_least, plain, seconds, size
 from ._errors import UsageError
 from ._runner import RunOptions
 from ._sources import SyntheticSource
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ._job import run_job
 
     check_backend(args.backend)
+    check_shared(args.shared, args.backend)
     if args.fps > 10_000:
         raise UsageError(f"--fps must be at most 10000, got {args.fps:g}")
     width, height = args.size
@@ -61,5 +62,6 @@ def run(args: argparse.Namespace) -> int:
         slow_work=args.slow_ms / 1000.0,
         sampler_interval=args.sampler_interval,
         session_prefix="cam",
+        shared=args.shared,
     )
     return run_job("demo", sources, options, args)

@@ -36,7 +36,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ._args import EXIT_CODES, add_common_arguments, check_backend, int_at_least, plain, seconds
+from ._args import EXIT_CODES, add_common_arguments, check_backend, check_shared, int_at_least, plain, seconds
 from ._errors import UsageError
 from ._extras import require
 from ._runner import JPEG_MIME, RAW_MIME, RunOptions
@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if len(specs) > 64:
         raise UsageError("at most 64 sources")
     check_backend(args.backend)
+    check_shared(args.shared, args.backend)
     if args.jpeg:
         require("simplejpeg", "--jpeg")
     if "sample" in specs:
@@ -141,5 +142,6 @@ def run(args: argparse.Namespace) -> int:
         slow_work=args.slow_ms / 1000.0,
         ttl=config.frame_ttl,
         sampler_interval=args.sampler_interval,
+        shared=args.shared,
     )
     return run_job("ingest", sources, options, args)
