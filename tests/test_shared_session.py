@@ -287,3 +287,30 @@ def test_a_long_source_moves_a_loan_to_a_bigger_buffer(manager):
     assert loan.commit(source=long_source, max_recent=1)
     (f,) = cam.latest_visual_frames(10)
     assert f.source == long_source and f.data.tolist() == [9] * 100
+
+
+def test_a_forked_child_of_the_owner_refuses_to_store(manager):
+    cam = manager.create("cam-1")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a second writer would corrupt the session
+        try:
+            cam.store_frame(frame(1), source="c", max_recent=1)
+            os.write(write, b"stored")
+        except RuntimeError as exc:
+            os.write(write, b"refused" if "fork" in str(exc) else str(exc).encode())
+        finally:
+            # As a child that ends normally: its exit handlers and collector must leave
+            # the parent's session alone.
+            reader = cs.attach("cam-1", namespace=cam.shared)
+            del reader
+            cs.shared._shm._end_live_rings()
+            cs.shared._shm._leave_live_slots()
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 100) == b"refused"
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert cam.store_frame(frame(2), source="c", max_recent=1)  # the owner itself is unaffected
+    assert cs.list_shared(cam.shared) == ["cam-1"]
+    assert cam.shared_stats()["readers"] == 1

@@ -35,7 +35,16 @@ from posix.stat cimport fstat, struct_stat
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close as c_close, ftruncate, getpid
 
+from cpython.buffer cimport PyObject_CheckBuffer
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.unicode cimport PyUnicode_CheckExact
+from libc.math cimport fabs, isfinite, isnan
+from libc.stdint cimport INT32_MAX, INT64_MAX
+
 cimport numpy as cnp
+
+from capsule_sessions._framebuf cimport Slot
 
 cnp.import_array()
 
@@ -46,11 +55,11 @@ import queue as _queue_mod
 import threading
 import time
 import weakref
-from collections import deque
 
 import numpy as np
 
-from capsule_sessions import _limits, _validate as v
+from capsule_sessions import _limits, _validate
+from capsule_sessions import _validate as v
 from capsule_sessions._framebuf_py._buffers import check_buffer, copy_bytes
 from capsule_sessions._records import VisualFrame
 from capsule_sessions.errors import (FORKED_MESSAGE, LOAN_EXPORTED_MESSAGE, LOAN_FINISHED_MESSAGE,
@@ -172,6 +181,22 @@ VERSION = CS_VERSION
 cdef uint64_t DATA_OFFSET = CS_ALIGN(sizeof(cs_meta))
 # The key of the classes that only this module makes (as _framebuf's _MAKE).
 cdef object _MAKE = object()
+# What the compiled ring's argument fast paths (_args.pxi, included below) read.
+cdef double MAX_INSTANT_SECONDS = _limits.MAX_INSTANT_SECONDS
+cdef Py_ssize_t MAX_COUNT = _limits.MAX_COUNT
+_monotonic = time.monotonic
+
+# Bumped in a forked child: a ring inherited through fork() refuses to store (a second
+# writer would corrupt the session), without a getpid() call per store.
+cdef uint64_t fork_generation = 0
+
+
+def _forked():
+    global fork_generation
+    fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 cdef int64_t WAIT_SLICE_NS = <int64_t>(_limits.WAIT_SLICE_S * 1e9)
 cdef Py_ssize_t NOGIL_COPY_MIN = _limits.NOGIL_COPY_MIN_BYTES
 cdef uint64_t SHRINK_FLOOR = _limits.SHRINK_FLOOR_BYTES
@@ -186,6 +211,25 @@ cdef inline int64_t monotonic_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+# The compiled ring's argument parsing, compiled into this module too: the same fast
+# paths and the same fall-backs to _validate, so both rings read arguments alike.
+include "_args.pxi"
+
+
+cdef inline int read_clock(object clock, object now, double *seconds, int64_t *ns) except -1:
+    """The instant of a call: ``now``, or the session's clock (read in C when it is
+    time.monotonic, with the value time.monotonic() would give)."""
+    cdef timespec ts
+    if now is not None:
+        return parse_instant(now, "now", seconds, ns)
+    if clock is _monotonic:
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        seconds[0] = <double>(<int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec) / 1e9
+        ns[0] = <int64_t>(seconds[0] * 1e9)
+        return 0
+    return parse_instant(clock(), "clock()", seconds, ns)
 
 
 include "_shm_segment.pxi"

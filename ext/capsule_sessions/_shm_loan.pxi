@@ -156,12 +156,14 @@ cdef loan_commit(SharedRing ring, SharedLoan loan, source, max_recent, min_inter
                  timestamp_ms, frame_seq, now):
     """SharedLoan.commit: _store's checks (a loan is 1-D: no width or height is read
     from a shape), then the loan's bytes published as the frame's, where they are."""
-    source = v.text(source, "source")
-    keep = min(v.count(max_recent, "max_recent"), CS_MAX_RING)
-    min_ns = v.duration_ns(min_interval, "min_interval")
-    mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
-        None, mime_type, width, height, timestamp_ms, frame_seq)
-    seconds, now_ns = ring._read_now(now)
+    source = parse_text(source, "source")
+    cdef Py_ssize_t keep = min(parse_count(max_recent, "max_recent"), CS_MAX_RING)
+    cdef int64_t min_ns = parse_duration_ns(min_interval, "min_interval")
+    cdef Slot meta
+    mime_type = parse_frame_fields(&meta, mime_type, width, height, timestamp_ms, frame_seq)
+    cdef double seconds
+    cdef int64_t now_ns
+    read_clock(ring._clock, now, &seconds, &now_ns)
     cdef bytes mime = mime_type.encode("utf-8", "surrogatepass")
     cdef bytes src = source.encode("utf-8", "surrogatepass")
     cdef int index = loan._take()
@@ -186,5 +188,5 @@ cdef loan_commit(SharedRing ring, SharedLoan loan, source, max_recent, min_inter
                (<_Segment>ring._segments[index]).addr + DATA_OFFSET, nbytes)
         ring._give_back(index, False)
         index = moved
-    ring._describe(index, nbytes, mime, src, width, height, timestamp_ms, frame_seq, seconds)
+    ring._describe(index, nbytes, mime, src, meta.width, meta.height, meta.timestamp_ms, meta.frame_seq, seconds)
     return ring._commit(index, nbytes, keep, min_ns, seconds, now_ns, source)

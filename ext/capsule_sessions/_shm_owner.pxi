@@ -5,6 +5,12 @@ cdef inline uint64_t _pack(uint64_t gen, uint64_t index) noexcept nogil:
     return ((gen & LOW32) << 32) | index
 
 
+cdef struct _OwnerSlot:
+    uint32_t index        # the buffer
+    uint64_t nbytes
+    int64_t received_ns
+
+
 @cython.final
 @cython.no_gc_clear
 cdef class SharedRing:
@@ -22,7 +28,10 @@ cdef class SharedRing:
     cdef readonly str control_name
     cdef str _data_prefix
     cdef double _last_active_s
-    cdef object _slots              # deque of [buffer index, nbytes, received ns]
+    # The ring's frames, oldest first, in C (no Python object per store): _slot_count
+    # of them from _slot_head, a circle of CS_MAX_RING.
+    cdef _OwnerSlot _slot_items[CS_MAX_RING]
+    cdef Py_ssize_t _slot_head, _slot_count
     cdef str _source
     cdef object _last_accepted_ns
     cdef uint64_t _accepted, _rate_limited, _source_resets, _bytes
@@ -39,7 +48,7 @@ cdef class SharedRing:
     cdef uint32_t _writing
     cdef AttachedSession _local
     cdef list _returned             # (index, abandoned) of loans given back, drained under the lock
-    cdef uint64_t _pid
+    cdef uint64_t _fork_gen
     cdef object __weakref__
 
     def __cinit__(self):
@@ -51,7 +60,6 @@ cdef class SharedRing:
         self._clock = v.clock(clock)
         self._last_active_s, _ = v.instant(created_at, "created_at")
         self._lock = threading.RLock()
-        self._slots = deque()
         self._source = ""
         self._last_accepted_ns = None
         self._segments = []
@@ -59,7 +67,7 @@ cdef class SharedRing:
         self._unused = []
         self._mirrors = [None] * CS_MAX_SUBS
         self._returned = []
-        self._pid = getpid()
+        self._fork_gen = fork_generation
         self.namespace = namespace
         self.session_id = session_id
         self.control_name = control_name
@@ -104,8 +112,9 @@ cdef class SharedRing:
     def __dealloc__(self):
         free(self._qrefs)
         self._qrefs = NULL
-        if self._h != NULL and not self._ended:
-            # A session dropped without being ended: its names go with it.
+        if self._h != NULL and not self._ended and self._fork_gen == fork_generation:
+            # A session dropped without being ended: its names go with it (not in a
+            # forked child, whose copy of the ring is not the session).
             cs_store(&self._h.closed, 1)
             self._unlink_all()
 
@@ -116,16 +125,17 @@ cdef class SharedRing:
     cdef _claim(self):
         if self._h == NULL:
             raise TypeError("this shared ring was never initialised (made with SharedRing.__new__)")
-        if <uint64_t>getpid() != self._pid:
+        if self._fork_gen != fork_generation:
             raise RuntimeError(FORKED_MESSAGE)
         if self._busy:
             raise RuntimeError(REENTERED_MESSAGE)
         self._busy = True
 
     cdef tuple _read_now(self, now):
-        if now is None:
-            return v.instant(self._clock(), "clock()")
-        return v.instant(now, "now")
+        cdef double seconds
+        cdef int64_t ns
+        read_clock(self._clock, now, &seconds, &ns)
+        return seconds, ns
 
     @property
     def last_active_at(self):
@@ -141,10 +151,14 @@ cdef class SharedRing:
                 self._busy = False
 
     # -- visual input -------------------------------------------------------------------
+    cdef inline _OwnerSlot *_slot(self, Py_ssize_t k) noexcept:
+        return &self._slot_items[(self._slot_head + k) % CS_MAX_RING]
+
     cdef _clear_frames(self):
-        for slot in self._slots:
-            self._free.append(slot[0])
-        self._slots.clear()
+        cdef Py_ssize_t k
+        for k in range(self._slot_count):
+            self._free.append(self._slot(k).index)
+        self._slot_count = 0
         self._bytes = 0
 
     cdef _switch_source(self, str source):
@@ -154,7 +168,7 @@ cdef class SharedRing:
         self._clear_frames()
 
     def start_visual_input(self, source, now=None):
-        source = v.text(source, "source")
+        source = parse_text(source, "source")
         seconds, _ = self._read_now(now)
         with self._lock:
             self._claim()
@@ -168,7 +182,7 @@ cdef class SharedRing:
                 self._busy = False
 
     def stop_visual_input(self, source="", now=None):
-        source = v.text(source, "source")
+        source = parse_text(source, "source")
         seconds, _ = self._read_now(now)
         with self._lock:
             self._claim()
@@ -196,15 +210,19 @@ cdef class SharedRing:
 
     cdef _store(self, data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
                 frame_seq, now):
-        check_buffer(data)
-        source = v.text(source, "source")
+        if not PyObject_CheckBuffer(data):
+            check_buffer(data)  # its TypeError
+        source = parse_text(source, "source")
         # The published ring has room for CS_MAX_RING frames: a larger bound is that one
         # (as in-process, where a huge bound is clamped too; docs/shared-memory.md).
-        keep = min(v.count(max_recent, "max_recent"), CS_MAX_RING)
-        min_ns = v.duration_ns(min_interval, "min_interval")
-        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
-            data, mime_type, width, height, timestamp_ms, frame_seq)
-        seconds, now_ns = self._read_now(now)
+        cdef Py_ssize_t keep = min(parse_count(max_recent, "max_recent"), CS_MAX_RING)
+        cdef int64_t min_ns = parse_duration_ns(min_interval, "min_interval")
+        cdef Slot meta
+        mime_type = parse_frame_fields(&meta, mime_type, width, height, timestamp_ms, frame_seq)
+        describe_image(&meta, data)
+        cdef double seconds
+        cdef int64_t now_ns
+        read_clock(self._clock, now, &seconds, &now_ns)
         if self._count_if_rate_limited(now_ns, min_ns):
             return False
         cdef Py_buffer view
@@ -223,7 +241,8 @@ cdef class SharedRing:
         try:
             index = self._reserve(DATA_OFFSET + view.len + len(mime) + len(src))
             self._copy_in(index, &view)
-            self._describe(index, view.len, mime, src, width, height, timestamp_ms, frame_seq, seconds)
+            self._describe(index, view.len, mime, src, meta.width, meta.height, meta.timestamp_ms, meta.frame_seq,
+                           seconds)
         except BaseException:
             if index >= 0:
                 self._unreserve(index)
@@ -324,11 +343,17 @@ cdef class SharedRing:
                 if self._source != source:
                     self._switch_source(source)
                 else:
-                    while len(self._slots) >= keep:
-                        old = self._slots.popleft()
-                        self._bytes -= old[1]
-                        self._free.append(old[0])
-                self._slots.append([index, nbytes, now_ns])
+                    while self._slot_count >= keep:
+                        oldest = self._slot(0)
+                        self._bytes -= oldest.nbytes
+                        self._free.append(oldest.index)
+                        self._slot_head = (self._slot_head + 1) % CS_MAX_RING
+                        self._slot_count -= 1
+                newest = self._slot(self._slot_count)
+                newest.index = index
+                newest.nbytes = nbytes
+                newest.received_ns = now_ns
+                self._slot_count += 1
                 self._bytes += nbytes
                 self._last_accepted_ns = now_ns
                 self._last_active_s = seconds
@@ -345,14 +370,15 @@ cdef class SharedRing:
     cdef _publish(self):
         cdef cs_header *h = self._h
         cdef cs_buffer *buffers = cs_buffers(h)
-        cdef uint64_t i = 0
+        cdef uint64_t i
+        cdef _OwnerSlot *slot
         cs_add(&h.seq, 1)  # odd: readers retry
-        for slot in self._slots:
-            index = slot[0]
-            cs_store(&h.ring[i].entry, _pack(cs_load(&buffers[index].gen), index))
-            cs_store(<uint64_t *>&h.ring[i].received_ns, <uint64_t><int64_t>slot[2])
-            cs_store(&h.ring[i].nbytes, slot[1])
-            i += 1
+        for i in range(<uint64_t>self._slot_count):
+            slot = self._slot(i)
+            cs_store(&h.ring[i].entry, _pack(cs_load(&buffers[slot.index].gen), slot.index))
+            cs_store(<uint64_t *>&h.ring[i].received_ns, <uint64_t>slot.received_ns)
+            cs_store(&h.ring[i].nbytes, slot.nbytes)
+        i = self._slot_count
         cs_store(&h.ring_count, i)
         cs_store(&h.accepted, self._accepted)
         cs_store(&h.rate_limited, self._rate_limited)
@@ -370,7 +396,7 @@ cdef class SharedRing:
     def visual_stats(self):
         with self._lock:
             return {"accepted": self._accepted, "rate_limited": self._rate_limited,
-                    "source_resets": self._source_resets, "frames": len(self._slots), "bytes": self._bytes}
+                    "source_resets": self._source_resets, "frames": self._slot_count, "bytes": self._bytes}
 
     def shared_stats(self):
         """What sharing costs, beside visual_stats (whose keys stay the in-process ones)."""
@@ -395,7 +421,7 @@ cdef class SharedRing:
         get what was queued, then SubscriptionClosed) and the names are unlinked."""
         cdef cs_sub *subs = cs_subs(self._h)
         cdef uint32_t i
-        if self._h == NULL:
+        if self._h == NULL or self._fork_gen != fork_generation:
             return
         with self._lock:
             if self._ended:

@@ -98,7 +98,7 @@ cdef Py_ssize_t pool_budget(SharedRing ring):
         i = _lowest_bit(bits)
         bits &= bits - 1
         queued += (<_SubMirror>ring._mirrors[i]).maxsize
-    return len(ring._slots) + queued + 2 * ring._local._reader_count() + ring._writing + POOL_SPARE
+    return ring._slot_count + queued + 2 * ring._local._reader_count() + ring._writing + POOL_SPARE
 
 
 cdef pool_trim(SharedRing ring):
@@ -107,7 +107,7 @@ cdef pool_trim(SharedRing ring):
     cdef Py_ssize_t i, excess
     cdef uint64_t index
     cdef cs_buffer *buffers = cs_buffers(ring._h)
-    excess = len(ring._slots) + len(ring._free) + ring._writing - pool_budget(ring)
+    excess = ring._slot_count + len(ring._free) + ring._writing - pool_budget(ring)
     i = 0
     while i < len(ring._free):
         index = ring._free[i]  # the oldest first: the newest are the likeliest to fit

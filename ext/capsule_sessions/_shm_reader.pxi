@@ -27,10 +27,12 @@ cdef class _ReaderSlot:
     cdef Py_ssize_t held
     cdef bint owner_local
     cdef str data_prefix
+    cdef uint64_t fork_gen
     cdef object __weakref__
 
     def __cinit__(self):
         self.index = -1
+        self.fork_gen = fork_generation
 
     @staticmethod
     cdef _ReaderSlot claim(_Segment control, bint owner_local, str data_prefix, str session_id):
@@ -64,8 +66,8 @@ cdef class _ReaderSlot:
 
     cdef void leave(self) noexcept:
         """Give the slot back (and clean up after an ended session, if last)."""
-        if self.index < 0 or self.h == NULL:
-            return
+        if self.index < 0 or self.h == NULL or self.fork_gen != fork_generation:
+            return  # (a forked child's copy of a slot is its parent's)
         cdef cs_reader *readers = cs_readers(self.h)
         cdef int index = self.index
         self.index = -1
@@ -117,7 +119,8 @@ cdef class AttachedSession:
     cdef readonly str namespace
     cdef bint _closed
     cdef object _subscriptions
-    cdef dict _ring_frames          # ring entry (generation, buffer) -> the frame last handed out for it
+    cdef list _cache_frames         # the frames the last latest_visual_frames handed out
+    cdef uint64_t _cache_entries[CS_MAX_RING]  # their ring entries (generation, buffer)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -138,7 +141,7 @@ cdef class AttachedSession:
         self.session_id = session_id
         self.namespace = namespace
         self._subscriptions = weakref.WeakSet()
-        self._ring_frames = {}
+        self._cache_frames = []
         self._owner_local = owner_local
         self._slot = _ReaderSlot.claim(control, owner_local, self._data_prefix, session_id)
         return self
@@ -201,7 +204,7 @@ cdef class AttachedSession:
         """Close this handle and its subscriptions (idempotent). Frames already handed
         out stay valid; the reader slot is given back when the last of them is gone."""
         self._closed = True
-        self._ring_frames = {}
+        self._cache_frames = []
         for sub in list(self._subscriptions):
             sub.close()
 
@@ -305,18 +308,17 @@ cdef class AttachedSession:
     def latest_visual_frames(self, ttl, now=None):
         """Frames no older than ttl (inclusive), oldest first; [] when ttl <= 0."""
         self._check_open()
-        cdef int64_t ttl_ns = v.duration_ns(ttl, "ttl")
-        if now is None:
-            _, now_py = v.instant(self._clock(), "clock()")
-        else:
-            _, now_py = v.instant(now, "now")
+        cdef int64_t ttl_ns = parse_duration_ns(ttl, "ttl")
+        cdef double seconds
+        cdef int64_t now_ns
+        read_clock(self._clock, now, &seconds, &now_ns)
         if ttl_ns <= 0:
             return []
-        cdef int64_t now_ns = now_py
         cdef cs_header *h = self._h
         cdef uint64_t entries[CS_MAX_RING]
         cdef int64_t received[CS_MAX_RING]
-        cdef uint64_t seq, n, k
+        cdef uint64_t fresh[CS_MAX_RING]
+        cdef uint64_t seq, n, k, fresh_n
         cdef int tries
         for tries in range(SEQLOCK_TRIES):
             seq = cs_load(&h.seq)
@@ -332,7 +334,7 @@ cdef class AttachedSession:
             if cs_load(&h.seq) != seq:
                 continue
             frames = []
-            fresh = {}
+            fresh_n = 0
             for k in range(n):
                 if received[k] > MAX_INSTANT_NS or received[k] < -MAX_INSTANT_NS:
                     raise SharedMemoryError(f"shared session {self.session_id!r} is corrupted: a frame's instant")
@@ -340,22 +342,33 @@ cdef class AttachedSession:
                     # A frame this handle made for the same buffer and generation is the
                     # same frame (its lease kept the buffer as it was): handed out again,
                     # as in-process.
-                    frame = self._ring_frames.get(entries[k])
+                    frame = self._cached(entries[k])
                     if frame is None:
                         frame = self._frame(entries[k])
                         if frame is None:  # rewritten since the copy: read the ring again
                             break
                     frames.append(frame)
-                    fresh[entries[k]] = frame
+                    fresh[fresh_n] = entries[k]
+                    fresh_n += 1
             else:
                 # Only the frames just handed out stay cached: one that left the ring is
                 # let go (its lease ends with the caller's last reference), so the cache
                 # pins no buffer the ring does not hold anyway.
-                self._ring_frames = fresh
+                memcpy(self._cache_entries, fresh, fresh_n * sizeof(uint64_t))
+                self._cache_frames = frames
                 return frames
         if self._owner_gone():
             return []
         raise SharedMemoryError(f"shared session {self.session_id!r}: its ring never stopped changing")
+
+    cdef object _cached(self, uint64_t entry):
+        """The frame this handle last handed out for ``entry`` (buffer and generation), or
+        None: the same frame, since its lease kept the buffer as it was."""
+        cdef Py_ssize_t j
+        for j in range(len(self._cache_frames)):
+            if self._cache_entries[j] == entry:
+                return self._cache_frames[j]
+        return None
 
     cdef tuple _stats(self):
         cdef cs_header *h = self._h
