@@ -22,7 +22,7 @@
 #include <linux/futex.h>
 
 #define CS_MAGIC 0x31534e5343415043ULL   /* "CPACSNS1" read little-endian */
-#define CS_VERSION 2u
+#define CS_VERSION 3u
 #define CS_MAX_RING 256u        /* max_recent of a shared session */
 #define CS_MAX_BUFFERS 4096u    /* > ring + every queue + every lease budget + open stores */
 #define CS_MAX_READERS 32u      /* attached handles (processes) at once */
@@ -57,7 +57,8 @@ typedef struct {
     uint64_t pid;          /* 0: free; claimed by compare-and-swap from 0 */
     uint64_t start_time;   /* /proc/<pid>/stat field 22, so a reused pid is not taken for it */
     uint64_t copied_out;   /* frames copied out past the lease budget */
-    uint64_t pad[5];
+    uint64_t sleeping;     /* this reader's threads about to sleep on the session's futex */
+    uint64_t pad[4];
 } cs_reader;
 
 typedef struct {
@@ -73,9 +74,7 @@ typedef struct {
     uint64_t pad1[6];
     uint64_t tail;         /* compare-and-swap by the reader (take) and the owner (evict) */
     uint64_t delivered;
-    uint32_t wake;         /* futex word: bumped on every push and on close */
-    uint32_t sleepers;     /* readers about to sleep on wake */
-    uint64_t pad2[5];
+    uint64_t pad2[6];
     uint64_t entries[CS_MAX_QUEUE];
 } cs_sub;
 
@@ -100,7 +99,12 @@ typedef struct {
     uint64_t ring_count;
     uint64_t buffers_version;  /* bumped when a data segment is created */
     uint64_t subs_version;     /* bumped by a reader that claims or releases a subscription */
-    uint64_t pad1[7];
+    /* One futex word for the session: bumped after every store's pushes and on every
+     * close; a store wakes every sleeper with one syscall, and only if a reader says it
+     * sleeps (cs_reader.sleeping, which a dead reader's reclaim clears). */
+    uint32_t wake;
+    uint32_t pad_wake;
+    uint64_t pad1[6];
     cs_ring_entry ring[CS_MAX_RING];
 } cs_header;
 

@@ -102,6 +102,7 @@ cdef extern from "_shm.h" nogil:
         uint64_t pid
         uint64_t start_time
         uint64_t copied_out
+        uint64_t sleeping
     ctypedef struct cs_sub:
         uint64_t state
         uint64_t epoch
@@ -113,8 +114,6 @@ cdef extern from "_shm.h" nogil:
         uint64_t dropped
         uint64_t tail
         uint64_t delivered
-        uint32_t wake
-        uint32_t sleepers
         uint64_t entries[1]
     ctypedef struct cs_header:
         uint64_t magic
@@ -135,6 +134,7 @@ cdef extern from "_shm.h" nogil:
         uint64_t ring_count
         uint64_t buffers_version
         uint64_t subs_version
+        uint32_t wake
         cs_ring_entry ring[1]
     ctypedef struct cs_meta:
         uint64_t magic

@@ -100,6 +100,7 @@ cdef fan_out(SharedRing ring, uint64_t entry):
     cdef uint64_t head, tail
     cdef uint64_t bits = ring._mirrored
     cdef _SubMirror m
+    cdef bint pushed = False
     while bits:
         i = _lowest_bit(bits)
         bits &= bits - 1
@@ -129,9 +130,9 @@ cdef fan_out(SharedRing ring, uint64_t entry):
         ring._qrefs[entry & LOW32] += 1
         m.head = head + 1
         cs_store(&s.head, head + 1)
-        cs_add32(&s.wake, 1)
-        if cs_load32(&s.sleepers):
-            cs_futex_wake(&s.wake)
+        pushed = True
+    if pushed:  # every queue first, then one wake-up for all of them
+        wake_readers(ring._h)
 
 
 cdef fan_reap_readers(SharedRing ring, bint now):
@@ -154,6 +155,7 @@ cdef fan_reap_readers(SharedRing ring, bint now):
                 cs_store(&subs[i].state, CS_SUB_RELEASED)
         memset(cs_leases(h, r), 0, CS_MAX_BUFFERS * sizeof(uint32_t))
         cs_store(&readers[r].start_time, 0)
+        cs_store(&readers[r].sleeping, 0)
         cs_store(&readers[r].pid, 0)
         cs_add(&h.subs_version, 1)  # its subscriptions are released: the next store looks
     fan_reap_subscribers(ring, False)

@@ -430,8 +430,7 @@ cdef class SharedRing:
             cs_store(&self._h.closed, 1)
             for i in range(CS_MAX_SUBS):
                 cs_store(&subs[i].closed, 1)
-                cs_add32(&subs[i].wake, 1)
-                cs_futex_wake(&subs[i].wake)
+            wake_readers(self._h)
             self._unlink_all()
 
     cdef _unlink_all(self):

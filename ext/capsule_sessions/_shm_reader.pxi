@@ -47,6 +47,7 @@ cdef class _ReaderSlot:
         for r in range(CS_MAX_READERS):
             if cs_cas(&readers[r].pid, 0, pid):
                 cs_store(&readers[r].copied_out, 0)
+                cs_store(&readers[r].sleeping, 0)
                 cs_store(&readers[r].start_time, own_start_time())
                 self.index = r
                 self.leases = cs_leases(self.h, r)

@@ -210,3 +210,15 @@ cdef _leave_if_last(cs_header *h, int leaving, str data_prefix):
             _unlink_name(control_name)
     except (OSError, SharedMemoryError):
         pass
+
+
+cdef inline void wake_readers(cs_header *h) noexcept nogil:
+    """After a push or a close: readers about to sleep see the word change, and those
+    asleep are woken, with a syscall only when one sleeps."""
+    cdef cs_reader *readers = cs_readers(h)
+    cdef uint32_t r
+    cs_add32(&h.wake, 1)
+    for r in range(CS_MAX_READERS):
+        if cs_load(&readers[r].sleeping):
+            cs_futex_wake(&h.wake)
+            return

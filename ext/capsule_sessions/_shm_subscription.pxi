@@ -186,15 +186,17 @@ cdef class SharedSubscription:
         if self._released:
             return
         cdef cs_sub *s = self._s
-        cdef uint32_t seen = cs_load32(&s.wake)
-        cs_add32(&s.sleepers, 1)
+        cdef cs_header *h = self._reader._h
+        cdef uint64_t *sleeping = &cs_readers(h)[self._reader._slot.index].sleeping
+        cdef uint32_t seen = cs_load32(&h.wake)
+        cs_add(sleeping, 1)
         try:
             if cs_load(&s.tail) < cs_load(&s.head) or cs_load(&s.closed):
                 return
             with nogil:
-                cs_futex_wait(&s.wake, seen, timeout_ns)
+                cs_futex_wait(&h.wake, seen, timeout_ns)
         finally:
-            cs_sub32(&s.sleepers, 1)
+            cs_sub_(sleeping, 1)
 
     def _wait_slice(self, double seconds):
         self._wait_for_push(<int64_t>(seconds * 1e9))
@@ -255,8 +257,7 @@ cdef class SharedSubscription:
         if self._released:
             return
         cs_store(&self._s.closed, 1)
-        cs_add32(&self._s.wake, 1)
-        cs_futex_wake(&self._s.wake)
+        wake_readers(self._reader._h)  # a thread waiting in get() on this one
 
     unsubscribe = close
 
