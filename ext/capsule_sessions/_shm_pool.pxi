@@ -18,6 +18,15 @@ cdef bint pool_leased(SharedRing ring, uint64_t index):
     return False
 
 
+cdef bint pool_retire(SharedRing ring, uint64_t index):
+    """Whether buffer ``index`` (leased by nobody a moment ago) can be destroyed: its
+    generation is bumped first, then the leases are read again (the Dekker pair of
+    pool_allocate), so a reader that leased it in between either fails its generation
+    check or is seen here, and never maps the segment that replaces it."""
+    cs_add(&cs_buffers(ring._h)[index].gen, 1)
+    return not pool_leased(ring, index)
+
+
 cdef int pool_allocate(SharedRing ring, uint64_t needed) except -1:
     """A buffer of at least ``needed`` bytes that no reader can reach: not in the
     ring, in no queue, leased by nobody; its generation is bumped before it is
@@ -35,6 +44,8 @@ cdef int pool_allocate(SharedRing ring, uint64_t needed) except -1:
             if ring._qrefs[index] or pool_leased(ring, index):
                 continue
             if not _fits(buffers[index].capacity, needed):
+                if not pool_retire(ring, index):
+                    continue
                 del ring._free[i]
                 pool_destroy(ring, index)
                 continue
@@ -113,7 +124,7 @@ cdef pool_trim(SharedRing ring):
         index = ring._free[i]  # the oldest first: the newest are the likeliest to fit
         # Beyond the budget, or of a size the frames have left behind (a resolution change).
         if ((excess > 0 or not _fits(buffers[index].capacity, ring._last_needed))
-                and ring._qrefs[index] == 0 and not pool_leased(ring, index)):
+                and ring._qrefs[index] == 0 and not pool_leased(ring, index) and pool_retire(ring, index)):
             del ring._free[i]
             pool_destroy(ring, index)
             excess -= 1
