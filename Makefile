@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 EXT_SOURCES := $(wildcard ext/capsule_sessions/*)
 
-.PHONY: demo test lint build bench sanitize soak fuzz valgrind clean
+.PHONY: demo test lint build bench sanitize soak fuzz valgrind clean redis-server
 
 # A new venv holds the setuptools its Python bundles (65 on 3.11), which warns that
 # [tool.setuptools] is beta and loads the wheel package's deprecated bdist_wheel on every
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"
 	$(PY) -m pip install --quiet "Cython>=3.1" "numpy>=2"
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,cli,plot,video,lint,bench]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,cli,plot,video,lint,bench,redis]"
 	touch $(STAMP)
 
 # build_ext --inplace is a no-op when the .so is newer than its sources.
@@ -46,9 +46,17 @@ lint: $(STAMP)
 	$(PY) -m ruff check capsule_sessions tests bench fuzz tools setup.py
 	$(PY) -m mypy --strict capsule_sessions tests/typing
 
+# The Redis tests start their own redis-server (tests/redis_server.py): Debian's, installed
+# here when it is missing (as root, or through sudo).
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; \
+	  $$SUDO service redis-server stop >/dev/null 2>&1 || true; }
+
 # Lint, then the whole suite on both backends; conftest fails (not skips) without the
 # extension.
-test: lint build
+test: lint build redis-server
 	CAPSULE_SESSIONS_REQUIRE_CYTHON=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: build

@@ -155,3 +155,26 @@ def make_manager(backend: str, clock: FakeClock):
     yield make
     for manager in managers:
         manager.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server_process():
+    """One real redis-server for the whole run (tests/redis_server.py)."""
+    from redis_server import RedisServer
+
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server_process):
+    """The URL of the run's redis-server, emptied before the test (restarted first if a
+    fault test killed it)."""
+    from redis_server import _answers_ping, flush
+
+    if redis_server_process.proc is None or redis_server_process.proc.poll() is not None \
+            or not _answers_ping(redis_server_process.port):
+        redis_server_process.restart()
+    flush(redis_server_process.url)
+    return redis_server_process.url
