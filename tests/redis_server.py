@@ -7,7 +7,6 @@ off, in a temporary directory, and shut down afterwards (never a mock, never fak
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket

@@ -126,7 +126,7 @@ def test_readers_come_and_go_while_the_producer_stores(tmp_path):
     print(f"soak: {seq} frames stored, {len(finished)} readers finished, {killed} killed, "
           f"peak {peak_segments} data segments")
     assert finished and killed, (len(finished), killed)
-    for got, bad, dropped, delivered in finished:
+    for got, bad, _dropped, delivered in finished:
         assert bad == 0
         assert delivered == got
 
