@@ -28,7 +28,7 @@ LAYERS = [
     {"session"},
     {"manager", "ingest"},
     {"__init__"},  # the public API: what `from capsule_sessions import ...` gives
-    {"cli", "bench", "__main__"},
+    {"cli", "bench", "__main__", "redis"},
 ]
 
 

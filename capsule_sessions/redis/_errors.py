@@ -1,0 +1,49 @@
+"""The errors a Redis-backed manager raises, and the one place redis-py's become them.
+
+Every failure to reach the server is a ``RedisUnavailableError`` naming the URL (with
+the password masked), raised after the configured timeout at most; a value read back
+that is not what this library wrote is a ``RedisDataError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from ..errors import SessionError
+
+T = TypeVar("T")
+
+
+class RedisUnavailableError(SessionError, ConnectionError):
+    """The Redis server could not be reached, or did not answer within the timeout."""
+
+
+class RedisDataError(SessionError, ValueError):
+    """A key holds something this library did not write (corrupted, or another program's)."""
+
+
+def masked(url: str) -> str:
+    """``url`` without its password: redis://user:secret@host -> redis://user:***@host."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+@contextmanager
+def translated(url: str) -> Iterator[None]:
+    """Run a block of Redis calls: connection failures and timeouts become
+    RedisUnavailableError naming ``url``."""
+    import redis.exceptions as rx
+
+    try:
+        yield
+    except (rx.ConnectionError, rx.TimeoutError, ConnectionError, TimeoutError, OSError) as exc:
+        raise RedisUnavailableError(f"Redis at {masked(url)} is unavailable: {exc}") from exc
+    except rx.ResponseError as exc:
+        raise RedisUnavailableError(f"Redis at {masked(url)} refused a command: {exc}") from exc
+
+
+def call(url: str, fn: Callable[[], T]) -> T:
+    with translated(url):
+        return fn()

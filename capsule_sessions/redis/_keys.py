@@ -1,0 +1,44 @@
+"""Key names: every key of a session carries the session id as its hash tag, so Redis
+Cluster keeps a session's keys on one shard (one script can change them all) and
+spreads sessions over shards; the namespace keeps deployments apart on one server.
+
+    <namespace>:{<session id>}:<what>      a session's keys
+    <namespace>:registry                   the cluster-wide set of live sessions
+"""
+
+from __future__ import annotations
+
+import re
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_namespace(namespace: object) -> str:
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+    if not _NAMESPACE.fullmatch(namespace):
+        raise ValueError(f"namespace must be 1-64 characters of A-Z a-z 0-9 _ . -, got {namespace!r}")
+    return str.__str__(namespace)
+
+
+def _tag(session_id: str) -> str:
+    # Braces would end the hash tag early; they are escaped so every id has a tag of its own.
+    return session_id.replace("\\", "\\\\").replace("{", "\\(").replace("}", "\\)")
+
+
+class SessionKeys:
+    """The keys of one session."""
+
+    __slots__ = ("namespace", "session_id", "prefix")
+
+    def __init__(self, namespace: str, session_id: str) -> None:
+        self.namespace = namespace
+        self.session_id = session_id
+        self.prefix = f"{namespace}:{{{_tag(session_id)}}}:"
+
+    def key(self, what: str) -> str:
+        return self.prefix + what
+
+
+def registry_key(namespace: str) -> str:
+    return f"{namespace}:registry"
