@@ -136,7 +136,7 @@ def test_the_error_messages_are_the_same_on_both_backends():
         del view
         loan.cancel()
         try:
-            loan.array
+            _ = loan.array
         except ValueError as exc:
             out.append(("ValueError", str(exc)))
         return out
@@ -167,7 +167,8 @@ SCRIPT = [
 
 def test_a_commit_gives_what_store_frame_gives_in_the_same_situation(backend):
     clocks = FakeClock(), FakeClock()
-    stored, loaned = (Session(name, clock=c, backend=backend) for name, c in zip(("store", "loan"), clocks))
+    stored = Session("store", clock=clocks[0], backend=backend)
+    loaned = Session("loan", clock=clocks[1], backend=backend)
     subs = [s.subscribe_visual_frames(3) for s in (stored, loaned)]
     for data, kwargs, step in SCRIPT:
         for c in clocks:
@@ -202,7 +203,7 @@ def test_a_rate_limited_commit_returns_false_and_finishes_the_loan(session, cloc
     fill(loan, b"second")
     assert loan.commit(source="cam", max_recent=4, min_interval=1.0) is False
     with pytest.raises(ValueError, match="finished"):
-        loan.array
+        _ = loan.array
     with pytest.raises(ValueError, match="finished"):
         loan.commit(source="cam", max_recent=4)
     loan.cancel()  # a no-op on a finished loan
@@ -315,7 +316,7 @@ def test_leaving_the_with_block_without_commit_cancels(session):
         assert isinstance(loan, FrameLoan)
         fill(loan, b"abc")
     with pytest.raises(ValueError, match="finished"):
-        loan.array
+        _ = loan.array
     with pytest.raises(ValueError, match="finished"):
         loan.commit(source="cam", max_recent=1)
     assert session.visual_stats()["accepted"] == 0
@@ -325,7 +326,7 @@ def test_an_exception_in_the_with_block_cancels_and_propagates(session):
     with pytest.raises(ZeroDivisionError):
         with session.loan_frame(3) as loan:
             view = loan.array
-            1 / 0
+            raise ZeroDivisionError
     assert session.visual_stats()["accepted"] == 0
     with pytest.raises(ValueError, match="finished"):
         loan.as_array((3,))
@@ -428,7 +429,8 @@ def test_a_loan_is_a_capsule_sessions_frame_loan_on_every_backend(session):
                                   lambda loan: pickle.dumps(loan)])
 def test_a_loan_is_made_only_by_a_session(session, make):
     loan = session.loan_frame(1)
-    with pytest.raises(TypeError, match=f"^({re.escape(LOAN_NOT_BY_HAND_MESSAGE)}|cannot pickle or copy 'FrameLoan' object)$"):
+    refused = f"^({re.escape(LOAN_NOT_BY_HAND_MESSAGE)}|cannot pickle or copy 'FrameLoan' object)$"
+    with pytest.raises(TypeError, match=refused):
         make(loan)
 
 
