@@ -14,6 +14,7 @@ import math
 import pickle
 import queue
 import re
+import sys
 import threading
 import tracemalloc
 
@@ -583,6 +584,37 @@ def test_a_view_in_another_thread_holds_the_commit_back(session):
     t.join(10)
     assert loan.commit(source="cam", max_recent=1)
     assert session.latest_visual_frames(10.0)[0].data.tobytes() == b"\x05" * 4
+
+
+def test_a_keyboard_interrupt_at_every_eval_breaker_check_of_a_commit_leaves_the_session_usable(backend):
+    """Where a signal handler could run during a commit (tests/test_fuzz.py's tracer), a
+    KeyboardInterrupt leaves the loan open or finished, the books balanced, and the
+    session working."""
+    from test_fuzz import HandlerAt
+
+    at = 0
+    while True:
+        at += 1
+        session = Session("every-point", clock=FakeClock(), backend=backend)
+        sub = session.subscribe_visual_frames(1)
+        loan = session.loan_frame(16)
+        fill(loan, b"x" * 16)
+        injection = HandlerAt(at, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+        sys.settrace(injection.tracer)
+        try:
+            loan.commit(source="cam", max_recent=2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        if injection.where is None:
+            break  # past the commit's last point
+        accepted = session.visual_stats()["accepted"]
+        assert accepted in (0, 1) and sub.delivered + sub.dropped + sub.qsize() == accepted, injection.where
+        loan.cancel()
+        assert commit_bytes(session, b"after") is True, injection.where
+        assert session.visual_stats()["accepted"] == accepted + 1
+    assert at > (40 if backend == "python" else 1)  # the tracer saw the commit's points
 
 
 # -- memory: a dropped loan goes back, a held frame is never lent ------------------------
