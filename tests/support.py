@@ -25,11 +25,13 @@ class FakeClock:
     """A clock the test moves by hand: ``clock()`` returns float seconds.
 
     Thread-safe, so stress tests can read it from many threads while one advances it.
+    Reentrant: a finalizer that the garbage collector runs while this thread holds the
+    lock may read the clock too (the soak's storms do), and must not deadlock on it.
     """
 
     def __init__(self, start: float = 1000.0) -> None:
         self._now = float(start)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def __call__(self) -> float:
         with self._lock:

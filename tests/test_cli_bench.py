@@ -163,6 +163,38 @@ def test_store_workloads_drive_the_ring_as_described(target):
     assert stats["source_resets"] == calls - 1 and stats["frames"] == 1
 
 
+@pytest.mark.parametrize("target", available_backends())
+def test_the_loan_workload_commits_every_loan_it_takes(target):
+    stats, subs = stats_after("W13_loan_commit_6m", target, 10)
+    assert stats == {"accepted": 10, "rate_limited": 0, "source_resets": 0, "frames": 2,
+                     "bytes": 2 * workloads.FRAME_1080P_RGB} and subs == []
+    case = workloads.BY_ID["W13_loan_commit_6m"].setup(target)
+    assert case.op() is True
+    (frame,) = case.keep[0].latest_visual_frames(0.0005)  # the last commit's frame, its 8-byte tag written
+    assert bytes(frame.data[:8]) == bytes(range(8)) and frame.nbytes == workloads.FRAME_1080P_RGB
+
+
+def test_the_loan_workload_has_a_memcpy_figure_and_no_naive_one():
+    workload = workloads.BY_ID["W13_loan_commit_6m"]
+    assert workload.setup("naive") is None and not workload.applies_to("naive")
+    case = workload.setup("memcpy")
+    case.op()
+    (dst, src), = case.keep
+    assert dst.nbytes == workloads.FRAME_1080P_RGB and (dst == src).all()
+
+
+def test_the_loan_workload_is_judged_against_one_memcpy():
+    def judged(loan_ns):
+        entry = {"repeats_ns": [loan_ns] * 3, "ns_per_op": loan_ns}
+        memcpy = {"repeats_ns": [100_000.0] * 3, "ns_per_op": 100_000.0}
+        results = {"timed": {"W13_loan_commit_6m": {"aux": False, "results": {"cython": entry, "memcpy": memcpy}}}}
+        (check,) = [c for c in targets.evaluate(results, "cython") if c["workload"] == "W13_loan_commit_6m"]
+        return check["met"], check["figure"]
+
+    assert judged(2_000.0) == (True, "0.02x memcpy")
+    assert judged(2_100.0) == (False, "0.021x memcpy")
+
+
 @pytest.mark.parametrize("target", available_backends() + ["naive"])
 def test_latest_workload_reads_eight_frames(target):
     case = workloads.BY_ID["W5_latest_8x64k"].setup(target)

@@ -1608,6 +1608,34 @@ def test_a_signal_handler_at_a_drawn_eval_breaker_check(backend, program, sub_sp
         _release_a_stuck_pure_runner(session)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("python"), pytest.param("cython", marks=pytest.mark.cython)])
+def test_a_keyboard_interrupt_at_every_eval_breaker_check_of_a_store_leaves_the_session_usable(backend):
+    """Deterministically, every point of a small store (the drawn test above found the
+    one that broke): on the pure twin an interrupt where the claim's call returned used to
+    leave the ring marked busy, with no finally to clear it, so every later call raised
+    RuntimeError."""
+    if backend not in available_backends():
+        pytest.skip("the Cython backend is not built")
+    at = 0
+    while True:
+        at += 1
+        session = Session("every-point", clock=FakeClock(), backend=backend)
+        sub = session.subscribe_visual_frames(1)
+        injection = HandlerAt(at, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+        sys.settrace(injection.tracer)
+        try:
+            session.store_frame(b"x" * 16, source="cam", max_recent=2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        if injection.where is None:
+            break  # past the store's last point
+        assert session.store_frame(b"after", source="cam", max_recent=2) is True, injection.where
+        assert sub.delivered + sub.dropped + sub.qsize() == session.visual_stats()["accepted"], injection.where
+    assert at > (100 if backend == "python" else 2)  # the tracer saw the store's points
+
+
 def test_a_handler_storing_between_fanning_and_runner_does_not_hang():
     """The pure twin's hang, deterministically: a store made (as a SIGALRM handler would)
     by the thread whose _FanOut.await_offer has claimed the runner role (the bug was

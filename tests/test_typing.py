@@ -185,6 +185,7 @@ def test_the_stub_declares_what_the_compiled_module_defines():
 def test_the_public_subscription_is_what_session_returns():
     signature = inspect.signature(Session.subscribe_visual_frames)
     assert signature.return_annotation == "Subscription"
+    assert inspect.signature(Session.loan_frame).return_annotation == "FrameLoan"
     assert inspect.signature(Session.latest_visual_frames).return_annotation == "list[VisualFrame]"
 
 
@@ -243,6 +244,8 @@ session.store_frame("pixels", source="camera", max_recent=2)  # error: arg-type
 session.subscribe_visual_frames(buffer="2")  # error: arg-type
 for later in session.latest_visual_frames(10.0):
     print(later.widht)  # error: attr-defined
+session.loan_frame(4).commit(source="camera")  # error: call-arg
+session.loan_frame(4.0)  # error: arg-type
 '''
 
 

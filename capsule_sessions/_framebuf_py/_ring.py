@@ -63,11 +63,13 @@ class FrameRing:
 
     # -- locking ---------------------------------------------------------------
     def _claim(self) -> None:
-        """Start a change (ring lock held): refuse a forked child and a same-thread re-entry."""
+        """Before a change (ring lock held): refuse a forked child and a same-thread
+        re-entry. The caller then sets ``_busy`` itself, right before its ``try``: a
+        signal handler's exception lands where a call returns, and one landing after
+        this call must find the flag unset, not set with no ``finally`` to clear it."""
         check_not_forked(self._fork_gen)
         if self._busy:
             raise RuntimeError(REENTERED_MESSAGE)
-        self._busy = True
 
     # -- time ------------------------------------------------------------------
     def _read_now(self, now: float | None) -> tuple[float, int]:
@@ -83,6 +85,7 @@ class FrameRing:
         seconds, _ = self._read_now(now)
         with self._lock:
             self._claim()
+            self._busy = True
             try:
                 self._last_active_s = seconds
             finally:
@@ -104,6 +107,7 @@ class FrameRing:
         seconds, _ = self._read_now(now)
         with self._lock:
             self._claim()
+            self._busy = True
             try:
                 if self._source != source:
                     self._switch_source(source)
@@ -117,6 +121,7 @@ class FrameRing:
         seconds, _ = self._read_now(now)
         with self._lock:
             self._claim()
+            self._busy = True
             try:
                 if not source or not self._source or self._source == source:
                     self._clear_frames()
@@ -212,6 +217,7 @@ class FrameRing:
     def _count_if_rate_limited(self, now_ns: int, min_ns: int) -> bool:
         with self._lock:
             self._claim()
+            self._busy = True
             try:
                 limited = self._is_rate_limited(now_ns, min_ns)
                 if limited:
@@ -231,6 +237,7 @@ class FrameRing:
         when nobody subscribes."""
         with self._lock:
             self._claim()
+            self._busy = True
             try:
                 if self._is_rate_limited(now_ns, min_ns):
                     self._rate_limited += 1
@@ -294,6 +301,7 @@ class FrameRing:
         policy = v.policy(policy)
         with self._lock:
             self._claim()
+            self._busy = True
             try:
                 # Frames accepted before now are not this subscriber's, even those still
                 # waiting for the fan-out.
@@ -330,6 +338,7 @@ class FrameRing:
         """Close every live subscription (the session ended): their readers wake up."""
         with self._lock:
             self._claim()
+            self._busy = True
             try:
                 self._ended = True
                 subscribers, self._subscribers = self._subscribers, []

@@ -1,6 +1,6 @@
 """capsule_sessions benchmarks: the workloads of docs/bench.md, defined once.
 
-``workloads`` (the single-threaded W1..W7 cases), ``threaded`` (W8, W9), ``memory``
+``workloads`` (the single-threaded W1..W7 and W13 cases), ``threaded`` (W8, W9), ``memory``
 (allocation and page faults), ``naive`` (the reference port), ``harness`` (timing),
 ``targets`` (the verdicts), ``runner``, ``report`` and ``plot`` ship with the package,
 so ``capsule-sessions bench`` runs from an installed wheel; the pytest-benchmark suite

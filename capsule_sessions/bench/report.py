@@ -218,7 +218,8 @@ def markdown(results: JsonObject) -> str:
     s = results["settings"]
     out = ["## capsule_sessions benchmark", ""] + _heading(results) + [""]
     sections = [
-        ("### W1-W7: ns per operation (lower is better; ratios below 1 favour cython)", _timed_table(results, False),
+        ("### W1-W7, W13: ns per operation (lower is better; ratios below 1 favour cython)",
+         _timed_table(results, False),
          "Go ns/op is the reference figure for the Go original (docs/bench.md), not measured in this run."),
         ("### Size-independence points (aux)", _timed_table(results, True),
          "W2_aux and W5_aux repeat W2 and W5 with 4 KiB frames or no subscribers; the W2 and W5 "

@@ -1,6 +1,6 @@
 """The whole matrix: settings, selection, and the JSON-ready results.
 
-``run(selection, settings, progress)`` times W1..W7 (and the aux points) for every
+``run(selection, settings, progress)`` times W1..W7 and W13 (and the aux points) for every
 selected target with interleaved repeats, measures allocation and page faults for the
 1080p stores, runs W8 and W9 in this process and W10-W12 in spawned ones (``ipc.py``),
 and judges every library backend against the targets (docs/bench.md).

@@ -37,6 +37,8 @@ MINFLT_LIMIT = 1.0
 # W8: the 2-thread/1-thread scaling at least this share of memcpy's own scaling.
 W8_SCALING_LIMIT = 0.9
 W9_TAIL_LIMIT = 10.0
+# W13: a loan's commit (taking it, a view, the commit) against one memcpy of the frame.
+W13_MEMCPY_LIMIT = 0.02
 
 
 def short(workload_id: str) -> str:
@@ -163,6 +165,11 @@ def evaluate(results: JsonObject, backend: str) -> list[JsonObject]:
                 faults = alloc["minflt_per_store"]
                 add(_check(backend, wid, f"no page faults (< {MINFLT_LIMIT:g} minor fault per store)",
                            f"{faults:.2f} faults/store", faults < MINFLT_LIMIT))
+
+    wid = _timed_id(results, "W13")
+    if wid is not None:
+        add(_ratio_check(backend, wid, _paired(results, wid, backend, "memcpy"), W13_MEMCPY_LIMIT,
+                         f"a commit costs at most {W13_MEMCPY_LIMIT:g}x one memcpy of the frame", "memcpy"))
 
     growth = _per_sub_growth(results, backend)
     if growth is not None:

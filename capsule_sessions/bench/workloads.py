@@ -1,4 +1,4 @@
-"""The single-threaded workloads of docs/bench.md (W1..W7), one definition for every target.
+"""The single-threaded workloads of docs/bench.md (W1..W7, W13), one definition for every target.
 
 A target is a library backend (``"python"``, ``"cython"``: whatever
 ``capsule_sessions.available_backends()`` lists, driven through ``Session(backend=...)``),
@@ -14,6 +14,11 @@ fake clock advanced 1 ms per store; ``now`` is passed rather than read from an i
 clock so that no target pays for a Python clock callback. Payloads are random bytes in
 numpy uint8 arrays. Workloads marked ``aux`` are not in the workload table: they are the extra
 points the size-independence targets of W2 and W5 are judged by.
+
+W13 takes a ``loan_frame``, writes an 8-byte tag through ``loan.array`` and commits it
+with the same keywords: the frame's pixels are the caller's to write (a decoder's
+output), so the figure is what the library adds per frame, against one memcpy of it.
+The naive port has no loans: no figure.
 """
 
 from __future__ import annotations
@@ -90,9 +95,12 @@ class Workload:
     build: Callable[[str, JsonObject], Case | None]
     params: JsonObject
     aux: bool = False
+    no_figure: tuple[str, ...] = ()  # targets that have nothing to run
 
     def applies_to(self, target: str) -> bool:
         # A rate-limited call copies nothing: W6 has no memcpy figure.
+        if target in self.no_figure:
+            return False
         return not (target == "memcpy" and self.params.get("min_interval", 0.0) > 0)
 
     def setup(self, target: str) -> Case | None:
@@ -183,6 +191,35 @@ def build_latest(target: str, p: JsonObject) -> Case | None:
     return Case(op, run, keep=[session])
 
 
+def build_loan_commit(target: str, p: JsonObject) -> Case | None:
+    if target == "memcpy":
+        return _copy_case([payload(p["size"])])
+    session = make_session(target)
+    if not isinstance(session, Session):
+        return None
+    lend = session.loan_frame
+    clock = FakeClock()
+    size, keep = p["size"], p["max_recent"]
+    tag = np.arange(8, dtype=np.uint8)
+
+    def op() -> bool:
+        clock.t = t = clock.t + TICK
+        loan = lend(size)
+        loan.array[:8] = tag
+        return loan.commit(source="camera", max_recent=keep, now=t)
+
+    def run(n: int) -> None:
+        t = clock.t
+        for _ in itertools.repeat(None, n):
+            t += TICK
+            loan = lend(size)
+            loan.array[:8] = tag
+            loan.commit(source="camera", max_recent=keep, now=t)
+        clock.t = t
+
+    return Case(op, run, keep=[session, []])
+
+
 def _store(size: int, subscribers: int = 0, buffer: int = 1, max_recent: int = 2,
            min_interval: float = 0.0, sources: tuple[str, ...] = ("camera",)) -> JsonObject:
     return {"size": size, "subscribers": subscribers, "buffer": buffer, "max_recent": max_recent,
@@ -205,6 +242,10 @@ TIMED = [
              build_store, _store(4096, min_interval=0.033)),
     Workload("W7_source_switch", "source alternates camera/screen on every store, 4,096-byte frame, max_recent=2",
              build_store, _store(4096, sources=("camera", "screen"))),
+    Workload("W13_loan_commit_6m",
+             "loan_frame, an 8-byte write through loan.array, and commit of a 6,220,800-byte frame (1920x1080 "
+             "RGB), max_recent=2, no subscribers: the library's cost per commit",
+             build_loan_commit, {"size": FRAME_1080P_RGB, "max_recent": 2}, no_figure=("naive",)),
     # Size-independence points for the W2 and W5 targets (not in the workload table).
     Workload("W2_aux_store_4k_4sub", "W2 with 4,096-byte frames (per-subscriber cost at 4 KiB)",
              build_store, _store(4096, subscribers=4, buffer=8), aux=True),

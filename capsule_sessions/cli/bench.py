@@ -1,6 +1,6 @@
 """``capsule-sessions bench``: the benchmark matrix on every backend.
 
-Times W1..W7 on each library backend, the naive port and the memcpy limit with
+Times W1..W7 and W13 on each library backend, the naive port and the memcpy limit with
 interleaved repeats (medians), measures allocation and page faults of the 1080p stores,
 runs the threaded workloads W8 (producer scaling) and W9 (fan-out latency), the
 across-process workloads W10-W12 in spawned processes against their peers
