@@ -28,7 +28,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN, EINTR, ENOENT, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_RDWR
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap, shm_open, shm_unlink
 from posix.stat cimport fstat, struct_stat
@@ -185,6 +185,7 @@ cdef object _MAKE = object()
 cdef double MAX_INSTANT_SECONDS = _limits.MAX_INSTANT_SECONDS
 cdef Py_ssize_t MAX_COUNT = _limits.MAX_COUNT
 _monotonic = time.monotonic
+cdef object _object_new = object.__new__
 
 # Bumped in a forked child: a ring inherited through fork() refuses to store (a second
 # writer would corrupt the session), without a getpid() call per store.

@@ -120,6 +120,8 @@ cdef class AttachedSession:
     cdef readonly str namespace
     cdef bint _closed
     cdef object _subscriptions
+    cdef list _text_raw             # the last mime type's and source's bytes ...
+    cdef list _text_str             # ... and their str
     cdef list _cache_frames         # the frames the last latest_visual_frames handed out
     cdef uint64_t _cache_entries[CS_MAX_RING]  # their ring entries (generation, buffer)
     cdef object __weakref__
@@ -143,6 +145,8 @@ cdef class AttachedSession:
         self.namespace = namespace
         self._subscriptions = weakref.WeakSet()
         self._cache_frames = []
+        self._text_raw = [b"", b""]
+        self._text_str = ["", ""]
         self._owner_local = owner_local
         self._slot = _ReaderSlot.claim(control, owner_local, self._data_prefix, session_id)
         return self
@@ -270,11 +274,8 @@ cdef class AttachedSession:
                 or <uint64_t>meta.mime_len + meta.source_len > size - meta.data_offset - meta.nbytes):
             raise SharedMemoryError(f"data segment {seg.name!r} is corrupted: its frame header is out of bounds")
         cdef char *strings = seg.addr + meta.data_offset + meta.nbytes
-        try:
-            mime_type = strings[:meta.mime_len].decode("utf-8", "surrogatepass")
-            source = strings[meta.mime_len:meta.mime_len + meta.source_len].decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            raise SharedMemoryError(f"data segment {seg.name!r} is corrupted: a text field is not UTF-8") from None
+        mime_type = self._text(strings, meta.mime_len, 0, seg)
+        source = self._text(strings + meta.mime_len, meta.source_len, 1, seg)
         cdef cnp.npy_intp dims = <cnp.npy_intp>meta.nbytes
         cdef cnp.ndarray arr
         cdef _Lease lease
@@ -294,7 +295,7 @@ cdef class AttachedSession:
             self._slot.held += 1
             cnp.set_array_base(arr, lease)
         cnp.PyArray_CLEARFLAGS(arr, cnp.NPY_ARRAY_WRITEABLE)
-        frame = VisualFrame.__new__(VisualFrame)
+        frame = _object_new(VisualFrame)
         PyObject_GenericSetAttr(frame, "data", arr)
         PyObject_GenericSetAttr(frame, "mime_type", mime_type)
         PyObject_GenericSetAttr(frame, "width", meta.width)
@@ -304,6 +305,20 @@ cdef class AttachedSession:
         PyObject_GenericSetAttr(frame, "frame_seq", meta.frame_seq)
         PyObject_GenericSetAttr(frame, "received_at", meta.received_at)
         return frame
+
+    cdef str _text(self, const char *raw, uint32_t length, int which, _Segment seg):
+        """A frame's mime type (``which`` 0) or source (1): the same str as the last
+        frame's when the bytes are the same (a camera's never change), else decoded."""
+        cdef bytes last = self._text_raw[which]
+        if len(last) == length and memcmp(<const char *>last, raw, length) == 0:
+            return self._text_str[which]
+        try:
+            text = raw[:length].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise SharedMemoryError(f"data segment {seg.name!r} is corrupted: a text field is not UTF-8") from None
+        self._text_raw[which] = raw[:length]
+        self._text_str[which] = text
+        return text
 
     # -- reads ---------------------------------------------------------------------------------
     def latest_visual_frames(self, ttl, now=None):
