@@ -39,6 +39,7 @@ cdef class SharedRing:
     cdef list _free                 # indices holding a segment that is not in the ring
     cdef list _unused               # indices without a segment
     cdef uint32_t *_qrefs           # queue entries naming each buffer
+    cdef uint64_t *_used_at         # the accept count when each buffer was last handed out
     cdef uint64_t _serial
     cdef uint64_t _last_needed          # the size the last store or loan asked for
     cdef list _mirrors
@@ -53,7 +54,8 @@ cdef class SharedRing:
 
     def __cinit__(self):
         self._qrefs = <uint32_t *>calloc(CS_MAX_BUFFERS, sizeof(uint32_t))
-        if self._qrefs == NULL:
+        self._used_at = <uint64_t *>calloc(CS_MAX_BUFFERS, sizeof(uint64_t))
+        if self._qrefs == NULL or self._used_at == NULL:
             raise MemoryError()
 
     def __init__(self, clock, created_at, *, str namespace, str session_id, str control_name, str data_prefix):
@@ -88,7 +90,9 @@ cdef class SharedRing:
 
     def __dealloc__(self):
         free(self._qrefs)
+        free(self._used_at)
         self._qrefs = NULL
+        self._used_at = NULL
         if self._h != NULL and not self._ended and self._fork_gen == fork_generation:
             # A session dropped without being ended: its names go with it (not in a
             # forked child, whose copy of the ring is not the session).
