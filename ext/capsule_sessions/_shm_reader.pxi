@@ -179,7 +179,11 @@ cdef class AttachedSession:
         return self._frame_of_leased(entry)
 
     cdef object _build(self, uint32_t index, _Segment seg):
-        cdef cs_meta *meta = <cs_meta *>seg.addr
+        # The header is read once, into this copy, before anything is checked or used: a
+        # copied-out frame's lease ends before the frame object is made (the buffer may
+        # hold the next frame by then), and a header another process scribbles on must
+        # not change between its bounds check and its use.
+        cdef cs_meta meta = (<cs_meta *>seg.addr)[0]
         cdef uint64_t size = seg.size
         if (meta.magic != CS_DATA_MAGIC or meta.data_offset != DATA_OFFSET or meta.data_offset > size
                 or meta.nbytes > size - meta.data_offset
@@ -193,7 +197,7 @@ cdef class AttachedSession:
         cdef _Lease lease
         if self._slot.held >= CS_LEASE_BUDGET:
             # Past the budget a frame is copied out, so a reader that hoards frames pins
-            # no more shared memory than its budget (counted in visual_stats).
+            # no more shared memory than its budget (counted in shared_stats).
             arr = cnp.PyArray_EMPTY(1, &dims, cnp.NPY_UINT8, 0)
             memcpy(cnp.PyArray_DATA(arr), seg.addr + meta.data_offset, meta.nbytes)
             self._slot.release_raw(index)
