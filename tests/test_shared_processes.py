@@ -1,0 +1,197 @@
+"""Shared sessions across processes (issue 12's guarantees), with spawned reader
+processes (``shm_child.py``, driven over a pipe; never fork) and bounded in time.
+
+Each test has its own namespace and the ``world`` fixture: every child it started is
+killed at the end, and /dev/shm must then hold nothing of that namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from capsule_sessions import Session, SessionNotFoundError, attach, list_shared
+from capsule_sessions import shared as shared_mod
+from capsule_sessions.errors import SharedMemoryError, SubscriptionClosed
+from shm_support import (ChildError, data_entries, describe, entries, stamp, stamp_digest,  # noqa: F401
+                         world)
+from support import FakeClock, child_env
+
+pytestmark = [pytest.mark.cython]
+# As tests/test_fuzz.py: CAPSULE_SESSIONS_FUZZ_EXAMPLES scales the hypothesis examples.
+SCALE = float(os.environ.get("CAPSULE_SESSIONS_FUZZ_EXAMPLES", "1"))
+DERANDOMIZE = os.environ.get("CAPSULE_SESSIONS_FUZZ_RANDOM", "") in ("", "0")
+
+DIGEST = 8  # index of the bytes hash in a described frame
+SEQ = 0
+
+# -- 1. differential: the same operations in-process and across processes ----------------
+
+SOURCES = ("a", "b")
+store_op = st.tuples(st.just("store"), st.sampled_from(SOURCES), st.integers(1, 4),
+                     st.sampled_from([0.0, 0.0, 0.05, 0.2]), st.sampled_from([1, 7, 64, 4096, 20000]),
+                     st.sampled_from([0.0, 0.01, 0.04, 0.1, 0.5]), st.sampled_from(["", "image/jpeg"]),
+                     st.integers(0, 3))
+other_op = st.one_of(
+    st.tuples(st.just("start"), st.sampled_from(SOURCES), st.sampled_from([0.0, 0.1])),
+    st.tuples(st.just("stop"), st.sampled_from(("",) + SOURCES), st.sampled_from([0.0, 0.1])),
+    st.tuples(st.just("sub"), st.integers(1, 3), st.sampled_from(["drop_newest", "drop_oldest"])),
+    st.tuples(st.just("drain"), st.integers(0, 7), st.sampled_from([None, 1])),
+    st.tuples(st.just("close_sub"), st.integers(0, 7)),
+    st.tuples(st.just("latest"), st.sampled_from([0.0, 0.05, 0.1, 0.3, 1.0, 10.0]),
+              st.sampled_from([0.0, 0.05, -0.01, 0.2])),
+    st.tuples(st.just("stats")),
+    st.tuples(st.just("counters"), st.integers(0, 7)),
+)
+# Stores about half the time, and long sequences: 15 examples must reach full queues,
+# rate limits, source switches and evictions, not only the short lists hypothesis
+# starts with. Every sequence opens with a subscription so the queues see every store.
+ops_strategy = st.tuples(
+    st.tuples(st.just("sub"), st.integers(1, 3), st.sampled_from(["drop_newest", "drop_oldest"])),
+    st.lists(st.composite(lambda draw: draw(store_op) if draw(st.integers(0, 9)) < 5 else draw(other_op))(),
+             min_size=30, max_size=60),
+).map(lambda t: [t[0], *t[1]])
+
+FIVE = ("accepted", "rate_limited", "source_resets", "frames", "bytes")
+
+
+def local_drain(sub, limit):
+    import queue
+
+    frames, closed = [], False
+    while limit is None or len(frames) < limit:
+        try:
+            frames.append(describe(sub.get_nowait()))
+        except queue.Empty:
+            break
+        except SubscriptionClosed:
+            closed = True
+            break
+    return [frames, closed]
+
+
+def local_counters(sub):
+    return {"dropped": sub.dropped, "delivered": sub.delivered, "qsize": sub.qsize(), "empty": sub.empty(),
+            "full": sub.full(), "closed": sub.closed}
+
+
+class Differential:
+    """Drives one in-process session and one shared session (written here, read by the
+    reader process) with the same operations; each step's two results must be equal."""
+
+    def __init__(self, world, reader, session_id):
+        self.local = Session(session_id + "-local", clock=FakeClock())
+        self.shared = world.session(session_id, clock=FakeClock())
+        self.reader = reader
+        reader.call("attach", h="h", id=session_id, ns=world.ns)
+        self.local_subs = []
+        self.n_subs = 0
+        self.t = 1000.0
+        self.seq = 0
+
+    def step(self, o):
+        kind = o[0]
+        if kind == "store":
+            _, source, keep, interval, nbytes, dt, mime, dims = o
+            self.t += dt
+            self.seq += 1
+            data = stamp(self.seq, nbytes)
+            kw = dict(source=source, max_recent=keep, min_interval=interval, mime_type=mime, width=dims * 2,
+                      height=dims, timestamp_ms=self.seq * 33, frame_seq=self.seq, now=self.t)
+            return self.local.store_frame(data, **kw), self.shared.store_frame(data, **kw)
+        if kind in ("start", "stop"):
+            _, source, dt = o
+            self.t += dt
+            getattr(self.local, f"{kind}_visual_input")(source, now=self.t)
+            getattr(self.shared, f"{kind}_visual_input")(source, now=self.t)
+            return None, None
+        if kind == "sub":
+            _, buffer, policy = o
+            sub = self.local.subscribe_visual_frames(buffer, policy=policy)
+            self.local_subs.append(sub)
+            remote = self.reader.call("subscribe", h="h", s=str(self.n_subs), buffer=buffer, policy=policy)
+            self.n_subs += 1
+            return local_counters(sub), remote
+        if kind == "latest":
+            _, ttl, offset = o
+            now = self.t + offset
+            return ([describe(f) for f in self.local.latest_visual_frames(ttl, now=now)],
+                    self.reader.call("latest", h="h", ttl=ttl, now=now))
+        if kind == "stats":
+            local = self.local.visual_stats()
+            remote = self.reader.call("stats", h="h")
+            assert remote["copied_out"] == 0
+            assert set(local) == set(FIVE)
+            own = self.shared.visual_stats()
+            assert {k: own[k] for k in FIVE} == local
+            return local, {k: remote[k] for k in FIVE}
+        if not self.local_subs:
+            return None, None
+        k = o[1] % len(self.local_subs)
+        sub = self.local_subs[k]
+        if kind == "drain":
+            return local_drain(sub, o[2]), self.reader.call("drain", s=str(k), limit=o[2])
+        if kind == "close_sub":
+            sub.close()
+            self.reader.call("close_sub", s=str(k))
+            return local_counters(sub), self.reader.call("counters", s=str(k))
+        if kind == "counters":
+            return local_counters(sub), self.reader.call("counters", s=str(k))
+        raise AssertionError(kind)
+
+    def finish(self):
+        results = [self.step(("stats",)), self.step(("latest", 10.0, 0.0))]
+        for k in range(len(self.local_subs)):
+            results.append(self.step(("drain", k, None)))
+            results.append(self.step(("counters", k)))
+        for k in range(self.n_subs):
+            self.reader.call("drop_sub", s=str(k))
+        self.reader.call("drop_handle", h="h")
+        self.shared._close()
+        self.local._close()
+        return results
+
+
+_example = [0]
+
+
+@pytest.mark.timeout(120 * max(1.0, SCALE))
+def test_differential_in_process_and_across_processes(world):
+    """Guarantee: semantics are the in-process ring's, exactly. The same operations on
+    an in-process session and on a shared one read from another process give the same
+    frames (fields and bytes), counters and stats at every step."""
+    reader = world.reader(deadline=110 * max(1.0, SCALE))
+
+    # No shrinking: a failure names its step and operation, and shrinking sequences this
+    # long through a child process can take minutes.
+    @settings(max_examples=max(1, int(15 * SCALE)), deadline=None, derandomize=DERANDOMIZE, database=None,
+              phases=[Phase.explicit, Phase.reuse, Phase.generate],
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                     HealthCheck.data_too_large])
+    @given(ops=ops_strategy)
+    def run(ops):
+        _example[0] += 1
+        reader.call("reset")
+        d = Differential(world, reader, f"diff{_example[0]}")
+        try:
+            for i, o in enumerate(ops):
+                local, remote = d.step(o)
+                assert local == remote, f"step {i} {o}: in-process {local!r} != shared {remote!r}"
+            for local, remote in d.finish():
+                assert local == remote, f"at the end: in-process {local!r} != shared {remote!r}"
+        finally:
+            d.shared._close()
+            d.local._close()
+
+    run()
+    assert reader.stop() == 0
