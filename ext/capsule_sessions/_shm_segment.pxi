@@ -105,7 +105,8 @@ def unlink(str name):
 
 def process_start_time(int pid):
     """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or 0 when
-    the process does not exist: with the pid it names one process, even after pid reuse."""
+    the process does not exist or has exited (a zombie its parent has not reaped yet):
+    with the pid it names one process, even after pid reuse."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -114,6 +115,8 @@ def process_start_time(int pid):
     # The command name (field 2) is in parentheses and may hold spaces or ')'.
     fields = stat[stat.rfind(b")") + 2:].split()
     try:
+        if fields[0] in (b"Z", b"X"):  # state: exited, only its exit status is left
+            return 0
         return int(fields[19])
     except (IndexError, ValueError):
         return 0
@@ -147,7 +150,7 @@ def process_alive(pid, start_time):
     if start_time == 0:
         return True
     started = process_start_time(pid)
-    # A zombie's stat still reads; a reaped one is gone. 0: vanished between the calls.
+    # 0: gone between the calls, or a zombie (signal 0 still reaches one).
     return started == start_time
 
 
