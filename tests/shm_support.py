@@ -39,8 +39,7 @@ def describe(frame) -> list:
 
 def stamp(seq: int, nbytes: int) -> np.ndarray:
     """Bytes that only frame ``seq`` carries: its 8-byte tag repeated, then cut."""
-    tag = np.frombuffer(int(seq).to_bytes(8, "little", signed=True), np.uint8)
-    return np.resize(tag, nbytes)
+    return np.full(nbytes // 8 + 1, seq, dtype="<i8").view(np.uint8)[:nbytes]
 
 
 _stamp_digests: dict = {}
