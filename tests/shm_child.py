@@ -1,4 +1,4 @@
-"""A reader process for the shared-memory tests, driven over a pipe.
+"""A reader (or producer) process for the shared-memory tests, driven over a pipe.
 
 Run as ``python shm_child.py DEADLINE``; reads one JSON command per line on stdin and
 answers one JSON line on stdout: ``{"ok": value}`` or ``{"error": name, "msg": text}``.
@@ -24,14 +24,19 @@ import sys
 import threading
 import time
 
-faulthandler.dump_traceback_later(float(sys.argv[1]) if len(sys.argv) > 1 else 60.0, exit=True)
+import numpy as np
 
-from capsule_sessions import SubscriptionClosed, attach  # noqa: E402
-from capsule_sessions import shared as shared_mod  # noqa: E402
+from capsule_sessions import Session, SubscriptionClosed, attach
+from capsule_sessions import shared as shared_mod
 
 
 def digest(data) -> str:
     return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).hexdigest()
+
+
+def stamp(seq: int, nbytes: int) -> np.ndarray:
+    """Bytes that only frame ``seq`` carries: its 8-byte tag repeated, then cut."""
+    return np.full(nbytes // 8 + 1, seq, dtype="<i8").view(np.uint8)[:nbytes]
 
 
 def describe(frame) -> list:
@@ -40,6 +45,7 @@ def describe(frame) -> list:
             frame.received_at, len(frame.data), digest(frame.data)]
 
 
+owned: dict = {}
 handles: dict = {}
 subs: dict = {}
 held: dict = {}
@@ -121,12 +127,26 @@ def handle(cmd: str, a: dict):
             table.clear()
         gc.collect()
         return True
+    if cmd == "own":  # this process becomes the producer of a shared session
+        owned[a["id"]] = Session(a["id"], shared=a["ns"])
+        return os.getpid()
+    if cmd == "store":  # n stamped frames from frame_seq ``seq`` on: how many were accepted
+        session = owned[a["id"]]
+        accepted = 0
+        for k in range(a["n"]):
+            accepted += session.store_frame(stamp(a["seq"] + k, a["nbytes"]), source=a.get("source", "cam"),
+                                            max_recent=a.get("max_recent", 2), frame_seq=a["seq"] + k,
+                                            width=a.get("width", 0), height=a.get("height", 0))
+        return accepted
+    if cmd == "end":
+        owned.pop(a["id"])._close()
+        return True
     if cmd == "attach":
         handles[a["h"]] = attach(a["id"], namespace=a["ns"], timeout=a.get("timeout"))
         return True
     if cmd == "attach_many":  # as many handles as it can get, up to n: how many it got
         got = []
-        for i in range(a["n"]):
+        for _ in range(a["n"]):
             try:
                 got.append(attach(a["id"], namespace=a["ns"]))
             except Exception as exc:
@@ -198,6 +218,7 @@ def handle(cmd: str, a: dict):
 
 
 def main() -> None:
+    faulthandler.dump_traceback_later(float(sys.argv[1]) if len(sys.argv) > 1 else 60.0, exit=True)
     out = sys.stdout
     for line in sys.stdin:
         if not line.strip():

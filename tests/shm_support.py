@@ -1,13 +1,12 @@
 """Helpers of the shared-memory tests: reader processes driven over a pipe
-(``shm_child.py``), a fixture that gives each test its own namespace and leaves nothing
-behind, stamped payloads, and the control segment's layout as ctypes (so a test can
+(``shm_child.py``), ``World`` (conftest's ``world`` fixture: each test's own namespace,
+nothing left behind), stamped payloads, and the control segment's layout as ctypes (so a test can
 corrupt a chosen field; held to the build's size at import)."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
 import json
 import os
 import select
@@ -18,28 +17,11 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
-import pytest
-
+from shm_child import describe, digest, stamp  # noqa: F401  (the child's own, so both agree)
 from support import child_env
 
 SHM_DIR = Path("/dev/shm")
 CHILD = Path(__file__).resolve().parent / "shm_child.py"
-
-
-def digest(data) -> str:
-    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).hexdigest()
-
-
-def describe(frame) -> list:
-    """As shm_child.describe: a frame's fields, length and bytes hash."""
-    return [frame.frame_seq, frame.source, frame.mime_type, frame.width, frame.height, frame.timestamp_ms,
-            frame.received_at, len(frame.data), digest(frame.data)]
-
-
-def stamp(seq: int, nbytes: int) -> np.ndarray:
-    """Bytes that only frame ``seq`` carries: its 8-byte tag repeated, then cut."""
-    return np.full(nbytes // 8 + 1, seq, dtype="<i8").view(np.uint8)[:nbytes]
 
 
 _stamp_digests: dict = {}
@@ -188,16 +170,6 @@ class World:
         for e in left:  # leave nothing for the next test, then say so
             os.unlink(SHM_DIR / e)
         return left
-
-
-@pytest.fixture
-def world():
-    """A unique namespace; at teardown every child is killed, every session ended, and
-    /dev/shm must hold no ``capsule.<ns>.*`` entry."""
-    w = World()
-    yield w
-    left = w.teardown()
-    assert left == [], f"segments left in /dev/shm: {left}"
 
 
 # -- the control segment's layout (ext/capsule_sessions/_shm.h) -------------------------

@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
-import threading
 import time
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from capsule_sessions import Session, SessionNotFoundError, attach, list_shared
-from capsule_sessions import shared as shared_mod
+from capsule_sessions import Session, attach
 from capsule_sessions.errors import SharedMemoryError, SubscriptionClosed
-from shm_support import (ChildError, data_entries, describe, entries, stamp, stamp_digest,  # noqa: F401
-                         world)
-from support import FakeClock, child_env
+from shm_support import data_entries, describe, stamp, stamp_digest
+from support import FakeClock
 
 pytestmark = [pytest.mark.cython]
 # As tests/test_fuzz.py: CAPSULE_SESSIONS_FUZZ_EXAMPLES scales the hypothesis examples.
