@@ -7,17 +7,19 @@ killed at the end, and /dev/shm must then hold nothing of that namespace.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
 import time
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from capsule_sessions import Session, attach
+from capsule_sessions import Session, SessionNotFoundError, attach, list_shared
 from capsule_sessions.errors import SharedMemoryError, SubscriptionClosed
-from shm_support import data_entries, describe, stamp, stamp_digest
+from shm_support import data_entries, describe, entries, stamp, stamp_digest
 from support import FakeClock
 
 pytestmark = [pytest.mark.cython]
@@ -276,3 +278,105 @@ def test_killed_reader_is_reclaimed_and_never_stops_the_producer(world, reap):
     assert session.visual_stats()["accepted"] == seq
     frames = attach("cam", namespace=world.ns).latest_visual_frames(1e9)
     assert [describe(f)[DIGEST] for f in frames] == [stamp_digest(f.frame_seq, len(f.data)) for f in frames]
+
+
+# -- 3. the producer killed while readers wait ---------------------------------------------
+
+
+def consume(sub, frames, ended, mode):
+    """A reader thread of this process: ``sub.get()`` (or ``async for``) until the
+    subscription closes; ``ended`` gets (what ended it, when)."""
+
+    def blocking():
+        try:
+            while True:
+                frames.append(sub.get())
+        except SubscriptionClosed:
+            ended.append(("SubscriptionClosed", time.monotonic()))
+        except BaseException as exc:
+            ended.append((repr(exc), time.monotonic()))
+
+    def asynchronous():
+        async def main():
+            async for frame in sub:
+                frames.append(frame)
+
+        try:
+            asyncio.run(asyncio.wait_for(main(), 30))
+            ended.append(("StopAsyncIteration", time.monotonic()))
+        except BaseException as exc:
+            ended.append((repr(exc), time.monotonic()))
+
+    t = threading.Thread(target=blocking if mode == "get" else asynchronous, daemon=True)
+    t.start()
+    return t
+
+
+def wait_until(predicate, timeout=10.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reap", [True, False], ids=["reaped", "zombie"])
+def test_killed_producer_wakes_readers_and_is_swept(world, reap):
+    """Guarantees 5 and 6: the producer is killed with SIGKILL. Readers blocked in
+    ``sub.get()`` and in ``async for`` wake within a second with SubscriptionClosed (the
+    end of the ``async for``); a subscriber with frames still queued gets them, intact,
+    then SubscriptionClosed; ``attach`` then raises SessionNotFoundError, the session is
+    not listed, and a new producer in the namespace sweeps the dead one's segments.
+    ``zombie``: the producer is this process's child and is not reaped."""
+    producer = world.reader()
+    owner_pid = producer.call("own", id="cam", ns=world.ns)
+    cam = attach("cam", namespace=world.ns, timeout=10)
+    assert list_shared(world.ns) == ["cam"]
+    subs = {"get": cam.subscribe_visual_frames(8), "async": cam.subscribe_visual_frames(8, policy="drop_oldest")}
+    queued = cam.subscribe_visual_frames(8)
+    got = {mode: [] for mode in subs}
+    ended = {mode: [] for mode in subs}
+    threads = [consume(sub, got[mode], ended[mode], mode) for mode, sub in subs.items()]
+    assert producer.call("store", id="cam", n=5, seq=1, nbytes=100 * KB) == 5
+    wait_until(lambda: all(len(g) == 5 for g in got.values()), what="the readers to take 5 frames")
+    assert queued.qsize() == 5
+    time.sleep(0.2)  # the readers are asleep in get() and in the event loop
+
+    os.kill(owner_pid, signal.SIGKILL)
+    if reap:
+        producer.proc.wait(10)
+    killed_at = time.monotonic()
+    for t in threads:
+        t.join(5)
+    for mode in subs:
+        assert ended[mode], f"the {mode} reader never woke"
+        what, when = ended[mode][0]
+        assert what == ("SubscriptionClosed" if mode == "get" else "StopAsyncIteration"), what
+        assert when - killed_at < 1.0, f"the {mode} reader woke {when - killed_at:.2f} s after the kill"
+        assert [f.frame_seq for f in got[mode]] == [1, 2, 3, 4, 5]
+        assert all(describe(f)[DIGEST] == stamp_digest(f.frame_seq, 100 * KB) for f in got[mode])
+    assert queued.closed and cam.closed
+    rest = [queued.get(timeout=1) for _ in range(5)]
+    assert [describe(f)[DIGEST] for f in rest] == [stamp_digest(seq, 100 * KB) for seq in range(1, 6)]
+    with pytest.raises(SubscriptionClosed):
+        queued.get(timeout=5)
+    assert (queued.delivered, queued.dropped) == (5, 0)
+
+    with pytest.raises(SessionNotFoundError):
+        attach("cam", namespace=world.ns)
+    with pytest.raises(SessionNotFoundError):
+        attach("cam", namespace=world.ns, timeout=0.2)
+    assert list_shared(world.ns) == []
+    dead = entries(world.ns)
+    assert f"capsule.{world.ns}.cam" in dead and len(dead) > 1  # control and data, left by the kill
+
+    # A new producer of the namespace (another session id) sweeps them; so would "cam".
+    fresh = world.session("cam2")
+    assert entries(world.ns) == [f"capsule.{world.ns}.cam2"]
+    fresh.store_frame(stamp(1, 10), source="cam", max_recent=1)
+    again = world.session("cam")
+    assert again.store_frame(stamp(2, 10), source="cam", max_recent=1)
+    assert attach("cam", namespace=world.ns).latest_visual_frames(1e9)[0].frame_seq == 0
+    assert list_shared(world.ns) == ["cam", "cam2"]
+    assert cam.closed  # the old handle stays on the dead session
