@@ -360,6 +360,14 @@ cdef class SharedRing:
                 return True
         return False
 
+    cdef bint _retire(self, uint64_t index):
+        """Whether buffer ``index`` (leased by nobody a moment ago) can be destroyed: its
+        generation is bumped first, then the leases are read again (the Dekker pair of
+        _allocate), so a reader that leased it in between either fails its generation
+        check or is seen here, and never maps the segment that replaces it."""
+        cs_add(&cs_buffers(self._h)[index].gen, 1)
+        return not self._leased(index)
+
     cdef int _allocate(self, uint64_t needed) except -1:
         """A buffer of at least ``needed`` bytes that no reader can reach: not in the
         ring, in no queue, leased by nobody; its generation is bumped before it is
@@ -375,6 +383,8 @@ cdef class SharedRing:
                 if self._qrefs[index] or self._leased(index):
                     continue
                 if not _fits(buffers[index].capacity, needed):
+                    if not self._retire(index):
+                        continue
                     del self._free[i]
                     self._destroy(index)
                     continue
@@ -433,6 +443,8 @@ cdef class SharedRing:
         for i in range(len(self._free) - 1 - POOL_SPARE, -1, -1):
             index = self._free[i]
             if self._qrefs[index] == 0 and not self._leased(index):
+                if not self._retire(index):
+                    continue
                 del self._free[i]
                 self._destroy(index)
 
