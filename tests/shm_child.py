@@ -210,6 +210,20 @@ def handle(cmd: str, a: dict):
         if a.get("kept"):
             result["kept"] = [describe(f) for f in c.kept]
         return result
+    if cmd == "latest_check":  # latest_visual_frames in a loop for ``seconds``: frames not stamped
+        h = handles[a["h"]]
+        deadline = time.monotonic() + a["seconds"]
+        calls = taken = 0
+        bad = []
+        while time.monotonic() < deadline and len(bad) < 10:
+            frames = h.latest_visual_frames(1e9)
+            calls += 1
+            taken += len(frames)
+            for f in frames:
+                if not np.array_equal(f.data, stamp(f.frame_seq, len(f.data))):
+                    bad.append(describe(f))
+            del frames
+        return {"calls": calls, "frames": taken, "bad": bad}
     if cmd == "monotonic":
         return time.monotonic()
     if cmd == "list_shared":

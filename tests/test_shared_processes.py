@@ -380,3 +380,119 @@ def test_killed_producer_wakes_readers_and_is_swept(world, reap):
     assert attach("cam", namespace=world.ns).latest_visual_frames(1e9)[0].frame_seq == 0
     assert list_shared(world.ns) == ["cam", "cam2"]
     assert cam.closed  # the old handle stays on the dead session
+
+
+# -- 4. a frame never changes while anything references it ------------------------------
+
+
+def assert_stamped(described, nbytes=None):
+    """Each described frame carries exactly the stamp of its frame_seq."""
+    for d in described:
+        assert d[DIGEST] == stamp_digest(d[SEQ], d[7] if nbytes is None else nbytes), f"frame {d[SEQ]} changed"
+
+
+@pytest.mark.timeout(60)
+def test_held_frames_never_change_and_past_the_budget_are_copied(world):
+    """Guarantee 2: a reader process holds frames from ``latest_visual_frames`` and from
+    a subscription while the producer stores hundreds more of the same size (so every
+    free buffer is rewritten): the held bytes stay as stored. Past the lease budget (16
+    frames per handle) frames are copied out, counted in ``copied_out`` on both sides,
+    and are correct too; released, the buffers are reused and memory is bounded again."""
+    session = world.session("cam")
+    size = 64 * KB
+    reader = world.reader()
+    reader.call("attach", h="h", id="cam", ns=world.ns)
+    reader.call("subscribe", h="h", s="q", buffer=8, policy="drop_newest")
+    seq = 0
+
+    def store(n):
+        nonlocal seq
+        for _ in range(n):
+            seq += 1
+            assert session.store_frame(stamp(seq, size), source="cam", max_recent=2, frame_seq=seq)
+
+    store(8)
+    latest = reader.call("latest", h="h", ttl=1e9, hold="L")
+    queued, _ = reader.call("drain", s="q", hold="Q")
+    assert [d[SEQ] for d in latest] == [7, 8] and [d[SEQ] for d in queued] == list(range(1, 9))
+    assert reader.call("stats", h="h")["copied_out"] == 0  # 10 frames: all leased, zero-copy
+
+    store(300)
+    assert reader.call("held", key="L") == latest
+    assert reader.call("held", key="Q") == queued
+    assert_stamped(latest + queued, size)
+
+    # 10 leases held: 6 more fit the budget of 16, the rest are copied out.
+    more, _ = reader.call("drain", s="q", hold="Q2")
+    assert [d[SEQ] for d in more] == list(range(9, 17))
+    newest = reader.call("latest", h="h", ttl=1e9, hold="L2")
+    assert [d[SEQ] for d in newest] == [seq - 1, seq]
+    assert reader.call("stats", h="h")["copied_out"] == 4
+    assert session.visual_stats()["copied_out"] == 4  # visible from the producer too
+    store(300)
+    for key, frames in (("L", latest), ("Q", queued), ("Q2", more), ("L2", newest)):
+        assert reader.call("held", key=key) == frames
+    assert_stamped(more + newest, size)
+
+    for key in ("L", "Q", "Q2", "L2"):
+        reader.call("release", key=key)
+    assert reader.call("latest", h="h", ttl=1e9, hold="again")[-1][SEQ] == seq
+    assert reader.call("stats", h="h")["copied_out"] == 4  # leased again, not copied
+    reader.call("release", key="again")
+    store(50)
+    assert len(data_entries(world.ns)) <= 2 + 8 + 4 + 2  # ring, the queue, spares
+
+
+@pytest.mark.timeout(60)
+def test_frames_taken_while_the_producer_races_are_intact(world):
+    """Guarantee 2 under a race: the producer stores 600 frames of one size, then 600
+    whose sizes jump (so pooled buffers are destroyed and their indices reused for new
+    segments) as fast as it can, while a reader process takes them from a drop_oldest
+    queue (keeping every one: leased, then copied out) and reads
+    ``latest_visual_frames`` over and over. Every frame is stamped right when taken and
+    still at the end. (This caught buffers destroyed without a generation bump.)"""
+    session = world.session("cam")
+    sizes = [32 * KB] * 4 + [4 * KB, 300 * KB, 8 * KB, 600 * KB]
+    reader = world.reader()
+    reader.call("attach", h="h", id="cam", ns=world.ns)
+    reader.call("attach", h="g", id="cam", ns=world.ns)
+    reader.call("attach", h="c", id="cam", ns=world.ns)
+    reader.call("subscribe", h="h", s="q", buffer=4, policy="drop_oldest")
+    reader.call("consume", s="q", hold=True)
+    errors = []
+    done = threading.Event()
+
+    def produce():
+        try:
+            for seq in range(1, 1201):
+                size = sizes[(seq > 600) * 4 + seq % 4]
+                session.store_frame(stamp(seq, size), source="cam", max_recent=3, frame_seq=seq)
+        except BaseException as exc:
+            errors.append(exc)
+        done.set()
+
+    t = threading.Thread(target=produce)
+    t.start()
+    seen = []
+    checked = {"calls": 0, "frames": 0}
+    while not done.is_set():
+        frames = reader.call("latest", h="g", ttl=1e9, hold="L")
+        assert_stamped(frames)
+        seen += frames
+        # and a tight loop in the reader, frames checked as they are handed out
+        result = reader.call("latest_check", h="c", seconds=0.05)
+        assert result["bad"] == []
+        checked = {k: checked[k] + result[k] for k in checked}
+    t.join()
+    assert not errors
+    assert checked["frames"] > 0
+    session._close()
+    result = reader.call("consumed", s="q", kept=True)
+    assert not result["alive"] and result["error"] is None
+    assert result["frames"] and result["kept"] == result["frames"]
+    assert_stamped(result["kept"])
+    assert reader.call("held", key="L") == seen
+    assert_stamped(seen)
+    seqs = [d[SEQ] for d in result["frames"]]
+    assert seqs == sorted(set(seqs))
+    assert result["delivered"] + result["dropped"] == 1200
