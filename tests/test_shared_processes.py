@@ -496,3 +496,107 @@ def test_frames_taken_while_the_producer_races_are_intact(world):
     seqs = [d[SEQ] for d in result["frames"]]
     assert seqs == sorted(set(seqs))
     assert result["delivered"] + result["dropped"] == 1200
+
+
+# -- 5. a camera that changes resolution -------------------------------------------------
+
+RESOLUTIONS = [(640, 480), (1920, 1080), (320, 240), (1920, 1080)]
+
+
+@pytest.mark.timeout(60)
+def test_resolution_changes_reach_readers_without_reattaching(world):
+    """Guarantee 7: RGB frames switch 640x480 -> 1920x1080 -> 320x240 -> 1920x1080
+    mid-stream. A reader process subscribed once (``get()`` and ``async for``) and
+    reading ``latest_visual_frames`` on the same handle receives every frame with the
+    right size, dimensions and bytes, never re-attaching."""
+    session = world.session("cam")
+    reader = world.reader()
+    reader.call("attach", h="h", id="cam", ns=world.ns)
+    reader.call("subscribe", h="h", s="get", buffer=32, policy="drop_newest")
+    reader.call("subscribe", h="h", s="async", buffer=32, policy="drop_oldest")
+    reader.call("consume", s="get")
+    reader.call("consume", s="async", mode="async")
+    per_phase = 12
+    seq = 0
+    for w, h in RESOLUTIONS:
+        nbytes = w * h * 3
+        for _ in range(per_phase):
+            seq += 1
+            assert session.store_frame(stamp(seq, nbytes), source="cam", max_recent=2, frame_seq=seq, width=w,
+                                       height=h, mime_type="video/x-raw-rgb")
+        latest = reader.call("latest", h="h", ttl=1e9)
+        assert [(d[SEQ], d[3], d[4], d[7]) for d in latest] == [(seq - 1, w, h, nbytes), (seq, w, h, nbytes)]
+        assert_stamped(latest, nbytes)
+        target = seq
+        wait_until(lambda: all(reader.call("counters", s=s)["delivered"] == target for s in ("get", "async")),
+                   what="the readers to take every frame")
+    session._close()
+    expected = []
+    seq = 0
+    for w, h in RESOLUTIONS:
+        for _ in range(per_phase):
+            seq += 1
+            expected.append([seq, "cam", "video/x-raw-rgb", w, h, 0, None, w * h * 3, stamp_digest(seq, w * h * 3)])
+    for s in ("get", "async"):
+        result = reader.call("consumed", s=s)
+        assert result["error"] is None and not result["alive"]
+        assert (result["delivered"], result["dropped"]) == (seq, 0)
+        got = [d[:6] + [None] + d[7:] for d in result["frames"]]
+        assert got == expected
+
+
+# -- 6. the books: every frame delivered or counted dropped, per subscriber -------------
+
+
+@pytest.mark.timeout(60)
+def test_slow_subscribers_see_every_frame_delivered_or_dropped(world):
+    """Guarantee 4: slow subscribers in another process (buffer=2, drop_newest and
+    drop_oldest, one joining half-way) while the producer stores 400 frames, some
+    rate-limited. Per subscriber, delivered + dropped == the frames accepted after it
+    subscribed (exactly, once the producer is idle and again after the session ends),
+    received frames are in increasing frame_seq order, and drops really happened."""
+    session = world.session("cam")
+    reader = world.reader()
+    reader.call("attach", h="h", id="cam", ns=world.ns)
+    seq = 0
+
+    def store(n):
+        nonlocal seq
+        for _ in range(n):
+            seq += 1
+            # every 7th frame comes too soon after the one before: rate-limited
+            now = 1000.0 + seq * 0.01 - (0.009 if seq % 7 == 0 else 0.0)
+            session.store_frame(stamp(seq, 1000 + seq), source="cam", max_recent=2, min_interval=0.005,
+                                frame_seq=seq, now=now)
+            time.sleep(0.0005)
+
+    def accepted():
+        return session.visual_stats()["accepted"]
+
+    store(20)
+    base = {}
+    for s, policy in (("new", "drop_newest"), ("old", "drop_oldest")):
+        reader.call("subscribe", h="h", s=s, buffer=2, policy=policy)
+        base[s] = accepted()
+        reader.call("consume", s=s, delay=0.003)
+    store(200)
+    reader.call("subscribe", h="h", s="late", buffer=2, policy="drop_oldest")
+    base["late"] = accepted()
+    reader.call("consume", s="late", delay=0.003)
+    store(200)
+    assert session.visual_stats()["rate_limited"] > 0
+
+    wait_until(lambda: all(reader.call("counters", s=s)["qsize"] == 0 for s in base), what="the queues to drain")
+    for s in base:
+        c = reader.call("counters", s=s)
+        assert c["delivered"] + c["dropped"] == accepted() - base[s], (s, c)
+        assert c["dropped"] > 0, f"{s} never fell behind: the test is not testing drops"
+    session._close()
+    for s in base:
+        result = reader.call("consumed", s=s)
+        assert result["error"] is None and not result["alive"] and result["closed"]
+        assert result["delivered"] + result["dropped"] == accepted() - base[s], (s, result)
+        seqs = [d[SEQ] for d in result["frames"]]
+        assert len(seqs) == result["delivered"]
+        assert seqs == sorted(set(seqs)), f"{s}: frames out of order"
+        assert_stamped(result["frames"])
