@@ -119,6 +119,53 @@ def drain(sub, hold, limit):
     return [describe(f) for f in frames], closed
 
 
+def outcome(step):
+    try:
+        result = step()
+    except Exception as exc:
+        return type(exc).__name__
+    return "ok" if result is None else f"ok:{result}"
+
+
+def probe(session_id, namespace, h=None):
+    """attach (or handle ``h``), latest_visual_frames, visual_stats, closed, a
+    subscription's get_nowait and qsize: what each gave, for a segment that may be
+    corrupted. Frames are checked against their stamps."""
+    if h is None:
+        try:
+            handle_ = attach(session_id, namespace=namespace)
+        except Exception as exc:
+            return {"attach": type(exc).__name__}
+    else:
+        handle_ = handles[h]
+    result = {"attach": "ok"}
+
+    def latest():
+        frames = handle_.latest_visual_frames(1e9, now=None)
+        bad = [f.frame_seq for f in frames if len(f.data) >= 8 and not np.array_equal(
+            f.data, stamp(f.frame_seq, len(f.data)))]
+        return f"{len(frames)} bad={bad}" if bad else len(frames)
+
+    result["latest"] = outcome(latest)
+    result["stats"] = outcome(lambda: sorted(handle_.visual_stats()) and None)
+    result["closed"] = outcome(lambda: handle_.closed)
+    sub = None
+
+    def subscribe():
+        nonlocal sub
+        sub = handle_.subscribe_visual_frames(2, policy="drop_oldest")
+
+    result["subscribe"] = outcome(subscribe)
+    if sub is not None:
+        result["get_nowait"] = outcome(lambda: sub.get_nowait().frame_seq)
+        result["qsize"] = outcome(sub.qsize)
+        result["counters"] = outcome(lambda: (sub.dropped, sub.delivered, sub.closed) and None)
+        sub.close()
+    if h is None:
+        handle_.close()
+    return result
+
+
 def handle(cmd: str, a: dict):
     if cmd == "ping":
         return os.getpid()
@@ -224,6 +271,8 @@ def handle(cmd: str, a: dict):
                     bad.append(describe(f))
             del frames
         return {"calls": calls, "frames": taken, "bad": bad}
+    if cmd == "probe":  # attach and read what is there: each step's outcome, an error by its name
+        return probe(a["id"], a["ns"], a.get("h"))
     if cmd == "monotonic":
         return time.monotonic()
     if cmd == "list_shared":
