@@ -27,6 +27,7 @@ cdef class _SubMirror:
 
 
 @cython.final
+@cython.no_gc_clear  # __dealloc__ writes through the mapping its attributes keep alive
 cdef class SharedRing:
     """A session's frame ring in shared memory (the owning process's side). Same methods
     and results as ``FrameRing``; reads go through an ``AttachedSession`` of its own."""

@@ -11,6 +11,7 @@ cdef int64_t MAX_INSTANT_NS = 1 << 62
 
 
 @cython.final
+@cython.no_gc_clear  # __dealloc__ writes through the mapping its attributes keep alive
 cdef class _Lease:
     """A reader's hold on one buffer, the base of the arrays handed out over it: while it
     lives, the owner does not rewrite the buffer (it is leased); collecting it ends the
@@ -28,6 +29,7 @@ cdef class _Lease:
 
 
 @cython.final
+@cython.no_gc_clear  # __dealloc__ writes through the mapping its attributes keep alive
 cdef class AttachedSession:
     """The read side of a shared session: ``latest_visual_frames``,
     ``subscribe_visual_frames``, ``visual_stats``, ``closed``, ``close()``. Made by
@@ -41,7 +43,7 @@ cdef class AttachedSession:
     cdef uint64_t *_map_serials
     cdef Py_ssize_t _held
     cdef object _clock
-    cdef SharedRing _owner
+    cdef object _owner  # a weak reference to the owner's SharedRing (None: another process's)
     cdef str _data_prefix
     cdef readonly str session_id
     cdef readonly str namespace
@@ -75,7 +77,7 @@ cdef class AttachedSession:
     @staticmethod
     cdef AttachedSession _for_owner(SharedRing owner, _Segment control, object clock):
         cdef AttachedSession self = AttachedSession._new(control, clock, owner.session_id, owner.namespace)
-        self._owner = owner
+        self._owner = weakref.ref(owner)  # not the ring itself: the two would form a cycle
         return self
 
     @staticmethod
@@ -129,7 +131,8 @@ cdef class AttachedSession:
     # -- state ---------------------------------------------------------------------------
     cdef bint _owner_gone(self):
         if self._owner is not None:
-            return self._owner._ended
+            owner = self._owner()
+            return owner is None or (<SharedRing>owner)._ended
         if cs_load(&self._h.closed):
             return True
         return not process_alive(self._h.owner_pid, self._h.owner_start)

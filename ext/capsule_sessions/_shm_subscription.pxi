@@ -9,6 +9,7 @@ _waiters = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_pre
 
 
 @cython.final
+@cython.no_gc_clear  # __dealloc__ writes through the mapping its attributes keep alive
 cdef class SharedSubscription:
     """A subscriber's handle on a shared session (``capsule_sessions.Subscription``)."""
 
