@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -282,6 +283,7 @@ def handle(cmd: str, a: dict):
 
 def main() -> None:
     faulthandler.dump_traceback_later(float(sys.argv[1]) if len(sys.argv) > 1 else 60.0, exit=True)
+    faulthandler.register(signal.SIGUSR1)  # ReaderProcess asks for the stacks of a child that hangs
     out = sys.stdout
     for line in sys.stdin:
         if not line.strip():

@@ -58,6 +58,25 @@ class ReaderProcess:
         self.pid = self.proc.pid
         self._buf = b""
 
+    def stacks(self) -> str:
+        """Every thread's stack of the child, from faulthandler (SIGUSR1), as far as it
+        printed in half a second."""
+        if self.proc.poll() is not None:
+            return "(ended)"
+        self.proc.send_signal(signal.SIGUSR1)
+        fd = self.proc.stderr.fileno()
+        text = b""
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            text += chunk
+        return text.decode(errors="replace")[-4000:]
+
     def send(self, cmd: str, **args) -> None:
         self.proc.stdin.write((json.dumps({"cmd": cmd, **args}) + "\n").encode())
         self.proc.stdin.flush()
@@ -68,7 +87,7 @@ class ReaderProcess:
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"reader {self.pid} gave no answer in {timeout} s")
+                raise TimeoutError(f"reader {self.pid} gave no answer in {timeout} s; its stacks:\n{self.stacks()}")
             ready, _, _ = select.select([fd], [], [], left)
             if ready:
                 chunk = os.read(fd, 1 << 20)
