@@ -529,7 +529,10 @@ cdef class SharedRing:
                 if tail > head:
                     cs_store(&s.closed, 1)
                     continue
-                self._count_out(s, m, tail)
+            # Before the push: its slot is the one of entry head - maxsize, which the reader
+            # may have taken since the last count, and must be counted out while it names
+            # its own buffer, not the new one.
+            self._count_out(s, m, tail)
             cs_store(&s.entries[head % m.maxsize], entry)
             self._qrefs[entry & LOW32] += 1
             m.head = head + 1
