@@ -226,13 +226,13 @@ cdef class AttachedSession:
         cdef cnp.npy_intp dims = <cnp.npy_intp>meta.nbytes
         cdef cnp.ndarray arr
         cdef _Lease lease
-        if self._held >= CS_LEASE_BUDGET:
+        cdef bint copied = self._held >= CS_LEASE_BUDGET
+        if copied:
             # Past the budget a frame is copied out, so a reader that hoards frames pins
-            # no more shared memory than its budget (counted in visual_stats).
+            # no more shared memory than its budget (counted in visual_stats). The lease
+            # ends at the return, once the header fields below are read too.
             arr = cnp.PyArray_EMPTY(1, &dims, cnp.NPY_UINT8, 0)
             memcpy(cnp.PyArray_DATA(arr), seg.addr + meta.data_offset, meta.nbytes)
-            self._release_raw(index)
-            cs_add(&cs_readers(self._h)[self._index].copied_out, 1)
         else:
             arr = cnp.PyArray_SimpleNewFromData(1, &dims, cnp.NPY_UINT8, seg.addr + meta.data_offset)
             lease = _Lease.__new__(_Lease)
@@ -251,6 +251,9 @@ cdef class AttachedSession:
         PyObject_GenericSetAttr(frame, "timestamp_ms", meta.timestamp_ms)
         PyObject_GenericSetAttr(frame, "frame_seq", meta.frame_seq)
         PyObject_GenericSetAttr(frame, "received_at", meta.received_at)
+        if copied:
+            self._release_raw(index)
+            cs_add(&cs_readers(self._h)[self._index].copied_out, 1)
         return frame
 
     # -- reads ---------------------------------------------------------------------------------
