@@ -186,6 +186,17 @@ def handle(cmd: str, a: dict):
                                             max_recent=a.get("max_recent", 2), frame_seq=a["seq"] + k,
                                             width=a.get("width", 0), height=a.get("height", 0))
         return accepted
+    if cmd == "stream":  # store frames of changing size on a thread until killed (or n frames)
+        session = owned[a["id"]]
+
+        def run():
+            for seq in range(1, a["n"] + 1):
+                session.store_frame(stamp(seq, 1000 + seq % 5 * 40_000), source="cam", max_recent=2, frame_seq=seq)
+                if a.get("pause"):
+                    time.sleep(a["pause"])
+
+        threading.Thread(target=run, daemon=True).start()
+        return True
     if cmd == "end":
         owned.pop(a["id"])._close()
         return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import threading
 import time
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from capsule_sessions import Session, SessionNotFoundError, attach, list_shared
 from capsule_sessions.errors import SharedMemoryError, SubscriptionClosed
-from shm_support import data_entries, describe, entries, stamp, stamp_digest
+from shm_support import OFF_READERS, SHM_DIR, data_entries, describe, entries, stamp, stamp_digest
 from support import FakeClock
 
 pytestmark = [pytest.mark.cython]
@@ -632,3 +633,127 @@ def test_frames_queued_when_the_session_ends_are_still_delivered(world):
     counters = reader.call("counters", s="q")
     assert counters["delivered"] + counters["dropped"] == 4  # the books balance either way
     assert [[d[SEQ] for d in frames], closed] == [[2, 3, 4], True]
+
+
+# -- SIGKILL at random points, the books checked ------------------------------------------
+
+
+def reader_pids(namespace, session_id):
+    """The pids in a session's reader table (read from /dev/shm as a file)."""
+    raw = (SHM_DIR / f"capsule.{namespace}.{session_id}").read_bytes()
+    pids = {int.from_bytes(raw[OFF_READERS + 64 * r:OFF_READERS + 64 * r + 8], "little") for r in range(32)}
+    return pids - {0}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", range(3))
+def test_kills_at_random_points_keep_the_books(world, seed):
+    """Guarantees 4 and 5 with SIGKILL at random moments: a producer process streams
+    frames of changing size to two reader processes (slow and fast, both policies).
+    One reader is killed at a random point: its reader slot is gone from the table
+    within a second while the stream goes on. Then the producer is killed at a random
+    point: the other reader's subscriptions wake with SubscriptionClosed within a second,
+    its frames are intact and in order, and per subscriber delivered + dropped is the
+    number of frames accepted (the one in flight at the kill may be missing). A new
+    producer then sweeps everything the dead one left."""
+    rng = random.Random(seed)
+    producer = world.reader()
+    producer.call("own", id="cam", ns=world.ns)
+    victim, survivor = world.reader(), world.reader()
+    for r in (victim, survivor):
+        r.call("attach", h="h", id="cam", ns=world.ns)
+        for s, buffer, policy, delay in (("slow", 2, "drop_newest", 0.004), ("fast", 8, "drop_oldest", 0.0)):
+            r.call("subscribe", h="h", s=s, buffer=buffer, policy=policy)
+            r.call("consume", s=s, delay=delay, hold=(s == "fast"))
+    assert {victim.pid, survivor.pid} <= reader_pids(world.ns, "cam")
+    producer.call("stream", id="cam", n=200_000, pause=0.0002)
+
+    time.sleep(rng.uniform(0.05, 0.4))
+    victim.kill()
+    killed_at = time.monotonic()
+    while victim.pid in reader_pids(world.ns, "cam"):
+        assert time.monotonic() - killed_at < 1.5, "the killed reader's slot was not reclaimed"
+        time.sleep(0.01)
+    assert survivor.pid in reader_pids(world.ns, "cam")
+
+    time.sleep(rng.uniform(0.05, 0.4))
+    producer.kill()
+    killed_at = time.monotonic()
+    stats = survivor.call("stats", h="h")
+    for s in ("slow", "fast"):
+        result = survivor.call("consumed", s=s, timeout=10)
+        assert not result["alive"] and result["error"] is None and result["closed"]
+        woke = result["closed_at"] - killed_at  # both processes read the same system-wide clock
+        assert woke < 1.0, f"{s} woke {woke:.2f} s after the kill"
+        seqs = [d[SEQ] for d in result["frames"]]
+        bad = next((i for i in range(1, len(seqs)) if seqs[i] <= seqs[i - 1]), None)
+        assert bad is None, f"{s}: frame {seqs[bad]} after {seqs[bad - 1]}: {seqs[max(0, bad - 12):bad + 12]}"
+        assert len(seqs) == result["delivered"]
+        assert_stamped(result["frames"])
+        booked = result["delivered"] + result["dropped"]
+        assert stats["accepted"] - 1 <= booked <= stats["accepted"], (s, result["delivered"], result["dropped"],
+                                                                     stats)
+    assert stats["accepted"] > 100
+    assert list_shared(world.ns) == []
+    world.session("next")
+    assert entries(world.ns) == [f"capsule.{world.ns}.next"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
+def test_queue_books_do_not_leak_buffers_when_a_reader_keeps_pace(world, policy):
+    """A reader that keeps pace with the producer (its small queue often full when a
+    store starts and emptied during the copy) must not leave buffers pinned: once it
+    unsubscribes, a few more stores bring the data segments back to what the ring and
+    the spare pool hold. Every frame it got is intact. (This caught the owner counting
+    a queue's taken entries out after a push had overwritten their slot: the wrong
+    buffer was unpinned, the right one pinned for ever.)"""
+    session = world.session("cam")
+    reader = world.reader()
+    reader.call("attach", h="h", id="cam", ns=world.ns)
+    reader.call("subscribe", h="h", s="q", buffer=2, policy=policy)
+    reader.call("consume", s="q")
+    sizes = [200 * KB, 120 * KB, 250 * KB]
+    deadline = time.monotonic() + 1.5
+    seq = 0
+    while time.monotonic() < deadline:
+        seq += 1
+        session.store_frame(stamp(seq, sizes[seq % 3]), source="cam", max_recent=2, frame_seq=seq)
+    reader.call("close_sub", s="q")
+    result = reader.call("consumed", s="q")
+    assert result["error"] is None and result["delivered"] > 100
+    assert_stamped(result["frames"])
+    reader.call("drop_sub", s="q")
+    for _ in range(10):
+        seq += 1
+        session.store_frame(stamp(seq, 100 * KB), source="cam", max_recent=2, frame_seq=seq)
+    pinned = len(data_entries(world.ns))
+    assert pinned <= 2 + 4 + 1, f"{pinned} data segments left for a ring of 2 with nobody subscribed"
+
+
+@pytest.mark.timeout(60)
+def test_copied_out_frames_keep_their_own_header(world):
+    """Past the lease budget a frame is copied out and its lease ended: its fields
+    (frame_seq, sizes) must be read before that, or they may be the next frame's. A
+    reader holding its whole budget takes a fast stream of small frames from a queue
+    of one while the producer reuses each buffer as soon as it is free: every copied
+    frame's bytes are the stamp of its own frame_seq. (This caught _build reading the
+    header after the copy-out ended the lease.)"""
+    session = world.session("cam")
+    reader = world.reader()
+    reader.call("attach", h="h", id="cam", ns=world.ns)
+    for seq in range(1, 17):
+        session.store_frame(stamp(seq, 64), source="cam", max_recent=16, frame_seq=seq)
+    assert len(reader.call("latest", h="h", ttl=1e9, hold="budget")) == 16  # the whole lease budget
+    reader.call("subscribe", h="h", s="q", buffer=1, policy="drop_oldest")
+    reader.call("consume", s="q")
+    seq = 16
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        seq += 1
+        session.store_frame(stamp(seq, 64 + seq % 2 * 8), source="cam", max_recent=1, frame_seq=seq)
+    session._close()
+    result = reader.call("consumed", s="q")
+    assert result["error"] is None and result["delivered"] > 100
+    assert_stamped(result["frames"])
+    assert reader.call("stats", h="h")["copied_out"] >= result["delivered"]
