@@ -203,10 +203,8 @@ os.register_at_fork(after_in_child=_forked)
 cdef int64_t WAIT_SLICE_NS = <int64_t>(_limits.WAIT_SLICE_S * 1e9)
 cdef Py_ssize_t NOGIL_COPY_MIN = _limits.NOGIL_COPY_MIN_BYTES
 cdef uint64_t SHRINK_FLOOR = _limits.SHRINK_FLOOR_BYTES
-# Free data segments nothing references: this many are kept for reuse whatever their
-# age, the others while they were used within the last IDLE_STORES stores.
+# Free data segments nothing references kept for reuse; more are unlinked.
 cdef Py_ssize_t POOL_SPARE = 4
-cdef uint64_t IDLE_STORES = 64
 cdef uint64_t LOW32 = 0xffffffffULL
 # How often (at most) the owner looks for dead readers to reclaim, in ns.
 cdef int64_t REAP_INTERVAL_NS = 200_000_000

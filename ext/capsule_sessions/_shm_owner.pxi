@@ -39,7 +39,6 @@ cdef class SharedRing:
     cdef list _free                 # indices holding a segment that is not in the ring
     cdef list _unused               # indices without a segment
     cdef uint32_t *_qrefs           # queue entries naming each buffer
-    cdef uint64_t *_used_at         # the accept count when each buffer was last handed out
     cdef uint64_t _serial
     cdef uint64_t _last_needed          # the size the last store or loan asked for
     cdef list _mirrors
@@ -54,8 +53,7 @@ cdef class SharedRing:
 
     def __cinit__(self):
         self._qrefs = <uint32_t *>calloc(CS_MAX_BUFFERS, sizeof(uint32_t))
-        self._used_at = <uint64_t *>calloc(CS_MAX_BUFFERS, sizeof(uint64_t))
-        if self._qrefs == NULL or self._used_at == NULL:
+        if self._qrefs == NULL:
             raise MemoryError()
 
     def __init__(self, clock, created_at, *, str namespace, str session_id, str control_name, str data_prefix):
@@ -90,14 +88,18 @@ cdef class SharedRing:
 
     def __dealloc__(self):
         free(self._qrefs)
-        free(self._used_at)
         self._qrefs = NULL
-        self._used_at = NULL
-        if self._h != NULL and not self._ended and self._fork_gen == fork_generation:
-            # A session dropped without being ended: its names go with it (not in a
+        if self._h != NULL and self._fork_gen == fork_generation:
+            # A session dropped without being ended: its names go with it; one ended
+            # while readers were attached: what those that died since left (not in a
             # forked child, whose copy of the ring is not the session).
             cs_store(&self._h.closed, 1)
-            self._unlink_all()
+            if not self._ended:
+                self._control.unlink()
+            try:
+                _leave_if_last(self._h, self._local._slot.index, self._data_prefix)
+            except BaseException:
+                pass
 
     def __reduce_ex__(self, protocol):
         raise TypeError("cannot pickle or copy 'FrameRing' object (another process attach()es to a shared session by name)")
@@ -399,13 +401,15 @@ cdef class SharedRing:
 
     def close_subscriptions(self):
         """End the session: every subscription closes (readers in every process wake,
-        get what was queued, then SubscriptionClosed) and the names are unlinked."""
+        get what was queued, then SubscriptionClosed) and the names are unlinked. Called
+        again (as at exit), it unlinks what readers that died since left behind."""
         cdef cs_sub *subs = cs_subs(self._h)
         cdef uint32_t i
         if self._h == NULL or self._fork_gen != fork_generation:
             return
         with self._lock:
             if self._ended:
+                _leave_if_last(self._h, self._local._slot.index, self._data_prefix)
                 return
             self._ended = True
             cs_store(&self._h.closed, 1)

@@ -53,12 +53,9 @@ cdef int pool_allocate(SharedRing ring, uint64_t needed) except -1:
             if pool_leased(ring, index):  # a reader leased it before it saw the new generation
                 continue
             del ring._free[i]
-            ring._used_at[index] = ring._accepted
             return index
         if ring._unused or len(ring._segments) < CS_MAX_BUFFERS:
-            index = pool_new_buffer(ring, needed)
-            ring._used_at[index] = ring._accepted
-            return index
+            return pool_new_buffer(ring, needed)
         fan_reap_readers(ring, True)
     raise SharedMemoryError(f"every one of the {CS_MAX_BUFFERS} buffers of shared session "
                             f"{ring.session_id!r} is in use")
@@ -101,12 +98,12 @@ cdef pool_destroy(SharedRing ring, uint64_t index):
 
 
 cdef pool_trim(SharedRing ring):
-    """Unlink free buffers nothing references that sat unused for IDLE_STORES stores,
-    beyond POOL_SPARE of them, and those of a size the frames have left behind (a
-    resolution change): memory follows what the ring, the queues and the readers hold.
-    A buffer in circulation (ring, queues, a reader's hand, back) is used again within
-    a few stores and stays, so a burst of releases never makes the next stores fault in
-    new segments (a reader's mapping outlives the name)."""
+    """Unlink the free buffers nothing references beyond the newest POOL_SPARE of them,
+    and those of a size the frames have left behind (a resolution change): memory
+    follows what the ring, the queues and the readers hold (a reader's mapping outlives
+    the name). Buffers a queue or a reader still holds are not spares and are never
+    counted as such, so readers holding frames never make the next stores fault in new
+    segments."""
     cdef Py_ssize_t i = 0
     cdef Py_ssize_t spares = 0
     cdef uint64_t index
@@ -115,7 +112,7 @@ cdef pool_trim(SharedRing ring):
         index = ring._free[len(ring._free) - 1 - i]  # the newest first: kept as the spares
         referenced = ring._qrefs[index] != 0 or pool_leased(ring, index)
         fits = _fits(buffers[index].capacity, ring._last_needed)
-        if not referenced and fits and (spares < POOL_SPARE or ring._accepted - ring._used_at[index] <= IDLE_STORES):
+        if not referenced and fits and spares < POOL_SPARE:
             spares += 1
             i += 1
         elif not referenced and pool_retire(ring, index):

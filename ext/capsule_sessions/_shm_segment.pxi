@@ -183,7 +183,10 @@ def read_owner(str name):
     reason = _check_header(h, seg.size, name)
     if reason is not None:
         raise SharedMemoryError(f"shared-memory segment {name!r} is not a capsule_sessions session: {reason}")
-    session_id = h.id[:h.id_len].decode("utf-8", "surrogatepass")
+    try:
+        session_id = h.id[:h.id_len].decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise SharedMemoryError(f"shared-memory segment {name!r} is corrupted: its session id is not UTF-8") from None
     return session_id, h.owner_pid, h.owner_start, h.nonce, bool(cs_load(&h.closed))
 
 
