@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from capsule_sessions import Session, SessionNotFoundError, attach, list_shared
 from capsule_sessions.errors import SharedMemoryError, SubscriptionClosed
-from shm_support import OFF_READERS, SHM_DIR, data_entries, describe, entries, stamp, stamp_digest
+from shm_support import OFF_READERS, SHM_DIR, Header, data_entries, describe, entries, stamp, stamp_digest
 from support import FakeClock
 
 pytestmark = [pytest.mark.cython]
@@ -768,3 +768,37 @@ def test_copied_out_frames_keep_their_own_header(world):
     assert result["error"] is None and result["delivered"] > 100
     assert_stamped(result["frames"])
     assert reader.call("stats", h="h")["copied_out"] >= result["delivered"]
+
+
+@pytest.mark.timeout(30)
+def test_a_producer_killed_while_publishing_leaves_readable_counters(world):
+    """A producer killed with SIGKILL in the middle of publishing leaves the seqlock odd
+    for good. Readers of the dead session still get its last counters from
+    ``visual_stats()`` (as ``latest_visual_frames`` gives [] rather than an error), and
+    their subscriptions close. (This caught visual_stats raising SharedMemoryError,
+    'its counters never stopped changing', for a producer that will never finish.)"""
+    producer = world.reader()
+    producer.call("own", id="cam", ns=world.ns)
+    assert producer.call("store", id="cam", n=3, seq=1, nbytes=1000) == 3
+    cam = attach("cam", namespace=world.ns)
+    sub = cam.subscribe_visual_frames(2)
+    producer.kill()
+    control = SHM_DIR / f"capsule.{world.ns}.cam"
+    raw = bytearray(control.read_bytes())
+    seq_word = int.from_bytes(raw[Header.seq.offset:Header.seq.offset + 8], "little")
+    raw[Header.seq.offset:Header.seq.offset + 8] = (seq_word | 1).to_bytes(8, "little")  # a publish cut short
+    fd = os.open(control, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes(raw[Header.seq.offset:Header.seq.offset + 8]), Header.seq.offset)
+    finally:
+        os.close(fd)
+    assert cam.closed
+    t0 = time.monotonic()
+    stats = cam.visual_stats()
+    assert stats["accepted"] == 3 and stats["frames"] == 2
+    assert cam.latest_visual_frames(1e9) == []
+    with pytest.raises(SubscriptionClosed):
+        sub.get(timeout=5)
+    assert time.monotonic() - t0 < 1.0
+    world.session("next")  # sweeps the dead session
+    assert entries(world.ns) == [f"capsule.{world.ns}.next"]
