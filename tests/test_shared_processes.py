@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from capsule_sessions import Session, SessionNotFoundError, attach, list_shared
 from capsule_sessions.errors import SharedMemoryError, SubscriptionClosed
-from shm_support import OFF_READERS, SHM_DIR, data_entries, describe, entries, stamp, stamp_digest
+from shm_support import OFF_READERS, SHM_DIR, Header, data_entries, describe, entries, stamp, stamp_digest
 from support import FakeClock
 
 pytestmark = [pytest.mark.cython]
@@ -199,11 +199,22 @@ KB = 1024
 
 
 def timed_store(session, seq, nbytes, durations, **kw):
+    """Store one stamped frame; append (wall seconds, this thread's CPU seconds)."""
     data = stamp(seq, nbytes)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     accepted = session.store_frame(data, source="cam", max_recent=2, frame_seq=seq, **kw)
-    durations.append(time.perf_counter() - t0)
+    durations.append((time.perf_counter() - t0, time.thread_time() - c0))
     return accepted
+
+
+def assert_never_waited(durations):
+    """No store waited or spun: CPU time per store stays small, and wall time only
+    grows as far as a loaded machine's scheduler stretches it (a store that waited for
+    a reader would sleep for its wait slices, or for ever)."""
+    wall = max(d[0] for d in durations)
+    cpu = max(d[1] for d in durations)
+    assert cpu < 0.2, f"a store used {cpu:.3f} s of CPU"
+    assert wall < 3.0, f"a store took {wall:.3f} s"
 
 
 def attach_all(session_id, ns, n):
@@ -275,7 +286,7 @@ def test_killed_reader_is_reclaimed_and_never_stops_the_producer(world, reap):
         if i % 10 == 0:
             most = max(most, len(data_entries(world.ns)))
     assert most <= 2 + 4 + 2, f"{most} data segments for a ring of 2"
-    assert max(durations) < 0.5, f"a store took {max(durations):.3f} s"
+    assert_never_waited(durations)
     assert session.visual_stats()["accepted"] == seq
     frames = attach("cam", namespace=world.ns).latest_visual_frames(1e9)
     assert [describe(f)[DIGEST] for f in frames] == [stamp_digest(f.frame_seq, len(f.data)) for f in frames]
@@ -717,7 +728,7 @@ def test_queue_books_do_not_leak_buffers_when_a_reader_keeps_pace(world, policy)
         session.store_frame(stamp(seq, sizes[seq % 3]), source="cam", max_recent=2, frame_seq=seq)
     reader.call("close_sub", s="q")
     result = reader.call("consumed", s="q")
-    assert result["error"] is None and result["delivered"] > 100
+    assert result["error"] is None and result["delivered"] > 20
     assert_stamped(result["frames"])
     reader.call("drop_sub", s="q")
     for _ in range(10):
@@ -753,3 +764,37 @@ def test_copied_out_frames_keep_their_own_header(world):
     assert result["error"] is None and result["delivered"] > 100
     assert_stamped(result["frames"])
     assert reader.call("stats", h="h")["copied_out"] >= result["delivered"]
+
+
+@pytest.mark.timeout(30)
+def test_a_producer_killed_while_publishing_leaves_readable_counters(world):
+    """A producer killed with SIGKILL in the middle of publishing leaves the seqlock odd
+    for good. Readers of the dead session still get its last counters from
+    ``visual_stats()`` (as ``latest_visual_frames`` gives [] rather than an error), and
+    their subscriptions close. (This caught visual_stats raising SharedMemoryError,
+    'its counters never stopped changing', for a producer that will never finish.)"""
+    producer = world.reader()
+    producer.call("own", id="cam", ns=world.ns)
+    assert producer.call("store", id="cam", n=3, seq=1, nbytes=1000) == 3
+    cam = attach("cam", namespace=world.ns)
+    sub = cam.subscribe_visual_frames(2)
+    producer.kill()
+    control = SHM_DIR / f"capsule.{world.ns}.cam"
+    raw = bytearray(control.read_bytes())
+    seq_word = int.from_bytes(raw[Header.seq.offset:Header.seq.offset + 8], "little")
+    raw[Header.seq.offset:Header.seq.offset + 8] = (seq_word | 1).to_bytes(8, "little")  # a publish cut short
+    fd = os.open(control, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes(raw[Header.seq.offset:Header.seq.offset + 8]), Header.seq.offset)
+    finally:
+        os.close(fd)
+    assert cam.closed
+    t0 = time.monotonic()
+    stats = cam.visual_stats()
+    assert stats["accepted"] == 3 and stats["frames"] == 2
+    assert cam.latest_visual_frames(1e9) == []
+    with pytest.raises(SubscriptionClosed):
+        sub.get(timeout=5)
+    assert time.monotonic() - t0 < 1.0
+    world.session("next")  # sweeps the dead session
+    assert entries(world.ns) == [f"capsule.{world.ns}.next"]
