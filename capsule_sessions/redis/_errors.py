@@ -17,11 +17,16 @@ from ..errors import SessionError
 T = TypeVar("T")
 
 
-class RedisUnavailableError(SessionError, ConnectionError):
+class SessionStoreError(SessionError):
+    """The session store (the Redis server) failed a call: unreachable, or holding data
+    this library did not write. Its subclasses say which."""
+
+
+class RedisUnavailableError(SessionStoreError, ConnectionError):
     """The Redis server could not be reached, or did not answer within the timeout."""
 
 
-class RedisDataError(SessionError, ValueError):
+class RedisDataError(SessionStoreError, ValueError):
     """A key holds something this library did not write (corrupted, or another program's)."""
 
 
@@ -38,9 +43,13 @@ def translated(url: str) -> Iterator[None]:
 
     try:
         yield
+    except RedisUnavailableError:  # already translated (a nested block): an OSError too
+        raise
     except (rx.ConnectionError, rx.TimeoutError, ConnectionError, TimeoutError, OSError) as exc:
         raise RedisUnavailableError(f"Redis at {masked(url)} is unavailable: {exc}") from exc
     except rx.ResponseError as exc:
+        if str(exc).startswith("WRONGTYPE"):  # a key of ours holds another program's kind of value
+            raise RedisDataError(f"Redis at {masked(url)} holds a key of the wrong type: {exc}") from exc
         raise RedisUnavailableError(f"Redis at {masked(url)} refused a command: {exc}") from exc
 
 
