@@ -155,8 +155,7 @@ class _ManagerCore(Generic[S]):
     def _claim_args(self, id: str, now: float | None) -> tuple[list[bytes], list[Any]]:
         names = SessionKeyNames(self.namespace, id)
         keys = [self._registry, *names.all(ring_keys(names.keys))]
-        idle = now is not None
-        args = [encoded(id), c.KIND, "1" if idle else "0", c.instant_text(now) if idle else "",
+        args = [encoded(id), c.KIND, "0" if now is None else "1", "" if now is None else c.instant_text(now),
                 repr(self.idle_timeout), str(int(RETENTION_SECONDS * 1000))]
         return keys, args
 
@@ -275,7 +274,7 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
             raise self._not_found(id)
         names = SessionKeyNames(self.namespace, checked)
         with translated(self._url):
-            values = self._client.hgetall(names.session)
+            values: dict[bytes, bytes] = self._client.hgetall(names.session)  # type: ignore[assignment]
         record = self._live_record(values, checked)
         if record is None:
             raise self._not_found(id)

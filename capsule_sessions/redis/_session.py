@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,6 @@ from .._records import (
     ChatMessage,
     ConversationSnapshot,
     DialogContextItem,
-    PipelineMode,
     SessionState,
     VisualFrame,
     rfc3339_from_instant,
@@ -49,10 +49,21 @@ if TYPE_CHECKING:
 
     from .._framebuf_py import FrameLoan, Subscription
 
-try:  # The frame streams are their own module (built apart, docs/redis.md).
-    from ._frames import AsyncRedisFrameRing, RedisFrameRing
-except ImportError:  # pragma: no cover - until the frames module is in the tree
-    RedisFrameRing = AsyncRedisFrameRing = None
+
+
+def _frame_rings() -> tuple[Any, Any]:
+    """The frame streams' classes (``_frames``, the sync and asyncio rings), or None
+    while this tree has no such module: sessions then refuse visual calls."""
+    try:
+        module = importlib.import_module(f"{__package__}._frames")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}._frames":
+            raise
+        return None, None
+    return module.RedisFrameRing, module.AsyncRedisFrameRing
+
+
+RedisFrameRing, AsyncRedisFrameRing = _frame_rings()
 
 NO_FRAMES_MESSAGE = "this build of capsule_sessions.redis has no frame streams (capsule_sessions/redis/_frames.py)"
 # How long the keys of an ended session are kept: its objects on other nodes still work
