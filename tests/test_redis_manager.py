@@ -412,8 +412,9 @@ def test_namespaces_keep_deployments_apart(make_redis):
 
 
 def test_nothing_is_pickled(make_redis, raw):
-    import capsule_sessions.redis as package
     from pathlib import Path
+
+    import capsule_sessions.redis as package
 
     for path in Path(package.__file__).parent.glob("*.py"):
         assert "import pickle" not in path.read_text() and "pickle." not in path.read_text(), path
