@@ -26,6 +26,7 @@ from ._session import (
     WAIT_WAKE_SECONDS,
     AsyncRedisFrameRing,
     _SessionCore,
+    activity,
     checked_items,
     state_of,
 )
@@ -48,7 +49,7 @@ class AsyncRedisSession(_SessionCore):
     def __init__(self, ctx: Context, record: c.Record) -> None:
         super().__init__(ctx, record)
         self._ring = None if AsyncRedisFrameRing is None else AsyncRedisFrameRing(
-            ctx.client, self._names.keys, ctx.url, ctx.clock)
+            ctx.client, self._names.keys, ctx.url, ctx.clock, activity=activity(self._names.keys))
 
     async def _hmget(self, *fields: str) -> list[Any]:
         with translated(self._ctx.url):

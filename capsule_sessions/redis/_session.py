@@ -42,6 +42,7 @@ from ..errors import SessionNotFoundError
 from . import _codec as c
 from ._context import Context, SessionKeyNames, encoded
 from ._errors import translated
+from ._keys import SessionKeys
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,20 +51,25 @@ if TYPE_CHECKING:
     from .._framebuf_py import FrameLoan, Subscription
 
 
-
-def _frame_rings() -> tuple[Any, Any]:
-    """The frame streams' classes (``_frames``, the sync and asyncio rings), or None
-    while this tree has no such module: sessions then refuse visual calls."""
+def _optional(name: str) -> Any:
+    """Module ``name`` of this package, or None while this tree has no such module."""
     try:
-        module = importlib.import_module(f"{__package__}._frames")
+        return importlib.import_module(f"{__package__}.{name}")
     except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}._frames":
+        if exc.name != f"{__package__}.{name}":
             raise
-        return None, None
-    return module.RedisFrameRing, module.AsyncRedisFrameRing
+        return None
 
 
-RedisFrameRing, AsyncRedisFrameRing = _frame_rings()
+# The frame streams (docs/redis.md, "Frames"): the sync ring and the names of its keys
+# in _frames, the asyncio ring in _frames_async. Without them, sessions refuse visual
+# calls (RuntimeError) and everything else works.
+_frames_module = _optional("_frames")
+_frames_async_module = _optional("_frames_async")
+RedisFrameRing: Any = getattr(_frames_module, "RedisFrameRing", None)
+AsyncRedisFrameRing: Any = getattr(_frames_async_module, "AsyncRedisFrameRing", None) \
+    or getattr(_frames_module, "AsyncRedisFrameRing", None)
+_frame_keys: Any = getattr(_frames_module, "frame_keys", None)
 
 NO_FRAMES_MESSAGE = "this build of capsule_sessions.redis has no frame streams (capsule_sessions/redis/_frames.py)"
 # How long the keys of an ended session are kept: its objects on other nodes still work
@@ -75,11 +81,16 @@ WAIT_WAKE_SECONDS = 0.1
 RECHECK_SECONDS = 1.0
 
 
-def ring_keys(keys: Any) -> list[str]:
+def ring_keys(keys: SessionKeys) -> list[str]:
     """The names of the keys the frame ring keeps for a session (CREATE deletes them, a
-    claim sets their TTL)."""
-    names = getattr(RedisFrameRing, "key_names", None)
-    return [] if names is None else list(names(keys))
+    claim gives them the retention TTL)."""
+    return [] if _frame_keys is None else list(_frame_keys(keys))
+
+
+def activity(keys: SessionKeys) -> tuple[str, str]:
+    """Where the frame ring records a touch (an accepted frame, a source change): the
+    session hash's ``active`` field, in the ring's own script."""
+    return keys.key("session"), "active"
 
 
 def wall_text(instant: float) -> str:
@@ -229,8 +240,8 @@ class RedisSession(_SessionCore):
 
     def __init__(self, ctx: Context, record: c.Record) -> None:
         super().__init__(ctx, record)
-        self._ring = None if RedisFrameRing is None else RedisFrameRing(ctx.client, self._names.keys, ctx.url,
-                                                                       ctx.clock)
+        self._ring = None if RedisFrameRing is None else RedisFrameRing(
+            ctx.client, self._names.keys, ctx.url, ctx.clock, activity=activity(self._names.keys))
 
     def _hmget(self, *fields: str) -> list[Any]:
         with translated(self._ctx.url):
