@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from capsule_sessions import ChatMessage, MaxSessionsError, SessionExistsError
+from capsule_sessions import ChatMessage, DialogContextItem, MaxSessionsError, SessionError, SessionExistsError
 from capsule_sessions.redis import RedisSessionManager
 
 GATE_READY = "test:gate:ready"
@@ -130,3 +130,27 @@ def end_and_die(url: str, id: str) -> None:
         os.kill(os.getpid(), 9)
 
     manager(url, on_session_end=on_end).delete(id)
+
+
+def churn(url: str, seconds: float) -> None:
+    """Create, write and delete sessions as fast as it can (the test kills the server, or
+    this node, mid-way); counts its rounds in test:churned."""
+    client = redis.Redis.from_url(url)
+    m = RedisSessionManager(url, 20, cleanup_interval=None)
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        try:
+            s = m.create(f"s{n % 40}")
+            s.add_message(ChatMessage("user", "q", turn_seq=1))
+            s.add_message(ChatMessage("user", "q2", turn_seq=2))
+            s.add_message(ChatMessage("assistant", "a", turn_seq=1))
+            s.set_dialog_context([DialogContextItem("u", "t", n)])
+        except SessionError:
+            pass
+        try:
+            m.delete(f"s{(n * 7) % 40}")
+            client.incr("test:churned")
+        except SessionError:
+            pass

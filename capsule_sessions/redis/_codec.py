@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import NamedTuple
 
 from .. import _validate as v
@@ -35,6 +36,9 @@ from .._records import ChatMessage, DialogContextItem, PipelineMode, SessionStat
 from ._errors import RedisDataError
 
 KIND = "capsule_sessions.session/1"
+# The incarnation token: secrets.token_hex(INC_BYTES).
+INC_BYTES = 8
+_INC = re.compile(f"[0-9a-f]{{{INC_BYTES * 2}}}")
 FIELDS = ("kind", "id", "inc", "mode", "character_id", "created", "active", "state", "owner", "pseq", "pfin",
           "tseq", "greeted", "ended", "closed")
 
@@ -113,8 +117,8 @@ def record_of(values: dict[bytes, bytes], key: str, session_id: str) -> Record:
     if found != session_id:
         raise _bad(key, f"the session {found[:40]!r}, not {session_id[:40]!r}")
     inc = text_of(values.get(b"inc"), key, "inc")
-    if not inc:
-        raise _bad(key, "an empty inc")
+    if not _INC.fullmatch(inc):
+        raise _bad(key, f"an inc that is not {INC_BYTES * 2} hex digits ({inc[:40]!r})")
     return Record(
         id=found,
         inc=inc,

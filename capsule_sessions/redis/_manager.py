@@ -85,7 +85,7 @@ class _ManagerCore(Generic[S]):
             list[bytes], list[Any], c.Record]:
         now = v.instant(ctx.clock(), "clock()")[0]
         names = SessionKeyNames(self.namespace, id)
-        inc = secrets.token_hex(8)
+        inc = secrets.token_hex(c.INC_BYTES)
         keys = [self._registry, *names.all(ring_keys(names.keys))]
         args = [encoded(id), str(self.max_concurrent), c.KIND, inc, str(int(mode)), encoded(character_id),
                 c.instant_text(now)]
