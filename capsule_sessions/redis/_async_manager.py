@@ -26,7 +26,7 @@ from . import _codec as c
 from ._async_session import AsyncRedisSession
 from ._clock import ServerClock, measure_async
 from ._connect import connect_async
-from ._context import Context, SessionKeyNames, encoded
+from ._context import Context, encoded, key_names
 from ._errors import RedisDataError, translated
 from ._manager import _ManagerCore
 
@@ -68,21 +68,28 @@ class AsyncRedisSessionManager(_ManagerCore[AsyncRedisSession]):
         self._ctx_: Context | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._connecting = asyncio.Lock()
 
     async def _ready(self) -> Context:
         """The context, made on first use: connect, read the server's clock, start the
         cleanup task."""
         if self._ctx_ is None:
-            client = connect_async(self._url)
-            server_clock = None
-            if self._injected_clock is None:
-                with translated(self._url):
-                    server_clock = ServerClock(await measure_async(client))
-            if self._ctx_ is None:  # another task may have got here first
-                self._ctx_ = self._context(client, server_clock)
-                if self._interval is not None and not self._stopped:
-                    self._task = asyncio.get_running_loop().create_task(
-                        _cleanup_loop(weakref.ref(self), self._interval), name="capsule-sessions-redis-cleanup")
+            async with self._connecting:  # one connection set-up, however many tasks ask at once
+                if self._ctx_ is None:
+                    client = connect_async(self._url)
+                    server_clock = None
+                    if self._injected_clock is None:
+                        try:
+                            with translated(self._url):
+                                server_clock = ServerClock(await measure_async(client))
+                        except BaseException:
+                            await client.aclose()
+                            raise
+                    self._ctx_ = self._context(client, server_clock)
+                    if self._interval is not None and not self._stopped:
+                        self._task = asyncio.get_running_loop().create_task(
+                            _cleanup_loop(weakref.ref(self), self._interval),
+                            name="capsule-sessions-redis-cleanup")
         return self._ctx_
 
     async def _refresh_clock(self) -> None:
@@ -122,7 +129,7 @@ class AsyncRedisSessionManager(_ManagerCore[AsyncRedisSession]):
             raise self._not_found(id)
         ctx = await self._ready()
         with translated(self._url):
-            values = await ctx.client.hgetall(SessionKeyNames(self.namespace, checked).session)
+            values = await ctx.client.hgetall(key_names(self.namespace, checked).session)
         record = self._live_record(values, checked)
         if record is None:
             raise self._not_found(id)
@@ -133,7 +140,7 @@ class AsyncRedisSessionManager(_ManagerCore[AsyncRedisSession]):
         if checked is not None:
             ctx = await self._ready()
             now = v.instant(ctx.clock(), "clock()")[0]
-            names = SessionKeyNames(self.namespace, checked)
+            names = key_names(self.namespace, checked)
             with translated(self._url):
                 if await ctx.scripts.touch_live(keys=[names.session], args=[c.KIND, c.instant_text(now)]):
                     return
@@ -165,7 +172,7 @@ class AsyncRedisSessionManager(_ManagerCore[AsyncRedisSession]):
         with translated(self._url):
             pipe = ctx.client.pipeline(transaction=False)
             for id in ids:
-                pipe.hgetall(SessionKeyNames(self.namespace, id).session)
+                pipe.hgetall(key_names(self.namespace, id).session)
             return list(await pipe.execute())
 
     async def list(self) -> builtins.list[AsyncRedisSession]:

@@ -250,6 +250,10 @@ class AsyncRedisSession(_SessionCore):
         stats: dict[str, int] = await _result(self._frames().visual_stats())
         return stats
 
+    async def shared_stats(self) -> dict[str, int]:  # type: ignore[override]
+        """A Redis session is not a shared-memory one: ValueError, as the sync twin."""
+        return _SessionCore.shared_stats(self)
+
     async def _close(self) -> None:
         try:
             with translated(self._ctx.url):

@@ -26,19 +26,29 @@ The session hash (``<namespace>:{<id>}:session``) holds:
 from __future__ import annotations
 
 import json
-import math
+import os
+import random
 import re
 from typing import NamedTuple
 
 from .. import _validate as v
-from .._limits import INT64_MAX, INT64_MIN
+from .._limits import INT64_MAX, INT64_MIN, MAX_INSTANT_SECONDS
 from .._records import ChatMessage, DialogContextItem, PipelineMode, SessionState
 from ._errors import RedisDataError
 
 KIND = "capsule_sessions.session/1"
-# The incarnation token: secrets.token_hex(INC_BYTES).
+# The incarnation token: 64 random bits in hex (new_inc()).
 INC_BYTES = 8
 _INC = re.compile(f"[0-9a-f]{{{INC_BYTES * 2}}}")
+# Seeded from the OS once (and again in a forked child), so every node draws its own
+# sequence: a token tells one incarnation of an id from the next, it guards no secret,
+# and os.urandom on every create would cost more than the rest of the call.
+_tokens = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _tokens.seed(os.urandom(32)))
+
+
+def new_inc() -> str:
+    return f"{_tokens.getrandbits(INC_BYTES * 8):0{INC_BYTES * 2}x}"
 FIELDS = ("kind", "id", "inc", "mode", "character_id", "created", "active", "state", "owner", "pseq", "pfin",
           "tseq", "greeted", "ended", "closed")
 
@@ -79,61 +89,74 @@ def text_of(raw: object, key: str, field: str) -> str:
         raise _bad(key, f"a {field} that is not UTF-8") from None
 
 
+# What str(int) writes, and nothing else (int() would also take " 12", "1_000", "+1").
+_INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
+
+
 def integer_of(raw: object, key: str, field: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
-    text = text_of(raw, key, field)
-    # int() would also take " 12", "1_000" and "+1": only what str(int) writes is ours.
-    if not text or not (text.isdigit() or (text[0] == "-" and text[1:].isdigit())) or not text.isascii():
-        raise _bad(key, f"a {field} that is not a decimal integer ({text[:40]!r})")
-    number = int(text)
-    if not low <= number <= high or str(number) != text:
-        raise _bad(key, f"a {field} out of range ({text[:40]!r})")
-    return number
+    if type(raw) is bytes and _INTEGER.fullmatch(raw) and raw != b"-0":
+        number = int(raw)
+        if low <= number <= high:
+            return number
+    if not isinstance(raw, bytes):
+        raise _bad(key, f"no {field}")
+    raise _bad(key, f"a {field} that is not a decimal integer in range ({raw[:40]!r})")
 
 
 def instant_of(raw: object, key: str, field: str) -> float:
-    text = text_of(raw, key, field)
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise _bad(key, f"a {field} that is not an instant ({text[:40]!r})") from None
-    if not math.isfinite(seconds) or repr(seconds) != text:
-        raise _bad(key, f"a {field} that is not an instant ({text[:40]!r})")
-    try:
-        return v.instant(seconds, field)[0]
-    except ValueError:
-        raise _bad(key, f"a {field} out of range ({text[:40]!r})") from None
+    """An instant as instant_text wrote it: the repr of a finite float in v.instant's range."""
+    if type(raw) is bytes:
+        try:
+            seconds = float(raw)
+        except ValueError:
+            pass
+        else:
+            # NaN fails the range test; repr() tells the exact text from any other spelling.
+            if -MAX_INSTANT_SECONDS < seconds < MAX_INSTANT_SECONDS and repr(seconds).encode() == raw:
+                return seconds
+        raise _bad(key, f"a {field} that is not an instant ({raw[:40]!r})")
+    raise _bad(key, f"no {field}")
 
 
 def flag_of(raw: object, key: str, field: str) -> bool:
-    return bool(integer_of(raw, key, field, 0, 1))
+    if raw == b"0":
+        return False
+    if raw == b"1":
+        return True
+    return bool(integer_of(raw, key, field, 0, 1))  # raises, naming what is there
+
+
+_MODES = {str(int(m)).encode(): m for m in PipelineMode}
+_STATES = {str(int(s)).encode(): s for s in SessionState}
+_KIND = KIND.encode()
 
 
 def record_of(values: dict[bytes, bytes], key: str, session_id: str) -> Record:
     """The checked record of a non-empty session hash."""
-    kind = values.get(b"kind")
-    if kind != KIND.encode():
+    get = values.get
+    if get(b"kind") != _KIND:
         raise _bad(key, "a hash that is not a capsule_sessions session")
-    found = text_of(values.get(b"id"), key, "id")
+    found = text_of(get(b"id"), key, "id")
     if found != session_id:
         raise _bad(key, f"the session {found[:40]!r}, not {session_id[:40]!r}")
-    inc = text_of(values.get(b"inc"), key, "inc")
+    inc = text_of(get(b"inc"), key, "inc")
     if not _INC.fullmatch(inc):
         raise _bad(key, f"an inc that is not {INC_BYTES * 2} hex digits ({inc[:40]!r})")
+    mode = _MODES.get(get(b"mode"))  # type: ignore[arg-type]
+    if mode is None:
+        integer_of(get(b"mode"), key, "mode", 0, 1)
+        raise _bad(key, "a mode out of range")
+    state = _STATES.get(get(b"state"))  # type: ignore[arg-type]
+    if state is None:
+        integer_of(get(b"state"), key, "state", 0, 5)
+        raise _bad(key, "a state out of range")
     return Record(
-        id=found,
-        inc=inc,
-        mode=PipelineMode(integer_of(values.get(b"mode"), key, "mode", 0, 1)),
-        character_id=text_of(values.get(b"character_id"), key, "character_id"),
-        created=instant_of(values.get(b"created"), key, "created"),
-        active=instant_of(values.get(b"active"), key, "active"),
-        state=SessionState(integer_of(values.get(b"state"), key, "state", 0, 5)),
-        owner=text_of(values.get(b"owner"), key, "owner"),
-        pseq=integer_of(values.get(b"pseq"), key, "pseq"),
-        pfin=integer_of(values.get(b"pfin"), key, "pfin"),
-        tseq=integer_of(values.get(b"tseq"), key, "tseq"),
-        greeted=flag_of(values.get(b"greeted"), key, "greeted"),
-        ended=flag_of(values.get(b"ended"), key, "ended"),
-        closed=flag_of(values.get(b"closed"), key, "closed"),
+        found, inc, mode, text_of(get(b"character_id"), key, "character_id"),
+        instant_of(get(b"created"), key, "created"), instant_of(get(b"active"), key, "active"), state,
+        text_of(get(b"owner"), key, "owner"), integer_of(get(b"pseq"), key, "pseq"),
+        integer_of(get(b"pfin"), key, "pfin"), integer_of(get(b"tseq"), key, "tseq"),
+        flag_of(get(b"greeted"), key, "greeted"), flag_of(get(b"ended"), key, "ended"),
+        flag_of(get(b"closed"), key, "closed"),
     )
 
 
@@ -167,8 +190,8 @@ def message_of(raw: object, key: str) -> ChatMessage:
     if not (isinstance(items, list) and len(items) == 4 and all(isinstance(i, str) for i in items)):
         raise _bad(key, "a message that is not [turn, role, content, timestamp]")
     turn, role, content, stamp = items
-    return ChatMessage(role, content, instant_of(stamp.encode(), key, "message timestamp"),
-                       integer_of(turn.encode(), key, "message turn"))
+    return ChatMessage(role, content, instant_of(stamp.encode("utf-8", "surrogatepass"), key, "message timestamp"),
+                       integer_of(turn.encode("utf-8", "surrogatepass"), key, "message turn"))
 
 
 def history_of(raw: object, key: str) -> list[ChatMessage]:
@@ -203,5 +226,6 @@ def dialog_of(raw: object, key: str) -> list[DialogContextItem]:
     for item in items:
         if not (isinstance(item, list) and len(item) == 3 and all(isinstance(i, str) for i in item)):
             raise _bad(key, "a dialog context item that is not [role, text, timestamp]")
-        out.append(DialogContextItem(item[0], item[1], integer_of(item[2].encode(), key, "item timestamp")))
+        stamp = integer_of(item[2].encode("utf-8", "surrogatepass"), key, "item timestamp")
+        out.append(DialogContextItem(item[0], item[1], stamp))
     return out

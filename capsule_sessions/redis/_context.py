@@ -3,6 +3,7 @@ namespace and the clock."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,12 @@ class Context:
     clock: Callable[[], float]
     # The clock when it is the server's (instants are then the server's Unix time).
     server_clock: ServerClock | None
+
+
+@functools.lru_cache(maxsize=4096)
+def key_names(namespace: str, session_id: str) -> SessionKeyNames:
+    """The (immutable) key names of a session, remembered for the sessions in use."""
+    return SessionKeyNames(namespace, session_id)
 
 
 class SessionKeyNames:

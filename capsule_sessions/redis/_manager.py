@@ -18,7 +18,6 @@ from __future__ import annotations
 import builtins
 import datetime
 import logging
-import secrets
 import threading
 import weakref
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from ..session import _mode
 from . import _codec as c
 from ._clock import ServerClock, measure
 from ._connect import check_url, connect
-from ._context import Context, SessionKeyNames, encoded
+from ._context import Context, encoded, key_names
 from ._errors import RedisDataError, masked, translated
 from ._keys import check_namespace, registry_key
 from ._scripts import Scripts
@@ -84,8 +83,8 @@ class _ManagerCore(Generic[S]):
     def _create_args(self, ctx: Context, id: str, mode: PipelineMode, character_id: str) -> tuple[
             list[bytes], list[Any], c.Record]:
         now = v.instant(ctx.clock(), "clock()")[0]
-        names = SessionKeyNames(self.namespace, id)
-        inc = secrets.token_hex(c.INC_BYTES)
+        names = key_names(self.namespace, id)
+        inc = c.new_inc()
         keys = [self._registry, *names.all(ring_keys(names.keys))]
         args = [encoded(id), str(self.max_concurrent), c.KIND, inc, str(int(mode)), encoded(character_id),
                 c.instant_text(now)]
@@ -99,7 +98,7 @@ class _ManagerCore(Generic[S]):
         if reply == b"exists":
             raise SessionExistsError(f"session {id!r} already exists")
         if reply == b"foreign":
-            key = SessionKeyNames(self.namespace, id).keys.key("session")
+            key = key_names(self.namespace, id).keys.key("session")
             raise RedisDataError(f"{key} holds a value that capsule_sessions did not write: the id {id!r} cannot "
                                  "be used in this namespace")
         if reply != b"ok":
@@ -116,7 +115,7 @@ class _ManagerCore(Generic[S]):
 
     # -- records and local objects -------------------------------------------------------
     def _key(self, id: str) -> str:
-        return SessionKeyNames(self.namespace, id).keys.key("session")
+        return key_names(self.namespace, id).keys.key("session")
 
     def _live_record(self, values: dict[bytes, bytes], id: str) -> c.Record | None:
         if not values:
@@ -153,7 +152,7 @@ class _ManagerCore(Generic[S]):
 
     # -- claims --------------------------------------------------------------------------
     def _claim_args(self, id: str, now: float | None) -> tuple[list[bytes], list[Any]]:
-        names = SessionKeyNames(self.namespace, id)
+        names = key_names(self.namespace, id)
         keys = [self._registry, *names.all(ring_keys(names.keys))]
         args = [encoded(id), c.KIND, "0" if now is None else "1", "" if now is None else c.instant_text(now),
                 repr(self.idle_timeout), str(int(RETENTION_SECONDS * 1000))]
@@ -272,7 +271,7 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
         checked = self._id_or_none(id)
         if checked is None:
             raise self._not_found(id)
-        names = SessionKeyNames(self.namespace, checked)
+        names = key_names(self.namespace, checked)
         with translated(self._url):
             values: dict[bytes, bytes] = self._client.hgetall(names.session)  # type: ignore[assignment]
         record = self._live_record(values, checked)
@@ -284,7 +283,7 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
         checked = self._id_or_none(id)
         if checked is not None:
             now = v.instant(self._ctx.clock(), "clock()")[0]
-            names = SessionKeyNames(self.namespace, checked)
+            names = key_names(self.namespace, checked)
             with translated(self._url):
                 if self._ctx.scripts.touch_live(keys=[names.session], args=[c.KIND, c.instant_text(now)]):
                     return
@@ -315,7 +314,7 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
         with translated(self._url):
             pipe = self._client.pipeline(transaction=False)
             for id in ids:
-                pipe.hgetall(SessionKeyNames(self.namespace, id).session)
+                pipe.hgetall(key_names(self.namespace, id).session)
             return list(pipe.execute())
 
     # In this class body `list` is the method below, so annotations name the builtin in full.

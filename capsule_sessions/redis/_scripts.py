@@ -35,10 +35,10 @@ CREATE = """
 local registry, session = KEYS[1], KEYS[2]
 if redis.call('ZCARD', registry) >= tonumber(ARGV[2]) then return 'max' end
 if redis.call('ZSCORE', registry, ARGV[1]) then return 'exists' end
-local kind = redis.call('TYPE', session)['ok']
-if kind ~= 'none' and (kind ~= 'hash' or redis.call('HGET', session, 'kind') ~= ARGV[3]) then
-  return 'foreign'
-end
+-- (A key of another type makes HGET fail with WRONGTYPE: a RedisDataError too.)
+local kind = redis.call('HGET', session, 'kind')
+if kind and kind ~= ARGV[3] then return 'foreign' end
+if not kind and redis.call('EXISTS', session) == 1 then return 'foreign' end
 -- What an ended session of this id left behind (kept for a while, docs/redis.md) goes now.
 redis.call('DEL', unpack(KEYS, 2))
 local last = redis.call('ZRANGE', registry, -1, -1, 'WITHSCORES')

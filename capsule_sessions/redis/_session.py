@@ -40,7 +40,7 @@ from .._records import (
 )
 from ..errors import SessionNotFoundError
 from . import _codec as c
-from ._context import Context, SessionKeyNames, encoded
+from ._context import Context, encoded, key_names
 from ._errors import translated
 from ._keys import SessionKeys
 
@@ -147,7 +147,7 @@ class _SessionCore:
         self.recording_dir: str | None = None
         self._ctx = ctx
         self._inc = record.inc
-        self._names = SessionKeyNames(ctx.namespace, record.id)
+        self._names = key_names(ctx.namespace, record.id)
         self._key = self._names.keys.key("session")
         # True on the ending node while on_session_end runs: the callback sees the state
         # from before CLOSED, as in-process (everyone else sees CLOSED from the claim on).
