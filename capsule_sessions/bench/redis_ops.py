@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 from .._json import JsonObject
 from . import harness, redis_local
@@ -51,7 +52,7 @@ def _cases(url: str) -> tuple[dict[tuple[str, str], Case], Callable[[], None]]:
     manager.create("s")
     key = "bench:{s}:session"
     stored: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
-    fields: dict[str | bytes, bytes] = {k.decode(): v for k, v in stored.items()}
+    fields: Any = {k.decode(): v for k, v in stored.items()}  # as redis-py's mapping= types it
     ids = (f"c{n}" for n in itertools.count())
     bare_ids = (f"bench:{{b{n}}}:session" for n in itertools.count())
     active = fields["active"]
@@ -88,7 +89,8 @@ def run(repeats: int, min_batch_s: float, progress: Callable[[str], None] | None
     with redis_local.server() as url:
         cases, close = _cases(url)
         try:
-            measured = harness.interleaved(cases, repeats, min_batch_s, progress=lambda k: tick(f"{W17_ID} {k[0]} {k[1]}"))
+            measured = harness.interleaved(cases, repeats, min_batch_s,
+                                           progress=lambda key: tick(f"{W17_ID} {key[0]} {key[1]}"))
         finally:
             close()
     results = {op: {target: measured[(op, target)] for target in TARGETS} for op in OPS}
