@@ -85,7 +85,7 @@ class AsyncRedisSessionManager(_ManagerCore[AsyncRedisSession]):
                         except BaseException:
                             await client.aclose()
                             raise
-                    self._ctx_ = self._context(client, server_clock)
+                    self._ctx_ = self._context(client, server_clock, asyncio=True)
                     if self._interval is not None and not self._stopped:
                         self._task = asyncio.get_running_loop().create_task(
                             _cleanup_loop(weakref.ref(self), self._interval),

@@ -71,10 +71,10 @@ class _ManagerCore(Generic[S]):
         result: float | None = cleanup_interval
         return result
 
-    def _context(self, client: Any, server_clock: ServerClock | None) -> Context:
+    def _context(self, client: Any, server_clock: ServerClock | None, asyncio: bool = False) -> Context:
         clock = server_clock if self._injected_clock is None else self._injected_clock
         assert clock is not None
-        return Context(self._url, self.namespace, client, Scripts(client), clock, server_clock)
+        return Context(self._url, self.namespace, client, Scripts(client, asyncio), clock, server_clock)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url} namespace={self.namespace!r} max={self.max_concurrent}>"

@@ -18,6 +18,7 @@ ended session never writes into a new session of the same id.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 # A script that writes a secondary key of an ended session (its hash has a TTL) gives
@@ -172,14 +173,47 @@ SOURCES = {
 }
 
 
-class Scripts:
-    """The scripts registered on one client (sync or asyncio): ``scripts.create(keys=...,
-    args=...)``. redis-py sends EVALSHA and falls back to EVAL when the server does not
-    know the script (a restarted server)."""
+class _Script:
+    """One script on one sync client: EVALSHA, and EVAL when the server does not know it
+    (a restarted server), which caches it again. (redis-py's Script does the same with
+    more work per call: an import, tuple copies, a SCRIPT LOAD round trip.)"""
 
-    def __init__(self, client: Any) -> None:
+    __slots__ = ("execute", "source", "sha", "unknown")
+
+    def __init__(self, client: Any, source: str) -> None:
+        from redis.exceptions import NoScriptError
+
+        self.execute = client.execute_command
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self.unknown = NoScriptError
+
+    def __call__(self, keys: list[Any], args: list[Any]) -> Any:
+        try:
+            return self.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        except self.unknown:
+            return self.execute("EVAL", self.source, len(keys), *keys, *args)
+
+
+class _AsyncScript(_Script):
+    """The same on an asyncio client."""
+
+    __slots__ = ()
+
+    async def __call__(self, keys: list[Any], args: list[Any]) -> Any:
+        try:
+            return await self.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        except self.unknown:
+            return await self.execute("EVAL", self.source, len(keys), *keys, *args)
+
+
+class Scripts:
+    """The scripts on one client (sync or asyncio): ``scripts.create(keys=..., args=...)``."""
+
+    def __init__(self, client: Any, asyncio: bool = False) -> None:
+        kind = _AsyncScript if asyncio else _Script
         for name, source in SOURCES.items():
-            setattr(self, name, client.register_script(source))
+            setattr(self, name, kind(client, source))
 
     create: Any
     claim: Any
