@@ -501,7 +501,7 @@ def test_visual_calls_reach_the_ring(make_redis, clock):
 
 
 def test_visual_calls_without_frame_streams_say_so(make_redis, monkeypatch):
-    monkeypatch.setattr(redis_session, "RedisFrameRing", None)
+    monkeypatch.setattr(RedisSession, "_ring_class", None)
     s = make_redis().create("a")
     with pytest.raises(RuntimeError, match="no frame streams"):
         s.store_frame(b"x", source="cam", max_recent=1)

@@ -18,7 +18,7 @@ from .. import _validate as v
 from .._policy import VisualInputConfig, check_frame
 from .._records import ChatMessage, ConversationSnapshot, DialogContextItem, SessionState, VisualFrame
 from . import _codec as c
-from ._context import Context, encoded
+from ._context import encoded
 from ._errors import translated
 from ._session import (
     NO_FRAMES_MESSAGE,
@@ -26,7 +26,6 @@ from ._session import (
     WAIT_WAKE_SECONDS,
     AsyncRedisFrameRing,
     _SessionCore,
-    activity,
     checked_items,
     state_of,
 )
@@ -46,10 +45,7 @@ class AsyncRedisSession(_SessionCore):
     """A voice/vision session stored in Redis, for asyncio; made by
     ``AsyncRedisSessionManager``."""
 
-    def __init__(self, ctx: Context, record: c.Record) -> None:
-        super().__init__(ctx, record)
-        self._ring = None if AsyncRedisFrameRing is None else AsyncRedisFrameRing(
-            ctx.client, self._names.keys, ctx.url, ctx.clock, activity=activity(self._names.keys))
+    _ring_class = AsyncRedisFrameRing
 
     async def _hmget(self, *fields: str) -> list[Any]:
         with translated(self._ctx.url):

@@ -43,10 +43,11 @@ class SessionKeyNames:
 
     def __init__(self, namespace: str, session_id: str) -> None:
         self.keys = SessionKeys(namespace, session_id)
-        self.session = encoded(self.keys.key("session"))
-        self.history = encoded(self.keys.key("history"))
-        self.dialog = encoded(self.keys.key("dialog"))
-        self.channel = encoded(self.keys.key("pipeline-finished"))
+        prefix = encoded(self.keys.prefix)
+        self.session = prefix + b"session"
+        self.history = prefix + b"history"
+        self.dialog = prefix + b"dialog"
+        self.channel = prefix + b"pipeline-finished"
 
     def all(self, ring_keys: list[str]) -> list[bytes]:
         """Every key of the session, the session hash first (for CREATE and CLAIM)."""

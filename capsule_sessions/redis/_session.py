@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -152,6 +153,24 @@ class _SessionCore:
         # True on the ending node while on_session_end runs: the callback sees the state
         # from before CLOSED, as in-process (everyone else sees CLOSED from the claim on).
         self._ending = False
+        self._ring_lock = threading.Lock()
+        self._ring_made: Any = None
+
+    # The frame ring is made on first use: a session that never sees a frame (and every
+    # create) does not pay for it. ``_ring`` is what the in-process Session calls it.
+    _ring_class: Any = None
+
+    @property
+    def _ring(self) -> Any:
+        ring = self._ring_made
+        if ring is None and self._ring_class is not None:
+            with self._ring_lock:
+                ring = self._ring_made
+                if ring is None:
+                    ctx = self._ctx
+                    ring = self._ring_made = self._ring_class(ctx.client, self._names.keys, ctx.url, ctx.clock,
+                                                              activity=activity(self._names.keys))
+        return ring
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id!r} mode={self.mode.name} namespace={self.namespace!r}>"
@@ -238,10 +257,7 @@ class RedisSession(_SessionCore):
     """A voice/vision session stored in Redis; made by ``RedisSessionManager``. Every
     method is safe to call from many threads at once, and from many nodes."""
 
-    def __init__(self, ctx: Context, record: c.Record) -> None:
-        super().__init__(ctx, record)
-        self._ring = None if RedisFrameRing is None else RedisFrameRing(
-            ctx.client, self._names.keys, ctx.url, ctx.clock, activity=activity(self._names.keys))
+    _ring_class = RedisFrameRing
 
     def _hmget(self, *fields: str) -> list[Any]:
         with translated(self._ctx.url):
