@@ -494,10 +494,45 @@ def test_visual_calls_reach_the_ring(make_redis, clock):
     m = make_redis()
     a = m.create("a")
     b = make_redis().get("a")
+    clock.advance(1)
     assert a.store_frame(b"x" * 10, source="cam", max_recent=2)
+    assert b.last_active_at == clock()  # an accepted frame touches the session, for every node
     frames = b.latest_visual_frames(10)
     assert [bytes(f.data) for f in frames] == [b"x" * 10]
     assert b.visual_stats()["accepted"] == 1
+
+
+@frames_built
+def test_ending_closes_subscriptions_on_every_node(make_redis):
+    from capsule_sessions import SubscriptionClosed
+
+    a = make_redis()
+    node_b = make_redis()
+    s = a.create("a")
+    sub = node_b.get("a").subscribe_visual_frames(4)
+    assert s.store_frame(b"z" * 4, source="cam", max_recent=2)
+    a.delete("a")
+    assert bytes(sub.get(timeout=5).data) == b"z" * 4  # what was accepted first, then the end
+    with pytest.raises(SubscriptionClosed):
+        sub.get(timeout=5)
+
+
+@pytest.mark.skipif(redis_session.AsyncRedisFrameRing is None,
+                    reason="the asyncio frame streams (capsule_sessions/redis/_frames_async.py) are not in this tree")
+def test_asyncio_visual_calls_reach_the_ring(redis_url, clock):
+    async def run():
+        async with AsyncRedisSessionManager(redis_url, 4, cleanup_interval=None, clock=clock) as m:
+            s = await m.create("a")
+            sub = await s.subscribe_visual_frames(4)
+            clock.advance(1)
+            assert await s.store_frame(b"y" * 8, source="cam", max_recent=2)
+            assert await s.last_active_at == clock()  # an accepted frame touches the session
+            assert [bytes(f.data) for f in await s.latest_visual_frames(10)] == [b"y" * 8]
+            assert (await s.visual_stats())["accepted"] == 1
+            await m.delete("a")
+            assert bytes((await sub.aget(timeout=5)).data) == b"y" * 8
+
+    asyncio.run(run())
 
 
 def test_visual_calls_without_frame_streams_say_so(make_redis, monkeypatch):
