@@ -632,3 +632,22 @@ def test_dataclass_copies_are_not_shared(make_redis):
     got = s.dialog_context_snapshot()
     got[0].text = "mine"
     assert s.dialog_context_snapshot() == [DialogContextItem("u", "t", 1)] != [dataclasses.replace(item)]
+
+
+# -- the benchmark (W17) ---------------------------------------------------------------------
+def test_w17_runs_on_a_private_server_and_is_judged():
+    from capsule_sessions.bench import redis_ops, report, runner, targets
+
+    assert redis_ops.W17_ID in runner.ALL_IDS
+    selection = runner.select("W17")
+    settings = dataclasses.replace(runner.QUICK, repeats=2, min_batch_s=0.002)
+    ticks = []
+    results = runner.run(selection, settings, ticks.append)
+    assert len(ticks) == runner.total_steps(selection, settings)
+    w17 = results["redis"][redis_ops.W17_ID]
+    assert set(w17["results"]) == set(redis_ops.OPS) and all(r > 0 for r in w17["ratios"].values())
+    checks = [c for c in results["checks"] if c["workload"] == redis_ops.W17_ID]
+    assert [c["target"].split(":")[0] for c in checks] == list(redis_ops.OPS)
+    assert all(c["met"] in (True, False) for c in checks)
+    assert "### W17" in report.markdown(results)
+    assert targets.evaluate_redis({"redis": {redis_ops.W17_ID: {"unavailable": "no server"}}})[0]["met"] is None
