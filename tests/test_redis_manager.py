@@ -651,3 +651,16 @@ def test_w17_runs_on_a_private_server_and_is_judged():
     assert all(c["met"] in (True, False) for c in checks)
     assert "### W17" in report.markdown(results)
     assert targets.evaluate_redis({"redis": {redis_ops.W17_ID: {"unavailable": "no server"}}})[0]["met"] is None
+
+
+def test_the_typed_program_runs(redis_url):
+    """tests/typing/redis_program.py is what mypy --strict checks; it runs too."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "typing" / "redis_program.py"
+    spec = importlib.util.spec_from_file_location("redis_program", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(redis_url)
