@@ -61,11 +61,9 @@ def main(url: str) -> None:
     try:
         sync_node(url)
         asyncio.run(asyncio_node(url))
-    except RedisUnavailableError as exc:
-        print(exc)
-    except RedisDataError as exc:
-        print(exc)
-    except SessionStoreError:
+    except (RedisUnavailableError, RedisDataError) as exc:
+        assert isinstance(exc, SessionStoreError)
+        print(f"the session store failed: {exc}", file=sys.stderr)
         raise
 
 
