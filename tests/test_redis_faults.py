@@ -420,3 +420,11 @@ def test_rediss_with_a_ca_in_the_url(tls_files):
         with pytest.raises(RedisUnavailableError):  # without the CA, the certificate is refused
             RedisSessionManager(f"rediss://127.0.0.1:{port}/0?socket_timeout=2", 4, cleanup_interval=None)
 
+
+
+def test_close_ends_the_others_then_says_one_was_corrupted(planted):
+    m, client, a, b = planted
+    client.hset("capsule:{a}:session", "state", b"9")
+    with pytest.raises(RedisDataError, match="state"):
+        m.close()
+    assert b.state is SessionState.CLOSED and m.count() == 0

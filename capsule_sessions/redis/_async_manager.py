@@ -267,16 +267,23 @@ class AsyncRedisSessionManager(_ManagerCore[AsyncRedisSession]):
         and close this node's connections. Idempotent."""
         self._closed = True
         ended: builtins.list[AsyncRedisSession] = []
+        corrupted: RedisDataError | None = None
         try:
             try:
                 for id in await self._registry_ids():
-                    session = await self._claim(id, None)
+                    try:
+                        session = await self._claim(id, None)
+                    except RedisDataError as exc:  # the others are still ended
+                        corrupted = corrupted or exc
+                        continue
                     if session is not None:
                         ended.append(session)
             finally:
                 await self._end(ended)
         finally:
             await self.stop()
+        if corrupted is not None:
+            raise corrupted
 
     async def stop(self) -> None:
         """Stop this node's cleanup task (idempotent; returns once it has ended). The

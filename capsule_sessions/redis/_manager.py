@@ -412,16 +412,23 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
         cluster without ending anyone's sessions, call ``stop()``."""
         self._closed = True
         ended: builtins.list[RedisSession] = []
+        corrupted: RedisDataError | None = None
         try:
             try:
                 for id in self._registry_ids():
-                    session = self._claim(id, None)
+                    try:
+                        session = self._claim(id, None)
+                    except RedisDataError as exc:  # the others are still ended
+                        corrupted = corrupted or exc
+                        continue
                     if session is not None:
                         ended.append(session)
             finally:
                 self._end(ended)
         finally:
             self.stop()
+        if corrupted is not None:
+            raise corrupted
 
     def stop(self) -> None:
         """Stop this node's eviction thread (idempotent; returns once it has ended). The
