@@ -3,9 +3,9 @@ field or key, is one script, so Redis runs it atomically (no other client's comm
 runs in between) and a node that dies mid-call leaves either all of it or none.
 
 KEYS of one session share its hash tag (``_keys``); the registry is a key of its own,
-so the three scripts that change membership (CREATE, CLAIM and the registry part of
-nothing else) name keys of two hash slots: fine on one server (with replicas or
-Sentinel), refused by Redis Cluster (docs/redis.md, "Redis Cluster").
+so the two scripts that change membership (CREATE and CLAIM) name keys of two hash
+slots: fine on one server (with replicas or Sentinel), refused by Redis Cluster
+(docs/redis.md, "Redis Cluster"). Every other script names one session's keys only.
 
 Lua numbers are doubles: counters are returned as the strings Redis keeps (never
 through a Lua number), and instants are compared in Lua only where Python compares them
