@@ -101,7 +101,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "sharing" not in metafunc.fixturenames:
         return
     if getattr(metafunc.module, ON_REDIS, False):
-        metafunc.parametrize("sharing", ["redis"], indirect=True)
+        kinds = getattr(metafunc.module, "redis_kinds", lambda function: ["redis"])(metafunc.function)
+        metafunc.parametrize("sharing", kinds, indirect=True)
     elif getattr(metafunc.module, ALSO_SHARED, False):
         kinds = ["local", "shared"] if _shm_available() else ["local"]
         metafunc.parametrize("sharing", kinds, indirect=True)
@@ -109,8 +110,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def sharing(request: pytest.FixtureRequest) -> str:
-    """"local" (an in-process ring), "shared" (the ring in shared memory) or "redis" (the
-    frames in Redis)."""
+    """"local" (an in-process ring), "shared" (the ring in shared memory), "redis" (the
+    frames in Redis) or "redis-async" (in Redis, through the asyncio twin)."""
     return getattr(request, "param", "local")
 
 
@@ -120,15 +121,16 @@ def make_session(backend: str, clock: FakeClock, sharing: str, request: pytest.F
     test; on a shared session too where the module asks for it (ALSO_SHARED), or on a
     session whose frames are in Redis (ON_REDIS)."""
     made: list[Session] = []
-    if sharing == "redis":
-        from redis_frames_support import RingSession, client_for
+    if sharing in ("redis", "redis-async"):
+        from redis_frames_support import AsyncRingSession, RingSession, client_for
 
         url = request.getfixturevalue("redis_url")
         client = client_for(url)
-        rings: list[RingSession] = []
+        rings: list = []
 
-        def make_on_redis(id: str = "s1", mode=None, character_id: str = "", clock=None) -> RingSession:
-            s = RingSession(id, client, url, clock if clock is not None else clock_)
+        def make_on_redis(id: str = "s1", mode=None, character_id: str = "", clock=None):
+            clock = clock if clock is not None else clock_
+            s = RingSession(id, client, url, clock) if sharing == "redis" else AsyncRingSession(id, url, clock)
             rings.append(s)
             return s
 

@@ -43,6 +43,13 @@ def _collect() -> dict[str, object]:
 globals().update(_collect())
 
 
+def redis_kinds(function) -> list[str]:
+    """Each test runs on the sync ring and on the asyncio twin (driven from its own loop:
+    tests/redis_frames_support.py), the loan tests on the sync ring (an asyncio loan's
+    commit is a coroutine: tested below)."""
+    return ["redis"] if function.__module__ == "test_loans" else ["redis", "redis-async"]
+
+
 @pytest.fixture
 def backend() -> str:
     # The frames are in Redis whatever the backend: each test runs once.

@@ -30,13 +30,13 @@ Every failure to reach the server is a RedisUnavailableError naming the URL.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import itertools
 import logging
 import secrets
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
@@ -80,6 +80,35 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (rx.RedisError, OSError)
 
 
+class _Store:
+    """One store, checked and copied: what its script is sent, and its frame's fields."""
+
+    __slots__ = ("payload", "source", "keep", "min_ns", "seconds", "now_ns", "mime_type", "width", "height",
+                 "timestamp_ms", "frame_seq", "error", "args")
+
+    def __init__(self, core: _Core, payload: np.ndarray[Any, Any] | None, source: str, keep: int, min_ns: int,
+                 seconds: float, now_ns: int, mime_type: str, width: int, height: int, timestamp_ms: int,
+                 frame_seq: int, error: TypeError | None) -> None:
+        self.payload = payload
+        self.source = source
+        self.keep = keep
+        self.min_ns = min_ns
+        self.seconds = seconds
+        self.now_ns = now_ns
+        self.mime_type = mime_type
+        self.width = width
+        self.height = height
+        self.timestamp_ms = timestamp_ms
+        self.frame_seq = frame_seq
+        self.error = error
+        self.args: list[Any] = []
+        if payload is not None:
+            base: object = payload.base  # copy_bytes' bytes: sent as they are, not copied again
+            data = base if type(base) is bytes else payload.tobytes()
+            self.args = core.store_args(data, source, keep, min_ns, seconds, now_ns, mime_type, width, height,
+                                        timestamp_ms, frame_seq, False)
+
+
 class _Core:
     """What the sync and asyncio rings share: the keys, the clock, the script arguments
     and the reading of replies (no I/O here)."""
@@ -105,8 +134,9 @@ class _Core:
         self.end_keys = [self.stream, self.meta, self.sizes, self.done]
         self.nonce = secrets.token_hex(6)
         self.calls = itertools.count(1)
-        self.cache: codec.Cache = weakref.WeakValueDictionary()
+        self.cache = codec.Cache()
         self.errors = _redis_errors()
+        self.async_errors: tuple[type[BaseException], ...] = (*self.errors, asyncio.TimeoutError)
 
     # -- time --------------------------------------------------------------------------
     def read_now(self, now: float | None) -> tuple[float, int]:
@@ -143,6 +173,63 @@ class _Core:
                 width, height, timestamp_ms, frame_seq, data, secrets.token_hex(8), self.activity_field,
                 "1" if check_only else ""]
 
+    def prepare(self, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
+                height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> _Store:
+        """store_frame's checks, in the pure ring's order, then the one copy of the bytes.
+        A buffer that cannot be read is the store's ``error``: the pure ring reads the
+        bytes after its rate check, so a rate-limited one is False there (and counted),
+        whatever its bytes."""
+        check_buffer(data)
+        source = v.text(source, "source")
+        keep = v.count(max_recent, "max_recent")
+        min_ns = v.duration_ns(min_interval, "min_interval")
+        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
+            data, mime_type, width, height, timestamp_ms, frame_seq)
+        seconds, now_ns = self.read_now(now)
+        try:
+            payload = copy_bytes(data)
+        except TypeError as exc:
+            return _Store(self, None, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
+                          frame_seq, exc)
+        return _Store(self, payload, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
+                      frame_seq, None)
+
+    def prepare_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
+                     width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> _Store:
+        """FrameLoan.commit: store_frame's checks (a loan is 1-D: no width or height is
+        read from a shape), then the loan's bytes, copied once; the loan is finished."""
+        source = v.text(source, "source")
+        keep = v.count(max_recent, "max_recent")
+        min_ns = v.duration_ns(min_interval, "min_interval")
+        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
+            None, mime_type, width, height, timestamp_ms, frame_seq)
+        seconds, now_ns = self.read_now(now)
+        memory = loan._take()
+        payload = copy_bytes(memory)
+        del memory
+        return _Store(self, payload, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
+                      frame_seq, None)
+
+    def check_args(self, store: _Store) -> list[Any]:
+        """The rate check alone (counted when limited)."""
+        return self.store_args(b"", "", 1, store.min_ns, 0.0, store.now_ns, "", 0, 0, 0, 0, True)
+
+    def accepted(self, store: _Store, reply: Any, subscribers: list[RedisQueue]) -> bool:
+        """A store's reply read; an accepted frame is offered to ``subscribers`` (this
+        ring's, in accept order: the caller holds the ring's lock)."""
+        seq, epoch = self.store_result(reply)
+        if seq <= 0 or epoch is None:
+            return False
+        if subscribers:
+            assert store.payload is not None
+            # The reader may have read it first: then its array is the frame's.
+            payload = self.cache.share(epoch, seq, store.payload)
+            frame = VisualFrame(payload, store.mime_type, store.width, store.height, store.source,
+                                store.timestamp_ms, store.frame_seq, store.seconds)
+            for q in subscribers:
+                q.push_local(frame, seq, epoch)
+        return True
+
     def store_result(self, reply: Any) -> tuple[int, bytes | None]:
         if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], int):
             raise RedisDataError(f"Redis at {masked(self.url)}: the store script of {self.stream!r} "
@@ -170,17 +257,15 @@ class _Core:
         return codec.count(self.meta, "accepted", reply[0]), codec.epoch(self.meta, reply[1])
 
     # -- readers -----------------------------------------------------------------------
-    def reader_kwargs(self) -> dict[str, Any]:
+    def reader_connection(self, retry: Any) -> Any:
         """A reader's own connection: the client's settings, a read timeout past the
-        blocking read's, and no retries (the reader retries itself, with backoff)."""
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        kwargs = dict(self.client.connection_pool.connection_kwargs)
+        blocking read's, and ``retry`` (none: the reader retries itself, with backoff)."""
+        pool = self.client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
         configured = kwargs.get("socket_timeout")
         kwargs["socket_timeout"] = READ_BLOCK_MS / 1000 + (configured if configured else 5.0)
-        kwargs["retry"] = Retry(NoBackoff(), 0)
-        return kwargs
+        kwargs["retry"] = retry
+        return pool.connection_class(**kwargs)
 
     def xread_args(self, q: RedisQueue) -> tuple[Any, ...]:
         return ("XREAD", "COUNT", READ_COUNT, "BLOCK", READ_BLOCK_MS, "STREAMS", self.stream, self.done,
@@ -228,7 +313,7 @@ class _Core:
         return None if start > last else ("XRANGE", self.stream, f"{start}-0", f"{last}-0")
 
 
-def _backoff(failures: int) -> float:
+def backoff(failures: int) -> float:
     return min(RECONNECT_MAX_S, RECONNECT_FIRST_S * float(1 << min(failures - 1, 16)))
 
 
@@ -240,6 +325,8 @@ def _command(conn: Any, *args: Any) -> Any:
 def _read_frames(core: _Core, q: RedisQueue) -> None:
     """A subscription's reader thread: the stream into the queue until it is closed."""
     import redis.exceptions as rx
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     conn: Any = None
     failures = 0
@@ -248,8 +335,7 @@ def _read_frames(core: _Core, q: RedisQueue) -> None:
         while not q.closed:
             try:
                 if conn is None:
-                    pool = core.client.connection_pool
-                    conn = pool.connection_class(**core.reader_kwargs())
+                    conn = core.reader_connection(Retry(NoBackoff(), 0))
                 if check:
                     meta_epoch = codec.epoch(core.meta, _command(conn, "HGET", core.meta, "epoch"))
                     if meta_epoch != q.epoch:
@@ -273,7 +359,7 @@ def _read_frames(core: _Core, q: RedisQueue) -> None:
                 if failures == 1:
                     log.info("subscription to %r lost Redis at %s (%s); reconnecting", core.stream,
                              masked(core.url), exc)
-                _sleep(q, _backoff(failures))
+                _sleep(q, backoff(failures))
             except (rx.RedisError, RedisDataError) as exc:
                 log.warning("subscription to %r: %s", core.stream, exc)
                 check = True
@@ -388,78 +474,42 @@ class RedisFrameRing:
 
     def _store(self, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
                height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
-        check_buffer(data)
-        source = v.text(source, "source")
-        keep = v.count(max_recent, "max_recent")
-        min_ns = v.duration_ns(min_interval, "min_interval")
-        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
-            data, mime_type, width, height, timestamp_ms, frame_seq)
-        seconds, now_ns = self._core.read_now(now)
-        try:
-            payload = copy_bytes(data)
-        except TypeError:
-            # The pure ring copies after its rate check: a rate-limited frame is refused
-            # before its bytes are read, so it is False here too, and counted.
-            if self._rate_limited(now_ns, min_ns):
+        store = self._core.prepare(data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
+                                   frame_seq, now)
+        if store.error is not None:
+            if store.min_ns > 0 and self._rate_limited(store):
                 return False
-            raise
-        return self._commit(payload, source, keep, min_ns, seconds, now_ns, mime_type, width, height,
-                            timestamp_ms, frame_seq)
+            raise store.error
+        return self._send(store)
 
     def _store_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
                     width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
-        """FrameLoan.commit: store_frame's checks (a loan is 1-D: no width or height is
-        read from a shape), then the loan's bytes, copied once."""
-        source = v.text(source, "source")
-        keep = v.count(max_recent, "max_recent")
-        min_ns = v.duration_ns(min_interval, "min_interval")
-        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
-            None, mime_type, width, height, timestamp_ms, frame_seq)
-        seconds, now_ns = self._core.read_now(now)
-        memory = loan._take()
-        payload = copy_bytes(memory)
-        del memory
-        return self._commit(payload, source, keep, min_ns, seconds, now_ns, mime_type, width, height,
-                            timestamp_ms, frame_seq)
+        return self._send(self._core.prepare_loan(loan, source, max_recent, min_interval, mime_type, width, height,
+                                                  timestamp_ms, frame_seq, now))
 
-    def _rate_limited(self, now_ns: int, min_ns: int) -> bool:
-        """The rate check alone (counted when limited), for a frame whose bytes cannot be read."""
-        if min_ns <= 0:
-            return False
+    def _rate_limited(self, store: _Store) -> bool:
+        """The rate check alone (counted when limited), for bytes that cannot be read."""
         core = self._core
-        args = core.store_args(b"", "", 1, min_ns, 0.0, now_ns, "", 0, 0, 0, 0, True)
         with self._lock:
             self._claim()
             try:
-                seq, _ = core.store_result(self._run(STORE, core.write_keys, args))
+                seq, _ = core.store_result(self._run(STORE, core.write_keys, core.check_args(store)))
             finally:
                 self._busy = False
         return seq == 0
 
-    def _commit(self, payload: np.ndarray[Any, Any], source: str, keep: int, min_ns: int, seconds: float,
-                now_ns: int, mime_type: str, width: int, height: int, timestamp_ms: int, frame_seq: int) -> bool:
+    def _send(self, store: _Store) -> bool:
+        """Run a store's script; False when rate-limited."""
         core = self._core
-        base: object = payload.base  # copy_bytes' bytes: sent as they are, not copied again
-        data = base if type(base) is bytes else payload.tobytes()
-        args = core.store_args(data, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
-                               frame_seq, False)
         with self._lock:
             self._claim()
             try:
-                seq, epoch = core.store_result(self._run(STORE, core.write_keys, args))
-                if seq <= 0 or epoch is None:
-                    return False
-                # Offered here, in accept order (the lock orders this node's stores), to
-                # this ring's subscribers; every other reader gets it from the stream.
+                reply = self._run(STORE, core.write_keys, store.args)
                 subscribers = self._subscribers
-                if subscribers:
-                    core.cache[(epoch, seq)] = payload
-                    frame = VisualFrame(payload, mime_type, width, height, source, timestamp_ms, frame_seq, seconds)
-                    for q in subscribers:
-                        q.push_local(frame, seq, epoch)
-                    if any(q.closed for q in subscribers):
-                        self._subscribers = [q for q in subscribers if not q.closed]
-                return True
+                accepted = core.accepted(store, reply, subscribers)
+                if any(q.closed for q in subscribers):
+                    self._subscribers = [q for q in subscribers if not q.closed]
+                return accepted
             finally:
                 self._busy = False
 
@@ -552,4 +602,8 @@ def frame_keys(keys: SessionKeys) -> list[str]:
     return [keys.key("frames"), keys.key("frames:meta"), keys.key("frames:sizes"), keys.key("frames:end")]
 
 
-__all__ = ["RedisFrameRing", "frame_keys"]
+__all__ = ["AsyncFrameLoan", "AsyncRedisFrameRing", "RedisFrameRing", "frame_keys"]
+
+
+# The asyncio twin, which builds on this module's core (imported last for that reason).
+from ._frames_async import AsyncFrameLoan, AsyncRedisFrameRing  # noqa: E402

@@ -12,6 +12,7 @@ back: an entry this library did not write is a RedisDataError naming the key.
 from __future__ import annotations
 
 import re
+import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -28,10 +29,28 @@ _ID = re.compile(rb"([1-9][0-9]{0,18})-0")
 _EPOCH = re.compile(rb"[0-9a-f]{16}")
 _INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
 
-# The arrays of frames this process holds, by (epoch, seq): a frame read twice (by
-# latest_visual_frames, by subscribers, by the node that stored it) is handed out as one
-# array, as the in-process ring shares one array between all its readers.
-Cache = weakref.WeakValueDictionary[tuple[bytes, int], np.ndarray[Any, Any]]
+
+
+class Cache:
+    """The arrays of the frames this process holds, by (epoch, seq): a frame read twice
+    (by latest_visual_frames, by subscribers, by the node that stored it) is handed out
+    as one array, as the in-process ring shares one array between all its readers. The
+    first array of a frame stays its array while anything holds it."""
+
+    __slots__ = ("_arrays", "_lock")
+
+    def __init__(self) -> None:
+        self._arrays: weakref.WeakValueDictionary[tuple[bytes, int], np.ndarray[Any, Any]] = (
+            weakref.WeakValueDictionary())
+        self._lock = threading.Lock()
+
+    def share(self, era: bytes, seq: int, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        with self._lock:
+            held = self._arrays.get((era, seq))
+            if held is not None and held.nbytes == array.nbytes:
+                return held
+            self._arrays[(era, seq)] = array
+            return array
 
 
 def text_bytes(value: str) -> bytes:
@@ -133,10 +152,7 @@ def decode(key: str, entry_id: object, fields: dict[bytes, Any], cache: Cache) -
     era = epoch(key, fields[b"e"])
     if era is None:
         raise _fail(key, f"entry {entry_id!r} has no epoch")
-    array = cache.get((era, seq))
-    if array is None or array.nbytes != len(data):
-        array = np.frombuffer(data, dtype=np.uint8)
-        cache[(era, seq)] = array
+    array = cache.share(era, seq, np.frombuffer(data, dtype=np.uint8))
     return seq, era, VisualFrame(array, mime_type, width, height, source, timestamp_ms, frame_seq, received_at)
 
 
