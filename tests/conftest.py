@@ -91,23 +91,55 @@ def _shm_available() -> bool:
     return True
 
 
+# A module that sets ON_REDIS = True runs its tests that make their sessions with
+# make_session/session on sessions whose frames are in Redis (tests/redis_frames_support.py,
+# a real redis-server): tests/test_redis_frames.py collects the in-process frame tests so.
+ON_REDIS = "ON_REDIS"
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "sharing" in metafunc.fixturenames and getattr(metafunc.module, ALSO_SHARED, False):
+    if "sharing" not in metafunc.fixturenames:
+        return
+    if getattr(metafunc.module, ON_REDIS, False):
+        kinds = getattr(metafunc.module, "redis_kinds", lambda function: ["redis"])(metafunc.function)
+        metafunc.parametrize("sharing", kinds, indirect=True)
+    elif getattr(metafunc.module, ALSO_SHARED, False):
         kinds = ["local", "shared"] if _shm_available() else ["local"]
         metafunc.parametrize("sharing", kinds, indirect=True)
 
 
 @pytest.fixture
 def sharing(request: pytest.FixtureRequest) -> str:
-    """"local" (an in-process ring) or "shared" (the ring in shared memory)."""
+    """"local" (an in-process ring), "shared" (the ring in shared memory), "redis" (the
+    frames in Redis) or "redis-async" (in Redis, through the asyncio twin)."""
     return getattr(request, "param", "local")
 
 
 @pytest.fixture
-def make_session(backend: str, clock: FakeClock, sharing: str):
+def make_session(backend: str, clock: FakeClock, sharing: str, request: pytest.FixtureRequest):
     """``make_session(id="s1", mode=..., character_id="", clock=None)`` on the backend under
-    test; on a shared session too where the module asks for it (ALSO_SHARED)."""
+    test; on a shared session too where the module asks for it (ALSO_SHARED), or on a
+    session whose frames are in Redis (ON_REDIS)."""
     made: list[Session] = []
+    if sharing in ("redis", "redis-async"):
+        from redis_frames_support import AsyncRingSession, RingSession, client_for
+
+        url = request.getfixturevalue("redis_url")
+        client = client_for(url)
+        rings: list = []
+
+        def make_on_redis(id: str = "s1", mode=None, character_id: str = "", clock=None):
+            clock = clock if clock is not None else clock_
+            s = RingSession(id, client, url, clock) if sharing == "redis" else AsyncRingSession(id, url, clock)
+            rings.append(s)
+            return s
+
+        clock_ = clock
+        yield make_on_redis
+        for s in rings:
+            s.close()
+        client.close()
+        return
 
     def make(id: str = "s1", mode=capsule_sessions.PipelineMode.OMNI, character_id: str = "", clock=None) -> Session:
         shared = None if sharing == "local" else f"test-{uuid.uuid4().hex[:16]}"

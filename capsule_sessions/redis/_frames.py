@@ -1,0 +1,609 @@
+"""A session's frames in Redis: the pure ``FrameRing``'s visual methods and results, with
+the ring in a stream every node sees.
+
+``RedisFrameRing(client, keys, url, clock)`` (and ``AsyncRedisFrameRing`` on
+``redis.asyncio``, in ``_frames_async.py``) is what a Redis session holds as ``_ring``
+and forwards its visual methods to. The design, in short (docs/redis.md, "Frames"):
+
+- One stream per session, the ring itself: a store is one script (``_frames_lua.STORE``)
+  that does the rate check against the last accepted frame, the source-switch reset,
+  the append and the ``max_recent`` trim atomically, counting accepted, rate-limited and
+  source resets in a hash. Instants are the caller's (``now=``, else ``clock()``),
+  passed to the script as arguments, so every node decides alike whatever its own clock.
+- An entry holds the frame's bytes raw and its fields as strings (``_frames_codec``); its
+  id is the accept number. Whatever is read back is checked: a key this library did
+  not write is a RedisDataError naming it.
+- ``latest_visual_frames`` is one XRANGE of the ring, filtered by TTL on the instants the
+  script stored; ``visual_stats`` is one script (the cluster's counts).
+- A subscription is the in-process ``Subscription`` on a local bounded queue
+  (``_frames_queue``): a background thread reads the stream with a blocking XREAD and
+  books each frame by its accept number, so a frame the stream trimmed before it was
+  read is counted as dropped. A frame stored through this ring is also offered to this
+  ring's subscribers before the store returns, as in one process. The reader
+  reconnects with backoff after a Redis restart and counts what it missed as dropped.
+- ``close_subscriptions`` ends the frames for every node: it marks them ended and
+  appends an entry to the session's end stream, which every reader waits on too; a
+  reader books what was accepted before the end, then closes.
+
+Every failure to reach the server is a RedisUnavailableError naming the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
+
+import numpy as np
+
+from .. import _validate as v
+from .._framebuf_py import FrameLoan
+from .._framebuf_py._buffers import check_buffer, copy_bytes
+from .._framebuf_py._fork import _MAKE, _fork, _refuse_copy, check_not_forked
+from .._limits import MAX_LOAN_BYTES
+from .._records import VisualFrame
+from ..errors import REENTERED_MESSAGE
+from . import _frames_codec as codec
+from ._errors import RedisDataError, RedisUnavailableError, masked
+from ._frames_lua import SCRIPTS, Script
+from ._frames_queue import RedisQueue, RedisSubscription
+from ._keys import SessionKeys
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+log = logging.getLogger("capsule_sessions.redis")
+
+# A reader's blocking read waits this long, then looks at the session's epoch (a Redis
+# restart, the keys reset) and whether its subscription was closed.
+READ_BLOCK_MS = 100
+READ_COUNT = 64
+# A reader that lost the server retries after this, doubling up to the maximum.
+RECONNECT_FIRST_S = 0.05
+RECONNECT_MAX_S = 1.0
+# close_subscriptions keeps the ended frames' keys this long (then they expire): a
+# reader that was away (a restart, a partition) shorter than that still sees the end.
+ENDED_KEEP_MS = 60_000
+
+STORE, START, STOP, STATS, END = (SCRIPTS[name] for name in ("store", "start", "stop", "stats", "end"))
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    import redis.exceptions as rx
+
+    return (rx.RedisError, OSError)
+
+
+class _Store:
+    """One store, checked and copied: what its script is sent, and its frame's fields."""
+
+    __slots__ = ("payload", "source", "keep", "min_ns", "seconds", "now_ns", "mime_type", "width", "height",
+                 "timestamp_ms", "frame_seq", "error", "args")
+
+    def __init__(self, core: _Core, payload: np.ndarray[Any, Any] | None, source: str, keep: int, min_ns: int,
+                 seconds: float, now_ns: int, mime_type: str, width: int, height: int, timestamp_ms: int,
+                 frame_seq: int, error: TypeError | None) -> None:
+        self.payload = payload
+        self.source = source
+        self.keep = keep
+        self.min_ns = min_ns
+        self.seconds = seconds
+        self.now_ns = now_ns
+        self.mime_type = mime_type
+        self.width = width
+        self.height = height
+        self.timestamp_ms = timestamp_ms
+        self.frame_seq = frame_seq
+        self.error = error
+        self.args: list[Any] = []
+        if payload is not None:
+            base: object = payload.base  # copy_bytes' bytes: sent as they are, not copied again
+            data = base if type(base) is bytes else payload.tobytes()
+            self.args = core.store_args(data, source, keep, min_ns, seconds, now_ns, mime_type, width, height,
+                                        timestamp_ms, frame_seq, False)
+
+
+class _Core:
+    """What the sync and asyncio rings share: the keys, the clock, the script arguments
+    and the reading of replies (no I/O here)."""
+
+    def __init__(self, client: Any, keys: SessionKeys, url: str, clock: Callable[[], float],
+                 activity: tuple[str, str] | None) -> None:
+        if not isinstance(keys, SessionKeys):
+            raise TypeError(f"keys must be a SessionKeys, got {type(keys).__name__}")
+        self.client = client
+        self.url = v.text(url, "url")
+        self.clock = v.clock(clock)
+        self.stream = keys.key("frames")
+        self.meta = keys.key("frames:meta")
+        self.sizes = keys.key("frames:sizes")
+        self.done = keys.key("frames:end")
+        self.stream_name = self.stream.encode()
+        self.done_name = self.done.encode()
+        if activity is None:
+            activity_key, self.activity_field = "", ""
+        else:
+            activity_key, self.activity_field = (v.text(part, "activity") for part in activity)
+        self.write_keys = [self.stream, self.meta, self.sizes, activity_key]
+        self.end_keys = [self.stream, self.meta, self.sizes, self.done]
+        self.nonce = secrets.token_hex(6)
+        self.calls = itertools.count(1)
+        self.cache = codec.Cache()
+        self.errors = _redis_errors()
+        self.async_errors: tuple[type[BaseException], ...] = (*self.errors, asyncio.TimeoutError)
+
+    # -- time --------------------------------------------------------------------------
+    def read_now(self, now: float | None) -> tuple[float, int]:
+        if now is None:
+            return v.instant(self.clock(), "clock()")
+        return v.instant(now, "now")
+
+    # -- errors ------------------------------------------------------------------------
+    def failure(self, exc: BaseException) -> Exception:
+        import redis.exceptions as rx
+
+        where = masked(self.url)
+        if isinstance(exc, rx.ResponseError) and not isinstance(exc, rx.ReadOnlyError):
+            text = str(exc)
+            if "CAPSULE_DATA " in text:
+                return RedisDataError(f"Redis at {where}: key {text.split('CAPSULE_DATA ', 1)[1]}")
+            if "WRONGTYPE" in text:
+                return RedisDataError(f"Redis at {where}: a key of {self.stream!r} holds another type: {text}")
+            return RedisUnavailableError(f"Redis at {where} refused a command: {text}")
+        return RedisUnavailableError(f"Redis at {where} is unavailable: {exc}")
+
+    # -- stores ------------------------------------------------------------------------
+    def store_args(self, data: bytes, source: str, keep: int, min_ns: int, seconds: float, now_ns: int,
+                   mime_type: str, width: int, height: int, timestamp_ms: int, frame_seq: int,
+                   check_only: bool) -> list[Any]:
+        now_hi, now_lo = codec.split_ns(now_ns)
+        if min_ns > 0:
+            min_hi, min_lo = codec.split_ns(min_ns)
+            limit: tuple[Any, Any] = (min_hi, min_lo)
+        else:
+            limit = ("", "")
+        return [f"{self.nonce}:{next(self.calls)}", now_hi, now_lo, limit[0], limit[1], keep,
+                codec.text_bytes(source), len(data), repr(seconds), now_ns, codec.text_bytes(mime_type),
+                width, height, timestamp_ms, frame_seq, data, secrets.token_hex(8), self.activity_field,
+                "1" if check_only else ""]
+
+    def prepare(self, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
+                height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> _Store:
+        """store_frame's checks, in the pure ring's order, then the one copy of the bytes.
+        A buffer that cannot be read is the store's ``error``: the pure ring reads the
+        bytes after its rate check, so a rate-limited one is False there (and counted),
+        whatever its bytes."""
+        check_buffer(data)
+        source = v.text(source, "source")
+        keep = v.count(max_recent, "max_recent")
+        min_ns = v.duration_ns(min_interval, "min_interval")
+        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
+            data, mime_type, width, height, timestamp_ms, frame_seq)
+        seconds, now_ns = self.read_now(now)
+        try:
+            payload = copy_bytes(data)
+        except TypeError as exc:
+            return _Store(self, None, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
+                          frame_seq, exc)
+        return _Store(self, payload, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
+                      frame_seq, None)
+
+    def prepare_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
+                     width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> _Store:
+        """FrameLoan.commit: store_frame's checks (a loan is 1-D: no width or height is
+        read from a shape), then the loan's bytes, copied once; the loan is finished."""
+        source = v.text(source, "source")
+        keep = v.count(max_recent, "max_recent")
+        min_ns = v.duration_ns(min_interval, "min_interval")
+        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
+            None, mime_type, width, height, timestamp_ms, frame_seq)
+        seconds, now_ns = self.read_now(now)
+        memory = loan._take()
+        payload = copy_bytes(memory)
+        del memory
+        return _Store(self, payload, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
+                      frame_seq, None)
+
+    def check_args(self, store: _Store) -> list[Any]:
+        """The rate check alone (counted when limited)."""
+        return self.store_args(b"", "", 1, store.min_ns, 0.0, store.now_ns, "", 0, 0, 0, 0, True)
+
+    def accepted(self, store: _Store, reply: Any, subscribers: list[RedisQueue]) -> bool:
+        """A store's reply read; an accepted frame is offered to ``subscribers`` (this
+        ring's, in accept order: the caller holds the ring's lock)."""
+        seq, epoch = self.store_result(reply)
+        if seq <= 0 or epoch is None:
+            return False
+        if subscribers:
+            assert store.payload is not None
+            # The reader may have read it first: then its array is the frame's.
+            payload = self.cache.share(epoch, seq, store.payload)
+            frame = VisualFrame(payload, store.mime_type, store.width, store.height, store.source,
+                                store.timestamp_ms, store.frame_seq, store.seconds)
+            for q in subscribers:
+                q.push_local(frame, seq, epoch)
+        return True
+
+    def store_result(self, reply: Any) -> tuple[int, bytes | None]:
+        if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], int):
+            raise RedisDataError(f"Redis at {masked(self.url)}: the store script of {self.stream!r} "
+                                 f"answered {reply!r:.80}")
+        return reply[0], codec.epoch(self.meta, reply[1])
+
+    def stats(self, reply: Any) -> dict[str, int]:
+        if not isinstance(reply, list) or len(reply) != 5:
+            raise RedisDataError(f"Redis at {masked(self.url)}: key {self.meta!r} gave {reply!r:.80}")
+        accepted, rate_limited, resets, frames, nbytes = (
+            codec.count(self.meta, name, raw) for name, raw in
+            zip(("accepted", "rate_limited", "source_resets", "frames", "bytes"), reply, strict=True))
+        return {"accepted": accepted, "rate_limited": rate_limited, "source_resets": resets, "frames": frames,
+                "bytes": nbytes}
+
+    def subscribed(self, reply: Any) -> tuple[int, bytes | None, bool]:
+        """HMGET meta accepted epoch ended, read."""
+        if not isinstance(reply, list) or len(reply) != 3:
+            raise RedisDataError(f"Redis at {masked(self.url)}: key {self.meta!r} gave {reply!r:.80}")
+        return codec.count(self.meta, "accepted", reply[0]), codec.epoch(self.meta, reply[1]), reply[2] is not None
+
+    def ended(self, reply: Any) -> tuple[int, bytes | None]:
+        if not isinstance(reply, list) or len(reply) != 2:
+            raise RedisDataError(f"Redis at {masked(self.url)}: key {self.meta!r} gave {reply!r:.80}")
+        return codec.count(self.meta, "accepted", reply[0]), codec.epoch(self.meta, reply[1])
+
+    # -- readers -----------------------------------------------------------------------
+    def reader_connection(self, retry: Any) -> Any:
+        """A reader's own connection: the client's settings, a read timeout past the
+        blocking read's, and ``retry`` (none: the reader retries itself, with backoff)."""
+        pool = self.client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        configured = kwargs.get("socket_timeout")
+        kwargs["socket_timeout"] = READ_BLOCK_MS / 1000 + (configured if configured else 5.0)
+        kwargs["retry"] = retry
+        return pool.connection_class(**kwargs)
+
+    def xread_args(self, q: RedisQueue) -> tuple[Any, ...]:
+        return ("XREAD", "COUNT", READ_COUNT, "BLOCK", READ_BLOCK_MS, "STREAMS", self.stream, self.done,
+                f"{q.position()}-0", "0-0")
+
+    def deliver(self, q: RedisQueue, reply: Any) -> tuple[int, bytes | None] | None:
+        """Book the frames of an XREAD reply; the end entry's (last, epoch) if it has one."""
+        end: tuple[int, bytes | None] | None = None
+        for name, entries in codec.stream_replies(reply):
+            if name == self.stream_name:
+                self.book(q, entries)
+            elif name == self.done_name and entries:
+                entry = entries[0]
+                fields = codec.fields_of(entry[1]) if isinstance(entry, (list, tuple)) and len(entry) == 2 else {}
+                try:
+                    end = (codec.count(self.done, "last", fields.get(b"last")),
+                           codec.epoch(self.done, fields.get(b"e")))
+                except RedisDataError as exc:
+                    log.warning("%s", exc)
+                    end = (0, None)
+        return end
+
+    def book(self, q: RedisQueue, entries: Any) -> None:
+        for entry in codec.entries_of(self.stream, entries):
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                log.warning("Redis key %r: a read gave the entry %.80r", self.stream, entry)
+                continue
+            try:
+                seq, era, frame = codec.decode(self.stream, entry[0], codec.fields_of(entry[1]), self.cache)
+            except RedisDataError as exc:
+                # Not a frame: counted as dropped when its number can be read, else skipped.
+                log.warning("%s", exc)
+                try:
+                    seq = codec.seq_of(self.stream, entry[0])
+                except RedisDataError:
+                    continue
+                if q.epoch is not None:
+                    q.push_read(None, seq, q.epoch)
+                continue
+            q.push_read(frame, seq, era)
+
+    def rest_args(self, q: RedisQueue, last: int) -> tuple[Any, ...] | None:
+        """The XRANGE of frames accepted before the end that the reader has not read."""
+        start = q.position() + 1
+        return None if start > last else ("XRANGE", self.stream, f"{start}-0", f"{last}-0")
+
+
+def backoff(failures: int) -> float:
+    return min(RECONNECT_MAX_S, RECONNECT_FIRST_S * float(1 << min(failures - 1, 16)))
+
+
+def _command(conn: Any, *args: Any) -> Any:
+    conn.send_command(*args)
+    return conn.read_response(disable_decoding=True)
+
+
+def _read_frames(core: _Core, q: RedisQueue) -> None:
+    """A subscription's reader thread: the stream into the queue until it is closed."""
+    import redis.exceptions as rx
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    conn: Any = None
+    failures = 0
+    check = False
+    try:
+        while not q.closed:
+            try:
+                if conn is None:
+                    conn = core.reader_connection(Retry(NoBackoff(), 0))
+                if check:
+                    meta_epoch = codec.epoch(core.meta, _command(conn, "HGET", core.meta, "epoch"))
+                    if meta_epoch != q.epoch:
+                        q.new_epoch(meta_epoch)
+                    check = False
+                reply = _command(conn, *core.xread_args(q))
+                end = core.deliver(q, reply)
+                if end is not None:
+                    rest = core.rest_args(q, end[0])
+                    if rest is not None:
+                        core.book(q, _command(conn, *rest))
+                    q.end(*end)
+                    return
+                failures = 0
+                check = reply is None
+            except (rx.ConnectionError, rx.TimeoutError, OSError) as exc:
+                if conn is not None:
+                    conn.disconnect()
+                failures += 1
+                check = True
+                if failures == 1:
+                    log.info("subscription to %r lost Redis at %s (%s); reconnecting", core.stream,
+                             masked(core.url), exc)
+                _sleep(q, backoff(failures))
+            except (rx.RedisError, RedisDataError) as exc:
+                log.warning("subscription to %r: %s", core.stream, exc)
+                check = True
+                _sleep(q, RECONNECT_MAX_S)
+    finally:
+        if conn is not None:
+            conn.disconnect()
+
+
+def _sleep(q: RedisQueue, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not q.closed:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+
+
+class RedisFrameRing:
+    """A session's frames in Redis, with the pure ``FrameRing``'s visual methods.
+
+    ``activity=(key, field)`` (optional) makes every accepted frame and every
+    ``start_visual_input``/``stop_visual_input`` also set ``field`` of the hash ``key``
+    to the instant (``repr`` of the float seconds), in the same script: the session's
+    ``last_active_at``, touched as the in-process ring touches it.
+    """
+
+    def __init__(self, client: Any, keys: SessionKeys, url: str, clock: Callable[[], float], *,
+                 activity: tuple[str, str] | None = None) -> None:
+        self._core = _Core(client, keys, url, clock, activity)
+        self._lock = threading.RLock()
+        self._busy = False
+        self._subscribers: list[RedisQueue] = []
+        self._ended = False
+        self._fork_gen = _fork.generation
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        _refuse_copy(self, protocol)
+
+    def __repr__(self) -> str:
+        return f"<RedisFrameRing {self._core.stream!r} at {masked(self._core.url)}>"
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _claim(self) -> None:
+        check_not_forked(self._fork_gen)
+        if self._busy:
+            raise RuntimeError(REENTERED_MESSAGE)
+        self._busy = True
+
+    def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        import redis.exceptions as rx
+
+        client = self._core.client
+        try:
+            try:
+                return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, NEVER_DECODE=True)
+            except rx.NoScriptError:
+                return client.execute_command("EVAL", script.text, len(keys), *keys, *args, NEVER_DECODE=True)
+        except self._core.errors as exc:
+            raise self._core.failure(exc) from exc
+
+    def _command(self, *args: Any) -> Any:
+        try:
+            return self._core.client.execute_command(*args, NEVER_DECODE=True)
+        except self._core.errors as exc:
+            raise self._core.failure(exc) from exc
+
+    # -- visual input ------------------------------------------------------------------
+    def start_visual_input(self, source: str, now: float | None = None) -> None:
+        source = v.text(source, "source")
+        seconds, _ = self._core.read_now(now)
+        self._change(START, source, seconds)
+
+    def stop_visual_input(self, source: str = "", now: float | None = None) -> None:
+        source = v.text(source, "source")
+        seconds, _ = self._core.read_now(now)
+        self._change(STOP, source, seconds)
+
+    def _change(self, script: Script, source: str, seconds: float) -> None:
+        core = self._core
+        with self._lock:
+            self._claim()
+            try:
+                self._run(script, core.write_keys, [codec.text_bytes(source), repr(seconds), core.activity_field])
+            finally:
+                self._busy = False
+
+    def store_frame(
+        self,
+        data: Buffer | np.ndarray[Any, Any],
+        *,
+        source: str,
+        max_recent: int,
+        min_interval: float | datetime.timedelta = 0.0,
+        mime_type: str = "",
+        width: int = 0,
+        height: int = 0,
+        timestamp_ms: int = 0,
+        frame_seq: int = 0,
+        now: float | None = None,
+    ) -> bool:
+        """Store one frame's bytes (one copy, sent to Redis); False when rate-limited."""
+        return self._store(data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
+                           frame_seq, now)
+
+    def store_visual_frame(self, frame: VisualFrame, max_recent: int, min_interval: float | datetime.timedelta = 0.0,
+                           now: float | None = None) -> bool:
+        if not isinstance(frame, VisualFrame):
+            raise TypeError(f"frame must be a VisualFrame, got {type(frame).__name__}")
+        return self._store(frame.data, frame.source, max_recent, min_interval, frame.mime_type, frame.width,
+                           frame.height, frame.timestamp_ms, frame.frame_seq, now)
+
+    def _store(self, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
+               height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
+        store = self._core.prepare(data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
+                                   frame_seq, now)
+        if store.error is not None:
+            if store.min_ns > 0 and self._rate_limited(store):
+                return False
+            raise store.error
+        return self._send(store)
+
+    def _store_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
+                    width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
+        return self._send(self._core.prepare_loan(loan, source, max_recent, min_interval, mime_type, width, height,
+                                                  timestamp_ms, frame_seq, now))
+
+    def _rate_limited(self, store: _Store) -> bool:
+        """The rate check alone (counted when limited), for bytes that cannot be read."""
+        core = self._core
+        with self._lock:
+            self._claim()
+            try:
+                seq, _ = core.store_result(self._run(STORE, core.write_keys, core.check_args(store)))
+            finally:
+                self._busy = False
+        return seq == 0
+
+    def _send(self, store: _Store) -> bool:
+        """Run a store's script; False when rate-limited."""
+        core = self._core
+        with self._lock:
+            self._claim()
+            try:
+                reply = self._run(STORE, core.write_keys, store.args)
+                subscribers = self._subscribers
+                accepted = core.accepted(store, reply, subscribers)
+                if any(q.closed for q in subscribers):
+                    self._subscribers = [q for q in subscribers if not q.closed]
+                return accepted
+            finally:
+                self._busy = False
+
+    def loan_frame(self, nbytes: int) -> FrameLoan:
+        """Writable memory for one frame of ``nbytes`` bytes (in this process); its
+        commit() stores it as store_frame would."""
+        size = v.integer(nbytes, "nbytes", 0, MAX_LOAN_BYTES)
+        check_not_forked(self._fork_gen)
+        return FrameLoan(_MAKE, self, size)
+
+    # -- reads -------------------------------------------------------------------------
+    def latest_visual_frames(self, ttl: float | datetime.timedelta, now: float | None = None) -> list[VisualFrame]:
+        """Frames no older than ttl (inclusive), oldest first; [] when ttl <= 0."""
+        ttl_ns = v.duration_ns(ttl, "ttl")
+        _, now_ns = self._core.read_now(now)
+        if ttl_ns <= 0:
+            return []
+        check_not_forked(self._fork_gen)
+        core = self._core
+        return codec.latest(core.stream, self._command("XRANGE", core.stream, "-", "+"), ttl_ns, now_ns, core.cache)
+
+    def visual_stats(self) -> dict[str, int]:
+        """The cluster's counts: accepted, rate_limited, source_resets; frames, bytes."""
+        check_not_forked(self._fork_gen)
+        core = self._core
+        return core.stats(self._run(STATS, [core.stream, core.meta], []))
+
+    # -- subscribers -------------------------------------------------------------------
+    def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> RedisSubscription:
+        maxsize = v.count(buffer, "buffer")
+        policy = v.policy(policy)
+        core = self._core
+        with self._lock:
+            self._claim()
+            try:
+                accepted, epoch, ended = core.subscribed(self._command("HMGET", core.meta, "accepted", "epoch",
+                                                                       "ended"))
+                # Frames accepted before now are not this subscriber's.
+                q = RedisQueue(maxsize, policy, accepted, epoch)
+                if self._ended or ended:
+                    q.closed = True  # nothing would come: a reader finishes at once
+                else:
+                    self._subscribers = self._subscribers + [q]
+                    threading.Thread(target=_read_frames, args=(core, q), name=f"capsule-redis-sub {core.stream}",
+                                     daemon=True).start()
+            finally:
+                self._busy = False
+        return RedisSubscription(_MAKE, self, q)
+
+    @property
+    def subscriber_count(self) -> int:
+        """This node's open subscriptions of this ring."""
+        check_not_forked(self._fork_gen)
+        with self._lock:
+            return sum(1 for q in self._subscribers if not q.closed)
+
+    def _remove_queue(self, q: Any) -> None:
+        with self._lock:
+            if self._busy:
+                return
+            self._subscribers = [other for other in self._subscribers if other is not q]
+
+    def close_subscriptions(self) -> None:
+        """End the session's frames on every node: each subscriber gets what was queued
+        (a reader elsewhere first books what was accepted before the end), then
+        SubscriptionClosed; subscriptions made afterwards start closed. This node's
+        subscriptions are closed even when Redis cannot be reached (then the error is
+        raised)."""
+        core = self._core
+        end: tuple[int, bytes | None] = (0, None)
+        error: BaseException | None = None
+        with self._lock:
+            self._claim()
+            try:
+                end = core.ended(self._run(END, core.end_keys, [ENDED_KEEP_MS]))
+            except BaseException as exc:
+                error = exc
+            finally:
+                self._ended = True
+                subscribers, self._subscribers = self._subscribers, []
+                self._busy = False
+        for q in subscribers:
+            q.end(*end)
+        if error is not None:
+            raise error
+
+
+def frame_keys(keys: SessionKeys) -> list[str]:
+    """Every key a session's frames use (for a manager that resets an id it reuses)."""
+    return [keys.key("frames"), keys.key("frames:meta"), keys.key("frames:sizes"), keys.key("frames:end")]
+
+
+__all__ = ["AsyncFrameLoan", "AsyncRedisFrameRing", "RedisFrameRing", "frame_keys"]
+
+
+# The asyncio twin, which builds on this module's core (imported last for that reason).
+from ._frames_async import AsyncFrameLoan, AsyncRedisFrameRing  # noqa: E402

@@ -1,0 +1,305 @@
+"""``AsyncRedisFrameRing``: ``RedisFrameRing`` on ``redis.asyncio``, for asyncio servers.
+
+The same keys, scripts, entries and results (``_frames.py`` holds the design); each
+method is a coroutine of the same name. A subscription is the same ``Subscription`` on a
+local queue; its reader is a task on the event loop that subscribed (a blocking XREAD on
+a connection of its own), so ``await sub.aget()`` and ``async for`` never block the loop,
+and a thread may still ``get()`` from it. A loan's ``commit`` is a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
+
+import numpy as np
+
+from .. import _validate as v
+from .._framebuf_py import FrameLoan
+from .._framebuf_py._fork import _MAKE, _fork, _refuse_copy, check_not_forked
+from .._limits import MAX_LOAN_BYTES
+from .._records import VisualFrame
+from . import _frames_codec as codec
+from ._errors import RedisDataError, masked
+from ._frames import END, ENDED_KEEP_MS, RECONNECT_MAX_S, START, STATS, STOP, STORE, _Core, _Store, backoff
+from ._frames_lua import Script
+from ._frames_queue import RedisQueue, RedisSubscription
+from ._keys import SessionKeys
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+log = logging.getLogger("capsule_sessions.redis")
+
+
+class AsyncFrameLoan(FrameLoan):
+    """A loan of an ``AsyncRedisFrameRing``: ``await loan.commit(...)``."""
+
+    __slots__ = ()
+
+    async def commit(  # type: ignore[override]
+        self,
+        *,
+        source: str,
+        max_recent: int,
+        min_interval: float | datetime.timedelta = 0.0,
+        mime_type: str = "",
+        width: int = 0,
+        height: int = 0,
+        timestamp_ms: int = 0,
+        frame_seq: int = 0,
+        now: float | None = None,
+    ) -> bool:
+        """Store the loan's bytes as one frame, as ``store_frame`` would store them."""
+        self._check_open()
+        ring: Any = self._ring
+        result: bool = await ring._store_loan(self, source, max_recent, min_interval, mime_type, width, height,
+                                              timestamp_ms, frame_seq, now)
+        return result
+
+
+async def _command(conn: Any, *args: Any) -> Any:
+    await conn.send_command(*args)
+    return await conn.read_response(disable_decoding=True)
+
+
+async def _sleep(q: RedisQueue, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not q.closed:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, 0.05))
+
+
+async def _read_frames(core: _Core, q: RedisQueue) -> None:
+    """A subscription's reader task: the stream into the queue until it is closed."""
+    import redis.exceptions as rx
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    conn: Any = None
+    failures = 0
+    check = False
+    try:
+        while not q.closed:
+            try:
+                if conn is None:
+                    conn = core.reader_connection(Retry(NoBackoff(), 0))
+                if check:
+                    meta_epoch = codec.epoch(core.meta, await _command(conn, "HGET", core.meta, "epoch"))
+                    if meta_epoch != q.epoch:
+                        q.new_epoch(meta_epoch)
+                    check = False
+                reply = await _command(conn, *core.xread_args(q))
+                end = core.deliver(q, reply)
+                if end is not None:
+                    rest = core.rest_args(q, end[0])
+                    if rest is not None:
+                        core.book(q, await _command(conn, *rest))
+                    q.end(*end)
+                    return
+                failures = 0
+                check = reply is None
+            except (rx.ConnectionError, rx.TimeoutError, OSError, asyncio.TimeoutError) as exc:
+                if conn is not None:
+                    await conn.disconnect(nowait=True)
+                failures += 1
+                check = True
+                if failures == 1:
+                    log.info("subscription to %r lost Redis at %s (%s); reconnecting", core.stream,
+                             masked(core.url), exc)
+                await _sleep(q, backoff(failures))
+            except (rx.RedisError, RedisDataError) as exc:
+                log.warning("subscription to %r: %s", core.stream, exc)
+                check = True
+                await _sleep(q, RECONNECT_MAX_S)
+    finally:
+        if conn is not None:
+            try:
+                await conn.disconnect(nowait=True)
+            except RuntimeError:  # the task was dropped with its loop (closed, not stopped)
+                pass
+
+
+class AsyncRedisFrameRing:
+    """``RedisFrameRing`` on a ``redis.asyncio`` client: coroutines of the same names."""
+
+    def __init__(self, client: Any, keys: SessionKeys, url: str, clock: Callable[[], float], *,
+                 activity: tuple[str, str] | None = None) -> None:
+        self._core = _Core(client, keys, url, clock, activity)
+        self._lock = asyncio.Lock()
+        self._subscribers: list[RedisQueue] = []
+        self._ended = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._fork_gen = _fork.generation
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        _refuse_copy(self, protocol)
+
+    def __repr__(self) -> str:
+        return f"<AsyncRedisFrameRing {self._core.stream!r} at {masked(self._core.url)}>"
+
+    # -- plumbing ----------------------------------------------------------------------
+    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        import redis.exceptions as rx
+
+        check_not_forked(self._fork_gen)
+        client = self._core.client
+        try:
+            try:
+                return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args,
+                                                    NEVER_DECODE=True)
+            except rx.NoScriptError:
+                return await client.execute_command("EVAL", script.text, len(keys), *keys, *args, NEVER_DECODE=True)
+        except self._core.async_errors as exc:
+            raise self._core.failure(exc) from exc
+
+    async def _command(self, *args: Any) -> Any:
+        check_not_forked(self._fork_gen)
+        try:
+            return await self._core.client.execute_command(*args, NEVER_DECODE=True)
+        except self._core.async_errors as exc:
+            raise self._core.failure(exc) from exc
+
+    # -- visual input ------------------------------------------------------------------
+    async def start_visual_input(self, source: str, now: float | None = None) -> None:
+        source = v.text(source, "source")
+        seconds, _ = self._core.read_now(now)
+        await self._change(START, source, seconds)
+
+    async def stop_visual_input(self, source: str = "", now: float | None = None) -> None:
+        source = v.text(source, "source")
+        seconds, _ = self._core.read_now(now)
+        await self._change(STOP, source, seconds)
+
+    async def _change(self, script: Script, source: str, seconds: float) -> None:
+        core = self._core
+        async with self._lock:
+            await self._run(script, core.write_keys, [codec.text_bytes(source), repr(seconds), core.activity_field])
+
+    async def store_frame(
+        self,
+        data: Buffer | np.ndarray[Any, Any],
+        *,
+        source: str,
+        max_recent: int,
+        min_interval: float | datetime.timedelta = 0.0,
+        mime_type: str = "",
+        width: int = 0,
+        height: int = 0,
+        timestamp_ms: int = 0,
+        frame_seq: int = 0,
+        now: float | None = None,
+    ) -> bool:
+        """Store one frame's bytes (one copy, sent to Redis); False when rate-limited."""
+        return await self._store(data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
+                                 frame_seq, now)
+
+    async def store_visual_frame(self, frame: VisualFrame, max_recent: int,
+                                 min_interval: float | datetime.timedelta = 0.0, now: float | None = None) -> bool:
+        if not isinstance(frame, VisualFrame):
+            raise TypeError(f"frame must be a VisualFrame, got {type(frame).__name__}")
+        return await self._store(frame.data, frame.source, max_recent, min_interval, frame.mime_type, frame.width,
+                                 frame.height, frame.timestamp_ms, frame.frame_seq, now)
+
+    async def _store(self, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
+                     height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
+        store = self._core.prepare(data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
+                                   frame_seq, now)
+        if store.error is not None:
+            if store.min_ns > 0:
+                async with self._lock:
+                    reply = await self._run(STORE, self._core.write_keys, self._core.check_args(store))
+                if self._core.store_result(reply)[0] == 0:
+                    return False
+            raise store.error
+        return await self._send(store)
+
+    async def _store_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
+                          width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
+        return await self._send(self._core.prepare_loan(loan, source, max_recent, min_interval, mime_type, width,
+                                                        height, timestamp_ms, frame_seq, now))
+
+    async def _send(self, store: _Store) -> bool:
+        core = self._core
+        async with self._lock:
+            reply = await self._run(STORE, core.write_keys, store.args)
+            subscribers = self._subscribers
+            accepted = core.accepted(store, reply, subscribers)
+            if any(q.closed for q in subscribers):
+                self._subscribers = [q for q in subscribers if not q.closed]
+            return accepted
+
+    async def loan_frame(self, nbytes: int) -> AsyncFrameLoan:
+        """Writable memory for one frame of ``nbytes`` bytes (in this process); ``await
+        loan.commit(...)`` stores it as store_frame would."""
+        size = v.integer(nbytes, "nbytes", 0, MAX_LOAN_BYTES)
+        check_not_forked(self._fork_gen)
+        return AsyncFrameLoan(_MAKE, self, size)
+
+    # -- reads -------------------------------------------------------------------------
+    async def latest_visual_frames(self, ttl: float | datetime.timedelta,
+                                   now: float | None = None) -> list[VisualFrame]:
+        ttl_ns = v.duration_ns(ttl, "ttl")
+        _, now_ns = self._core.read_now(now)
+        if ttl_ns <= 0:
+            return []
+        core = self._core
+        reply = await self._command("XRANGE", core.stream, "-", "+")
+        return codec.latest(core.stream, reply, ttl_ns, now_ns, core.cache)
+
+    async def visual_stats(self) -> dict[str, int]:
+        core = self._core
+        return core.stats(await self._run(STATS, [core.stream, core.meta], []))
+
+    # -- subscribers -------------------------------------------------------------------
+    async def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> RedisSubscription:
+        maxsize = v.count(buffer, "buffer")
+        policy = v.policy(policy)
+        core = self._core
+        async with self._lock:
+            accepted, epoch, ended = core.subscribed(await self._command("HMGET", core.meta, "accepted", "epoch",
+                                                                         "ended"))
+            q = RedisQueue(maxsize, policy, accepted, epoch)
+            if self._ended or ended:
+                q.closed = True
+            else:
+                self._subscribers = self._subscribers + [q]
+                task = asyncio.get_running_loop().create_task(_read_frames(core, q),
+                                                              name=f"capsule-redis-sub {core.stream}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        return RedisSubscription(_MAKE, self, q)
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(1 for q in self._subscribers if not q.closed)
+
+    def _remove_queue(self, q: Any) -> None:
+        self._subscribers = [other for other in self._subscribers if other is not q]
+
+    async def close_subscriptions(self) -> None:
+        """End the session's frames on every node (RedisFrameRing.close_subscriptions)."""
+        core = self._core
+        end: tuple[int, bytes | None] = (0, None)
+        error: BaseException | None = None
+        async with self._lock:
+            try:
+                end = core.ended(await self._run(END, core.end_keys, [ENDED_KEEP_MS]))
+            except BaseException as exc:
+                error = exc
+            finally:
+                self._ended = True
+                subscribers, self._subscribers = self._subscribers, []
+        for q in subscribers:
+            q.end(*end)
+        if error is not None:
+            raise error
+
+
+__all__ = ["AsyncFrameLoan", "AsyncRedisFrameRing"]

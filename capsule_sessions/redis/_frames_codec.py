@@ -1,0 +1,189 @@
+"""What a stream entry of a session's frames holds, written and read back (``_frames.py``).
+
+An entry is a flat map of short fields, the frame's bytes raw (no pickle, nothing
+encoded): ``d`` data, ``s`` source, ``m`` mime type (UTF-8, surrogates passed through,
+as any ``str`` is stored), ``w`` width, ``h`` height, ``t`` timestamp_ms, ``f`` frame_seq
+(decimal integers), ``r`` received_at (``repr`` of the float, which reads back exactly),
+``n`` received_at in int64 nanoseconds (what TTLs compare), ``e`` the epoch. Its id is
+``<seq>-0``, seq being the session's accept number. Everything is checked when read
+back: an entry this library did not write is a RedisDataError naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._limits import INT32_MAX, INT64_MAX, INT64_MIN, MAX_INSTANT_SECONDS
+from .._records import VisualFrame
+from ._errors import RedisDataError
+
+NS = 1_000_000_000
+FIELDS = frozenset((b"d", b"s", b"m", b"w", b"h", b"t", b"f", b"r", b"n", b"e"))
+_ID = re.compile(rb"([1-9][0-9]{0,18})-0")
+_EPOCH = re.compile(rb"[0-9a-f]{16}")
+_INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
+
+
+
+class Cache:
+    """The arrays of the frames this process holds, by (epoch, seq): a frame read twice
+    (by latest_visual_frames, by subscribers, by the node that stored it) is handed out
+    as one array, as the in-process ring shares one array between all its readers. The
+    first array of a frame stays its array while anything holds it."""
+
+    __slots__ = ("_arrays", "_lock")
+
+    def __init__(self) -> None:
+        self._arrays: weakref.WeakValueDictionary[tuple[bytes, int], np.ndarray[Any, Any]] = (
+            weakref.WeakValueDictionary())
+        self._lock = threading.Lock()
+
+    def share(self, era: bytes, seq: int, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        with self._lock:
+            held = self._arrays.get((era, seq))
+            if held is not None and held.nbytes == array.nbytes:
+                return held
+            self._arrays[(era, seq)] = array
+            return array
+
+
+def text_bytes(value: str) -> bytes:
+    return value.encode("utf-8", "surrogatepass")
+
+
+def split_ns(ns: int) -> tuple[int, int]:
+    """An instant or duration in ns as (ns // 1e9, ns % 1e9), exact in Lua's doubles."""
+    return divmod(ns, NS)
+
+
+def _fail(key: str, what: str) -> RedisDataError:
+    return RedisDataError(f"Redis key {key!r} does not hold frames of capsule_sessions: {what}")
+
+
+def integer(key: str, name: str, raw: object, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    if not isinstance(raw, bytes) or not _INT.fullmatch(raw):
+        raise _fail(key, f"{name} is {raw!r}, not an integer")
+    value = int(raw)
+    if not low <= value <= high:
+        raise _fail(key, f"{name} is {value}, out of range")
+    return value
+
+
+def count(key: str, name: str, raw: object) -> int:
+    """A counter of the meta hash (absent: 0)."""
+    if raw is None:
+        return 0
+    if isinstance(raw, int) and not isinstance(raw, bool):  # an integer reply
+        raw = str(raw).encode()
+    return integer(key, name, raw, 0, INT64_MAX)
+
+
+def epoch(key: str, raw: object) -> bytes | None:
+    """An epoch as the meta hash or a reply holds it (absent or empty: None)."""
+    if raw is None or raw == b"":
+        return None
+    if not isinstance(raw, bytes) or not _EPOCH.fullmatch(raw):
+        raise _fail(key, f"epoch is {raw!r}")
+    return raw
+
+
+def _text(key: str, name: str, raw: object) -> str:
+    if not isinstance(raw, bytes):
+        raise _fail(key, f"{name} is not a string")
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise _fail(key, f"{name} is not UTF-8") from None
+
+
+def fields_of(raw: object) -> dict[bytes, Any]:
+    """An entry's fields: a dict (redis-py's parsed reply) or a flat list (a raw one)."""
+    if isinstance(raw, dict):
+        return raw
+    if isinstance(raw, (list, tuple)) and len(raw) % 2 == 0:
+        it = iter(raw)
+        return dict(zip(it, it, strict=True))
+    return {}
+
+
+def seq_of(key: str, entry_id: object) -> int:
+    if not isinstance(entry_id, bytes):
+        raise _fail(key, f"entry id {entry_id!r}")
+    match = _ID.fullmatch(entry_id)
+    if match is None:
+        raise _fail(key, f"entry id {entry_id!r} is not <seq>-0")
+    return int(match.group(1))
+
+
+def received_ns(key: str, fields: dict[bytes, Any]) -> int:
+    return integer(key, "received ns", fields.get(b"n"), -(2**62), 2**62)
+
+
+def decode(key: str, entry_id: object, fields: dict[bytes, Any], cache: Cache) -> tuple[int, bytes, VisualFrame]:
+    """One entry as (seq, epoch, frame); RedisDataError naming ``key`` when it is not one
+    this library wrote."""
+    seq = seq_of(key, entry_id)
+    if fields.keys() != FIELDS:
+        raise _fail(key, f"entry {entry_id!r} has the fields {sorted(fields)}")
+    data = fields[b"d"]
+    if not isinstance(data, bytes):
+        raise _fail(key, f"entry {entry_id!r} data is not a string")
+    source = _text(key, "source", fields[b"s"])
+    mime_type = _text(key, "mime_type", fields[b"m"])
+    width = integer(key, "width", fields[b"w"], 0, INT32_MAX)
+    height = integer(key, "height", fields[b"h"], 0, INT32_MAX)
+    timestamp_ms = integer(key, "timestamp_ms", fields[b"t"])
+    frame_seq = integer(key, "frame_seq", fields[b"f"])
+    raw_at = fields[b"r"]
+    try:
+        received_at = float(raw_at)
+    except (TypeError, ValueError):
+        raise _fail(key, f"entry {entry_id!r} received_at is {raw_at!r}") from None
+    ns = received_ns(key, fields)
+    if (repr(received_at).encode() != raw_at or not abs(received_at) < MAX_INSTANT_SECONDS
+            or int(received_at * 1e9) != ns):
+        raise _fail(key, f"entry {entry_id!r} received_at {raw_at!r} does not match its {ns} ns")
+    era = epoch(key, fields[b"e"])
+    if era is None:
+        raise _fail(key, f"entry {entry_id!r} has no epoch")
+    array = cache.share(era, seq, np.frombuffer(data, dtype=np.uint8))
+    return seq, era, VisualFrame(array, mime_type, width, height, source, timestamp_ms, frame_seq, received_at)
+
+
+def entries_of(key: str, reply: object) -> Sequence[Any]:
+    if reply is None:
+        return ()
+    if not isinstance(reply, (list, tuple)):
+        raise _fail(key, f"a read gave {type(reply).__name__}")
+    return reply
+
+
+def latest(key: str, reply: object, ttl_ns: int, now_ns: int, cache: Cache) -> list[VisualFrame]:
+    """The frames of an XRANGE reply no older than ttl_ns at now_ns, oldest first."""
+    frames = []
+    for entry in entries_of(key, reply):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise _fail(key, f"a read gave the entry {entry!r:.80}")
+        fields = fields_of(entry[1])
+        if now_ns - received_ns(key, fields) <= ttl_ns:
+            frames.append(decode(key, entry[0], fields, cache)[2])
+    return frames
+
+
+def stream_replies(reply: object) -> Iterable[tuple[bytes, Any]]:
+    """XREAD's reply as (stream name, entries) pairs (a RESP2 list or a RESP3 map)."""
+    if reply is None:
+        return ()
+    if isinstance(reply, dict):
+        return reply.items()
+    out = []
+    for item in reply if isinstance(reply, (list, tuple)) else ():
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            out.append((item[0], item[1]))
+    return out

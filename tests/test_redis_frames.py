@@ -1,0 +1,442 @@
+"""A Redis session's frames give the in-process ring's results, call for call.
+
+The in-process frame tests (tests/test_visual_input.py, test_subscription.py and
+test_loans.py) run here once more on sessions whose frames are in a real redis-server
+(ON_REDIS: tests/conftest.py's make_session builds a RingSession around a
+RedisFrameRing); then the tests of what only Redis has: the keys it writes, corrupted
+keys, the asyncio twin, and a differential run of the pure ring against the Redis one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import test_loans
+import test_subscription
+import test_visual_input
+
+ON_REDIS = True
+
+# The in-process tests that cannot hold on Redis, and why.
+NOT_ON_REDIS = {
+    # The message it checks names Session.loan_frame: Session's own signature, which a
+    # Redis session has, not its ring.
+    "test_loan_frame_is_called_as_a_method",
+}
+
+
+def _collect() -> dict[str, object]:
+    tests: dict[str, object] = {}
+    for module in (test_visual_input, test_subscription, test_loans):
+        for name, obj in vars(module).items():
+            if not name.startswith("test_") or not inspect.isfunction(obj):
+                continue
+            params = inspect.signature(obj).parameters
+            if "session" not in params or name in NOT_ON_REDIS:
+                continue
+            assert name not in tests, f"{name} is in two modules"
+            tests[name] = obj
+    return tests
+
+
+globals().update(_collect())
+
+
+def redis_kinds(function) -> list[str]:
+    """Each test runs on the sync ring and on the asyncio twin (driven from its own loop:
+    tests/redis_frames_support.py), the loan tests on the sync ring (an asyncio loan's
+    commit is a coroutine: tested below)."""
+    return ["redis"] if function.__module__ == "test_loans" else ["redis", "redis-async"]
+
+
+@pytest.fixture
+def backend() -> str:
+    # The frames are in Redis whatever the backend: each test runs once.
+    return "python"
+
+
+# -- what only Redis has -------------------------------------------------------------------
+
+import asyncio  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+
+import numpy as np  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test  # noqa: E402
+from redis_frames_support import client_for  # noqa: E402
+
+import capsule_sessions  # noqa: E402
+from capsule_sessions import Subscription, SubscriptionClosed, VisualFrame  # noqa: E402
+from capsule_sessions._framebuf_py import FrameRing  # noqa: E402
+from capsule_sessions.redis import RedisDataError  # noqa: E402
+from capsule_sessions.redis._frames import AsyncRedisFrameRing, RedisFrameRing, frame_keys  # noqa: E402
+from capsule_sessions.redis._frames_lua import SCRIPTS  # noqa: E402
+from capsule_sessions.redis._keys import SessionKeys  # noqa: E402
+from support import FakeClock, frame_key, outcome, payload, sub_books  # noqa: E402
+
+
+def new_ring(url, session_id="s", namespace=None, clock=None, client=None):
+    keys = SessionKeys(namespace or f"t{uuid.uuid4().hex[:10]}", session_id)
+    client = client or client_for(url)
+    return RedisFrameRing(client, keys, url, clock or FakeClock()), keys, client
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_the_keys_are_hash_tagged_and_hold_raw_bytes(redis_url):
+    ring, keys, client = new_ring(redis_url, "cam/1 {x}")
+    data = np.arange(256, dtype=np.uint8)
+    assert ring.store_frame(data, source="cam", max_recent=2, now=5.0, mime_type="image/jpeg", width=16,
+                            height=16, timestamp_ms=9, frame_seq=3)
+    names = frame_keys(keys)
+    assert sorted(k.decode() for k in client.keys(f"{keys.namespace}:*")) == sorted(names[:3])
+    tags = {name[name.index("{") + 1:name.index("}")] for name in names}
+    assert len(tags) == 1  # one hash tag: one Redis Cluster slot for a session's frames
+    [(entry_id, fields)] = client.xrange(names[0])
+    assert entry_id == b"1-0"
+    assert fields[b"d"] == data.tobytes()  # the bytes as they are: no pickle, no encoding
+    assert {k: fields[k] for k in (b"s", b"m", b"w", b"h", b"t", b"f", b"r", b"n")} == {
+        b"s": b"cam", b"m": b"image/jpeg", b"w": b"16", b"h": b"16", b"t": b"9", b"f": b"3", b"r": b"5.0",
+        b"n": b"5000000000"}
+    assert client.lrange(names[2], 0, -1) == [b"256"]
+
+
+def test_a_subscription_is_a_capsule_sessions_subscription(redis_url):
+    ring, _, _ = new_ring(redis_url)
+    sub = ring.subscribe_visual_frames(2)
+    assert isinstance(sub, Subscription) and isinstance(sub, capsule_sessions.Subscription)
+    sub.close()
+
+
+@pytest.mark.parametrize("base", [0.0, 1.7e9, -4.6e9])
+def test_the_rate_check_compares_int64_nanoseconds_exactly(redis_url, base):
+    # Far from zero a double cannot hold an instant in ns; the script compares (s, ns) pairs.
+    ring, _, _ = new_ring(redis_url)
+    pure = FrameRing(FakeClock(), 0.0)
+    step = math.ulp(base) if base else 1e-9
+    interval = 2 * step
+    for k in (0, 1, 2, 3, 5, 6, 7, 9):
+        now = base + k * step
+        args = {"source": "cam", "max_recent": 2, "min_interval": interval, "now": now}
+        assert ring.store_frame(b"x", **args) is pure.store_frame(b"x", **args), (k, now)
+    assert ring.visual_stats() == pure.visual_stats()
+
+
+def test_instants_read_back_exactly(redis_url):
+    ring, _, _ = new_ring(redis_url)
+    for now in (1.7e9 + 0.123456789, -1e-300, 2**62 / 1e9 - 1e3, 0.1 + 0.2):
+        assert ring.store_frame(b"x", source="cam", max_recent=1, now=now)
+        [frame] = ring.latest_visual_frames(math.inf, now=now)
+        assert frame.received_at == now
+
+
+def test_text_of_any_str_is_stored_as_it_is(redis_url):
+    ring, _, _ = new_ring(redis_url)
+    for text in ("", "caméra", "\ud800 lone surrogate", "a\x00b", "🎥" * 50):
+        assert ring.store_frame(b"x", source=text, max_recent=1, mime_type=text, now=1.0)
+        [frame] = ring.latest_visual_frames(10, now=1.0)
+        assert (frame.source, frame.mime_type) == (text, text)
+
+
+def _entry(client, key, entry_id="1-0", **changes):
+    fields = {"d": b"abc", "s": "cam", "m": "", "w": "0", "h": "0", "t": "0", "f": "0", "r": "1.0",
+              "n": "1000000000", "e": "0123456789abcdef"}
+    fields.update(changes)
+    client.xadd(key, {k: v for k, v in fields.items() if v is not None}, id=entry_id)
+
+
+@pytest.mark.parametrize("changes", [
+    {"w": "-1"}, {"w": "abc"}, {"h": "2147483648"}, {"f": "1e3"}, {"t": "07"}, {"r": "1.00"},
+    {"r": "nan"}, {"n": "999"}, {"e": "zz"}, {"e": None}, {"s": b"\xff\xfe"}, {"x": "extra"},
+    {"entry_id": "5-1"},
+], ids=str)
+def test_a_corrupted_entry_is_a_redis_data_error_naming_the_key(redis_url, changes):
+    ring, keys, client = new_ring(redis_url)
+    _entry(client, frame_keys(keys)[0], **changes)
+    with pytest.raises(RedisDataError, match=re.escape(repr(frame_keys(keys)[0]))):
+        ring.latest_visual_frames(math.inf, now=1.0)
+
+
+def test_an_entry_this_library_wrote_reads_back(redis_url):
+    ring, keys, client = new_ring(redis_url)
+    _entry(client, frame_keys(keys)[0])  # the helper above writes what the store script writes
+    [frame] = ring.latest_visual_frames(math.inf, now=1.0)
+    assert bytes(frame.data) == b"abc" and frame.received_at == 1.0
+
+
+@pytest.mark.parametrize("what, corrupt", [
+    ("frames", lambda c, k: c.set(k[0], "x")),
+    ("frames:meta", lambda c, k: c.set(k[1], "x")),
+    ("frames:sizes", lambda c, k: c.set(k[2], "x")),
+    ("frames:meta", lambda c, k: c.hset(k[1], "accepted", "many")),
+    ("frames:meta", lambda c, k: c.hset(k[1], "last_hi", "1.5")),
+    ("frames:meta", lambda c, k: c.hset(k[1], "bytes", "")),
+    ("frames:sizes", lambda c, k: (c.delete(k[2]), c.rpush(k[2], "big"))),
+])
+def test_a_corrupted_key_fails_a_store_naming_it_and_changes_nothing(redis_url, what, corrupt):
+    ring, keys, client = new_ring(redis_url)
+    assert ring.store_frame(b"first", source="cam", max_recent=1, now=1.0)
+    names = frame_keys(keys)
+    corrupt(client, names)
+    before = {name: client.dump(name) for name in names}
+    with pytest.raises(RedisDataError, match=re.escape(keys.key(what))):
+        ring.store_frame(b"second", source="cam", max_recent=1, now=2.0, min_interval=0.5)
+    assert {name: client.dump(name) for name in names} == before  # nothing half-applied
+
+
+def test_a_retried_store_is_applied_once(redis_url):
+    # redis-py retries a command whose reply was lost; the script sees the same call's
+    # token and answers what it answered the first time.
+    ring, keys, client = new_ring(redis_url)
+    core = ring._core
+    store = core.prepare(b"once", "cam", 4, 0.0, "", 0, 0, 0, 0, 1.0)
+    script = SCRIPTS["store"]
+    first = client.evalsha(script.sha, 4, *core.write_keys, *store.args) if client.script_exists(script.sha)[0] \
+        else client.eval(script.text, 4, *core.write_keys, *store.args)
+    again = client.eval(script.text, 4, *core.write_keys, *store.args)
+    assert first == again == [1, first[1]]
+    assert ring.visual_stats()["accepted"] == 1 and client.xlen(frame_keys(keys)[0]) == 1
+
+
+def test_nodes_share_one_ring_and_its_counts(redis_url):
+    clock = FakeClock()
+    a, keys, client = new_ring(redis_url, clock=clock)
+    b = RedisFrameRing(client_for(redis_url), keys, redis_url, clock)
+    assert a.store_frame(payload(1), source="cam", max_recent=2, min_interval=1.0, frame_seq=1)
+    assert b.store_frame(payload(2), source="cam", max_recent=2, min_interval=1.0, frame_seq=2) is False
+    clock.advance(1.0)
+    assert b.store_frame(payload(3), source="screen", max_recent=2, min_interval=1.0, frame_seq=3)
+    assert [f.frame_seq for f in a.latest_visual_frames(10)] == [3]
+    assert a.visual_stats() == b.visual_stats() == {"accepted": 2, "rate_limited": 1, "source_resets": 1,
+                                                    "frames": 1, "bytes": len(payload(3))}
+
+
+def test_a_subscriber_of_another_ring_gets_the_frames_in_order_then_the_end(redis_url):
+    a, keys, _ = new_ring(redis_url)
+    b = RedisFrameRing(client_for(redis_url), keys, redis_url, FakeClock())
+    sub = b.subscribe_visual_frames(64)
+    for seq in range(20):
+        assert a.store_frame(payload(seq), source="cam", max_recent=64, frame_seq=seq)
+    a.close_subscriptions()  # the session ended on node a: node b's reader books, then closes
+    got = [f.frame_seq for f in sub]  # iteration ends at SubscriptionClosed
+    assert got == list(range(20)) and sub.dropped == 0 and sub.closed
+    assert b.subscribe_visual_frames().closed  # made after the end: closed at once
+    assert all(0 < t <= 60 for t in (a._core.client.ttl(k) for k in frame_keys(keys)[:2]))
+
+
+def test_frames_trimmed_before_a_reader_read_them_count_as_dropped(redis_url):
+    # Node a stores many frames in one pipeline (faster than any reader): node b's reader
+    # finds the stream trimmed past where it was, and counts the gap.
+    a, keys, client = new_ring(redis_url)
+    b = RedisFrameRing(client_for(redis_url), keys, redis_url, FakeClock())
+    sub = b.subscribe_visual_frames(1000)
+    core = a._core
+    script = SCRIPTS["store"]
+    client.script_load(script.text)
+    pipe = client.pipeline(transaction=False)
+    for seq in range(500):
+        store = core.prepare(payload(seq), "cam", 2, 0.0, "", 0, 0, 0, seq, 1.0)
+        pipe.evalsha(script.sha, 4, *core.write_keys, *store.args)
+    pipe.execute()
+    wait_for(lambda: sub.delivered + sub.dropped + sub.qsize() == 500)
+    got = [f.frame_seq for f in iter(lambda: sub.get(timeout=0) if sub.qsize() else None, None)]
+    assert got == sorted(got) and got[-1] == 499
+    assert sub.dropped == 500 - len(got) > 0
+    sub.close()
+
+
+def test_a_store_through_an_unreachable_server_names_the_url_and_returns(redis_url):
+    from capsule_sessions.redis import RedisUnavailableError
+
+    dead = "redis://user:secret@127.0.0.1:1/0"
+    ring, _, _ = new_ring(dead, client=client_for(dead, timeout=0.5))
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailableError, match=re.escape("redis://user:***@127.0.0.1:1/0")) as err:
+        ring.store_frame(b"x", source="cam", max_recent=1)
+    assert "secret" not in str(err.value) and time.monotonic() - started < 5
+    for call in (lambda: ring.latest_visual_frames(1), ring.visual_stats, ring.subscribe_visual_frames,
+                 lambda: ring.start_visual_input("x")):
+        with pytest.raises(RedisUnavailableError):
+            call()
+
+
+# -- the asyncio twin -------------------------------------------------------------------
+
+
+def test_the_asyncio_twin_stores_subscribes_and_commits_loans(redis_url):
+    import redis.asyncio
+
+    async def main():
+        client = redis.asyncio.Redis.from_url(redis_url)
+        keys = SessionKeys(f"t{uuid.uuid4().hex[:10]}", "async")
+        ring = AsyncRedisFrameRing(client, keys, redis_url, FakeClock())
+        other = RedisFrameRing(client_for(redis_url), keys, redis_url, FakeClock())
+        sub = await ring.subscribe_visual_frames(8)
+        assert isinstance(sub, Subscription)
+        assert await ring.store_frame(payload(1), source="cam", max_recent=4, frame_seq=1)
+        loan = await ring.loan_frame(len(payload(2)))
+        assert isinstance(loan, capsule_sessions.FrameLoan)
+        loan.array[:] = np.frombuffer(payload(2), np.uint8)
+        assert await loan.commit(source="cam", max_recent=4, frame_seq=2)
+        await asyncio.to_thread(other.store_frame, payload(3), source="cam", max_recent=4, frame_seq=3)
+        got = [(await sub.aget(timeout=5)).frame_seq for _ in range(3)]
+        assert got == [1, 2, 3]
+        assert [f.frame_seq for f in await ring.latest_visual_frames(10)] == [1, 2, 3]
+        assert (await ring.visual_stats())["accepted"] == 3
+        await asyncio.to_thread(other.close_subscriptions)
+        with pytest.raises(SubscriptionClosed):
+            await sub.aget(timeout=5)
+        await client.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# -- the pure ring and the Redis ring, driven alike -------------------------------------
+
+SOURCES = st.sampled_from(["", "cam", "screen"])
+DURATIONS = st.one_of(st.sampled_from([0.0, -1.0, 0.001, 0.5, 1.0, math.inf, -math.inf, math.nan, 10**400]),
+                      st.floats(-2.0, 5.0, allow_nan=False))
+STEPS = st.one_of(st.sampled_from([0.0, 1e-9, 0.001, 0.5, -0.5]), st.floats(-2.0, 5.0, allow_nan=False))
+BASES = st.sampled_from([0.0, 1.7e9, -1e6])
+SEQS = st.one_of(st.integers(0, 100), st.integers(-(2**63), 2**63 - 1))
+WIDTHS = st.one_of(st.just(0), st.integers(0, 4000), st.integers(0, 2**31 - 1))
+BAD_NUMBERS = st.sampled_from([-1, 2**31, 2**64, True, 1.5, "1", None])
+
+
+def agreed(call):
+    got = outcome(call, catch=Exception)
+    if got[0] == "ok":
+        result = got[1]
+        if isinstance(result, list):
+            return ("ok", [frame_key(f) for f in result])
+        if isinstance(result, VisualFrame):
+            return ("ok", frame_key(result))
+        if isinstance(result, Subscription):
+            return ("ok", ("subscription", result.maxsize, result.policy, result.closed))
+    return got
+
+
+class PureAndRedisAgree(RuleBasedStateMachine):
+    subs = Bundle("subs")
+    url = ""
+
+    def __init__(self):
+        super().__init__()
+        self.pure = FrameRing(FakeClock(), 0.0)
+        self.redis, _, self.client = new_ring(self.url)
+        self.rings = (self.pure, self.redis)
+        self.now = 0.0
+        self.live = []
+
+    def both(self, method, *args, **kwargs):
+        a, b = (agreed(lambda r=r: getattr(r, method)(*args, **kwargs)) for r in self.rings)
+        assert a == b, f"{method}{args!r:.200}{kwargs}: pure gave {a!r:.300}, redis gave {b!r:.300}"
+        return a
+
+    @rule(base=st.one_of(st.none(), BASES), step=STEPS)
+    def time_moves(self, base, step):
+        self.now = (self.now if base is None else base) + step
+
+    @rule(size=st.sampled_from([0, 1, 8, 1000, 70_000]), seed=st.integers(0, 255), source=SOURCES,
+          max_recent=st.integers(-1, 4), min_interval=DURATIONS, seq=SEQS, width=WIDTHS,
+          mime=st.sampled_from(["", "image/jpeg"]), shaped=st.booleans())
+    def store_frame(self, size, seed, source, max_recent, min_interval, seq, width, mime, shaped):
+        data = np.full(size, seed, np.uint8)
+        if shaped and size % 4 == 0:
+            data = data.reshape(-1, 4)
+        self.both("store_frame", data, source=source, max_recent=max_recent, min_interval=min_interval,
+                  mime_type=mime, width=width, height=3, timestamp_ms=seed, frame_seq=seq, now=self.now)
+
+    @rule(size=st.integers(0, 64), max_recent=st.sampled_from([2, 3, 3, 4, 4]), steps=st.integers(1, 6))
+    def store_a_run(self, size, max_recent, steps):
+        # A camera's stores: one source, a rate limit, the ring filling up and trimming.
+        for n in range(steps):
+            self.now += 0.004 * (n % 3)
+            self.both("store_frame", payload(size + n), source="cam", max_recent=max_recent, frame_seq=n,
+                      min_interval=0.005, now=self.now)
+
+    @rule(name=st.sampled_from(["width", "height", "frame_seq", "timestamp_ms", "mime_type", "max_recent",
+                                "min_interval", "now", "source"]), bad=BAD_NUMBERS)
+    def store_with_a_bad_argument(self, name, bad):
+        kwargs = {"source": "cam", "max_recent": 2, "now": self.now, name: bad}
+        self.both("store_frame", b"bad", **kwargs)
+        self.both("store_frame", bad, source="cam", max_recent=1, now=self.now)
+        self.both("store_visual_frame", bad, 1, 0.0, self.now)
+
+    @rule(source=SOURCES, max_recent=st.integers(-1, 4), min_interval=DURATIONS)
+    def store_visual_frame(self, source, max_recent, min_interval):
+        frame = VisualFrame(b"\xff\xd8\xff" + bytes(5), "image/jpeg", 4, 3, source, 7, 1)
+        self.both("store_visual_frame", frame, max_recent, min_interval, self.now)
+
+    @rule(ttl=DURATIONS, offset=st.sampled_from([0.0, -1.0, 1.0, math.nan]))
+    def latest(self, ttl, offset):
+        self.both("latest_visual_frames", ttl, now=self.now + offset)
+
+    @rule(start=st.booleans(), source=st.one_of(SOURCES, st.sampled_from([5, b"cam"])))
+    def start_or_stop(self, start, source):
+        self.both("start_visual_input" if start else "stop_visual_input", source, now=self.now)
+
+    @rule(nbytes=st.sampled_from([0, 5, 4096, -1, 2**41, 1.0]), source=SOURCES, min_interval=DURATIONS)
+    def loan(self, nbytes, source, min_interval):
+        loans = [agreed(lambda r=r: r.loan_frame(nbytes)) for r in self.rings]
+        assert [x[0] for x in loans] == [loans[0][0]] * 2 and (loans[0][0] == "ok" or loans[0] == loans[1])
+        if loans[0][0] == "ok":
+            results = []
+            for (_, held) in loans:
+                held.array[:] = 9
+                results.append(agreed(lambda h=held: h.commit(source=source, max_recent=2,
+                                                              min_interval=min_interval, now=self.now)))
+            assert results[0] == results[1]
+
+    @rule(target=subs, buffer=st.integers(-1, 4), policy=st.sampled_from(["drop_newest", "drop_oldest", "x"]))
+    def subscribe(self, buffer, policy):
+        pair = [r.subscribe_visual_frames(buffer, policy=policy) if policy != "x" else None for r in self.rings]
+        if policy == "x":
+            self.both("subscribe_visual_frames", buffer, policy=policy)
+            return ()  # nothing to read or close
+        self.live.append(pair)
+        return tuple(pair)
+
+    @rule(pair=subs, close=st.booleans())
+    def read_or_close(self, pair, close):
+        for sub in pair if close else ():
+            sub.close()
+        if pair:
+            results = [agreed(sub.get_nowait) for sub in pair]
+            assert results[0] == results[1]
+
+    @rule()
+    def end(self):
+        for ring in self.rings:
+            ring.close_subscriptions()
+
+    @invariant()
+    def agree(self):
+        assert self.pure.visual_stats() == self.redis.visual_stats()
+        assert self.pure.subscriber_count == self.redis.subscriber_count
+        for x, y in self.live:
+            assert sub_books(x) == sub_books(y)
+
+    def teardown(self):
+        for pair in self.live:
+            for sub in pair:
+                sub.close()
+        self.client.close()
+
+
+def test_the_pure_ring_and_the_redis_ring_agree(redis_url):
+    PureAndRedisAgree.url = redis_url
+    run_state_machine_as_test(PureAndRedisAgree, settings=settings(
+        max_examples=40, stateful_step_count=50, deadline=None, database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                               HealthCheck.function_scoped_fixture]))
