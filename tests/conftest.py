@@ -210,3 +210,16 @@ def redis_url(redis_server_process):
         redis_server_process.restart()
     flush(redis_server_process.url)
     return redis_server_process.url
+
+
+@pytest.fixture
+def world():
+    """For the shared-memory tests: a unique namespace (``world.ns``) and what the test
+    started in it (``world.reader()``, ``world.session()``, ...). At teardown every child
+    is killed, every session ended, and /dev/shm must hold no ``capsule.<ns>.*`` entry."""
+    from shm_support import World
+
+    w = World()
+    yield w
+    left = w.teardown()
+    assert left == [], f"segments left in /dev/shm: {left}"

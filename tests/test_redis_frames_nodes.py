@@ -17,11 +17,11 @@ import uuid
 
 import pytest
 from redis_frames_support import client_for
-from redis_server import redis_server
 
 from capsule_sessions.redis import RedisUnavailableError
 from capsule_sessions.redis._frames import RedisFrameRing
 from capsule_sessions.redis._keys import SessionKeys
+from redis_server import redis_server
 from support import FakeClock, finish, payload, start_child
 
 CHILD_SECONDS = 40.0

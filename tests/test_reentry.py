@@ -11,6 +11,9 @@ a call in tests/test_fuzz.py; KeyboardInterrupt is in tests/test_faults.py.)
 
 from __future__ import annotations
 
+import sys
+
+from capsule_sessions import Session
 from support import run_scenario
 
 _WEAKREF_CALLBACKS = """
@@ -154,3 +157,30 @@ print("ok", n, handled)
 
 def test_signal_handlers_that_call_the_session_never_hang(backend):
     run_scenario(_SIGNAL_STORM, backend, timeout=120)
+
+
+def test_a_store_made_inside_a_pure_latest_read_leaves_the_read_whole():
+    # A signal handler runs at any eval-breaker check of the main thread, and the pure
+    # ring's lock is reentrant, so a handler's store can land inside a latest read's
+    # filter: the read iterated the live deque and raised "deque mutated during
+    # iteration" (found by test_signal_handlers_that_call_the_session_never_hang).
+    # The tracer stands for the handler, at the filter's first step.
+    session = Session("s", backend="python")
+    for seq in range(3):
+        session.store_frame(bytes([seq]), source="cam", max_recent=3, frame_seq=seq, now=float(seq))
+    fired = []
+
+    def handler_at_the_filter(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "<listcomp>" and not fired:
+            fired.append(frame.f_code.co_filename)
+            session.store_frame(b"h", source="cam", max_recent=3, frame_seq=99, now=3.0)
+        return None
+
+    sys.settrace(handler_at_the_filter)
+    try:
+        frames = session.latest_visual_frames(10, now=3.0)
+    finally:
+        sys.settrace(None)
+    assert fired and fired[0].endswith("_ring.py")
+    assert [f.frame_seq for f in frames] == [0, 1, 2]  # the ring as the read found it
+    assert [f.frame_seq for f in session.latest_visual_frames(10, now=3.0)] == [1, 2, 99]

@@ -282,7 +282,11 @@ class FrameRing:
             return []
         check_not_forked(self._fork_gen)
         with self._lock:
-            return [s.frame for s in self._slots if now_ns - s.received_ns <= ttl_ns]
+            # Copied in one C call first: a signal handler may store on this thread (the
+            # lock is reentrant) between two steps of the filter below, and the deque it
+            # would change must not be the one being iterated.
+            slots = list(self._slots)
+        return [s.frame for s in slots if now_ns - s.received_ns <= ttl_ns]
 
     def visual_stats(self) -> dict[str, int]:
         check_not_forked(self._fork_gen)

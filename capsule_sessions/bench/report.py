@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 
 from .._json import JsonObject
-from . import ipc
+from . import ipc, redis_ops
 from .targets import format_ratio
 
 RATIOS = ("cython/python", "cython/naive", "cython/memcpy")
@@ -205,6 +205,18 @@ def _ipc_peers_note(results: JsonObject) -> str:
     return " ".join(lines)
 
 
+def _w17_table(results: JsonObject) -> list[str]:
+    w17 = results.get("redis", {}).get(redis_ops.W17_ID)
+    if w17 is None:
+        return []
+    if "unavailable" in w17:
+        return [f"Not run: {w17['unavailable']}."]
+    rows = [[op, _ns(w17["results"][op][redis_ops.LIBRARY]["ns_per_op"]), w17["bare"][op],
+             _ns(w17["results"][op][redis_ops.BARE]["ns_per_op"]), _ratio(w17["ratios"][op])]
+            for op in redis_ops.OPS]
+    return _table(["operation", "RedisSessionManager ns", "bare redis-py", "bare ns", "ratio"], rows)
+
+
 def _checks_table(results: JsonObject) -> list[str]:
     rows = [[c["backend"], c["workload"], c["target"], c["figure"],
              "" if c["met"] is None else ("met" if c["met"] else "**not met**")]
@@ -256,6 +268,10 @@ def markdown(results: JsonObject) -> str:
          "pooled over the readers."),
         ("### W12: latest_visual_frames(ttl=10) from a reader process over 8 frames", _w12_table(results),
          "The in-process rows are the reference (W5 is 8 x 64 KiB); the target is judged per frame handed out."),
+        ("### W17: session operations on a Redis server (one private redis-server on loopback)",
+         _w17_table(results),
+         "Each operation and its bare redis-py round trip are timed in the same rounds; the ratio is the "
+         "median of the per-round ratios."),
         ("### Targets", _checks_table(results), ""),
     ]
     for title, lines, note in sections:

@@ -2,8 +2,9 @@
 
 ``run(selection, settings, progress)`` times W1..W7 and W13 (and the aux points) for every
 selected target with interleaved repeats, measures allocation and page faults for the
-1080p stores, runs W8 and W9 in this process and W10-W12 in spawned ones (``ipc.py``),
-and judges every library backend against the targets (docs/bench.md).
+1080p stores, runs W8 and W9 in this process, W10-W12 in spawned ones (``ipc.py``) and
+W17 against a private redis-server (``redis_ops.py``), and judges every library backend
+against the targets (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import numpy as np
 import capsule_sessions
 
 from .._json import JsonObject
-from . import harness, ipc, memory, targets, threaded
+from . import harness, ipc, memory, redis_ops, targets, threaded
 from .workloads import BY_ID, TIMED, Case, backends
 from .workloads import targets as all_targets
 
 ALLOC_WORKLOADS = ("W3_store_6m_0sub", "W4_store_6m_4sub")
 THREADED_IDS = (threaded.W8_ID, threaded.W9_ID)
-ALL_IDS = tuple(w.id for w in TIMED) + THREADED_IDS + ipc.IDS
+ALL_IDS = tuple(w.id for w in TIMED) + THREADED_IDS + ipc.IDS + redis_ops.IDS
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ def total_steps(selection: Selection, settings: Settings) -> int:
     if threaded.W9_ID in selection.workloads:
         steps += settings.w9_repeats * len(_w9_targets(selection)) * len(threaded.W9_SUBSCRIBERS) * 2
     steps += ipc.steps(_ipc_ids(selection), list(selection.ipc_targets), settings.ipc_repeats)
+    steps += redis_ops.steps(redis_ops.W17_ID in selection.workloads, settings.repeats)
     return steps
 
 
@@ -301,7 +303,11 @@ def run(selection: Selection, settings: Settings, progress: Callable[[str], None
                                  warmup_s=settings.ipc_warmup_s, repeats=settings.ipc_repeats,
                                  w11_frames=settings.w11_frames, latest_repeats=settings.repeats,
                                  min_batch_s=settings.min_batch_s, progress=tick)
+    if redis_ops.W17_ID in selection.workloads:
+        # Against its own bare redis-py figures, whatever --targets says (docs/bench.md).
+        results["redis"] = {redis_ops.W17_ID: redis_ops.run(settings.repeats, settings.min_batch_s, tick)}
     results["checks"] = [check for backend in selection.targets if backend in backends()
                          for check in targets.evaluate(results, backend)]
     results["checks"] += targets.evaluate_ipc(results)
+    results["checks"] += targets.evaluate_redis(results)
     return results

@@ -21,7 +21,7 @@ import statistics
 from collections.abc import Callable
 
 from .._json import JsonObject
-from . import ipc
+from . import ipc, redis_ops
 from .harness import paired_ratio
 
 # The project's first reference run, ns per operation (docs/bench.md, "Reference points").
@@ -341,4 +341,28 @@ def evaluate_ipc(results: JsonObject) -> list[JsonObject]:
             checks.append(_check(IPC_LIBRARY, wid, "every run completes without an error",
                                  errors[0].strip().splitlines()[-1], False))
         checks += judge(workload, mine)
+    return checks
+
+
+# -- across machines (W17): the Redis-backed manager against bare redis-py ------------------
+
+W17_LIMIT = 1.5
+
+
+def evaluate_redis(results: JsonObject) -> list[JsonObject]:
+    """W17: create, get and touch each at most W17_LIMIT x the bare round trip (the median
+    of the per-round ratios); one unjudged row when no redis-server could run."""
+    w17 = results.get("redis", {}).get(redis_ops.W17_ID)
+    if w17 is None:
+        return []
+    text = f"at most {W17_LIMIT:g}x the bare round trips"
+    if "unavailable" in w17:
+        return [_check(redis_ops.LIBRARY, redis_ops.W17_ID, text, w17["unavailable"], None)]
+    checks = []
+    for op in redis_ops.OPS:
+        ratio = w17["ratios"].get(op)
+        add = _ratio_check(redis_ops.LIBRARY, redis_ops.W17_ID, ratio, W17_LIMIT,
+                           f"{op}: {text} ({w17['bare'][op]})", "bare")
+        if add is not None:
+            checks.append(add)
     return checks

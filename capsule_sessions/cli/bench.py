@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import NoReturn, overload
 
 from .._json import JsonObject
-from ..bench import ipc, plot, report, runner, workloads
+from ..bench import ipc, plot, redis_ops, report, runner, workloads
 from ._errors import UsageError
 from ._extras import MissingExtra, available, missing_message
 
@@ -107,6 +107,8 @@ def _list() -> str:
             description = workload.description
         elif wid in ipc.DESCRIPTIONS:
             description = ipc.DESCRIPTIONS[wid]
+        elif wid == redis_ops.W17_ID:
+            description = redis_ops.DESCRIPTION
         elif wid.startswith("W8"):
             description = "1 and 2 producer threads, 1080p RGB"
         else:

@@ -8,8 +8,7 @@ that is not what this library wrote is a ``RedisDataError`` naming the key.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
 from ..errors import SessionError
@@ -17,11 +16,16 @@ from ..errors import SessionError
 T = TypeVar("T")
 
 
-class RedisUnavailableError(SessionError, ConnectionError):
+class SessionStoreError(SessionError):
+    """The session store (the Redis server) failed a call: unreachable, or holding data
+    this library did not write. Its subclasses say which."""
+
+
+class RedisUnavailableError(SessionStoreError, ConnectionError):
     """The Redis server could not be reached, or did not answer within the timeout."""
 
 
-class RedisDataError(SessionError, ValueError):
+class RedisDataError(SessionStoreError, ValueError):
     """A key holds something this library did not write (corrupted, or another program's)."""
 
 
@@ -30,18 +34,31 @@ def masked(url: str) -> str:
     return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
-@contextmanager
-def translated(url: str) -> Iterator[None]:
-    """Run a block of Redis calls: connection failures and timeouts become
-    RedisUnavailableError naming ``url``."""
-    import redis.exceptions as rx
+class translated:
+    """``with translated(url):`` around a block of Redis calls: connection failures and
+    timeouts become RedisUnavailableError naming ``url`` (with its password masked), a
+    key of the wrong type a RedisDataError. (A class, not a generator: it is on every
+    call's path.)"""
 
-    try:
-        yield
-    except (rx.ConnectionError, rx.TimeoutError, ConnectionError, TimeoutError, OSError) as exc:
-        raise RedisUnavailableError(f"Redis at {masked(url)} is unavailable: {exc}") from exc
-    except rx.ResponseError as exc:
-        raise RedisUnavailableError(f"Redis at {masked(url)} refused a command: {exc}") from exc
+    __slots__ = ("url",)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, RedisUnavailableError) or not isinstance(exc, Exception):
+            return  # nothing happened, already translated (an OSError too), or not an error
+        import redis.exceptions as rx
+
+        if isinstance(exc, (rx.ConnectionError, rx.TimeoutError, ConnectionError, TimeoutError, OSError)):
+            raise RedisUnavailableError(f"Redis at {masked(self.url)} is unavailable: {exc}") from exc
+        if isinstance(exc, rx.ResponseError):
+            if str(exc).startswith("WRONGTYPE"):  # a key of ours holds another program's kind of value
+                raise RedisDataError(f"Redis at {masked(self.url)} holds a key of the wrong type: {exc}") from exc
+            raise RedisUnavailableError(f"Redis at {masked(self.url)} refused a command: {exc}") from exc
 
 
 def call(url: str, fn: Callable[[], T]) -> T:

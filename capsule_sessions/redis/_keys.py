@@ -23,6 +23,11 @@ def check_namespace(namespace: object) -> str:
 
 def _tag(session_id: str) -> str:
     # Braces would end the hash tag early; they are escaped so every id has a tag of its own.
+    # An empty tag ("{}") is no tag to Redis (it would hash each whole key, and spread the
+    # session over slots): the empty id gets "\e", which no escaped id can be (there a
+    # backslash is always followed by another, "(" or ")").
+    if not session_id:
+        return "\\e"
     return session_id.replace("\\", "\\\\").replace("{", "\\(").replace("}", "\\)")
 
 

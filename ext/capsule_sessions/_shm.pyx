@@ -17,9 +17,11 @@ read only what is published. No lock is shared between processes:
   advance by compare-and-swap (the reader takes, the owner evicts for drop_oldest);
 - a store wakes a subscriber with a futex only when it said it sleeps.
 
-Files: ``_shm_segment.pxi`` (segments, names, liveness), ``_shm_owner.pxi`` (the writer,
-``SharedRing``), ``_shm_pool.pxi`` (its buffers), ``_shm_fanout.pxi`` (its subscribers), ``_shm_reader.pxi`` (``AttachedSession``, leases, frames),
-``_shm_subscription.pxi`` (``SharedSubscription``), ``_shm_loan.pxi`` (``SharedLoan``).
+Files: ``_shm_segment.pxi`` (segments, names, liveness, the header),
+``_shm_owner.pxi`` (the writer, ``SharedRing``), ``_shm_pool.pxi`` (its buffers),
+``_shm_fanout.pxi`` (its subscribers), ``_shm_lease.pxi`` (reader slots and leases),
+``_shm_reader.pxi`` (``AttachedSession``, frames), ``_shm_subscription.pxi``
+(``SharedSubscription``), ``_shm_loan.pxi`` (``SharedLoan``).
 """
 
 cimport cython
@@ -201,7 +203,7 @@ os.register_at_fork(after_in_child=_forked)
 cdef int64_t WAIT_SLICE_NS = <int64_t>(_limits.WAIT_SLICE_S * 1e9)
 cdef Py_ssize_t NOGIL_COPY_MIN = _limits.NOGIL_COPY_MIN_BYTES
 cdef uint64_t SHRINK_FLOOR = _limits.SHRINK_FLOOR_BYTES
-# Free data segments kept for reuse beyond what the ring holds; more are unlinked.
+# Free data segments nothing references kept for reuse; more are unlinked.
 cdef Py_ssize_t POOL_SPARE = 4
 cdef uint64_t LOW32 = 0xffffffffULL
 # How often (at most) the owner looks for dead readers to reclaim, in ns.
@@ -237,6 +239,7 @@ include "_shm_segment.pxi"
 include "_shm_owner.pxi"
 include "_shm_pool.pxi"
 include "_shm_fanout.pxi"
+include "_shm_lease.pxi"
 include "_shm_reader.pxi"
 include "_shm_subscription.pxi"
 include "_shm_loan.pxi"

@@ -125,7 +125,10 @@ cdef fan_out(SharedRing ring, uint64_t entry):
             if tail > head:
                 cs_store(&s.closed, 1)
                 continue
-            fan_count_out(ring, s, m, tail)
+        # Before the push: its slot is the one of entry head - maxsize, which the reader
+        # may have taken since the last count, and must be counted out while it names its
+        # own buffer, not the new one (from issue12-mptests 0b6736b).
+        fan_count_out(ring, s, m, tail)
         cs_store(&s.entries[head % m.maxsize], entry)
         ring._qrefs[entry & LOW32] += 1
         m.head = head + 1

@@ -81,42 +81,25 @@ cdef class SharedRing:
             raise SessionExistsError(
                 f"session {session_id!r} is already shared in namespace {namespace!r} by a live process") from None
         self._h = <cs_header *>self._control.addr
-        self._init_header(encoded)
+        header_init(self._h, encoded, int(self._data_prefix.rsplit(".", 1)[1], 16))
         self._local = AttachedSession._for_owner(self, self._control, self._clock, self._segments)
         cs_store(&self._h.owner_reader, self._local._slot.index)
         _live_rings.add(self)
 
-    cdef _init_header(self, bytes encoded):
-        cdef cs_header *h = self._h
-        h.version = CS_VERSION
-        h.header_size = sizeof(cs_header)
-        h.total_size = CS_TOTAL_SIZE
-        h.max_ring = CS_MAX_RING
-        h.max_buffers = CS_MAX_BUFFERS
-        h.max_readers = CS_MAX_READERS
-        h.max_subs = CS_MAX_SUBS
-        h.max_queue = CS_MAX_QUEUE
-        h.lease_budget = CS_LEASE_BUDGET
-        h.off_buffers = CS_OFF_BUFFERS
-        h.off_readers = CS_OFF_READERS
-        h.off_leases = CS_OFF_LEASES
-        h.off_subs = CS_OFF_SUBS
-        h.owner_start = own_start_time()
-        h.nonce = int(self._data_prefix.rsplit(".", 1)[1], 16)
-        h.id_len = len(encoded)
-        memcpy(h.id, <char *>encoded, len(encoded))
-        h.owner_pid = getpid()
-        # Last: a reader that sees the magic sees every field above.
-        cs_store(&h.magic, CS_MAGIC)
-
     def __dealloc__(self):
         free(self._qrefs)
         self._qrefs = NULL
-        if self._h != NULL and not self._ended and self._fork_gen == fork_generation:
-            # A session dropped without being ended: its names go with it (not in a
+        if self._h != NULL and self._fork_gen == fork_generation:
+            # A session dropped without being ended: its names go with it; one ended
+            # while readers were attached: what those that died since left (not in a
             # forked child, whose copy of the ring is not the session).
             cs_store(&self._h.closed, 1)
-            self._unlink_all()
+            if not self._ended:
+                self._control.unlink()
+            try:
+                _leave_if_last(self._h, self._local._slot.index, self._data_prefix)
+            except BaseException:
+                pass
 
     def __reduce_ex__(self, protocol):
         raise TypeError("cannot pickle or copy 'FrameRing' object (another process attach()es to a shared session by name)")
@@ -418,13 +401,15 @@ cdef class SharedRing:
 
     def close_subscriptions(self):
         """End the session: every subscription closes (readers in every process wake,
-        get what was queued, then SubscriptionClosed) and the names are unlinked."""
+        get what was queued, then SubscriptionClosed) and the names are unlinked. Called
+        again (as at exit), it unlinks what readers that died since left behind."""
         cdef cs_sub *subs = cs_subs(self._h)
         cdef uint32_t i
         if self._h == NULL or self._fork_gen != fork_generation:
             return
         with self._lock:
             if self._ended:
+                _leave_if_last(self._h, self._local._slot.index, self._data_prefix)
                 return
             self._ended = True
             cs_store(&self._h.closed, 1)

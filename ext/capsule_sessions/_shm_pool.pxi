@@ -97,37 +97,27 @@ cdef pool_destroy(SharedRing ring, uint64_t index):
         (<_Segment>seg).unlink()
 
 
-cdef Py_ssize_t pool_budget(SharedRing ring):
-    """How many buffers the session can need at once: its ring, every adopted queue, two
-    frames in hand per attached reader, the stores in progress, and a few spares. Up to
-    it, a free buffer is kept for reuse (a new data segment costs a page fault per page
-    on both sides); beyond it, unlinked."""
-    cdef Py_ssize_t queued = 0
-    cdef uint64_t bits = ring._mirrored
-    cdef uint32_t i
-    while bits:
-        i = _lowest_bit(bits)
-        bits &= bits - 1
-        queued += (<_SubMirror>ring._mirrors[i]).maxsize
-    return ring._slot_count + queued + 2 * ring._local._reader_count() + ring._writing + POOL_SPARE
-
-
 cdef pool_trim(SharedRing ring):
-    # Memory follows what the ring, the queues and the readers can hold: free buffers
-    # beyond the budget are unlinked (a reader's mapping outlives the name).
-    cdef Py_ssize_t i, excess
+    """Unlink the free buffers nothing references beyond the newest POOL_SPARE of them,
+    and those of a size the frames have left behind (a resolution change): memory
+    follows what the ring, the queues and the readers hold (a reader's mapping outlives
+    the name). Buffers a queue or a reader still holds are not spares and are never
+    counted as such, so readers holding frames never make the next stores fault in new
+    segments."""
+    cdef Py_ssize_t i = 0
+    cdef Py_ssize_t spares = 0
     cdef uint64_t index
     cdef cs_buffer *buffers = cs_buffers(ring._h)
-    excess = ring._slot_count + len(ring._free) + ring._writing - pool_budget(ring)
-    i = 0
     while i < len(ring._free):
-        index = ring._free[i]  # the oldest first: the newest are the likeliest to fit
-        # Beyond the budget, or of a size the frames have left behind (a resolution change).
-        if ((excess > 0 or not _fits(buffers[index].capacity, ring._last_needed))
-                and ring._qrefs[index] == 0 and not pool_leased(ring, index) and pool_retire(ring, index)):
-            del ring._free[i]
+        index = ring._free[len(ring._free) - 1 - i]  # the newest first: kept as the spares
+        referenced = ring._qrefs[index] != 0 or pool_leased(ring, index)
+        fits = _fits(buffers[index].capacity, ring._last_needed)
+        if not referenced and fits and spares < POOL_SPARE:
+            spares += 1
+            i += 1
+        elif not referenced and pool_retire(ring, index):
+            del ring._free[len(ring._free) - 1 - i]
             pool_destroy(ring, index)
-            excess -= 1
         else:
             i += 1
 

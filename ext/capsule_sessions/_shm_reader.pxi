@@ -14,94 +14,6 @@ cdef int64_t MAX_INSTANT_NS = 1 << 62
 # collector must not drop the segment it writes to (unmapping it) first.
 @cython.final
 @cython.no_gc_clear
-cdef class _ReaderSlot:
-    """One entry of the reader table and the lease counts that go with it, held by the
-    attached session and by every lease it gave out: the slot (and its leases) is given
-    back only when the last of them is gone, so a frame outliving its handle stays as it
-    was. Frames never reference the handle itself, so a handle caching frames makes no
-    reference cycle."""
-    cdef _Segment control
-    cdef cs_header *h
-    cdef uint32_t *leases
-    cdef int index
-    cdef Py_ssize_t held
-    cdef bint owner_local
-    cdef str data_prefix
-    cdef uint64_t fork_gen
-    cdef object __weakref__
-
-    def __cinit__(self):
-        self.index = -1
-        self.fork_gen = fork_generation
-
-    @staticmethod
-    cdef _ReaderSlot claim(_Segment control, bint owner_local, str data_prefix, str session_id):
-        cdef _ReaderSlot self = _ReaderSlot.__new__(_ReaderSlot)
-        self.control = control
-        self.h = <cs_header *>control.addr
-        self.owner_local = owner_local
-        self.data_prefix = data_prefix
-        cdef cs_reader *readers = cs_readers(self.h)
-        cdef uint64_t pid = getpid()
-        cdef uint32_t r
-        for r in range(CS_MAX_READERS):
-            if cs_cas(&readers[r].pid, 0, pid):
-                cs_store(&readers[r].copied_out, 0)
-                cs_store(&readers[r].sleeping, 0)
-                cs_store(&readers[r].start_time, own_start_time())
-                self.index = r
-                self.leases = cs_leases(self.h, r)
-                _live_slots.add(self)
-                return self
-        raise SharedMemoryError(f"shared session {session_id!r} already has {CS_MAX_READERS} readers attached")
-
-    def __dealloc__(self):
-        self.leave()
-
-    cdef void release(self, uint32_t index) noexcept:
-        cs_release32(&self.leases[index])
-        self.held -= 1
-
-    cdef inline void release_raw(self, uint32_t index) noexcept:
-        cs_release32(&self.leases[index])
-
-    cdef void leave(self) noexcept:
-        """Give the slot back (and clean up after an ended session, if last)."""
-        if self.index < 0 or self.h == NULL or self.fork_gen != fork_generation:
-            return  # (a forked child's copy of a slot is its parent's)
-        cdef cs_reader *readers = cs_readers(self.h)
-        cdef int index = self.index
-        self.index = -1
-        memset(self.leases, 0, CS_MAX_BUFFERS * sizeof(uint32_t))
-        cs_store(&readers[index].start_time, 0)
-        cs_store(&readers[index].pid, 0)
-        if not self.owner_local:
-            try:
-                _leave_if_last(self.h, index, self.data_prefix)
-            except BaseException:
-                pass  # a name that cannot be unlinked now is the next sweep's
-
-
-@cython.final
-@cython.no_gc_clear
-cdef class _Lease:
-    """A reader's hold on one buffer, the base of the arrays handed out over it: while it
-    lives, the owner does not rewrite the buffer (it is leased); collecting it ends the
-    lease. It also keeps the mapping alive, so the view stays valid after unlink."""
-    cdef _ReaderSlot slot
-    cdef _Segment mapping
-    cdef uint32_t index
-
-    def __dealloc__(self):
-        if self.slot is not None:
-            self.slot.release(self.index)
-
-    def __reduce_ex__(self, protocol):
-        raise TypeError("a shared frame's lease cannot be pickled; copy the frame's data instead")
-
-
-@cython.final
-@cython.no_gc_clear
 cdef class AttachedSession:
     """The read side of a shared session: ``latest_visual_frames``,
     ``subscribe_visual_frames``, ``visual_stats``, ``closed``, ``close()``. Made by
@@ -267,7 +179,11 @@ cdef class AttachedSession:
         return self._frame_of_leased(entry)
 
     cdef object _build(self, uint32_t index, _Segment seg):
-        cdef cs_meta *meta = <cs_meta *>seg.addr
+        # The header is read once, into this copy, before anything is checked or used: a
+        # copied-out frame's lease ends before the frame object is made (the buffer may
+        # hold the next frame by then), and a header another process scribbles on must
+        # not change between its bounds check and its use.
+        cdef cs_meta meta = (<cs_meta *>seg.addr)[0]
         cdef uint64_t size = seg.size
         if (meta.magic != CS_DATA_MAGIC or meta.data_offset != DATA_OFFSET or meta.data_offset > size
                 or meta.nbytes > size - meta.data_offset
@@ -281,7 +197,7 @@ cdef class AttachedSession:
         cdef _Lease lease
         if self._slot.held >= CS_LEASE_BUDGET:
             # Past the budget a frame is copied out, so a reader that hoards frames pins
-            # no more shared memory than its budget (counted in visual_stats).
+            # no more shared memory than its budget (counted in shared_stats).
             arr = cnp.PyArray_EMPTY(1, &dims, cnp.NPY_UINT8, 0)
             memcpy(cnp.PyArray_DATA(arr), seg.addr + meta.data_offset, meta.nbytes)
             self._slot.release_raw(index)
@@ -398,6 +314,9 @@ cdef class AttachedSession:
                      cs_load(&h.frames), cs_load(&h.bytes))
             if cs_load(&h.seq) == seq:
                 return stats
+        if self._owner_gone():  # killed while publishing: the last counters, as they are
+            return (cs_load(&h.accepted), cs_load(&h.rate_limited), cs_load(&h.source_resets),
+                    cs_load(&h.frames), cs_load(&h.bytes))
         raise SharedMemoryError(f"shared session {self.session_id!r}: its counters never stopped changing")
 
     cdef uint64_t _copied_out_total(self):
@@ -468,16 +387,3 @@ cdef class AttachedSession:
                 self._subscriptions.add(sub)
                 return sub
         raise SharedMemoryError(f"shared session {self.session_id!r} already has {CS_MAX_SUBS} subscriptions")
-
-
-# Handles still attached at interpreter exit leave then (their frames die with the
-# process), so the last process out of an ended session unlinks what it left.
-_live_slots = weakref.WeakSet()
-
-
-def _leave_live_slots():
-    for slot in list(_live_slots):
-        (<_ReaderSlot>slot).leave()
-
-
-atexit.register(_leave_live_slots)

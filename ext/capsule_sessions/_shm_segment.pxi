@@ -183,7 +183,10 @@ def read_owner(str name):
     reason = _check_header(h, seg.size, name)
     if reason is not None:
         raise SharedMemoryError(f"shared-memory segment {name!r} is not a capsule_sessions session: {reason}")
-    session_id = h.id[:h.id_len].decode("utf-8", "surrogatepass")
+    try:
+        session_id = h.id[:h.id_len].decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise SharedMemoryError(f"shared-memory segment {name!r} is corrupted: its session id is not UTF-8") from None
     return session_id, h.owner_pid, h.owner_start, h.nonce, bool(cs_load(&h.closed))
 
 
@@ -225,3 +228,27 @@ cdef inline void wake_readers(cs_header *h) noexcept nogil:
         if cs_load(&readers[r].sleeping):
             cs_futex_wake(&h.wake)
             return
+
+
+cdef header_init(cs_header *h, bytes encoded_id, uint64_t nonce):
+    """Fill a new control segment's header (the owner's, before anyone can attach)."""
+    h.version = CS_VERSION
+    h.header_size = sizeof(cs_header)
+    h.total_size = CS_TOTAL_SIZE
+    h.max_ring = CS_MAX_RING
+    h.max_buffers = CS_MAX_BUFFERS
+    h.max_readers = CS_MAX_READERS
+    h.max_subs = CS_MAX_SUBS
+    h.max_queue = CS_MAX_QUEUE
+    h.lease_budget = CS_LEASE_BUDGET
+    h.off_buffers = CS_OFF_BUFFERS
+    h.off_readers = CS_OFF_READERS
+    h.off_leases = CS_OFF_LEASES
+    h.off_subs = CS_OFF_SUBS
+    h.owner_start = own_start_time()
+    h.nonce = nonce
+    h.id_len = len(encoded_id)
+    memcpy(h.id, <char *>encoded_id, len(encoded_id))
+    h.owner_pid = getpid()
+    # Last: a reader that sees the magic sees every field above.
+    cs_store(&h.magic, CS_MAGIC)

@@ -148,6 +148,12 @@ cdef class SharedSubscription:
             head = cs_load(&s.head)
             if tail >= head:
                 return None
+            if head - tail > self._maxsize:
+                if cs_load(&s.tail) != tail:  # taken or evicted meanwhile: read both again
+                    continue
+                # The owner never queues more than maxsize: a corrupted table, which would
+                # otherwise be walked entry by entry up to the bogus head.
+                raise SharedMemoryError(f"a subscription of {self._reader.session_id!r} is corrupted")
             entry = cs_load(&s.entries[tail % self._maxsize])
             index = entry & LOW32
             if index >= CS_MAX_BUFFERS:

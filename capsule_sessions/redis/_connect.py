@@ -1,0 +1,70 @@
+"""Clients made from a URL, with bounded timeouts: every call either answers or raises
+within them (docs/redis.md, "Faults").
+
+The URL is passed to redis-py as it is, so ``rediss://`` (TLS), ``user:password@``
+(ACL) and query options (``?socket_timeout=0.5``) reach redis-py unchanged; options the
+URL leaves out get this module's defaults rather than redis-py's (which retry a
+failed connection three times with a backoff of up to ten seconds).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._errors import masked
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+# Seconds to connect, and to wait for any one reply (both overridable in the URL).
+DEFAULT_TIMEOUT = 5.0
+# One retry, after 10-100 ms, when a connection fails (a server restarted since the
+# pooled connection was made): never on a timeout, where the server may have run the
+# command and a second run would apply it twice.
+RETRIES = 1
+_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_url(url: object) -> str:
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, got {type(url).__name__}")
+    if not url.startswith(_SCHEMES):
+        raise ValueError(f"url must start with redis://, rediss:// or unix://, got {masked(url)!r}")
+    return str.__str__(url)
+
+
+def _options(errors: tuple[type[Exception], ...], retry_class: Any, backoff: Any) -> dict[str, Any]:
+    return {
+        "socket_timeout": DEFAULT_TIMEOUT,
+        "socket_connect_timeout": DEFAULT_TIMEOUT,
+        "retry": retry_class(backoff, RETRIES, supported_errors=errors),
+        # Raw bytes back: frames are bytes, and every text is decoded (and checked) here.
+        "decode_responses": False,
+    }
+
+
+def connect(url: str) -> redis.Redis:
+    """A thread-safe client (a connection pool) for ``url``."""
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    options = _options((redis.exceptions.ConnectionError,), Retry, ExponentialBackoff(cap=0.1, base=0.01))
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise ValueError(f"url {masked(url)!r} is not a valid Redis URL: {exc}") from None
+
+
+def connect_async(url: str) -> redis.asyncio.Redis:
+    """The asyncio client for ``url`` (its connections belong to the running event loop)."""
+    import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    options = _options((redis.exceptions.ConnectionError,), Retry, ExponentialBackoff(cap=0.1, base=0.01))
+    try:
+        return redis.asyncio.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise ValueError(f"url {masked(url)!r} is not a valid Redis URL: {exc}") from None
