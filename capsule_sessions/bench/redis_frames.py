@@ -1,5 +1,5 @@
 """The Redis frame workloads of docs/bench.md, each side by side with bare redis-py on the
-same server, which the benchmark starts itself (``redis_server.py``: a free loopback
+same server, which the benchmark starts itself (``redis_local.py``: a free loopback
 port, persistence off):
 
 - W14 (``store_frame`` of 4 KiB and 64 KiB, ``max_recent=2``) against a bare
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
-import shutil
 import statistics
 import struct
 import time
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .._json import JsonObject
-from . import harness
+from . import harness, redis_local
 from .workloads import TICK, Case, FakeClock, payload
 
 W14_ID = "W14_redis_store"
@@ -67,15 +66,8 @@ READY_TIMEOUT_S = 60.0
 
 
 def unavailable() -> str | None:
-    """Why the Redis workloads cannot run here, or None."""
-    try:
-        import hiredis  # noqa: F401
-        import redis  # noqa: F401
-    except ImportError as exc:
-        return f"needs redis-py with hiredis (the 'redis' extra): {exc}"
-    if shutil.which("redis-server") is None:
-        return "needs redis-server on PATH (Debian: apt-get install redis-server)"
-    return None
+    """Why the Redis frame workloads cannot run here, or None."""
+    return redis_local.unavailable()
 
 
 def steps(ids: list[str], repeats: int, rounds: int) -> int:
@@ -174,6 +166,8 @@ def _latest_cases(url: str, size: int) -> dict[tuple[str, str], Case]:
 
 def _timed(url: str, ids: list[str], repeats: int, min_batch_s: float,
            tick: Callable[[str], None]) -> dict[str, JsonObject]:
+    """W14's and W15's figures: {workload: {"results": {size: {target: summary}},
+    "ratios": {size: library/redis-py}, "aux": [sizes not judged]}}."""
     cases: dict[tuple[str, str], Case] = {}
     if W14_ID in ids:
         for size in W14_SIZES:
@@ -187,14 +181,15 @@ def _timed(url: str, ids: list[str], repeats: int, min_batch_s: float,
         for case in cases.values():
             case.close()
     out: dict[str, JsonObject] = {}
-    for (wid, target), figures in measured.items():
-        entry = out.setdefault(wid, {"results": {}})
-        entry["results"][target] = figures
-    for wid, entry in out.items():
-        results = entry["results"]
-        entry["size"] = int(wid.rsplit("_", 1)[1][:-1]) * 1024
-        entry["aux"] = wid.startswith(W15_ID) and entry["size"] != W15_SIZES[0]
-        entry["ratio"] = harness.paired_ratio(results[LIBRARY], results[BARE])
+    for wid, sizes, aux in ((W14_ID, W14_SIZES, ()), (W15_ID, W15_SIZES, W15_SIZES[1:])):
+        if wid not in ids:
+            continue
+        results: JsonObject = {}
+        for size in sizes:
+            case_id = f"{wid}_{size // 1024}k"
+            results[str(size)] = {target: figures for (cid, target), figures in measured.items() if cid == case_id}
+        out[wid] = {"description": DESCRIPTIONS[wid], "results": results, "aux": [str(size) for size in aux],
+                    "ratios": {size: harness.paired_ratio(r[LIBRARY], r[BARE]) for size, r in results.items()}}
     return out
 
 
@@ -395,27 +390,25 @@ def _median(values: list[Any]) -> float | None:
 
 def run(ids: list[str], *, repeats: int, min_batch_s: float, w16_rounds: int, w16_frames: int, w16_warmup: int,
         progress: Callable[[str], None] | None = None) -> JsonObject:
-    """Every selected Redis workload against one redis-server this function starts."""
+    """Every selected Redis frame workload, {workload: figures}, against one redis-server
+    this function starts (each workload {"unavailable": why} where none can run)."""
     tick = progress or (lambda label: None)
     reason = unavailable()
     if reason is not None:
-        return {"unavailable": reason, "workloads": ids}
-    from .redis_server import RedisServer
+        return {wid: {"description": DESCRIPTIONS[wid], "unavailable": reason} for wid in ids}
+    import redis
 
-    server = RedisServer()
-    try:
-        import redis
-
-        version = redis.Redis.from_url(server.url).info("server")["redis_version"]
-        results: JsonObject = {"server": f"redis-server {version} on loopback", "redis_py": redis.__version__,
-                               "workloads": ids}
+    out: JsonObject = {}
+    with redis_local.server() as url:
+        info = redis.Redis.from_url(url).info("server")
+        server = f"redis-server {info['redis_version']} on loopback, redis-py {redis.__version__}"
         if W14_ID in ids or W15_ID in ids:
-            results["timed"] = _timed(server.url, ids, repeats, min_batch_s, tick)
+            out.update(_timed(url, ids, repeats, min_batch_s, tick))
         if W16_ID in ids:
-            results[W16_ID] = _w16(server.url, w16_rounds, w16_frames, w16_warmup, tick)
-        return results
-    finally:
-        server.close()
+            out[W16_ID] = _w16(url, w16_rounds, w16_frames, w16_warmup, tick)
+    for entry in out.values():
+        entry["server"] = server
+    return out
 
 
 def _check(workload: str, text: str, figure: str, met: bool | None) -> JsonObject:
@@ -424,31 +417,33 @@ def _check(workload: str, text: str, figure: str, met: bool | None) -> JsonObjec
 
 def evaluate(results: JsonObject) -> list[JsonObject]:
     """W14-W16 judged against bare redis-py in the same run (docs/bench.md)."""
-    redis_results = results.get("redis")
-    if not redis_results:
-        return []
-    if "unavailable" in redis_results:
-        return [_check(wid, "runs against a redis-server of its own", redis_results["unavailable"], None)
-                for wid in redis_results["workloads"]]
+    redis_results = results.get("redis", {})
     checks = []
-    for wid, entry in redis_results.get("timed", {}).items():
-        if entry["aux"]:
+    for wid in IDS:
+        entry = redis_results.get(wid)
+        if entry is None:
             continue
-        ratio = entry["ratio"]
-        checks.append(_check(wid, f"at most {W14_W15_LIMIT}x the bare redis-py command (one round trip)",
-                             "" if ratio is None else f"{ratio:.2f}x",
-                             None if ratio is None else ratio <= W14_W15_LIMIT))
-    w16 = redis_results.get(W16_ID)
-    if w16:
-        mine = w16["results"][LIBRARY]
-        lost = mine["missing"] - mine["dropped"]
-        checks.append(_check(W16_ID, "no frame lost without being counted as dropped", f"{lost} uncounted",
-                             lost == 0))
-        for quantile, limit in (("p50", W16_P50_LIMIT), ("p99", W16_P99_LIMIT)):
-            ratio = w16[f"{quantile}_ratio"]
-            checks.append(_check(W16_ID, f"{quantile} at most {limit}x bare XADD to XREAD BLOCK",
+        if "unavailable" in entry:
+            checks.append(_check(wid, "runs against a redis-server of its own", entry["unavailable"], None))
+            continue
+        if wid == W16_ID:
+            mine = entry["results"][LIBRARY]
+            lost = mine["missing"] - mine["dropped"]
+            checks.append(_check(wid, "no frame lost without being counted as dropped", f"{lost} uncounted",
+                                 lost == 0))
+            for quantile, limit in (("p50", W16_P50_LIMIT), ("p99", W16_P99_LIMIT)):
+                ratio = entry[f"{quantile}_ratio"]
+                checks.append(_check(wid, f"{quantile} at most {limit}x bare XADD to XREAD BLOCK",
+                                     "" if ratio is None else f"{ratio:.2f}x",
+                                     None if ratio is None else ratio <= limit))
+            continue
+        for size, ratio in entry["ratios"].items():
+            if size in entry["aux"]:
+                continue
+            checks.append(_check(wid, f"{int(size) // 1024} KiB: at most {W14_W15_LIMIT}x the bare redis-py "
+                                      "command (one round trip)",
                                  "" if ratio is None else f"{ratio:.2f}x",
-                                 None if ratio is None else ratio <= limit))
+                                 None if ratio is None else ratio <= W14_W15_LIMIT))
     return checks
 
 
@@ -462,29 +457,37 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def sections(results: JsonObject) -> list[tuple[str, list[str], str]]:
-    """The report's Redis sections: (title, table lines, note)."""
-    redis_results = results.get("redis")
-    if not redis_results:
+    """The report's W14-W16 sections: (title, table lines, note)."""
+    redis_results = results.get("redis", {})
+    entries = {wid: redis_results[wid] for wid in IDS if wid in redis_results}
+    if not entries:
         return []
-    if "unavailable" in redis_results:
-        return [("### W14-W16: Redis", [], f"Not run: {redis_results['unavailable']}.")]
+    missing = [entry["unavailable"] for entry in entries.values() if "unavailable" in entry]
+    if missing:
+        return [("### W14-W16: frames in Redis", [], f"Not run: {missing[0]}.")]
     out = []
     rows = []
-    for wid, entry in redis_results.get("timed", {}).items():
-        r = entry["results"]
-        ratio = entry["ratio"]
-        rows.append([wid + (" (aux)" if entry["aux"] else ""), f"{entry['size']:,}", _us(r[LIBRARY]["ns_per_op"]),
-                     _us(r[BARE]["ns_per_op"]), "" if ratio is None else f"{ratio:.2f}x",
-                     _us(r[PIPELINED]["ns_per_op"]) if PIPELINED in r else ""])
+    for wid in (W14_ID, W15_ID):
+        entry = entries.get(wid)
+        if entry is None:
+            continue
+        for size, r in entry["results"].items():
+            ratio = entry["ratios"][size]
+            rows.append([wid + (" (aux)" if size in entry["aux"] else ""), f"{int(size):,}",
+                         _us(r[LIBRARY]["ns_per_op"]), _us(r[BARE]["ns_per_op"]),
+                         "" if ratio is None else f"{ratio:.2f}x",
+                         _us(r[PIPELINED]["ns_per_op"]) if PIPELINED in r else ""])
+    server = next(iter(entries.values()))["server"]
     if rows:
-        out.append(("### W14, W15: Redis stores and reads, us per call (lower is better)",
+        out.append(("### W14, W15: frames stored in and read from Redis, us per call (lower is better)",
                     _table(["workload", "frame bytes", "library us", "redis-py us", "library/redis-py",
                             f"redis-py pipelined x{PIPELINE_DEPTH} us per frame"], rows),
-                    f"Against {redis_results['server']} started by the run, redis-py {redis_results['redis_py']}. "
-                    "W14's redis-py is XADD MAXLEN 2 (exact) of the same bytes, one round trip per frame as a "
-                    "store; W15's is XREVRANGE COUNT 2 of the same two entries. The pipelined column is the "
-                    "transport's floor, not judged: a store answers whether it accepted the frame."))
-    w16 = redis_results.get(W16_ID)
+                    f"Against {server}, a server the run started. W14's redis-py is XADD MAXLEN 2 (exact) of "
+                    "the same bytes, one round trip per frame as a store is; W15's is XREVRANGE COUNT 2 of the "
+                    "same two entries. The pipelined column is the transport's floor, not judged: a store must "
+                    "answer whether it accepted the frame before the next one. The ratio is the median of the "
+                    "per-round ratios."))
+    w16 = entries.get(W16_ID)
     if w16:
         rows = []
         for target, r in w16["results"].items():
@@ -498,8 +501,9 @@ def sections(results: JsonObject) -> list[tuple[str, list[str], str]]:
                     f"frames after {w16['warmup']} of warm-up, median of {w16['rounds']})",
                     _table(["target", "received", "dropped", "lost uncounted", "p50 us", "p99 us", "p50 ratio",
                             "p99 ratio"], rows),
-                    "Two spawned processes per run; latency from the producer's stamp just before the store to "
-                    f"the reader holding a usable array. The library's reader is a subscription (buffer={W16_BUFFER}) "
-                    "whose thread reads with XREAD BLOCK; redis-py's is a loop of XREAD BLOCK on the reader's own "
-                    "connection. Ratios are medians of the per-round ratios."))
+                    "Two spawned processes; latency from the producer's stamp just before the store to the "
+                    "reader holding a usable array. Both rings keep 2 frames. The library's reader is a "
+                    f"subscription (buffer={W16_BUFFER}) whose thread reads with XREAD BLOCK and hands frames "
+                    "to the reading thread; redis-py's is a loop of XREAD BLOCK. Ratios are medians of the "
+                    "per-round ratios."))
     return out

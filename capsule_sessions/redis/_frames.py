@@ -71,7 +71,8 @@ RECONNECT_FIRST_S = 0.05
 RECONNECT_MAX_S = 1.0
 # close_subscriptions keeps the ended frames' keys this long (then they expire): a
 # reader that was away (a restart, a partition) shorter than that still sees the end.
-ENDED_KEEP_MS = 60_000
+# The manager's retention of an ended session's keys (_session.RETENTION_SECONDS).
+ENDED_KEEP_MS = 600_000
 
 DECIDE, START, STOP, STATS, END = (SCRIPTS[name] for name in ("decide", "start", "stop", "stats", "end"))
 

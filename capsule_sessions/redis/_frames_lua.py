@@ -202,8 +202,9 @@ return {st[1] or '0', st[2] or '0', st[3] or '0', redis.call('XLEN', KEYS[1]), s
 """
 
 # KEYS: stream, meta, sizes, end. ARGV: 1 milliseconds the keys are kept afterwards ('0':
-# no expiry). Marks the frames ended (subscriptions made later start closed) and appends
-# the end entry every node's readers wake up for: {last = accepted so far, e = epoch}.
+# no expiry; a key that expires already keeps its time). Marks the frames ended
+# (subscriptions made later start closed) and appends the end entry every node's readers
+# wake up for: {last = accepted so far, e = epoch}.
 END = _CHECK_TYPES + """
 local stream, meta, sizes, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local st = redis.pcall('HMGET', meta, 'accepted', 'epoch')
@@ -213,7 +214,11 @@ local accepted, e = integer(meta, 'accepted', st[1]); if e then return e end
 redis.call('HSET', meta, 'ended', '1')
 redis.call('XADD', done, '*', 'last', string.format('%d', accepted), 'e', st[2] or '')
 if ARGV[1] ~= '0' then
-  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[1]) end
+  -- Kept a while for readers that were away, then gone; a key that already expires
+  -- (the manager's retention) keeps its own time.
+  for _, key in ipairs(KEYS) do
+    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[1]) end
+  end
 end
 return {accepted, st[2] or ''}
 """
