@@ -136,13 +136,33 @@ def id_of(key: str, entry_id: object) -> tuple[bytes, int]:
     return match.group(1), int(match.group(2))
 
 
+def _number(raw: object, low: int, high: int) -> int | None:
+    """A decimal integer as this library writes it (no sign but '-', no zeros in front,
+    no spaces or '_'), within [low, high]; else None. Cheaper than a pattern: entries are
+    read on every frame."""
+    try:
+        value: int = int(raw)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(raw, bytes) or b"%d" % value != raw or not low <= value <= high:
+        return None
+    return value
+
+
+_NS_LOW, _NS_HIGH = -(2**62), 2**62
+
+
 def received_ns(key: str, fields: dict[bytes, Any]) -> int:
-    return integer(key, "received ns", fields.get(b"n"), -(2**62), 2**62)
+    ns = _number(fields.get(b"n"), _NS_LOW, _NS_HIGH)
+    if ns is None:
+        raise _fail(key, f"received ns is {fields.get(b'n')!r:.40}, not an integer")
+    return ns
 
 
-def decode(key: str, entry_id: object, fields: dict[bytes, Any], cache: Cache) -> tuple[int, bytes, VisualFrame]:
-    """One entry as (seq, epoch, frame); RedisDataError naming ``key`` when it is not one
-    this library wrote."""
+def decode(key: str, entry_id: object, fields: dict[bytes, Any], cache: Cache,
+           ns: int | None = None) -> tuple[int, bytes, VisualFrame]:
+    """One entry as (seq, epoch, frame) (``ns``: its received ns, already read); a
+    RedisDataError naming ``key`` when it is not one this library wrote."""
     era, seq = id_of(key, entry_id)
     if fields.keys() != FIELDS:
         raise _fail(key, f"entry {entry_id!r} has the fields {sorted(fields)}")
@@ -151,16 +171,20 @@ def decode(key: str, entry_id: object, fields: dict[bytes, Any], cache: Cache) -
         raise _fail(key, f"entry {entry_id!r} data is not a string")
     source = _text(key, "source", fields[b"s"])
     mime_type = _text(key, "mime_type", fields[b"m"])
-    width = integer(key, "width", fields[b"w"], 0, INT32_MAX)
-    height = integer(key, "height", fields[b"h"], 0, INT32_MAX)
-    timestamp_ms = integer(key, "timestamp_ms", fields[b"t"])
-    frame_seq = integer(key, "frame_seq", fields[b"f"])
+    width = _number(fields[b"w"], 0, INT32_MAX)
+    height = _number(fields[b"h"], 0, INT32_MAX)
+    timestamp_ms = _number(fields[b"t"], INT64_MIN, INT64_MAX)
+    frame_seq = _number(fields[b"f"], INT64_MIN, INT64_MAX)
+    if width is None or height is None or timestamp_ms is None or frame_seq is None:
+        raise _fail(key, f"entry {entry_id!r} has a width, height, timestamp_ms or frame_seq that is not an "
+                         f"integer in range: {[fields[k] for k in (b'w', b'h', b't', b'f')]!r:.120}")
     raw_at = fields[b"r"]
     try:
         received_at = float(raw_at)
     except (TypeError, ValueError):
         raise _fail(key, f"entry {entry_id!r} received_at is {raw_at!r}") from None
-    ns = received_ns(key, fields)
+    if ns is None:
+        ns = received_ns(key, fields)
     if (repr(received_at).encode() != raw_at or not abs(received_at) < MAX_INSTANT_SECONDS
             or int(received_at * 1e9) != ns):
         raise _fail(key, f"entry {entry_id!r} received_at {raw_at!r} does not match its {ns} ns")
@@ -183,8 +207,9 @@ def latest(key: str, reply: object, ttl_ns: int, now_ns: int, cache: Cache) -> l
         if not isinstance(entry, (list, tuple)) or len(entry) != 2:
             raise _fail(key, f"a read gave the entry {entry!r:.80}")
         fields = fields_of(entry[1])
-        if now_ns - received_ns(key, fields) <= ttl_ns:
-            frames.append(decode(key, entry[0], fields, cache)[2])
+        ns = received_ns(key, fields)
+        if now_ns - ns <= ttl_ns:
+            frames.append(decode(key, entry[0], fields, cache, ns)[2])
     return frames
 
 
