@@ -131,7 +131,7 @@ class _Store:
             base: object = payload.base  # copy_bytes' bytes: sent as they are, not copied again
             data = base if type(base) is bytes else payload.tobytes()
             self.commands = core.store_commands(self, data)
-            self.packed = pack(self.commands)
+            self.packed = core.pack_store(self.commands)
 
 
 class _Core:
@@ -158,6 +158,7 @@ class _Core:
         self.write_keys = (self.stream, self.meta, self.sizes, activity_key)
         self.end_keys = (self.stream, self.meta, self.sizes, self.done)
         self.cache = codec.Cache()
+        self.store_frame_bytes: tuple[bytes, bytes] | None = None  # MULTI, and XSETID + EXEC
         self.errors = _redis_errors()
         self.async_errors: tuple[type[BaseException], ...] = (*self.errors, asyncio.TimeoutError)
 
@@ -191,25 +192,40 @@ class _Core:
     def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Command:
         return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
-    def decide_args(self, store: _Store, check_only: bool) -> list[Any]:
+    def decide_args(self, store: _Store, check_only: bool, source: bytes, received_at: str) -> list[Any]:
         now_hi, now_lo = codec.split_ns(store.now_ns)
         limit: tuple[Any, Any] = codec.split_ns(store.min_ns) if store.min_ns > 0 else ("", "")
-        return [now_hi, now_lo, limit[0], limit[1], store.keep, codec.text_bytes(store.source),
-                0 if store.payload is None else store.payload.nbytes, repr(store.seconds), codec.new_epoch(),
+        return [now_hi, now_lo, limit[0], limit[1], store.keep, source,
+                0 if store.payload is None else store.payload.nbytes, received_at, codec.new_epoch(),
                 self.activity_field, "1" if check_only else ""]
 
     def store_commands(self, store: _Store, data: bytes) -> list[Command]:
         """The store's MULTI: DECIDE opens the stream for the XADD (or does not: then the
         XADD fails on the poisoned last id), XSETID closes it again."""
-        return [("MULTI",), self.script(DECIDE, self.write_keys, self.decide_args(store, False)),
-                ("XADD", self.stream, "NOMKSTREAM", "*", b"d", data, b"s", codec.text_bytes(store.source),
+        source, received_at = codec.text_bytes(store.source), repr(store.seconds)
+        return [("MULTI",), self.script(DECIDE, self.write_keys, self.decide_args(store, False, source, received_at)),
+                ("XADD", self.stream, "NOMKSTREAM", "*", b"d", data, b"s", source,
                  b"m", codec.text_bytes(store.mime_type), b"w", store.width, b"h", store.height,
-                 b"t", store.timestamp_ms, b"f", store.frame_seq, b"r", repr(store.seconds), b"n", store.now_ns),
+                 b"t", store.timestamp_ms, b"f", store.frame_seq, b"r", received_at, b"n", store.now_ns),
                 ("XSETID", self.stream, POISON), ("EXEC",)]
+
+    def pack_store(self, commands: list[Command]) -> bytes | None:
+        """A store's MULTI as bytes: its constant commands are packed once per ring."""
+        if self.store_frame_bytes is None:
+            head, tail = pack(commands[:1]), pack(commands[3:])
+            if head is None or tail is None:
+                return None
+            self.store_frame_bytes = (head, tail)
+        middle = pack(commands[1:3])
+        if middle is None:
+            return None
+        head, tail = self.store_frame_bytes
+        return head + middle + tail
 
     def check_command(self, store: _Store) -> Command:
         """The rate check alone (counted when limited)."""
-        return self.script(DECIDE, self.write_keys, self.decide_args(store, True))
+        return self.script(DECIDE, self.write_keys,
+                           self.decide_args(store, True, codec.text_bytes(store.source), repr(store.seconds)))
 
     def change_command(self, script: Script, source: str, seconds: float) -> Command:
         return self.script(script, self.write_keys, (codec.text_bytes(source), repr(seconds), self.activity_field))
