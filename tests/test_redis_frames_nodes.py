@@ -223,3 +223,32 @@ def test_an_asyncio_reader_reconnects_too():
         got, sub = asyncio.run(asyncio.wait_for(main(server), 60))
     assert got[:10] == list(range(10)) and got == sorted(got) and got[-1] == 29
     assert (sub.delivered, sub.dropped) == (12, 18)
+
+
+@pytest.mark.timeout(180)
+def test_the_frame_benchmarks_run_side_by_side_and_are_judged():
+    """W14-W16 with tiny settings: every figure of both contenders is there, every frame
+    W16 stored was received or counted, the report has the sections and the verdicts."""
+    from capsule_sessions.bench import redis_frames, report, runner
+
+    settings = runner.Settings("tiny", repeats=2, min_batch_s=0.0005, alloc_stores=1, w8_seconds=0.01,
+                               w8_repeats=1, w9_frames=10, w9_paced_frames=2, w9_interval_s=0.001,
+                               w9_repeats=1, redis_frames=40, redis_warmup=10, redis_rounds=1)
+    selection = runner.select("W14,W15,W16", None)
+    steps = []
+    results = runner.run(selection, settings, steps.append)
+    assert len(steps) == runner.total_steps(selection, settings)
+    json.dumps(results, allow_nan=False)
+    w14, w15, w16 = (results["redis"][wid] for wid in redis_frames.IDS)
+    for size in ("4096", "65536"):
+        assert set(w14["results"][size]) == {"library", "redis-py", "redis-py pipelined"}
+        assert w14["ratios"][size] > 0
+    assert w15["aux"] == ["4096"] and set(w15["results"]["65536"]) == {"library", "redis-py"}
+    for target in ("library", "redis-py"):
+        r = w16["results"][target]
+        assert r["missing"] == r["dropped"] and r["received"] + r["dropped"] == 50, (target, r)
+    checks = [(c["workload"], c["met"]) for c in results["checks"]]
+    assert [wid for wid, _ in checks] == ["W14_redis_store"] * 2 + ["W15_redis_latest"] + ["W16_redis_fanout"] * 3
+    assert checks[3] == ("W16_redis_fanout", True)  # nothing lost uncounted
+    text = report.markdown(results)
+    assert "### W14, W15" in text and "### W16" in text and "### Targets" in text

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 
 from .._json import JsonObject
-from . import ipc, redis_ops
+from . import ipc, redis_frames, redis_ops
 from .targets import format_ratio
 
 RATIOS = ("cython/python", "cython/naive", "cython/memcpy")
@@ -268,6 +268,7 @@ def markdown(results: JsonObject) -> str:
          "pooled over the readers."),
         ("### W12: latest_visual_frames(ttl=10) from a reader process over 8 frames", _w12_table(results),
          "The in-process rows are the reference (W5 is 8 x 64 KiB); the target is judged per frame handed out."),
+        *redis_frames.sections(results),
         ("### W17: session operations on a Redis server (one private redis-server on loopback)",
          _w17_table(results),
          "Each operation and its bare redis-py round trip are timed in the same rounds; the ratio is the "
@@ -275,7 +276,7 @@ def markdown(results: JsonObject) -> str:
         ("### Targets", _checks_table(results), ""),
     ]
     for title, lines, note in sections:
-        if not lines:
+        if not lines and not title.startswith("### W14"):
             continue
         out += [title, ""] + lines + [""]
         if note:

@@ -3,8 +3,8 @@
 ``run(selection, settings, progress)`` times W1..W7 and W13 (and the aux points) for every
 selected target with interleaved repeats, measures allocation and page faults for the
 1080p stores, runs W8 and W9 in this process, W10-W12 in spawned ones (``ipc.py``) and
-W17 against a private redis-server (``redis_ops.py``), and judges every library backend
-against the targets (docs/bench.md).
+W14-W16 (``redis_frames.py``) and W17 (``redis_ops.py``) against private redis-servers, and
+judges every library backend against the targets (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import numpy as np
 import capsule_sessions
 
 from .._json import JsonObject
-from . import harness, ipc, memory, redis_ops, targets, threaded
+from . import harness, ipc, memory, redis_frames, redis_ops, targets, threaded
 from .workloads import BY_ID, TIMED, Case, backends
 from .workloads import targets as all_targets
 
 ALLOC_WORKLOADS = ("W3_store_6m_0sub", "W4_store_6m_4sub")
 THREADED_IDS = (threaded.W8_ID, threaded.W9_ID)
-ALL_IDS = tuple(w.id for w in TIMED) + THREADED_IDS + ipc.IDS + redis_ops.IDS
+ALL_IDS = tuple(w.id for w in TIMED) + THREADED_IDS + ipc.IDS + redis_frames.IDS + redis_ops.IDS
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,20 @@ class Settings:
     ipc_warmup_s: float = 0.1
     ipc_repeats: int = 1
     w11_frames: int = 200
+    # W16 (Redis, two processes): frames at 1 kHz per case after a warm-up, and rounds.
+    redis_frames: int = 200
+    redis_warmup: int = 50
+    redis_rounds: int = 1
 
 
 QUICK = Settings("quick", repeats=5, min_batch_s=0.01, alloc_stores=6, w8_seconds=0.2, w8_repeats=5,
                  w9_frames=1500, w9_paced_frames=150, w9_interval_s=0.001, w9_repeats=1,
-                 ipc_seconds=0.3, ipc_warmup_s=0.1, ipc_repeats=1, w11_frames=200)
+                 ipc_seconds=0.3, ipc_warmup_s=0.1, ipc_repeats=1, w11_frames=200,
+                 redis_frames=200, redis_warmup=50, redis_rounds=1)
 FULL = Settings("full", repeats=9, min_batch_s=0.05, alloc_stores=24, w8_seconds=0.3, w8_repeats=15,
                 w9_frames=10000, w9_paced_frames=1500, w9_interval_s=0.001, w9_repeats=3,
-                ipc_seconds=1.0, ipc_warmup_s=0.2, ipc_repeats=3, w11_frames=1000)
+                ipc_seconds=1.0, ipc_warmup_s=0.2, ipc_repeats=3, w11_frames=1000,
+                redis_frames=1000, redis_warmup=200, redis_rounds=3)
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,10 @@ def _ipc_ids(selection: Selection) -> list[str]:
     return [wid for wid in selection.workloads if wid in ipc.IDS]
 
 
+def _redis_ids(selection: Selection) -> list[str]:
+    return [wid for wid in selection.workloads if wid in redis_frames.IDS]
+
+
 def _timed_ids(selection: Selection) -> list[str]:
     return [wid for wid in selection.workloads if wid in BY_ID]
 
@@ -130,6 +140,8 @@ def total_steps(selection: Selection, settings: Settings) -> int:
         steps += settings.w9_repeats * len(_w9_targets(selection)) * len(threaded.W9_SUBSCRIBERS) * 2
     steps += ipc.steps(_ipc_ids(selection), list(selection.ipc_targets), settings.ipc_repeats)
     steps += redis_ops.steps(redis_ops.W17_ID in selection.workloads, settings.repeats)
+    if _redis_ids(selection) and redis_frames.unavailable() is None:
+        steps += redis_frames.steps(_redis_ids(selection), settings.repeats, settings.redis_rounds)
     return steps
 
 
@@ -303,11 +315,18 @@ def run(selection: Selection, settings: Settings, progress: Callable[[str], None
                                  warmup_s=settings.ipc_warmup_s, repeats=settings.ipc_repeats,
                                  w11_frames=settings.w11_frames, latest_repeats=settings.repeats,
                                  min_batch_s=settings.min_batch_s, progress=tick)
+    if _redis_ids(selection):
+        results.setdefault("redis", {}).update(redis_frames.run(
+            _redis_ids(selection), repeats=settings.repeats, min_batch_s=settings.min_batch_s,
+            w16_rounds=settings.redis_rounds, w16_frames=settings.redis_frames, w16_warmup=settings.redis_warmup,
+            progress=tick))
     if redis_ops.W17_ID in selection.workloads:
         # Against its own bare redis-py figures, whatever --targets says (docs/bench.md).
-        results["redis"] = {redis_ops.W17_ID: redis_ops.run(settings.repeats, settings.min_batch_s, tick)}
+        results.setdefault("redis", {})[redis_ops.W17_ID] = redis_ops.run(settings.repeats, settings.min_batch_s,
+                                                                          tick)
     results["checks"] = [check for backend in selection.targets if backend in backends()
                          for check in targets.evaluate(results, backend)]
     results["checks"] += targets.evaluate_ipc(results)
+    results["checks"] += redis_frames.evaluate(results)
     results["checks"] += targets.evaluate_redis(results)
     return results

@@ -5,7 +5,8 @@ interleaved repeats (medians), measures allocation and page faults of the 1080p 
 runs the threaded workloads W8 (producer scaling) and W9 (fan-out latency), the
 across-process workloads W10-W12 in spawned processes against their peers
 (multiprocessing.Queue, faster_fifo, the Frigate pattern, iceoryx2, the in-process
-subscription), then prints a markdown table with the ratios and the targets judged.
+subscription), the Redis workloads W14-W16 against bare redis-py on a redis-server the
+run starts itself, then prints a markdown table with the ratios and the targets judged.
 The project's docs/bench.md defines each workload and target. The workloads are
 installed with the package (capsule_sessions.bench), so the command runs anywhere and
 needs numpy only; rich draws the progress bar when it is installed, --plot needs
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import NoReturn, overload
 
 from .._json import JsonObject
-from ..bench import ipc, plot, redis_ops, report, runner, workloads
+from ..bench import ipc, plot, redis_frames, redis_ops, report, runner, workloads
 from ._errors import UsageError
 from ._extras import MissingExtra, available, missing_message
 
@@ -107,6 +108,8 @@ def _list() -> str:
             description = workload.description
         elif wid in ipc.DESCRIPTIONS:
             description = ipc.DESCRIPTIONS[wid]
+        elif wid in redis_frames.DESCRIPTIONS:
+            description = redis_frames.DESCRIPTIONS[wid]
         elif wid == redis_ops.W17_ID:
             description = redis_ops.DESCRIPTION
         elif wid.startswith("W8"):
@@ -117,6 +120,8 @@ def _list() -> str:
     lines.append("targets: " + ", ".join(workloads.targets()))
     peers = [name + (f" ({reason})" if reason else "") for name, reason in ipc.availability(list(ipc.TARGETS)).items()]
     lines.append("across processes (W10-W12): " + ", ".join(peers))
+    lines.append("across machines (W14-W16): the library against bare redis-py on a redis-server of the run's own"
+                 + (f" (unavailable: {redis_frames.unavailable()})" if redis_frames.unavailable() else ""))
     return "\n".join(lines)
 
 

@@ -5,14 +5,16 @@ the ring in a stream every node sees.
 ``redis.asyncio``, in ``_frames_async.py``) is what a Redis session holds as ``_ring``
 and forwards its visual methods to. The design, in short (docs/redis.md, "Frames"):
 
-- One stream per session, the ring itself: a store is one script (``_frames_lua.STORE``)
-  that does the rate check against the last accepted frame, the source-switch reset,
-  the append and the ``max_recent`` trim atomically, counting accepted, rate-limited and
-  source resets in a hash. Instants are the caller's (``now=``, else ``clock()``),
-  passed to the script as arguments, so every node decides alike whatever its own clock.
+- One stream per session, the ring itself. A store is one round trip: a MULTI whose
+  script (``_frames_lua.DECIDE``) does the rate check against the last accepted frame,
+  the source-switch reset and the ``max_recent`` trim atomically, counting accepted,
+  rate-limited and source resets in a hash, and opens the stream for the native XADD
+  of the frame that follows it (the bytes never pass through Lua). Instants are the
+  caller's (``now=``, else ``clock()``), passed to the script as arguments, so every
+  node decides alike whatever its own clock.
 - An entry holds the frame's bytes raw and its fields as strings (``_frames_codec``); its
-  id is the accept number. Whatever is read back is checked: a key this library did
-  not write is a RedisDataError naming it.
+  id is ``<epoch>-<accept number>``. Whatever is read back is checked: a key this
+  library did not write is a RedisDataError naming it.
 - ``latest_visual_frames`` is one XRANGE of the ring, filtered by TTL on the instants the
   script stored; ``visual_stats`` is one script (the cluster's counts).
 - A subscription is the in-process ``Subscription`` on a local bounded queue
@@ -25,19 +27,19 @@ and forwards its visual methods to. The design, in short (docs/redis.md, "Frames
   appends an entry to the session's end stream, which every reader waits on too; a
   reader books what was accepted before the end, then closes.
 
-Every failure to reach the server is a RedisUnavailableError naming the URL.
+Every call is made on a connection of the client's pool, with the client's timeouts and
+no retry (a retried store could be stored twice): a failure to reach the server is a
+RedisUnavailableError naming the URL, raised within the configured timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import itertools
 import logging
-import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
 import numpy as np
@@ -51,7 +53,7 @@ from .._records import VisualFrame
 from ..errors import REENTERED_MESSAGE
 from . import _frames_codec as codec
 from ._errors import RedisDataError, RedisUnavailableError, masked
-from ._frames_lua import SCRIPTS, Script
+from ._frames_lua import POISON, SCRIPTS, Script
 from ._frames_queue import RedisQueue, RedisSubscription
 from ._keys import SessionKeys
 
@@ -69,22 +71,44 @@ RECONNECT_FIRST_S = 0.05
 RECONNECT_MAX_S = 1.0
 # close_subscriptions keeps the ended frames' keys this long (then they expire): a
 # reader that was away (a restart, a partition) shorter than that still sees the end.
-ENDED_KEEP_MS = 60_000
+# The manager's retention of an ended session's keys (_session.RETENTION_SECONDS).
+ENDED_KEEP_MS = 600_000
 
-STORE, START, STOP, STATS, END = (SCRIPTS[name] for name in ("store", "start", "stop", "stats", "end"))
+DECIDE, START, STOP, STATS, END = (SCRIPTS[name] for name in ("decide", "start", "stop", "stats", "end"))
+
+Command = tuple[Any, ...]
+
+_pack_command: Callable[[Command], bytes] | None
+try:  # the redis extra's parser packs a command in C; without it, redis-py's own code does
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - the extra installs hiredis
+    _pack_command = None
+
+
+def pack(commands: Sequence[Command]) -> bytes | None:
+    """``commands`` as the bytes sent for them (None without hiredis: the connection packs)."""
+    if _pack_command is None:
+        return None
+    return b"".join([_pack_command(command) for command in commands])
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
     import redis.exceptions as rx
 
-    return (rx.RedisError, OSError)
+    return (rx.ConnectionError, rx.TimeoutError, OSError)
+
+
+def _no_script(reply: object) -> bool:
+    import redis.exceptions as rx
+
+    return isinstance(reply, rx.NoScriptError) or (isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT"))
 
 
 class _Store:
-    """One store, checked and copied: what its script is sent, and its frame's fields."""
+    """One store, checked and copied: the commands that store it, and its frame's fields."""
 
     __slots__ = ("payload", "source", "keep", "min_ns", "seconds", "now_ns", "mime_type", "width", "height",
-                 "timestamp_ms", "frame_seq", "error", "args")
+                 "timestamp_ms", "frame_seq", "error", "commands", "packed")
 
     def __init__(self, core: _Core, payload: np.ndarray[Any, Any] | None, source: str, keep: int, min_ns: int,
                  seconds: float, now_ns: int, mime_type: str, width: int, height: int, timestamp_ms: int,
@@ -101,17 +125,18 @@ class _Store:
         self.timestamp_ms = timestamp_ms
         self.frame_seq = frame_seq
         self.error = error
-        self.args: list[Any] = []
+        self.commands: list[Command] = []
+        self.packed: bytes | None = None
         if payload is not None:
             base: object = payload.base  # copy_bytes' bytes: sent as they are, not copied again
             data = base if type(base) is bytes else payload.tobytes()
-            self.args = core.store_args(data, source, keep, min_ns, seconds, now_ns, mime_type, width, height,
-                                        timestamp_ms, frame_seq, False)
+            self.commands = core.store_commands(self, data)
+            self.packed = core.pack_store(self.commands)
 
 
 class _Core:
-    """What the sync and asyncio rings share: the keys, the clock, the script arguments
-    and the reading of replies (no I/O here)."""
+    """What the sync and asyncio rings share: the keys, the clock, the commands and the
+    reading of replies (no I/O here)."""
 
     def __init__(self, client: Any, keys: SessionKeys, url: str, clock: Callable[[], float],
                  activity: tuple[str, str] | None) -> None:
@@ -130,11 +155,10 @@ class _Core:
             activity_key, self.activity_field = "", ""
         else:
             activity_key, self.activity_field = (v.text(part, "activity") for part in activity)
-        self.write_keys = [self.stream, self.meta, self.sizes, activity_key]
-        self.end_keys = [self.stream, self.meta, self.sizes, self.done]
-        self.nonce = secrets.token_hex(6)
-        self.calls = itertools.count(1)
+        self.write_keys = (self.stream, self.meta, self.sizes, activity_key)
+        self.end_keys = (self.stream, self.meta, self.sizes, self.done)
         self.cache = codec.Cache()
+        self.store_frame_bytes: tuple[bytes, bytes] | None = None  # MULTI, and XSETID + EXEC
         self.errors = _redis_errors()
         self.async_errors: tuple[type[BaseException], ...] = (*self.errors, asyncio.TimeoutError)
 
@@ -153,71 +177,87 @@ class _Core:
             text = str(exc)
             if "CAPSULE_DATA " in text:
                 return RedisDataError(f"Redis at {where}: key {text.split('CAPSULE_DATA ', 1)[1]}")
-            if "WRONGTYPE" in text:
-                return RedisDataError(f"Redis at {where}: a key of {self.stream!r} holds another type: {text}")
+            if "WRONGTYPE" in text or "ERR The ID" in text or "exhausted" in text:
+                return RedisDataError(f"Redis at {where}: a key of {self.stream!r} holds something else: {text}")
             return RedisUnavailableError(f"Redis at {where} refused a command: {text}")
         return RedisUnavailableError(f"Redis at {where} is unavailable: {exc}")
 
-    # -- stores ------------------------------------------------------------------------
-    def store_args(self, data: bytes, source: str, keep: int, min_ns: int, seconds: float, now_ns: int,
-                   mime_type: str, width: int, height: int, timestamp_ms: int, frame_seq: int,
-                   check_only: bool) -> list[Any]:
-        now_hi, now_lo = codec.split_ns(now_ns)
-        if min_ns > 0:
-            min_hi, min_lo = codec.split_ns(min_ns)
-            limit: tuple[Any, Any] = (min_hi, min_lo)
-        else:
-            limit = ("", "")
-        return [f"{self.nonce}:{next(self.calls)}", now_hi, now_lo, limit[0], limit[1], keep,
-                codec.text_bytes(source), len(data), repr(seconds), now_ns, codec.text_bytes(mime_type),
-                width, height, timestamp_ms, frame_seq, data, secrets.token_hex(8), self.activity_field,
-                "1" if check_only else ""]
+    def reply(self, reply: object) -> Any:
+        """A reply that must not be an error."""
+        if isinstance(reply, Exception):
+            raise self.failure(reply)
+        return reply
 
-    def prepare(self, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
-                height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> _Store:
-        """store_frame's checks, in the pure ring's order, then the one copy of the bytes.
-        A buffer that cannot be read is the store's ``error``: the pure ring reads the
-        bytes after its rate check, so a rate-limited one is False there (and counted),
-        whatever its bytes."""
-        check_buffer(data)
-        source = v.text(source, "source")
-        keep = v.count(max_recent, "max_recent")
-        min_ns = v.duration_ns(min_interval, "min_interval")
-        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
-            data, mime_type, width, height, timestamp_ms, frame_seq)
-        seconds, now_ns = self.read_now(now)
-        try:
-            payload = copy_bytes(data)
-        except TypeError as exc:
-            return _Store(self, None, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
-                          frame_seq, exc)
-        return _Store(self, payload, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
-                      frame_seq, None)
+    # -- commands ----------------------------------------------------------------------
+    def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Command:
+        return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
-    def prepare_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
-                     width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> _Store:
-        """FrameLoan.commit: store_frame's checks (a loan is 1-D: no width or height is
-        read from a shape), then the loan's bytes, copied once; the loan is finished."""
-        source = v.text(source, "source")
-        keep = v.count(max_recent, "max_recent")
-        min_ns = v.duration_ns(min_interval, "min_interval")
-        mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
-            None, mime_type, width, height, timestamp_ms, frame_seq)
-        seconds, now_ns = self.read_now(now)
-        memory = loan._take()
-        payload = copy_bytes(memory)
-        del memory
-        return _Store(self, payload, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
-                      frame_seq, None)
+    def decide_args(self, store: _Store, check_only: bool, source: bytes, received_at: str) -> list[Any]:
+        now_hi, now_lo = codec.split_ns(store.now_ns)
+        limit: tuple[Any, Any] = codec.split_ns(store.min_ns) if store.min_ns > 0 else ("", "")
+        return [now_hi, now_lo, limit[0], limit[1], store.keep, source,
+                0 if store.payload is None else store.payload.nbytes, received_at, codec.new_epoch(),
+                self.activity_field, "1" if check_only else ""]
 
-    def check_args(self, store: _Store) -> list[Any]:
+    def store_commands(self, store: _Store, data: bytes) -> list[Command]:
+        """The store's MULTI: DECIDE opens the stream for the XADD (or does not: then the
+        XADD fails on the poisoned last id), XSETID closes it again."""
+        source, received_at = codec.text_bytes(store.source), repr(store.seconds)
+        return [("MULTI",), self.script(DECIDE, self.write_keys, self.decide_args(store, False, source, received_at)),
+                ("XADD", self.stream, "NOMKSTREAM", "*", b"d", data, b"s", source,
+                 b"m", codec.text_bytes(store.mime_type), b"w", store.width, b"h", store.height,
+                 b"t", store.timestamp_ms, b"f", store.frame_seq, b"r", received_at, b"n", store.now_ns),
+                ("XSETID", self.stream, POISON), ("EXEC",)]
+
+    def pack_store(self, commands: list[Command]) -> bytes | None:
+        """A store's MULTI as bytes: its constant commands are packed once per ring."""
+        if self.store_frame_bytes is None:
+            head, tail = pack(commands[:1]), pack(commands[3:])
+            if head is None or tail is None:
+                return None
+            self.store_frame_bytes = (head, tail)
+        middle = pack(commands[1:3])
+        if middle is None:
+            return None
+        head, tail = self.store_frame_bytes
+        return head + middle + tail
+
+    def check_command(self, store: _Store) -> Command:
         """The rate check alone (counted when limited)."""
-        return self.store_args(b"", "", 1, store.min_ns, 0.0, store.now_ns, "", 0, 0, 0, 0, True)
+        return self.script(DECIDE, self.write_keys,
+                           self.decide_args(store, True, codec.text_bytes(store.source), repr(store.seconds)))
 
-    def accepted(self, store: _Store, reply: Any, subscribers: list[RedisQueue]) -> bool:
-        """A store's reply read; an accepted frame is offered to ``subscribers`` (this
-        ring's, in accept order: the caller holds the ring's lock)."""
-        seq, epoch = self.store_result(reply)
+    def change_command(self, script: Script, source: str, seconds: float) -> Command:
+        return self.script(script, self.write_keys, (codec.text_bytes(source), repr(seconds), self.activity_field))
+
+    def decided(self, reply: Any) -> tuple[int, bytes | None]:
+        if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], int):
+            raise RedisDataError(f"Redis at {masked(self.url)}: the store script of {self.stream!r} "
+                                 f"answered {reply!r:.80}")
+        return reply[0], codec.epoch(self.meta, reply[1])
+
+    def stored(self, replies: list[Any]) -> tuple[int, bytes | None] | None:
+        """A store's replies read: (seq, epoch), seq 0 when rate-limited; None when the
+        server had lost the script (nothing happened: load it and store again)."""
+        for reply in replies[:4]:
+            self.reply(reply)
+        results = self.reply(replies[4])
+        if not isinstance(results, list) or len(results) != 3:
+            raise RedisDataError(f"Redis at {masked(self.url)}: a store of {self.stream!r} answered "
+                                 f"{results!r:.80}")
+        decision, added, _ = results
+        if _no_script(decision):
+            return None
+        seq, epoch = self.decided(self.reply(decision))
+        if seq > 0:
+            if epoch is None or added != b"%s-%d" % (epoch, seq):
+                raise RedisDataError(f"Redis at {masked(self.url)}: key {self.stream!r} took frame {seq} as "
+                                     f"{added!r:.80}")
+        return seq, epoch
+
+    def accepted(self, store: _Store, seq: int, epoch: bytes | None, subscribers: list[RedisQueue]) -> bool:
+        """An accepted frame is offered to ``subscribers`` (this ring's, in accept order:
+        the caller holds the ring's lock)."""
         if seq <= 0 or epoch is None:
             return False
         if subscribers:
@@ -230,12 +270,6 @@ class _Core:
                 q.push_local(frame, seq, epoch)
         return True
 
-    def store_result(self, reply: Any) -> tuple[int, bytes | None]:
-        if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], int):
-            raise RedisDataError(f"Redis at {masked(self.url)}: the store script of {self.stream!r} "
-                                 f"answered {reply!r:.80}")
-        return reply[0], codec.epoch(self.meta, reply[1])
-
     def stats(self, reply: Any) -> dict[str, int]:
         if not isinstance(reply, list) or len(reply) != 5:
             raise RedisDataError(f"Redis at {masked(self.url)}: key {self.meta!r} gave {reply!r:.80}")
@@ -244,6 +278,9 @@ class _Core:
             zip(("accepted", "rate_limited", "source_resets", "frames", "bytes"), reply, strict=True))
         return {"accepted": accepted, "rate_limited": rate_limited, "source_resets": resets, "frames": frames,
                 "bytes": nbytes}
+
+    def subscribe_command(self) -> Command:
+        return ("HMGET", self.meta, "accepted", "epoch", "ended")
 
     def subscribed(self, reply: Any) -> tuple[int, bytes | None, bool]:
         """HMGET meta accepted epoch ended, read."""
@@ -267,9 +304,9 @@ class _Core:
         kwargs["retry"] = retry
         return pool.connection_class(**kwargs)
 
-    def xread_args(self, q: RedisQueue) -> tuple[Any, ...]:
+    def xread_args(self, q: RedisQueue) -> Command:
         return ("XREAD", "COUNT", READ_COUNT, "BLOCK", READ_BLOCK_MS, "STREAMS", self.stream, self.done,
-                f"{q.position()}-0", "0-0")
+                q.position(), "0-0")
 
     def deliver(self, q: RedisQueue, reply: Any) -> tuple[int, bytes | None] | None:
         """Book the frames of an XREAD reply; the end entry's (last, epoch) if it has one."""
@@ -299,18 +336,20 @@ class _Core:
                 # Not a frame: counted as dropped when its number can be read, else skipped.
                 log.warning("%s", exc)
                 try:
-                    seq = codec.seq_of(self.stream, entry[0])
+                    era, seq = codec.id_of(self.stream, entry[0])
                 except RedisDataError:
                     continue
-                if q.epoch is not None:
-                    q.push_read(None, seq, q.epoch)
+                q.push_read(None, seq, era)
                 continue
             q.push_read(frame, seq, era)
 
-    def rest_args(self, q: RedisQueue, last: int) -> tuple[Any, ...] | None:
+    def rest_args(self, q: RedisQueue, last: int, epoch: bytes | None) -> Command | None:
         """The XRANGE of frames accepted before the end that the reader has not read."""
-        start = q.position() + 1
-        return None if start > last else ("XRANGE", self.stream, f"{start}-0", f"{last}-0")
+        if epoch is None or q.epoch != epoch:
+            return None
+        start = q.seq_position() + 1
+        era = epoch.decode()
+        return None if start > last else ("XRANGE", self.stream, f"{era}-{start}", f"{era}-{last}")
 
 
 def backoff(failures: int) -> float:
@@ -344,7 +383,7 @@ def _read_frames(core: _Core, q: RedisQueue) -> None:
                 reply = _command(conn, *core.xread_args(q))
                 end = core.deliver(q, reply)
                 if end is not None:
-                    rest = core.rest_args(q, end[0])
+                    rest = core.rest_args(q, *end)
                     if rest is not None:
                         core.book(q, _command(conn, *rest))
                     q.end(*end)
@@ -409,23 +448,50 @@ class RedisFrameRing:
             raise RuntimeError(REENTERED_MESSAGE)
         self._busy = True
 
-    def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+    def _exchange(self, commands: Sequence[Command], packed: bytes | None = None) -> list[Any]:
+        """Send ``commands`` (``packed``: as bytes already) on one connection of the pool,
+        in one write, and read every reply (an error reply is returned as its exception,
+        not raised)."""
         import redis.exceptions as rx
 
-        client = self._core.client
+        core = self._core
+        check_not_forked(self._fork_gen)
+        pool = core.client.connection_pool
         try:
-            try:
-                return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, NEVER_DECODE=True)
-            except rx.NoScriptError:
-                return client.execute_command("EVAL", script.text, len(keys), *keys, *args, NEVER_DECODE=True)
-        except self._core.errors as exc:
-            raise self._core.failure(exc) from exc
+            conn = pool.get_connection()
+        except core.errors as exc:
+            raise core.failure(exc) from exc
+        try:
+            if packed is None:
+                packed = pack(commands)
+            conn.send_packed_command(conn.pack_commands(commands) if packed is None else [packed])
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response(disable_decoding=True))
+                except rx.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException as exc:
+            conn.disconnect()  # half a conversation: the connection is not reused
+            if isinstance(exc, core.errors):
+                raise core.failure(exc) from exc
+            raise
+        finally:
+            pool.release(conn)
 
-    def _command(self, *args: Any) -> Any:
-        try:
-            return self._core.client.execute_command(*args, NEVER_DECODE=True)
-        except self._core.errors as exc:
-            raise self._core.failure(exc) from exc
+    def _load(self) -> None:
+        """Load every script (after the server lost them: a restart, SCRIPT FLUSH)."""
+        for reply in self._exchange([("SCRIPT", "LOAD", script.text) for script in SCRIPTS.values()]):
+            self._core.reply(reply)
+
+    def _call(self, command: Command) -> Any:
+        """One command; a script the server lost is loaded and run again."""
+        (reply,) = self._exchange([command])
+        if _no_script(reply):
+            self._load()
+            (reply,) = self._exchange([command])
+        return self._core.reply(reply)
 
     # -- visual input ------------------------------------------------------------------
     def start_visual_input(self, source: str, now: float | None = None) -> None:
@@ -439,11 +505,10 @@ class RedisFrameRing:
         self._change(STOP, source, seconds)
 
     def _change(self, script: Script, source: str, seconds: float) -> None:
-        core = self._core
         with self._lock:
             self._claim()
             try:
-                self._run(script, core.write_keys, [codec.text_bytes(source), repr(seconds), core.activity_field])
+                self._call(self._core.change_command(script, source, seconds))
             finally:
                 self._busy = False
 
@@ -474,8 +539,8 @@ class RedisFrameRing:
 
     def _store(self, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
                height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
-        store = self._core.prepare(data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
-                                   frame_seq, now)
+        store = _prepare(self._core, data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
+                         frame_seq, now)
         if store.error is not None:
             if store.min_ns > 0 and self._rate_limited(store):
                 return False
@@ -484,29 +549,33 @@ class RedisFrameRing:
 
     def _store_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
                     width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
-        return self._send(self._core.prepare_loan(loan, source, max_recent, min_interval, mime_type, width, height,
-                                                  timestamp_ms, frame_seq, now))
+        return self._send(_prepare_loan(self._core, loan, source, max_recent, min_interval, mime_type, width, height,
+                                        timestamp_ms, frame_seq, now))
 
     def _rate_limited(self, store: _Store) -> bool:
         """The rate check alone (counted when limited), for bytes that cannot be read."""
-        core = self._core
         with self._lock:
             self._claim()
             try:
-                seq, _ = core.store_result(self._run(STORE, core.write_keys, core.check_args(store)))
+                seq, _ = self._core.decided(self._call(self._core.check_command(store)))
             finally:
                 self._busy = False
         return seq == 0
 
     def _send(self, store: _Store) -> bool:
-        """Run a store's script; False when rate-limited."""
+        """Run a store's MULTI; False when rate-limited."""
         core = self._core
         with self._lock:
             self._claim()
             try:
-                reply = self._run(STORE, core.write_keys, store.args)
+                outcome = core.stored(self._exchange(store.commands, store.packed))
+                if outcome is None:
+                    self._load()
+                    outcome = core.stored(self._exchange(store.commands, store.packed))
+                    if outcome is None:
+                        raise RedisUnavailableError(f"Redis at {masked(core.url)} keeps losing its scripts")
                 subscribers = self._subscribers
-                accepted = core.accepted(store, reply, subscribers)
+                accepted = core.accepted(store, *outcome, subscribers)
                 if any(q.closed for q in subscribers):
                     self._subscribers = [q for q in subscribers if not q.closed]
                 return accepted
@@ -527,15 +596,13 @@ class RedisFrameRing:
         _, now_ns = self._core.read_now(now)
         if ttl_ns <= 0:
             return []
-        check_not_forked(self._fork_gen)
         core = self._core
-        return codec.latest(core.stream, self._command("XRANGE", core.stream, "-", "+"), ttl_ns, now_ns, core.cache)
+        return codec.latest(core.stream, self._call(("XRANGE", core.stream, "-", "+")), ttl_ns, now_ns, core.cache)
 
     def visual_stats(self) -> dict[str, int]:
         """The cluster's counts: accepted, rate_limited, source_resets; frames, bytes."""
-        check_not_forked(self._fork_gen)
         core = self._core
-        return core.stats(self._run(STATS, [core.stream, core.meta], []))
+        return core.stats(self._call(core.script(STATS, (core.stream, core.meta), ())))
 
     # -- subscribers -------------------------------------------------------------------
     def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> RedisSubscription:
@@ -545,8 +612,7 @@ class RedisFrameRing:
         with self._lock:
             self._claim()
             try:
-                accepted, epoch, ended = core.subscribed(self._command("HMGET", core.meta, "accepted", "epoch",
-                                                                       "ended"))
+                accepted, epoch, ended = core.subscribed(self._call(core.subscribe_command()))
                 # Frames accepted before now are not this subscriber's.
                 q = RedisQueue(maxsize, policy, accepted, epoch)
                 if self._ended or ended:
@@ -584,7 +650,7 @@ class RedisFrameRing:
         with self._lock:
             self._claim()
             try:
-                end = core.ended(self._run(END, core.end_keys, [ENDED_KEEP_MS]))
+                end = core.ended(self._call(core.script(END, core.end_keys, (ENDED_KEEP_MS,))))
             except BaseException as exc:
                 error = exc
             finally:
@@ -597,13 +663,51 @@ class RedisFrameRing:
             raise error
 
 
+def _prepare(core: _Core, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
+             height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> _Store:
+    """store_frame's checks, in the pure ring's order, then the one copy of the bytes. A
+    buffer that cannot be read is the store's ``error``: the pure ring reads the bytes
+    after its rate check, so a rate-limited one is False there (and counted), whatever
+    its bytes."""
+    check_buffer(data)
+    source = v.text(source, "source")
+    keep = v.count(max_recent, "max_recent")
+    min_ns = v.duration_ns(min_interval, "min_interval")
+    mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
+        data, mime_type, width, height, timestamp_ms, frame_seq)
+    seconds, now_ns = core.read_now(now)
+    try:
+        payload = copy_bytes(data)
+    except TypeError as exc:
+        return _Store(core, None, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
+                      frame_seq, exc)
+    return _Store(core, payload, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
+                  frame_seq, None)
+
+
+def _prepare_loan(core: _Core, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
+                  width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> _Store:
+    """FrameLoan.commit: store_frame's checks (a loan is 1-D: no width or height is read
+    from a shape), then the loan's bytes, copied once; the loan is finished."""
+    source = v.text(source, "source")
+    keep = v.count(max_recent, "max_recent")
+    min_ns = v.duration_ns(min_interval, "min_interval")
+    mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
+        None, mime_type, width, height, timestamp_ms, frame_seq)
+    seconds, now_ns = core.read_now(now)
+    memory = loan._take()
+    payload = copy_bytes(memory)
+    del memory
+    return _Store(core, payload, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
+                  frame_seq, None)
+
+
 def frame_keys(keys: SessionKeys) -> list[str]:
     """Every key a session's frames use (for a manager that resets an id it reuses)."""
     return [keys.key("frames"), keys.key("frames:meta"), keys.key("frames:sizes"), keys.key("frames:end")]
 
 
 __all__ = ["AsyncFrameLoan", "AsyncRedisFrameRing", "RedisFrameRing", "frame_keys"]
-
 
 # The asyncio twin, which builds on this module's core (imported last for that reason).
 from ._frames_async import AsyncFrameLoan, AsyncRedisFrameRing  # noqa: E402

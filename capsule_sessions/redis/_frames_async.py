@@ -13,7 +13,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
 import numpy as np
@@ -24,9 +24,24 @@ from .._framebuf_py._fork import _MAKE, _fork, _refuse_copy, check_not_forked
 from .._limits import MAX_LOAN_BYTES
 from .._records import VisualFrame
 from . import _frames_codec as codec
-from ._errors import RedisDataError, masked
-from ._frames import END, ENDED_KEEP_MS, RECONNECT_MAX_S, START, STATS, STOP, STORE, _Core, _Store, backoff
-from ._frames_lua import Script
+from ._errors import RedisDataError, RedisUnavailableError, masked
+from ._frames import (
+    END,
+    ENDED_KEEP_MS,
+    RECONNECT_MAX_S,
+    START,
+    STATS,
+    STOP,
+    Command,
+    _Core,
+    _no_script,
+    _prepare,
+    _prepare_loan,
+    _Store,
+    backoff,
+    pack,
+)
+from ._frames_lua import SCRIPTS, Script
 from ._frames_queue import RedisQueue, RedisSubscription
 from ._keys import SessionKeys
 
@@ -98,7 +113,7 @@ async def _read_frames(core: _Core, q: RedisQueue) -> None:
                 reply = await _command(conn, *core.xread_args(q))
                 end = core.deliver(q, reply)
                 if end is not None:
-                    rest = core.rest_args(q, end[0])
+                    rest = core.rest_args(q, *end)
                     if rest is not None:
                         core.book(q, await _command(conn, *rest))
                     q.end(*end)
@@ -145,26 +160,46 @@ class AsyncRedisFrameRing:
         return f"<AsyncRedisFrameRing {self._core.stream!r} at {masked(self._core.url)}>"
 
     # -- plumbing ----------------------------------------------------------------------
-    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+    async def _exchange(self, commands: Sequence[Command], packed: bytes | None = None) -> list[Any]:
+        """RedisFrameRing._exchange on an asyncio connection."""
         import redis.exceptions as rx
 
+        core = self._core
         check_not_forked(self._fork_gen)
-        client = self._core.client
+        pool = core.client.connection_pool
         try:
-            try:
-                return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args,
-                                                    NEVER_DECODE=True)
-            except rx.NoScriptError:
-                return await client.execute_command("EVAL", script.text, len(keys), *keys, *args, NEVER_DECODE=True)
-        except self._core.async_errors as exc:
-            raise self._core.failure(exc) from exc
+            conn = await pool.get_connection()
+        except core.async_errors as exc:
+            raise core.failure(exc) from exc
+        try:
+            if packed is None:
+                packed = pack(commands)
+            await conn.send_packed_command(conn.pack_commands(commands) if packed is None else [packed])
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response(disable_decoding=True))
+                except rx.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException as exc:
+            await conn.disconnect(nowait=True)
+            if isinstance(exc, core.async_errors):
+                raise core.failure(exc) from exc
+            raise
+        finally:
+            await pool.release(conn)
 
-    async def _command(self, *args: Any) -> Any:
-        check_not_forked(self._fork_gen)
-        try:
-            return await self._core.client.execute_command(*args, NEVER_DECODE=True)
-        except self._core.async_errors as exc:
-            raise self._core.failure(exc) from exc
+    async def _load(self) -> None:
+        for reply in await self._exchange([("SCRIPT", "LOAD", script.text) for script in SCRIPTS.values()]):
+            self._core.reply(reply)
+
+    async def _call(self, command: Command) -> Any:
+        (reply,) = await self._exchange([command])
+        if _no_script(reply):
+            await self._load()
+            (reply,) = await self._exchange([command])
+        return self._core.reply(reply)
 
     # -- visual input ------------------------------------------------------------------
     async def start_visual_input(self, source: str, now: float | None = None) -> None:
@@ -178,9 +213,8 @@ class AsyncRedisFrameRing:
         await self._change(STOP, source, seconds)
 
     async def _change(self, script: Script, source: str, seconds: float) -> None:
-        core = self._core
         async with self._lock:
-            await self._run(script, core.write_keys, [codec.text_bytes(source), repr(seconds), core.activity_field])
+            await self._call(self._core.change_command(script, source, seconds))
 
     async def store_frame(
         self,
@@ -209,28 +243,33 @@ class AsyncRedisFrameRing:
 
     async def _store(self, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
                      height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
-        store = self._core.prepare(data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
-                                   frame_seq, now)
+        store = _prepare(self._core, data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
+                         frame_seq, now)
         if store.error is not None:
             if store.min_ns > 0:
                 async with self._lock:
-                    reply = await self._run(STORE, self._core.write_keys, self._core.check_args(store))
-                if self._core.store_result(reply)[0] == 0:
+                    reply = await self._call(self._core.check_command(store))
+                if self._core.decided(reply)[0] == 0:
                     return False
             raise store.error
         return await self._send(store)
 
     async def _store_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
                           width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
-        return await self._send(self._core.prepare_loan(loan, source, max_recent, min_interval, mime_type, width,
-                                                        height, timestamp_ms, frame_seq, now))
+        return await self._send(_prepare_loan(self._core, loan, source, max_recent, min_interval, mime_type, width,
+                                              height, timestamp_ms, frame_seq, now))
 
     async def _send(self, store: _Store) -> bool:
         core = self._core
         async with self._lock:
-            reply = await self._run(STORE, core.write_keys, store.args)
+            outcome = core.stored(await self._exchange(store.commands, store.packed))
+            if outcome is None:
+                await self._load()
+                outcome = core.stored(await self._exchange(store.commands, store.packed))
+                if outcome is None:
+                    raise RedisUnavailableError(f"Redis at {masked(core.url)} keeps losing its scripts")
             subscribers = self._subscribers
-            accepted = core.accepted(store, reply, subscribers)
+            accepted = core.accepted(store, *outcome, subscribers)
             if any(q.closed for q in subscribers):
                 self._subscribers = [q for q in subscribers if not q.closed]
             return accepted
@@ -250,12 +289,12 @@ class AsyncRedisFrameRing:
         if ttl_ns <= 0:
             return []
         core = self._core
-        reply = await self._command("XRANGE", core.stream, "-", "+")
+        reply = await self._call(("XRANGE", core.stream, "-", "+"))
         return codec.latest(core.stream, reply, ttl_ns, now_ns, core.cache)
 
     async def visual_stats(self) -> dict[str, int]:
         core = self._core
-        return core.stats(await self._run(STATS, [core.stream, core.meta], []))
+        return core.stats(await self._call(core.script(STATS, (core.stream, core.meta), ())))
 
     # -- subscribers -------------------------------------------------------------------
     async def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> RedisSubscription:
@@ -263,8 +302,7 @@ class AsyncRedisFrameRing:
         policy = v.policy(policy)
         core = self._core
         async with self._lock:
-            accepted, epoch, ended = core.subscribed(await self._command("HMGET", core.meta, "accepted", "epoch",
-                                                                         "ended"))
+            accepted, epoch, ended = core.subscribed(await self._call(core.subscribe_command()))
             q = RedisQueue(maxsize, policy, accepted, epoch)
             if self._ended or ended:
                 q.closed = True
@@ -290,7 +328,7 @@ class AsyncRedisFrameRing:
         error: BaseException | None = None
         async with self._lock:
             try:
-                end = core.ended(await self._run(END, core.end_keys, [ENDED_KEEP_MS]))
+                end = core.ended(await self._call(core.script(END, core.end_keys, (ENDED_KEEP_MS,))))
             except BaseException as exc:
                 error = exc
             finally:

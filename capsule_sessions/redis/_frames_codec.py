@@ -4,13 +4,16 @@ An entry is a flat map of short fields, the frame's bytes raw (no pickle, nothin
 encoded): ``d`` data, ``s`` source, ``m`` mime type (UTF-8, surrogates passed through,
 as any ``str`` is stored), ``w`` width, ``h`` height, ``t`` timestamp_ms, ``f`` frame_seq
 (decimal integers), ``r`` received_at (``repr`` of the float, which reads back exactly),
-``n`` received_at in int64 nanoseconds (what TTLs compare), ``e`` the epoch. Its id is
-``<seq>-0``, seq being the session's accept number. Everything is checked when read
-back: an entry this library did not write is a RedisDataError naming the key.
+``n`` received_at in int64 nanoseconds (what TTLs compare). Its id is
+``<epoch>-<seq>``: the epoch (a number in [2**62, 2**63): one life of the session's
+keys) and the session's accept number. Everything is checked when read back: an entry
+this library did not write is a RedisDataError naming the key.
 """
 
 from __future__ import annotations
 
+import os
+import random
 import re
 import threading
 import weakref
@@ -24,11 +27,16 @@ from .._records import VisualFrame
 from ._errors import RedisDataError
 
 NS = 1_000_000_000
-FIELDS = frozenset((b"d", b"s", b"m", b"w", b"h", b"t", b"f", b"r", b"n", b"e"))
-_ID = re.compile(rb"([1-9][0-9]{0,18})-0")
-_EPOCH = re.compile(rb"[0-9a-f]{16}")
+FIELDS = frozenset((b"d", b"s", b"m", b"w", b"h", b"t", b"f", b"r", b"n"))
+EPOCH_LOW, EPOCH_HIGH = 2**62, 2**63
+_ID = re.compile(rb"([1-9][0-9]{18})-([1-9][0-9]{0,18})")
+_EPOCH = re.compile(rb"[1-9][0-9]{18}")
 _INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
 
+
+
+_random = random.Random()  # an epoch is no secret, only fresh
+os.register_at_fork(after_in_child=_random.seed)  # a child proposes epochs of its own
 
 
 class Cache:
@@ -84,11 +92,17 @@ def count(key: str, name: str, raw: object) -> int:
     return integer(key, name, raw, 0, INT64_MAX)
 
 
+def new_epoch() -> str:
+    """A fresh epoch: random, so a restarted server's frames are told from the last ones
+    (proposed by every store, taken by the first after the keys were lost)."""
+    return str(EPOCH_LOW + _random.getrandbits(62))
+
+
 def epoch(key: str, raw: object) -> bytes | None:
     """An epoch as the meta hash or a reply holds it (absent or empty: None)."""
     if raw is None or raw == b"":
         return None
-    if not isinstance(raw, bytes) or not _EPOCH.fullmatch(raw):
+    if not isinstance(raw, bytes) or not _EPOCH.fullmatch(raw) or not EPOCH_LOW <= int(raw) < EPOCH_HIGH:
         raise _fail(key, f"epoch is {raw!r}")
     return raw
 
@@ -112,23 +126,44 @@ def fields_of(raw: object) -> dict[bytes, Any]:
     return {}
 
 
-def seq_of(key: str, entry_id: object) -> int:
+def id_of(key: str, entry_id: object) -> tuple[bytes, int]:
+    """An entry id as (epoch, seq)."""
     if not isinstance(entry_id, bytes):
         raise _fail(key, f"entry id {entry_id!r}")
     match = _ID.fullmatch(entry_id)
-    if match is None:
-        raise _fail(key, f"entry id {entry_id!r} is not <seq>-0")
-    return int(match.group(1))
+    if match is None or not EPOCH_LOW <= int(match.group(1)) < EPOCH_HIGH:
+        raise _fail(key, f"entry id {entry_id!r} is not <epoch>-<seq>")
+    return match.group(1), int(match.group(2))
+
+
+def _number(raw: object, low: int, high: int) -> int | None:
+    """A decimal integer as this library writes it (no sign but '-', no zeros in front,
+    no spaces or '_'), within [low, high]; else None. Cheaper than a pattern: entries are
+    read on every frame."""
+    try:
+        value: int = int(raw)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(raw, bytes) or b"%d" % value != raw or not low <= value <= high:
+        return None
+    return value
+
+
+_NS_LOW, _NS_HIGH = -(2**62), 2**62
 
 
 def received_ns(key: str, fields: dict[bytes, Any]) -> int:
-    return integer(key, "received ns", fields.get(b"n"), -(2**62), 2**62)
+    ns = _number(fields.get(b"n"), _NS_LOW, _NS_HIGH)
+    if ns is None:
+        raise _fail(key, f"received ns is {fields.get(b'n')!r:.40}, not an integer")
+    return ns
 
 
-def decode(key: str, entry_id: object, fields: dict[bytes, Any], cache: Cache) -> tuple[int, bytes, VisualFrame]:
-    """One entry as (seq, epoch, frame); RedisDataError naming ``key`` when it is not one
-    this library wrote."""
-    seq = seq_of(key, entry_id)
+def decode(key: str, entry_id: object, fields: dict[bytes, Any], cache: Cache,
+           ns: int | None = None) -> tuple[int, bytes, VisualFrame]:
+    """One entry as (seq, epoch, frame) (``ns``: its received ns, already read); a
+    RedisDataError naming ``key`` when it is not one this library wrote."""
+    era, seq = id_of(key, entry_id)
     if fields.keys() != FIELDS:
         raise _fail(key, f"entry {entry_id!r} has the fields {sorted(fields)}")
     data = fields[b"d"]
@@ -136,22 +171,23 @@ def decode(key: str, entry_id: object, fields: dict[bytes, Any], cache: Cache) -
         raise _fail(key, f"entry {entry_id!r} data is not a string")
     source = _text(key, "source", fields[b"s"])
     mime_type = _text(key, "mime_type", fields[b"m"])
-    width = integer(key, "width", fields[b"w"], 0, INT32_MAX)
-    height = integer(key, "height", fields[b"h"], 0, INT32_MAX)
-    timestamp_ms = integer(key, "timestamp_ms", fields[b"t"])
-    frame_seq = integer(key, "frame_seq", fields[b"f"])
+    width = _number(fields[b"w"], 0, INT32_MAX)
+    height = _number(fields[b"h"], 0, INT32_MAX)
+    timestamp_ms = _number(fields[b"t"], INT64_MIN, INT64_MAX)
+    frame_seq = _number(fields[b"f"], INT64_MIN, INT64_MAX)
+    if width is None or height is None or timestamp_ms is None or frame_seq is None:
+        raise _fail(key, f"entry {entry_id!r} has a width, height, timestamp_ms or frame_seq that is not an "
+                         f"integer in range: {[fields[k] for k in (b'w', b'h', b't', b'f')]!r:.120}")
     raw_at = fields[b"r"]
     try:
         received_at = float(raw_at)
     except (TypeError, ValueError):
         raise _fail(key, f"entry {entry_id!r} received_at is {raw_at!r}") from None
-    ns = received_ns(key, fields)
+    if ns is None:
+        ns = received_ns(key, fields)
     if (repr(received_at).encode() != raw_at or not abs(received_at) < MAX_INSTANT_SECONDS
             or int(received_at * 1e9) != ns):
         raise _fail(key, f"entry {entry_id!r} received_at {raw_at!r} does not match its {ns} ns")
-    era = epoch(key, fields[b"e"])
-    if era is None:
-        raise _fail(key, f"entry {entry_id!r} has no epoch")
     array = cache.share(era, seq, np.frombuffer(data, dtype=np.uint8))
     return seq, era, VisualFrame(array, mime_type, width, height, source, timestamp_ms, frame_seq, received_at)
 
@@ -171,8 +207,9 @@ def latest(key: str, reply: object, ttl_ns: int, now_ns: int, cache: Cache) -> l
         if not isinstance(entry, (list, tuple)) or len(entry) != 2:
             raise _fail(key, f"a read gave the entry {entry!r:.80}")
         fields = fields_of(entry[1])
-        if now_ns - received_ns(key, fields) <= ttl_ns:
-            frames.append(decode(key, entry[0], fields, cache)[2])
+        ns = received_ns(key, fields)
+        if now_ns - ns <= ttl_ns:
+            frames.append(decode(key, entry[0], fields, cache, ns)[2])
     return frames
 
 

@@ -4,11 +4,23 @@ one of these scripts, so it is atomic on the server, whatever node runs it.
 Keys (``SessionKeys.key``, hash-tagged by the session id, so one script may use them all
 on Redis Cluster):
 
-    frames        the stream: the ring itself, one entry per stored frame, id "<seq>-0"
+    frames        the stream: the ring itself, one entry per stored frame, its id
+                  "<epoch>-<seq>"
     frames:meta   a hash: accepted, rate_limited, source_resets, bytes, source, last_hi,
-                  last_lo (the last accepted instant), epoch, ended, token, token_seq
+                  last_lo (the last accepted instant), epoch, ended
     frames:sizes  a list: the byte size of each entry of the stream, oldest first
     frames:end    a stream: an entry here means "this session's frames ended"
+
+A frame's bytes never pass through Lua (a script's 64 KiB argument alone costs more on
+the server than the whole XADD of it). A store is one MULTI of three commands: DECIDE
+(this script, given everything but the bytes) takes the rate check, the source switch
+and the trim, counts, and when it accepts the frame sets the stream's last id to
+"<epoch>-<seq - 1>"; then a native ``XADD frames NOMKSTREAM * ...`` with the bytes,
+whose automatic id is therefore "<epoch>-<seq>" (an epoch is a number above 2**62, past
+any clock's milliseconds, so the id's sequence part is what grows); then ``XSETID frames
+POISON``. At rest the stream's last id is POISON, the last id there is, so an XADD that
+DECIDE did not open (a rate-limited frame, a script the server lost) fails and adds
+nothing.
 
 Instants arrive as two integers, ``ns // 10**9`` and ``ns % 10**9`` (exact in Lua's
 doubles, where an int64 of nanoseconds is not), so the rate check compares int64
@@ -22,19 +34,23 @@ from __future__ import annotations
 
 import hashlib
 
-# Shared by every writing script: each key must be of its type, or absent.
+# The last stream id there is: XADD * after it fails ("exhausted").
+POISON = "18446744073709551615-18446744073709551615"
+
+# Shared by every writing script. A key of another type fails the first command that
+# touches it; each script touches each of its keys with a read (pcall'd here, so the
+# error names the key) before it writes anything.
 _CHECK_TYPES = """
-local function check_type(key, want)
-  local t = redis.call('TYPE', key)['ok']
-  if t ~= 'none' and t ~= want then
-    return redis.error_reply('CAPSULE_DATA ' .. key .. ' holds a ' .. t .. ', not a ' .. want)
+local function wrong(key, reply, want)
+  if type(reply) == 'table' and reply['err'] then
+    return redis.error_reply('CAPSULE_DATA ' .. key .. ' does not hold a ' .. want .. ': ' .. reply['err'])
   end
   return nil
 end
 local function integer(key, field, value)
   if value == false or value == nil then return 0, nil end
   local n = tonumber(value)
-  if n == nil or n ~= math.floor(n) or not string.match(value, '^%-?%d+$') then
+  if n == nil or n ~= math.floor(n) then
     return nil, redis.error_reply('CAPSULE_DATA ' .. key .. ' field ' .. field .. ' is not an integer')
   end
   return n, nil
@@ -42,51 +58,57 @@ end
 """
 
 # KEYS: stream, meta, sizes, activity (a hash, or the empty string: none).
-# ARGV: 1 token, 2 now_hi, 3 now_lo, 4 min_hi ('' when there is no limit), 5 min_lo,
-# 6 keep, 7 source, 8 nbytes, 9 received_at (repr of the float), 10 now_ns, 11 mime_type,
-# 12 width, 13 height, 14 timestamp_ms, 15 frame_seq, 16 data, 17 epoch if none is set,
-# 18 activity field, 19 '1': only the rate check (no frame is stored).
-# Reply: {seq, epoch} when accepted, {0, epoch} when rate-limited, {-1, ''} when a check
-# found no limit. A retry of the same call (same token) gets the first call's reply.
-STORE = _CHECK_TYPES + """
+# ARGV: 1 now_hi, 2 now_lo, 3 min_hi ('' when there is no limit), 4 min_lo, 5 keep,
+# 6 source, 7 nbytes, 8 received_at (repr of the float), 9 an epoch if none is set,
+# 10 activity field, 11 '1': only the rate check (nothing is stored).
+# Reply: {seq, epoch} when accepted (the XADD that follows gets "<epoch>-<seq>"), {0, ''}
+# when rate-limited, {-1, ''} when a check found no limit.
+DECIDE = _CHECK_TYPES + """
 local stream, meta, sizes, activity = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local err = check_type(meta, 'hash') or check_type(stream, 'stream') or check_type(sizes, 'list')
+local st = redis.pcall('HMGET', meta, 'last_hi', 'last_lo', 'source', 'epoch', 'accepted', 'bytes',
+                       'rate_limited', 'source_resets')
+local n = redis.pcall('LLEN', sizes)
+local length = redis.pcall('XLEN', stream)
+local err = wrong(meta, st, 'hash') or wrong(sizes, n, 'list') or wrong(stream, length, 'stream')
 if err then return err end
 if activity ~= '' then
-  err = check_type(activity, 'hash')
+  err = wrong(activity, redis.pcall('HEXISTS', activity, ARGV[10]), 'hash')
   if err then return err end
-end
-local st = redis.call('HMGET', meta, 'last_hi', 'last_lo', 'source', 'epoch', 'token', 'token_seq',
-                      'accepted', 'bytes', 'rate_limited', 'source_resets')
-if st[5] == ARGV[1] then
-  return {tonumber(st[6]), st[4] or ''}
 end
 local last_hi, last_lo, accepted, bytes, unused, e
 last_hi, e = integer(meta, 'last_hi', st[1]); if e then return e end
 last_lo, e = integer(meta, 'last_lo', st[2]); if e then return e end
-accepted, e = integer(meta, 'accepted', st[7]); if e then return e end
-bytes, e = integer(meta, 'bytes', st[8]); if e then return e end
-unused, e = integer(meta, 'rate_limited', st[9]); if e then return e end
-unused, e = integer(meta, 'source_resets', st[10]); if e then return e end
-if ARGV[4] ~= '' and st[1] then
-  local dhi = tonumber(ARGV[2]) - last_hi
-  local dlo = tonumber(ARGV[3]) - last_lo
+accepted, e = integer(meta, 'accepted', st[5]); if e then return e end
+bytes, e = integer(meta, 'bytes', st[6]); if e then return e end
+unused, e = integer(meta, 'rate_limited', st[7]); if e then return e end
+unused, e = integer(meta, 'source_resets', st[8]); if e then return e end
+if st[4] and not string.match(st[4], '^%d+$') then
+  return redis.error_reply('CAPSULE_DATA ' .. meta .. ' field epoch is not a number')
+end
+if ARGV[3] ~= '' and st[1] then
+  local dhi = tonumber(ARGV[1]) - last_hi
+  local dlo = tonumber(ARGV[2]) - last_lo
   if dlo < 0 then dlo = dlo + 1000000000; dhi = dhi - 1 end
-  local min_hi = tonumber(ARGV[4])
-  if dhi < min_hi or (dhi == min_hi and dlo < tonumber(ARGV[5])) then
+  local min_hi = tonumber(ARGV[3])
+  if dhi < min_hi or (dhi == min_hi and dlo < tonumber(ARGV[4])) then
     redis.call('HINCRBY', meta, 'rate_limited', 1)
-    redis.call('HSET', meta, 'token', ARGV[1], 'token_seq', '0')
-    return {0, st[4] or ''}
+    return {0, ''}
   end
 end
-if ARGV[19] == '1' then
+if ARGV[11] == '1' then
   return {-1, ''}
 end
-local epoch = st[4] or ARGV[17]
+local epoch = st[4]
+if not epoch then
+  -- A new life of the session's frames: whatever a stream or list held is nobody's.
+  epoch = ARGV[9]
+  accepted = 0
+  bytes = 0
+  redis.call('DEL', stream, sizes)
+end
 local source = st[3] or ''
-local keep = tonumber(ARGV[6])
-local switch = source ~= ARGV[7]
-local n = redis.call('LLEN', sizes)
+local keep = tonumber(ARGV[5])
+local switch = source ~= ARGV[6]
 local leaving = 0
 if not switch and n + 1 > keep then
   local old = redis.call('LRANGE', sizes, 0, n - keep)
@@ -98,31 +120,28 @@ if not switch and n + 1 > keep then
     leaving = leaving + size
   end
 end
-local seq = accepted + 1
-local id = string.format('%d-0', seq)
-local added = redis.pcall('XADD', stream, id, 'd', ARGV[16], 's', ARGV[7], 'm', ARGV[11], 'w', ARGV[12],
-                          'h', ARGV[13], 't', ARGV[14], 'f', ARGV[15], 'r', ARGV[9], 'n', ARGV[10], 'e', epoch)
-if type(added) == 'table' and added['err'] then
-  return redis.error_reply('CAPSULE_DATA ' .. stream .. ' refused entry ' .. id .. ': ' .. added['err'])
+local before = epoch .. '-' .. string.format('%d', accepted)
+if length == 0 and redis.call('EXISTS', stream) == 0 then
+  redis.call('XADD', stream, before, '_', '')
+  redis.call('XDEL', stream, before)
 end
 if switch then
   if source ~= '' then redis.call('HINCRBY', meta, 'source_resets', 1) end
-  redis.call('XTRIM', stream, 'MAXLEN', 1)
+  redis.call('XTRIM', stream, 'MAXLEN', 0)
   redis.call('DEL', sizes)
-  redis.call('RPUSH', sizes, ARGV[8])
-  bytes = tonumber(ARGV[8])
-else
-  redis.call('RPUSH', sizes, ARGV[8])
-  if n + 1 > keep then
-    redis.call('LTRIM', sizes, -keep, -1)
-    redis.call('XTRIM', stream, 'MAXLEN', ARGV[6])
-  end
-  bytes = bytes + tonumber(ARGV[8]) - leaving
+  bytes = 0
+elseif n + 1 > keep then
+  redis.call('XTRIM', stream, 'MAXLEN', keep - 1)
+  if keep > 1 then redis.call('LTRIM', sizes, 1 - keep, -1) else redis.call('DEL', sizes) end
+  bytes = bytes - leaving
 end
-redis.call('HSET', meta, 'accepted', id:sub(1, -3), 'bytes', string.format('%d', bytes), 'epoch', epoch,
-           'source', ARGV[7], 'last_hi', ARGV[2], 'last_lo', ARGV[3], 'token', ARGV[1], 'token_seq', id:sub(1, -3))
-if activity ~= '' then redis.call('HSET', activity, ARGV[18], ARGV[9]) end
-return {seq, epoch}
+redis.call('XSETID', stream, before)
+redis.call('RPUSH', sizes, ARGV[7])
+local seq = string.format('%d', accepted + 1)
+redis.call('HSET', meta, 'accepted', seq, 'bytes', string.format('%d', bytes + tonumber(ARGV[7])), 'epoch', epoch,
+           'source', ARGV[6], 'last_hi', ARGV[1], 'last_lo', ARGV[2])
+if activity ~= '' then redis.call('HSET', activity, ARGV[10], ARGV[8]) end
+return {accepted + 1, epoch}
 """
 
 # The ring cleared (no source, no frames, no rate limit), shared by start and stop.
@@ -138,13 +157,14 @@ end
 # KEYS: stream, meta, sizes, activity. ARGV: 1 source, 2 received_at, 3 activity field.
 START = _CHECK_TYPES + _CLEAR + """
 local stream, meta, sizes, activity = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local err = check_type(meta, 'hash') or check_type(stream, 'stream') or check_type(sizes, 'list')
+local st = redis.pcall('HMGET', meta, 'source', 'source_resets')
+local err = wrong(meta, st, 'hash') or wrong(sizes, redis.pcall('LLEN', sizes), 'list')
+  or wrong(stream, redis.pcall('XLEN', stream), 'stream')
 if err then return err end
 if activity ~= '' then
-  err = check_type(activity, 'hash')
+  err = wrong(activity, redis.pcall('HEXISTS', activity, ARGV[3]), 'hash')
   if err then return err end
 end
-local st = redis.call('HMGET', meta, 'source', 'source_resets')
 local _, e = integer(meta, 'source_resets', st[2]); if e then return e end
 local source = st[1] or ''
 if source ~= ARGV[1] then
@@ -158,13 +178,15 @@ return 1
 # KEYS: stream, meta, sizes, activity. ARGV: 1 source, 2 received_at, 3 activity field.
 STOP = _CHECK_TYPES + _CLEAR + """
 local stream, meta, sizes, activity = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local err = check_type(meta, 'hash') or check_type(stream, 'stream') or check_type(sizes, 'list')
+local st = redis.pcall('HMGET', meta, 'source', 'source_resets')
+local err = wrong(meta, st, 'hash') or wrong(sizes, redis.pcall('LLEN', sizes), 'list')
+  or wrong(stream, redis.pcall('XLEN', stream), 'stream')
 if err then return err end
 if activity ~= '' then
-  err = check_type(activity, 'hash')
+  err = wrong(activity, redis.pcall('HEXISTS', activity, ARGV[3]), 'hash')
   if err then return err end
 end
-local source = redis.call('HGET', meta, 'source') or ''
+local source = st[1] or ''
 if ARGV[1] == '' or source == '' or source == ARGV[1] then
   clear(stream, meta, sizes, '')
 end
@@ -180,18 +202,23 @@ return {st[1] or '0', st[2] or '0', st[3] or '0', redis.call('XLEN', KEYS[1]), s
 """
 
 # KEYS: stream, meta, sizes, end. ARGV: 1 milliseconds the keys are kept afterwards ('0':
-# no expiry). Marks the frames ended (subscriptions made later start closed) and appends
-# the end entry every node's readers wake up for: {last = accepted so far, e = epoch}.
+# no expiry; a key that expires already keeps its time). Marks the frames ended
+# (subscriptions made later start closed) and appends the end entry every node's readers
+# wake up for: {last = accepted so far, e = epoch}.
 END = _CHECK_TYPES + """
 local stream, meta, sizes, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local err = check_type(meta, 'hash') or check_type(done, 'stream')
+local st = redis.pcall('HMGET', meta, 'accepted', 'epoch')
+local err = wrong(meta, st, 'hash') or wrong(done, redis.pcall('XLEN', done), 'stream')
 if err then return err end
-local st = redis.call('HMGET', meta, 'accepted', 'epoch')
 local accepted, e = integer(meta, 'accepted', st[1]); if e then return e end
 redis.call('HSET', meta, 'ended', '1')
 redis.call('XADD', done, '*', 'last', string.format('%d', accepted), 'e', st[2] or '')
 if ARGV[1] ~= '0' then
-  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[1]) end
+  -- Kept a while for readers that were away, then gone; a key that already expires
+  -- (the manager's retention) keeps its own time.
+  for _, key in ipairs(KEYS) do
+    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[1]) end
+  end
 end
 return {accepted, st[2] or ''}
 """
@@ -209,4 +236,4 @@ class Script:
 
 
 SCRIPTS = {name: Script(name, text) for name, text in
-           (("store", STORE), ("start", START), ("stop", STOP), ("stats", STATS), ("end", END))}
+           (("decide", DECIDE), ("start", START), ("stop", STOP), ("stats", STATS), ("end", END))}

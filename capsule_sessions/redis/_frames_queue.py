@@ -3,7 +3,7 @@
 The queue is the pure twin's ``_Queue`` (the same bounded deque, lock, condition and
 asyncio waiters, so ``Subscription``'s reading methods work on it unchanged) plus where
 its frames come from: the stream, by sequence number. Each accepted frame has one
-sequence number (its stream id is ``<seq>-0``) and is booked once per subscriber, as
+sequence number (its stream id is ``<epoch>-<seq>``) and is booked once per subscriber, as
 queued or dropped:
 
 - ``push_local``: a frame this node stored, offered right after its script returned, so
@@ -101,8 +101,15 @@ class RedisQueue(_Queue):
                 self.booked_seq = last
         self.close()
 
-    def position(self) -> int:
-        """Where the reader's next read starts: past everything booked or read."""
+    def position(self) -> str:
+        """The stream id the reader's next read starts after: past everything booked or
+        read (from the start when the epoch is not known yet)."""
+        with self.lock:
+            if self.epoch is None:
+                return "0-0"
+            return f"{self.epoch.decode()}-{max(self.booked_seq, self.read_through)}"
+
+    def seq_position(self) -> int:
         with self.lock:
             return max(self.booked_seq, self.read_through)
 
