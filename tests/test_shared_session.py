@@ -314,3 +314,26 @@ def test_a_forked_child_of_the_owner_refuses_to_store(manager):
     assert cam.store_frame(frame(2), source="c", max_recent=1)  # the owner itself is unaffected
     assert cs.list_shared(cam.shared) == ["cam-1"]
     assert cam.shared_stats()["readers"] == 1
+
+
+@pytest.mark.parametrize("offset, extra", [(0, 0), (1, 1), (13, 63), (63, 65), (32, 4095)])
+def test_frames_copied_with_streaming_stores_arrive_byte_for_byte(manager, namespace, offset, extra):
+    """From STREAM_COPY_MIN_BYTES on, a store copies with non-temporal stores: an
+    unaligned head, whole 64-byte lines and a tail; every byte lands whatever the
+    source's alignment and the size's remainder."""
+    from capsule_sessions._limits import STREAM_COPY_MIN_BYTES
+
+    size = STREAM_COPY_MIN_BYTES + extra
+    backing = np.random.default_rng(offset).integers(0, 256, size + 64, dtype=np.uint8)
+    source = backing[offset:offset + size]
+    cam = manager.create("big")
+    reader = cs.attach("big", namespace=namespace)
+    try:
+        for seq in range(3):  # the third store rewrites a buffer the ring let go
+            source[:8] = seq
+            assert cam.store_frame(source, source="c", max_recent=2, frame_seq=seq)
+        for seen in (cam.latest_visual_frames(10), reader.latest_visual_frames(10)):
+            assert [f.frame_seq for f in seen] == [1, 2]
+            assert bytes(seen[-1].data) == source.tobytes()
+    finally:
+        reader.close()

@@ -165,6 +165,9 @@ cdef extern from "_shm.h" nogil:
 cdef extern from *:
     int __builtin_ctzll(unsigned long long x) nogil
 
+cdef extern from "_stream_copy.h" nogil:
+    void cs_stream_copy(char *dst, const char *src, size_t n)
+
 cdef extern from "Python.h":
     int PyObject_GenericSetAttr(object o, object name, object value) except -1
     enum: PyBUF_MAX_NDIM
@@ -202,6 +205,7 @@ def _forked():
 os.register_at_fork(after_in_child=_forked)
 cdef int64_t WAIT_SLICE_NS = <int64_t>(_limits.WAIT_SLICE_S * 1e9)
 cdef Py_ssize_t NOGIL_COPY_MIN = _limits.NOGIL_COPY_MIN_BYTES
+cdef Py_ssize_t STREAM_COPY_MIN = _limits.STREAM_COPY_MIN_BYTES
 cdef uint64_t SHRINK_FLOOR = _limits.SHRINK_FLOOR_BYTES
 # Free data segments nothing references kept for reuse; more are unlinked.
 cdef Py_ssize_t POOL_SPARE = 4

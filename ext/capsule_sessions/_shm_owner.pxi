@@ -284,7 +284,10 @@ cdef class SharedRing:
         cdef char *dst = (<_Segment>self._segments[index]).addr + DATA_OFFSET
         cdef char *from_ = <char *>view.buf
         cdef Py_ssize_t n = view.len
-        if n >= NOGIL_COPY_MIN:
+        if n >= STREAM_COPY_MIN:
+            with nogil:
+                cs_stream_copy(dst, from_, n)
+        elif n >= NOGIL_COPY_MIN:
             with nogil:
                 memcpy(dst, from_, n)
         else:
