@@ -31,6 +31,7 @@ from capsule_sessions import (
     SessionManager,
     SessionNotFoundError,
     SessionState,
+    SubscriptionClosed,
 )
 from capsule_sessions.redis import AsyncRedisSessionManager, RedisSession, RedisSessionManager
 from capsule_sessions.redis import _session as redis_session
@@ -401,6 +402,36 @@ def test_ids_are_any_str(make_redis, raw):
         assert len({key_slot(k) for k in keys}) == 1
         assert all(raw.exists(k) for k in keys)
     assert len({s._names.session for s in sessions}) == len(ids)
+
+
+@pytest.mark.skipif(redis_session.RedisFrameRing is None,
+                    reason="the frame streams (capsule_sessions/redis/_frames.py) are not in this tree")
+@pytest.mark.parametrize("session_id", ["\ud800", "a\udfffb{c}", "caf\u00e9"])
+def test_any_str_id_stores_reads_and_subscribes_frames(make_redis, redis_url, clock, session_id):
+    """The frame ring named its keys in str, which a lone surrogate cannot be encoded
+    from: every visual call of such a session raised UnicodeEncodeError."""
+    m = make_redis(4)
+    s = m.create(session_id)
+    sub = s.subscribe_visual_frames(4)
+    clock.advance(1)
+    assert s.store_frame(b"f" * 8, source="cam", max_recent=2)
+    assert [bytes(f.data) for f in s.latest_visual_frames(10)] == [b"f" * 8]
+    assert s.visual_stats()["accepted"] == 1
+    assert bytes(sub.get(timeout=5).data) == b"f" * 8
+    m.delete(session_id)
+    with pytest.raises(SubscriptionClosed):
+        sub.get(timeout=5)
+
+    async def run():
+        async with AsyncRedisSessionManager(redis_url, 4, cleanup_interval=None,
+                                            clock=clock, namespace="async-ids") as am:
+            a = await am.create(session_id)
+            clock.advance(1)
+            assert await a.store_frame(b"g" * 8, source="cam", max_recent=2)
+            assert [bytes(f.data) for f in await a.latest_visual_frames(10)] == [b"g" * 8]
+            assert (await a.visual_stats())["accepted"] == 1
+
+    asyncio.run(run())
 
 
 def test_namespaces_keep_deployments_apart(make_redis):

@@ -149,14 +149,17 @@ class _Core:
         self.meta = keys.key("frames:meta")
         self.sizes = keys.key("frames:sizes")
         self.done = keys.key("frames:end")
-        self.stream_name = self.stream.encode()
-        self.done_name = self.done.encode()
+        # The commands name the keys in bytes: a session id may hold lone surrogates,
+        # which a str key would fail to encode (the str names are for messages).
+        self.stream_name, self.meta_name, self.sizes_name, self.done_name = (
+            codec.text_bytes(name) for name in (self.stream, self.meta, self.sizes, self.done))
         if activity is None:
-            activity_key, self.activity_field = "", ""
+            activity_key, self.activity_field = b"", ""
         else:
-            activity_key, self.activity_field = (v.text(part, "activity") for part in activity)
-        self.write_keys = (self.stream, self.meta, self.sizes, activity_key)
-        self.end_keys = (self.stream, self.meta, self.sizes, self.done)
+            key, self.activity_field = (v.text(part, "activity") for part in activity)
+            activity_key = codec.text_bytes(key)
+        self.write_keys = (self.stream_name, self.meta_name, self.sizes_name, activity_key)
+        self.end_keys = (self.stream_name, self.meta_name, self.sizes_name, self.done_name)
         self.cache = codec.Cache()
         self.store_frame_bytes: tuple[bytes, bytes] | None = None  # MULTI, and XSETID + EXEC
         self.errors = _redis_errors()
@@ -189,7 +192,7 @@ class _Core:
         return reply
 
     # -- commands ----------------------------------------------------------------------
-    def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Command:
+    def script(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Command:
         return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
     def decide_args(self, store: _Store, check_only: bool, source: bytes, received_at: str) -> list[Any]:
@@ -204,10 +207,10 @@ class _Core:
         XADD fails on the poisoned last id), XSETID closes it again."""
         source, received_at = codec.text_bytes(store.source), repr(store.seconds)
         return [("MULTI",), self.script(DECIDE, self.write_keys, self.decide_args(store, False, source, received_at)),
-                ("XADD", self.stream, "NOMKSTREAM", "*", b"d", data, b"s", source,
+                ("XADD", self.stream_name, "NOMKSTREAM", "*", b"d", data, b"s", source,
                  b"m", codec.text_bytes(store.mime_type), b"w", store.width, b"h", store.height,
                  b"t", store.timestamp_ms, b"f", store.frame_seq, b"r", received_at, b"n", store.now_ns),
-                ("XSETID", self.stream, POISON), ("EXEC",)]
+                ("XSETID", self.stream_name, POISON), ("EXEC",)]
 
     def pack_store(self, commands: list[Command]) -> bytes | None:
         """A store's MULTI as bytes: its constant commands are packed once per ring."""
@@ -280,7 +283,7 @@ class _Core:
                 "bytes": nbytes}
 
     def subscribe_command(self) -> Command:
-        return ("HMGET", self.meta, "accepted", "epoch", "ended")
+        return ("HMGET", self.meta_name, "accepted", "epoch", "ended")
 
     def subscribed(self, reply: Any) -> tuple[int, bytes | None, bool]:
         """HMGET meta accepted epoch ended, read."""
@@ -305,7 +308,7 @@ class _Core:
         return pool.connection_class(**kwargs)
 
     def xread_args(self, q: RedisQueue) -> Command:
-        return ("XREAD", "COUNT", READ_COUNT, "BLOCK", READ_BLOCK_MS, "STREAMS", self.stream, self.done,
+        return ("XREAD", "COUNT", READ_COUNT, "BLOCK", READ_BLOCK_MS, "STREAMS", self.stream_name, self.done_name,
                 q.position(), "0-0")
 
     def deliver(self, q: RedisQueue, reply: Any) -> tuple[int, bytes | None] | None:
@@ -349,7 +352,7 @@ class _Core:
             return None
         start = q.seq_position() + 1
         era = epoch.decode()
-        return None if start > last else ("XRANGE", self.stream, f"{era}-{start}", f"{era}-{last}")
+        return None if start > last else ("XRANGE", self.stream_name, f"{era}-{start}", f"{era}-{last}")
 
 
 def backoff(failures: int) -> float:
@@ -376,7 +379,7 @@ def _read_frames(core: _Core, q: RedisQueue) -> None:
                 if conn is None:
                     conn = core.reader_connection(Retry(NoBackoff(), 0))
                 if check:
-                    meta_epoch = codec.epoch(core.meta, _command(conn, "HGET", core.meta, "epoch"))
+                    meta_epoch = codec.epoch(core.meta, _command(conn, "HGET", core.meta_name, "epoch"))
                     if meta_epoch != q.epoch:
                         q.new_epoch(meta_epoch)
                     check = False
@@ -597,12 +600,12 @@ class RedisFrameRing:
         if ttl_ns <= 0:
             return []
         core = self._core
-        return codec.latest(core.stream, self._call(("XRANGE", core.stream, "-", "+")), ttl_ns, now_ns, core.cache)
+        return codec.latest(core.stream, self._call(("XRANGE", core.stream_name, "-", "+")), ttl_ns, now_ns, core.cache)
 
     def visual_stats(self) -> dict[str, int]:
         """The cluster's counts: accepted, rate_limited, source_resets; frames, bytes."""
         core = self._core
-        return core.stats(self._call(core.script(STATS, (core.stream, core.meta), ())))
+        return core.stats(self._call(core.script(STATS, (core.stream_name, core.meta_name), ())))
 
     # -- subscribers -------------------------------------------------------------------
     def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> RedisSubscription:

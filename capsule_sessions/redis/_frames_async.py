@@ -106,7 +106,7 @@ async def _read_frames(core: _Core, q: RedisQueue) -> None:
                 if conn is None:
                     conn = core.reader_connection(Retry(NoBackoff(), 0))
                 if check:
-                    meta_epoch = codec.epoch(core.meta, await _command(conn, "HGET", core.meta, "epoch"))
+                    meta_epoch = codec.epoch(core.meta, await _command(conn, "HGET", core.meta_name, "epoch"))
                     if meta_epoch != q.epoch:
                         q.new_epoch(meta_epoch)
                     check = False
@@ -289,12 +289,12 @@ class AsyncRedisFrameRing:
         if ttl_ns <= 0:
             return []
         core = self._core
-        reply = await self._call(("XRANGE", core.stream, "-", "+"))
+        reply = await self._call(("XRANGE", core.stream_name, "-", "+"))
         return codec.latest(core.stream, reply, ttl_ns, now_ns, core.cache)
 
     async def visual_stats(self) -> dict[str, int]:
         core = self._core
-        return core.stats(await self._call(core.script(STATS, (core.stream, core.meta), ())))
+        return core.stats(await self._call(core.script(STATS, (core.stream_name, core.meta_name), ())))
 
     # -- subscribers -------------------------------------------------------------------
     async def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> RedisSubscription:
