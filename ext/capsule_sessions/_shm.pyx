@@ -212,6 +212,8 @@ cdef Py_ssize_t POOL_SPARE = 4
 cdef uint64_t LOW32 = 0xffffffffULL
 # How often (at most) the owner looks for dead readers to reclaim, in ns.
 cdef int64_t REAP_INTERVAL_NS = 200_000_000
+# How long a reader trusts that the owner process runs before it looks again, in ns.
+cdef int64_t OWNER_PROBE_NS = 20_000_000
 
 
 cdef inline int64_t monotonic_ns() noexcept nogil:

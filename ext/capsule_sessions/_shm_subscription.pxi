@@ -172,7 +172,7 @@ cdef class SharedSubscription:
         return None
 
     cdef bint _ended(self):
-        return self._released or cs_load(&self._s.closed) != 0 or self._reader._owner_gone()
+        return self._released or cs_load(&self._s.closed) != 0 or self._reader._owner_gone_lately()
 
     cdef object _take_or_raise(self):
         """A frame, None when there is none yet, SubscriptionClosed when there never will be."""
