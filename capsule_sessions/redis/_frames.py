@@ -147,12 +147,11 @@ class _Core:
         self.clock = v.clock(clock)
         self.stream = keys.key("frames")
         self.meta = keys.key("frames:meta")
-        self.sizes = keys.key("frames:sizes")
         self.done = keys.key("frames:end")
         # The commands name the keys in bytes: a session id may hold lone surrogates,
         # which a str key would fail to encode (the str names are for messages).
         self.stream_name, self.meta_name, self.sizes_name, self.done_name = (
-            codec.text_bytes(name) for name in (self.stream, self.meta, self.sizes, self.done))
+            codec.text_bytes(name) for name in (self.stream, self.meta, keys.key("frames:sizes"), self.done))
         if activity is None:
             activity_key, self.activity_field = b"", ""
         else:

@@ -284,14 +284,14 @@ cdef class SharedRing:
         cdef char *dst = (<_Segment>self._segments[index]).addr + DATA_OFFSET
         cdef char *from_ = <char *>view.buf
         cdef Py_ssize_t n = view.len
-        if n >= STREAM_COPY_MIN:
-            with nogil:
-                cs_stream_copy(dst, from_, n)
-        elif n >= NOGIL_COPY_MIN:
-            with nogil:
-                memcpy(dst, from_, n)
-        else:
+        if n < NOGIL_COPY_MIN:
             memcpy(dst, from_, n)
+            return
+        with nogil:
+            if n >= STREAM_COPY_MIN:
+                cs_stream_copy(dst, from_, n)
+            else:
+                memcpy(dst, from_, n)
 
     cdef _describe(self, int index, uint64_t nbytes, bytes mime, bytes src, int64_t width, int64_t height,
                    int64_t timestamp_ms, int64_t frame_seq, double seconds):

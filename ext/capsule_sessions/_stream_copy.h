@@ -7,7 +7,7 @@
  * rotating three 6.2 MB buffers (max_recent=2 plus the one being written), memcpy moves
  * 8-9 GB/s and non-temporal stores 17-18 GB/s. Below about an eighth of the cache the
  * destination stays cached and memcpy is faster (30-41 GB/s against 17), so the caller
- * picks by size (cs_stream_min_bytes, from the cache size at import).
+ * picks by size (STREAM_COPY_MIN_BYTES in capsule_sessions/_limits.py).
  *
  * The stores are weakly ordered: the sfence at the end makes them visible before the
  * caller publishes the frame with its (sequentially consistent) seqlock write.
@@ -23,7 +23,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
 
-static void cs_stream_copy(char *dst, const char *src, size_t n)
+static inline void cs_stream_copy(char *dst, const char *src, size_t n)
 {
     /* Up to the next 64-byte line of dst with memcpy: _mm_stream_si128 needs 16-byte
      * alignment, and whole lines fill the write-combining buffers. */
@@ -48,13 +48,11 @@ static void cs_stream_copy(char *dst, const char *src, size_t n)
     _mm_sfence();
     memcpy(dst + i, src + i, n - i);
 }
-#define CS_STREAM_COPY_AVAILABLE 1
 #else
-static void cs_stream_copy(char *dst, const char *src, size_t n)
+static inline void cs_stream_copy(char *dst, const char *src, size_t n)
 {
     memcpy(dst, src, n);
 }
-#define CS_STREAM_COPY_AVAILABLE 0
 #endif
 
 #endif
