@@ -434,6 +434,86 @@ def test_any_str_id_stores_reads_and_subscribes_frames(make_redis, redis_url, cl
     asyncio.run(run())
 
 
+@frames_built
+def test_an_ended_sessions_frames_stay_its_own_once_its_id_is_used_again(make_redis, clock):
+    """The frame ring's keys are the id's, whichever incarnation: an old object stored
+    into, read, counted and ended the frames of a new session made under its id."""
+    m = make_redis()
+    other_node = make_redis()
+    old = m.create("a")
+    old_elsewhere = other_node.get("a")
+    clock.advance(1)
+    assert old.store_frame(b"1" * 8, source="cam", max_recent=4)
+    m.delete("a")
+    clock.advance(1)
+    assert old.store_frame(b"2" * 8, source="cam", max_recent=4)  # as on an ended in-process session
+    assert [bytes(f.data) for f in old.latest_visual_frames(10)] == [b"1" * 8, b"2" * 8]
+    fresh = m.create("a")
+    sub = fresh.subscribe_visual_frames(4)
+    stale = (lambda: old.store_frame(b"x" * 8, source="cam", max_recent=4),
+             lambda: old_elsewhere.store_frame(b"x" * 8, source="cam", max_recent=4),
+             lambda: old.latest_visual_frames(10), old.visual_stats, old.subscribe_visual_frames,
+             lambda: old.start_visual_input("other"), old.stop_visual_input,
+             lambda: old.loan_frame(8).commit(source="cam", max_recent=4))
+    for call in stale:
+        clock.advance(1)
+        with pytest.raises(SessionNotFoundError, match="has ended and its record is gone"):
+            call()
+    old._ring.close_subscriptions()  # a late end of the old incarnation (the ending node was slow)
+    assert fresh.visual_stats() == {"accepted": 0, "rate_limited": 0, "source_resets": 0, "frames": 0, "bytes": 0}
+    assert fresh.latest_visual_frames(10) == []
+    clock.advance(1)
+    assert fresh.store_frame(b"3" * 8, source="cam", max_recent=4)
+    assert bytes(sub.get(timeout=5).data) == b"3" * 8 and not sub.closed
+
+
+@frames_built
+def test_a_subscription_ends_when_its_session_is_made_again_without_its_end(make_redis, clock):
+    """A node that claimed the session died before it ended the frames (or its end came
+    after the id was used again): the other nodes' readers of the old incarnation went
+    on reading the new one's frames."""
+    m = make_redis()
+    other_node = make_redis()
+    old = other_node.create("a")
+    sub = m.get("a").subscribe_visual_frames(4)
+    clock.advance(1)
+    assert old.store_frame(b"1" * 8, source="cam", max_recent=4)
+    assert bytes(sub.get(timeout=5).data) == b"1" * 8
+    other_node._end = lambda sessions: None  # the ending node dies after its claim
+    other_node.delete("a")
+    fresh = other_node.create("a")
+    clock.advance(1)
+    assert fresh.store_frame(b"2" * 8, source="cam", max_recent=4)
+    with pytest.raises(SubscriptionClosed):
+        sub.get(timeout=5)
+    assert sub.delivered == 1
+
+
+@frames_built
+def test_an_ended_asyncio_sessions_frames_stay_its_own_once_its_id_is_used_again(redis_url, clock):
+    async def run():
+        async with AsyncRedisSessionManager(redis_url, 4, cleanup_interval=None, clock=clock,
+                                            namespace="async-inc") as m:
+            old = await m.create("a")
+            await m.delete("a")
+            fresh = await m.create("a")
+            sub = await fresh.subscribe_visual_frames(4)
+            stale = (lambda: old.store_frame(b"x" * 8, source="cam", max_recent=4),
+                     lambda: old.latest_visual_frames(10), old.visual_stats, old.subscribe_visual_frames,
+                     lambda: old.start_visual_input("other"), old.stop_visual_input)
+            for call in stale:
+                clock.advance(1)
+                with pytest.raises(SessionNotFoundError, match="has ended and its record is gone"):
+                    await call()
+            await old._ring.close_subscriptions()
+            assert (await fresh.visual_stats())["accepted"] == 0
+            clock.advance(1)
+            assert await fresh.store_frame(b"3" * 8, source="cam", max_recent=4)
+            assert bytes((await asyncio.wait_for(sub.__anext__(), 5)).data) == b"3" * 8 and not sub.closed
+
+    asyncio.run(run())
+
+
 def test_namespaces_keep_deployments_apart(make_redis):
     a = make_redis(1, namespace="one")
     b = make_redis(1, namespace="two")

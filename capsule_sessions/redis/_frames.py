@@ -50,7 +50,7 @@ from .._framebuf_py._buffers import check_buffer, copy_bytes
 from .._framebuf_py._fork import _MAKE, _fork, _refuse_copy, check_not_forked
 from .._limits import MAX_LOAN_BYTES
 from .._records import VisualFrame
-from ..errors import REENTERED_MESSAGE
+from ..errors import REENTERED_MESSAGE, SessionNotFoundError
 from . import _frames_codec as codec
 from ._errors import RedisDataError, RedisUnavailableError, masked
 from ._frames_lua import POISON, SCRIPTS, Script
@@ -74,7 +74,9 @@ RECONNECT_MAX_S = 1.0
 # The manager's retention of an ended session's keys (_session.RETENTION_SECONDS).
 ENDED_KEEP_MS = 600_000
 
-DECIDE, START, STOP, STATS, END = (SCRIPTS[name] for name in ("decide", "start", "stop", "stats", "end"))
+DECIDE, START, STOP, STATS, OPEN, END = (SCRIPTS[name] for name in ("decide", "start", "stop", "stats", "open", "end"))
+# DECIDE's reply when the ring's incarnation is gone (_frames_lua).
+GONE = -2
 
 Command = tuple[Any, ...]
 
@@ -139,9 +141,12 @@ class _Core:
     reading of replies (no I/O here)."""
 
     def __init__(self, client: Any, keys: SessionKeys, url: str, clock: Callable[[], float],
-                 activity: tuple[str, str] | None) -> None:
+                 activity: tuple[str, str] | None, incarnation: str | None) -> None:
         if not isinstance(keys, SessionKeys):
             raise TypeError(f"keys must be a SessionKeys, got {type(keys).__name__}")
+        if incarnation is not None and activity is None:
+            raise ValueError("incarnation needs activity: the session hash that holds it")
+        self.session_id = keys.session_id
         self.client = client
         self.url = v.text(url, "url")
         self.clock = v.clock(clock)
@@ -157,8 +162,12 @@ class _Core:
         else:
             key, self.activity_field = (v.text(part, "activity") for part in activity)
             activity_key = codec.text_bytes(key)
+        self.activity_key = activity_key
+        # Every script checks it first (_frames_lua): '' checks nothing.
+        self.incarnation = b"" if incarnation is None else codec.text_bytes(v.text(incarnation, "incarnation"))
         self.write_keys = (self.stream_name, self.meta_name, self.sizes_name, activity_key)
-        self.end_keys = (self.stream_name, self.meta_name, self.sizes_name, self.done_name)
+        self.end_keys = (self.stream_name, self.meta_name, self.sizes_name, self.done_name, activity_key)
+        self.open_keys = (self.meta_name, activity_key)
         self.cache = codec.Cache()
         self.store_frame_bytes: tuple[bytes, bytes] | None = None  # MULTI, and XSETID + EXEC
         self.errors = _redis_errors()
@@ -184,6 +193,11 @@ class _Core:
             return RedisUnavailableError(f"Redis at {where} refused a command: {text}")
         return RedisUnavailableError(f"Redis at {where} is unavailable: {exc}")
 
+    def gone(self) -> SessionNotFoundError:
+        """What a call of an ended session's object raises once the id was used again or
+        its record expired (the session's other calls raise the same)."""
+        return SessionNotFoundError(f"session {self.session_id!r} has ended and its record is gone from Redis")
+
     def reply(self, reply: object) -> Any:
         """A reply that must not be an error."""
         if isinstance(reply, Exception):
@@ -199,7 +213,7 @@ class _Core:
         limit: tuple[Any, Any] = codec.split_ns(store.min_ns) if store.min_ns > 0 else ("", "")
         return [now_hi, now_lo, limit[0], limit[1], store.keep, source,
                 0 if store.payload is None else store.payload.nbytes, received_at, codec.new_epoch(),
-                self.activity_field, "1" if check_only else ""]
+                self.activity_field, "1" if check_only else "", self.incarnation]
 
     def store_commands(self, store: _Store, data: bytes) -> list[Command]:
         """The store's MULTI: DECIDE opens the stream for the XADD (or does not: then the
@@ -230,12 +244,19 @@ class _Core:
                            self.decide_args(store, True, codec.text_bytes(store.source), repr(store.seconds)))
 
     def change_command(self, script: Script, source: str, seconds: float) -> Command:
-        return self.script(script, self.write_keys, (codec.text_bytes(source), repr(seconds), self.activity_field))
+        return self.script(script, self.write_keys,
+                           (codec.text_bytes(source), repr(seconds), self.activity_field, self.incarnation))
+
+    def changed(self, reply: Any) -> None:
+        if reply == 0:
+            raise self.gone()
 
     def decided(self, reply: Any) -> tuple[int, bytes | None]:
         if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], int):
             raise RedisDataError(f"Redis at {masked(self.url)}: the store script of {self.stream!r} "
                                  f"answered {reply!r:.80}")
+        if reply[0] == GONE:
+            raise self.gone()
         return reply[0], codec.epoch(self.meta, reply[1])
 
     def stored(self, replies: list[Any]) -> tuple[int, bytes | None] | None:
@@ -272,7 +293,12 @@ class _Core:
                 q.push_local(frame, seq, epoch)
         return True
 
+    def stats_command(self) -> Command:
+        return self.script(STATS, (self.stream_name, self.meta_name, self.activity_key), (self.incarnation,))
+
     def stats(self, reply: Any) -> dict[str, int]:
+        if reply is None:
+            raise self.gone()
         if not isinstance(reply, list) or len(reply) != 5:
             raise RedisDataError(f"Redis at {masked(self.url)}: key {self.meta!r} gave {reply!r:.80}")
         accepted, rate_limited, resets, frames, nbytes = (
@@ -282,18 +308,53 @@ class _Core:
                 "bytes": nbytes}
 
     def subscribe_command(self) -> Command:
-        return ("HMGET", self.meta_name, "accepted", "epoch", "ended")
+        return self.script(OPEN, self.open_keys, (self.incarnation,))
+
+    def look_command(self) -> Command:
+        """The reader's look when idle: OPEN by its text (a reader never loads scripts)."""
+        return ("EVAL", OPEN.text, len(self.open_keys), *self.open_keys, self.incarnation)
 
     def subscribed(self, reply: Any) -> tuple[int, bytes | None, bool]:
-        """HMGET meta accepted epoch ended, read."""
+        """OPEN's reply read: accepted, epoch, ended; SessionNotFoundError when gone."""
+        if reply is None:
+            raise self.gone()
         if not isinstance(reply, list) or len(reply) != 3:
             raise RedisDataError(f"Redis at {masked(self.url)}: key {self.meta!r} gave {reply!r:.80}")
         return codec.count(self.meta, "accepted", reply[0]), codec.epoch(self.meta, reply[1]), reply[2] is not None
 
+    def end_command(self) -> Command:
+        return self.script(END, self.end_keys, (ENDED_KEEP_MS, self.incarnation))
+
     def ended(self, reply: Any) -> tuple[int, bytes | None]:
+        """END's reply read: (0, None) when the incarnation was gone already (nothing to end
+        there: a new session's frames are not this one's)."""
+        if reply is None:
+            return 0, None
         if not isinstance(reply, list) or len(reply) != 2:
             raise RedisDataError(f"Redis at {masked(self.url)}: key {self.meta!r} gave {reply!r:.80}")
         return codec.count(self.meta, "accepted", reply[0]), codec.epoch(self.meta, reply[1])
+
+    def latest_commands(self) -> list[Command]:
+        """The XRANGE of the ring; with an incarnation, in a MULTI after the check of it
+        (an XRANGE through a script would copy every frame's bytes through Lua)."""
+        read = ("XRANGE", self.stream_name, "-", "+")
+        if not self.incarnation:
+            return [read]
+        return [("MULTI",), ("HGET", self.activity_key, "inc"), read, ("EXEC",)]
+
+    def latest_entries(self, replies: list[Any]) -> Any:
+        """The XRANGE's entries from latest_commands' replies."""
+        if len(replies) == 1:
+            return self.reply(replies[0])
+        for reply in replies[:3]:
+            self.reply(reply)
+        results = self.reply(replies[3])
+        if not isinstance(results, list) or len(results) != 2:
+            raise RedisDataError(f"Redis at {masked(self.url)}: a read of {self.stream!r} answered {results!r:.80}")
+        inc, entries = (self.reply(result) for result in results)
+        if inc != self.incarnation:
+            raise self.gone()
+        return entries
 
     # -- readers -----------------------------------------------------------------------
     def reader_connection(self, retry: Any) -> Any:
@@ -345,6 +406,39 @@ class _Core:
                 continue
             q.push_read(frame, seq, era)
 
+    def checked(self, q: RedisQueue, reply: Any) -> bool:
+        """The reader's look read (look_command): the queue follows a new epoch of its
+        incarnation; False, with the queue ended, when the incarnation is gone (its end
+        never came: the ending node died after its claim, or the id was used again
+        first)."""
+        try:
+            _, epoch, _ = self.subscribed(reply)
+        except SessionNotFoundError:
+            q.end(0, None)
+            return False
+        if epoch != q.epoch:
+            q.new_epoch(epoch)
+        return True
+
+    def new_epoch_in(self, q: RedisQueue, reply: Any) -> bool:
+        """Whether an XREAD reply holds a frame of an epoch the queue is not in: made by
+        a Redis restart, or by a new incarnation of the id, which the reader must check
+        for before it books a frame of it."""
+        if not self.incarnation:
+            return False
+        for name, entries in codec.stream_replies(reply):
+            if name != self.stream_name:
+                continue
+            for entry in codec.entries_of(self.stream, entries):
+                if isinstance(entry, (list, tuple)) and len(entry) == 2:
+                    try:
+                        era, _ = codec.id_of(self.stream, entry[0])
+                    except RedisDataError:
+                        continue
+                    if era != q.epoch:
+                        return True
+        return False
+
     def rest_args(self, q: RedisQueue, last: int, epoch: bytes | None) -> Command | None:
         """The XRANGE of frames accepted before the end that the reader has not read."""
         if epoch is None or q.epoch != epoch:
@@ -378,11 +472,12 @@ def _read_frames(core: _Core, q: RedisQueue) -> None:
                 if conn is None:
                     conn = core.reader_connection(Retry(NoBackoff(), 0))
                 if check:
-                    meta_epoch = codec.epoch(core.meta, _command(conn, "HGET", core.meta_name, "epoch"))
-                    if meta_epoch != q.epoch:
-                        q.new_epoch(meta_epoch)
+                    if not core.checked(q, _command(conn, *core.look_command())):
+                        return
                     check = False
                 reply = _command(conn, *core.xread_args(q))
+                if core.new_epoch_in(q, reply) and not core.checked(q, _command(conn, *core.look_command())):
+                    return
                 end = core.deliver(q, reply)
                 if end is not None:
                     rest = core.rest_args(q, *end)
@@ -425,12 +520,15 @@ class RedisFrameRing:
     ``activity=(key, field)`` (optional) makes every accepted frame and every
     ``start_visual_input``/``stop_visual_input`` also set ``field`` of the hash ``key``
     to the instant (``repr`` of the float seconds), in the same script: the session's
-    ``last_active_at``, touched as the in-process ring touches it.
+    ``last_active_at``, touched as the in-process ring touches it. ``incarnation`` (with
+    ``activity``: the session hash's ``inc`` this ring belongs to) makes every call check
+    it first: once the hash holds another or none, the calls raise SessionNotFoundError
+    and change nothing, and subscriptions end (see _frames_lua).
     """
 
     def __init__(self, client: Any, keys: SessionKeys, url: str, clock: Callable[[], float], *,
-                 activity: tuple[str, str] | None = None) -> None:
-        self._core = _Core(client, keys, url, clock, activity)
+                 activity: tuple[str, str] | None = None, incarnation: str | None = None) -> None:
+        self._core = _Core(client, keys, url, clock, activity, incarnation)
         self._lock = threading.RLock()
         self._busy = False
         self._subscribers: list[RedisQueue] = []
@@ -510,7 +608,7 @@ class RedisFrameRing:
         with self._lock:
             self._claim()
             try:
-                self._call(self._core.change_command(script, source, seconds))
+                self._core.changed(self._call(self._core.change_command(script, source, seconds)))
             finally:
                 self._busy = False
 
@@ -599,12 +697,13 @@ class RedisFrameRing:
         if ttl_ns <= 0:
             return []
         core = self._core
-        return codec.latest(core.stream, self._call(("XRANGE", core.stream_name, "-", "+")), ttl_ns, now_ns, core.cache)
+        return codec.latest(core.stream, core.latest_entries(self._exchange(core.latest_commands())), ttl_ns, now_ns,
+                            core.cache)
 
     def visual_stats(self) -> dict[str, int]:
         """The cluster's counts: accepted, rate_limited, source_resets; frames, bytes."""
         core = self._core
-        return core.stats(self._call(core.script(STATS, (core.stream_name, core.meta_name), ())))
+        return core.stats(self._call(core.stats_command()))
 
     # -- subscribers -------------------------------------------------------------------
     def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> RedisSubscription:
@@ -652,7 +751,7 @@ class RedisFrameRing:
         with self._lock:
             self._claim()
             try:
-                end = core.ended(self._call(core.script(END, core.end_keys, (ENDED_KEEP_MS,))))
+                end = core.ended(self._call(core.end_command()))
             except BaseException as exc:
                 error = exc
             finally:

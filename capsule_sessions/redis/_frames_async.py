@@ -26,11 +26,8 @@ from .._records import VisualFrame
 from . import _frames_codec as codec
 from ._errors import RedisDataError, RedisUnavailableError, masked
 from ._frames import (
-    END,
-    ENDED_KEEP_MS,
     RECONNECT_MAX_S,
     START,
-    STATS,
     STOP,
     Command,
     _Core,
@@ -106,11 +103,12 @@ async def _read_frames(core: _Core, q: RedisQueue) -> None:
                 if conn is None:
                     conn = core.reader_connection(Retry(NoBackoff(), 0))
                 if check:
-                    meta_epoch = codec.epoch(core.meta, await _command(conn, "HGET", core.meta_name, "epoch"))
-                    if meta_epoch != q.epoch:
-                        q.new_epoch(meta_epoch)
+                    if not core.checked(q, await _command(conn, *core.look_command())):
+                        return
                     check = False
                 reply = await _command(conn, *core.xread_args(q))
+                if core.new_epoch_in(q, reply) and not core.checked(q, await _command(conn, *core.look_command())):
+                    return
                 end = core.deliver(q, reply)
                 if end is not None:
                     rest = core.rest_args(q, *end)
@@ -145,8 +143,8 @@ class AsyncRedisFrameRing:
     """``RedisFrameRing`` on a ``redis.asyncio`` client: coroutines of the same names."""
 
     def __init__(self, client: Any, keys: SessionKeys, url: str, clock: Callable[[], float], *,
-                 activity: tuple[str, str] | None = None) -> None:
-        self._core = _Core(client, keys, url, clock, activity)
+                 activity: tuple[str, str] | None = None, incarnation: str | None = None) -> None:
+        self._core = _Core(client, keys, url, clock, activity, incarnation)
         self._lock = asyncio.Lock()
         self._subscribers: list[RedisQueue] = []
         self._ended = False
@@ -214,7 +212,7 @@ class AsyncRedisFrameRing:
 
     async def _change(self, script: Script, source: str, seconds: float) -> None:
         async with self._lock:
-            await self._call(self._core.change_command(script, source, seconds))
+            self._core.changed(await self._call(self._core.change_command(script, source, seconds)))
 
     async def store_frame(
         self,
@@ -289,12 +287,12 @@ class AsyncRedisFrameRing:
         if ttl_ns <= 0:
             return []
         core = self._core
-        reply = await self._call(("XRANGE", core.stream_name, "-", "+"))
-        return codec.latest(core.stream, reply, ttl_ns, now_ns, core.cache)
+        entries = core.latest_entries(await self._exchange(core.latest_commands()))
+        return codec.latest(core.stream, entries, ttl_ns, now_ns, core.cache)
 
     async def visual_stats(self) -> dict[str, int]:
         core = self._core
-        return core.stats(await self._call(core.script(STATS, (core.stream_name, core.meta_name), ())))
+        return core.stats(await self._call(core.stats_command()))
 
     # -- subscribers -------------------------------------------------------------------
     async def subscribe_visual_frames(self, buffer: int = 1, *, policy: str = "drop_newest") -> RedisSubscription:
@@ -328,7 +326,7 @@ class AsyncRedisFrameRing:
         error: BaseException | None = None
         async with self._lock:
             try:
-                end = core.ended(await self._call(core.script(END, core.end_keys, (ENDED_KEEP_MS,))))
+                end = core.ended(await self._call(core.end_command()))
             except BaseException as exc:
                 error = exc
             finally:

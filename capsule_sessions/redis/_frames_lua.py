@@ -11,6 +11,12 @@ on Redis Cluster):
     frames:sizes  a list: the byte size of each entry of the stream, oldest first
     frames:end    a stream: an entry here means "this session's frames ended"
 
+A session's ring also names the session hash (its ``activity`` key) and the incarnation
+token of the object it belongs to: the frames' keys are the id's, whatever incarnation,
+so every script first checks that the hash still holds that token, and does nothing
+when it does not (the session ended and its id was used again, or its record expired):
+an old object's call never touches a new session's frames.
+
 A frame's bytes never pass through Lua (a script's 64 KiB argument alone costs more on
 the server than the whole XADD of it). A store is one MULTI of three commands: DECIDE
 (this script, given everything but the bytes) takes the rate check, the source switch
@@ -55,14 +61,26 @@ local function integer(key, field, value)
   end
   return n, nil
 end
+-- Whether the session hash no longer holds the incarnation ``inc`` ('' when the ring has
+-- none to check): the caller's object is then of an ended session whose id was used
+-- again, or whose record expired. Its first value is an error reply when the hash is not
+-- one; reading ``field`` checks that the hash can take the touch written later.
+local function gone(activity, field, inc)
+  if activity == '' then return nil, false end
+  local r = redis.pcall('HMGET', activity, 'inc', field)
+  local err = wrong(activity, r, 'hash')
+  if err then return err, false end
+  return nil, inc ~= '' and r[1] ~= inc
+end
 """
 
 # KEYS: stream, meta, sizes, activity (a hash, or the empty string: none).
 # ARGV: 1 now_hi, 2 now_lo, 3 min_hi ('' when there is no limit), 4 min_lo, 5 keep,
 # 6 source, 7 nbytes, 8 received_at (repr of the float), 9 an epoch if none is set,
-# 10 activity field, 11 '1': only the rate check (nothing is stored).
+# 10 activity field, 11 '1': only the rate check (nothing is stored), 12 the incarnation.
 # Reply: {seq, epoch} when accepted (the XADD that follows gets "<epoch>-<seq>"), {0, ''}
-# when rate-limited, {-1, ''} when a check found no limit.
+# when rate-limited, {-1, ''} when a check found no limit, {-2, ''} when the incarnation
+# is gone.
 DECIDE = _CHECK_TYPES + """
 local stream, meta, sizes, activity = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local st = redis.pcall('HMGET', meta, 'last_hi', 'last_lo', 'source', 'epoch', 'accepted', 'bytes',
@@ -71,10 +89,10 @@ local n = redis.pcall('LLEN', sizes)
 local length = redis.pcall('XLEN', stream)
 local err = wrong(meta, st, 'hash') or wrong(sizes, n, 'list') or wrong(stream, length, 'stream')
 if err then return err end
-if activity ~= '' then
-  err = wrong(activity, redis.pcall('HEXISTS', activity, ARGV[10]), 'hash')
-  if err then return err end
-end
+local stale
+err, stale = gone(activity, ARGV[10], ARGV[12])
+if err then return err end
+if stale then return {-2, ''} end
 local last_hi, last_lo, accepted, bytes, unused, e
 last_hi, e = integer(meta, 'last_hi', st[1]); if e then return e end
 last_lo, e = integer(meta, 'last_lo', st[2]); if e then return e end
@@ -154,17 +172,18 @@ local function clear(stream, meta, sizes, source)
 end
 """
 
-# KEYS: stream, meta, sizes, activity. ARGV: 1 source, 2 received_at, 3 activity field.
+# KEYS: stream, meta, sizes, activity. ARGV: 1 source, 2 received_at, 3 activity field,
+# 4 the incarnation. Reply: 1, or 0 when the incarnation is gone.
 START = _CHECK_TYPES + _CLEAR + """
 local stream, meta, sizes, activity = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local st = redis.pcall('HMGET', meta, 'source', 'source_resets')
 local err = wrong(meta, st, 'hash') or wrong(sizes, redis.pcall('LLEN', sizes), 'list')
   or wrong(stream, redis.pcall('XLEN', stream), 'stream')
 if err then return err end
-if activity ~= '' then
-  err = wrong(activity, redis.pcall('HEXISTS', activity, ARGV[3]), 'hash')
-  if err then return err end
-end
+local stale
+err, stale = gone(activity, ARGV[3], ARGV[4])
+if err then return err end
+if stale then return 0 end
 local _, e = integer(meta, 'source_resets', st[2]); if e then return e end
 local source = st[1] or ''
 if source ~= ARGV[1] then
@@ -175,17 +194,18 @@ if activity ~= '' then redis.call('HSET', activity, ARGV[3], ARGV[2]) end
 return 1
 """
 
-# KEYS: stream, meta, sizes, activity. ARGV: 1 source, 2 received_at, 3 activity field.
+# KEYS: stream, meta, sizes, activity. ARGV: 1 source, 2 received_at, 3 activity field,
+# 4 the incarnation. Reply: 1, or 0 when the incarnation is gone.
 STOP = _CHECK_TYPES + _CLEAR + """
 local stream, meta, sizes, activity = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local st = redis.pcall('HMGET', meta, 'source', 'source_resets')
 local err = wrong(meta, st, 'hash') or wrong(sizes, redis.pcall('LLEN', sizes), 'list')
   or wrong(stream, redis.pcall('XLEN', stream), 'stream')
 if err then return err end
-if activity ~= '' then
-  err = wrong(activity, redis.pcall('HEXISTS', activity, ARGV[3]), 'hash')
-  if err then return err end
-end
+local stale
+err, stale = gone(activity, ARGV[3], ARGV[4])
+if err then return err end
+if stale then return 0 end
 local source = st[1] or ''
 if ARGV[1] == '' or source == '' or source == ARGV[1] then
   clear(stream, meta, sizes, '')
@@ -194,29 +214,48 @@ if activity ~= '' then redis.call('HSET', activity, ARGV[3], ARGV[2]) end
 return 1
 """
 
-# KEYS: stream, meta. Reply: accepted, rate_limited, source_resets, frames, bytes (as the
-# hash holds them: the client checks them).
-STATS = """
+# KEYS: stream, meta, activity. ARGV: 1 the incarnation. Reply: accepted, rate_limited,
+# source_resets, frames, bytes (as the hash holds them: the client checks them); nil when
+# the incarnation is gone.
+STATS = _CHECK_TYPES + """
+local err, stale = gone(KEYS[3], 'active', ARGV[1])
+if err then return err end
+if stale then return false end
 local st = redis.call('HMGET', KEYS[2], 'accepted', 'rate_limited', 'source_resets', 'bytes')
 return {st[1] or '0', st[2] or '0', st[3] or '0', redis.call('XLEN', KEYS[1]), st[4] or '0'}
 """
 
-# KEYS: stream, meta, sizes, end. ARGV: 1 milliseconds the keys are kept afterwards ('0':
-# no expiry; a key that expires already keeps its time). Marks the frames ended
-# (subscriptions made later start closed) and appends the end entry every node's readers
-# wake up for: {last = accepted so far, e = epoch}.
+# KEYS: meta, activity. ARGV: 1 the incarnation. Reply: accepted, epoch, ended (as the hash
+# holds them), or nil when the incarnation is gone. A subscription starts from it, and its
+# reader asks it again when idle (a new epoch; an incarnation that went without its end).
+OPEN = _CHECK_TYPES + """
+local err, stale = gone(KEYS[2], 'active', ARGV[1])
+if err then return err end
+if stale then return false end
+return redis.call('HMGET', KEYS[1], 'accepted', 'epoch', 'ended')
+"""
+
+# KEYS: stream, meta, sizes, end, activity. ARGV: 1 milliseconds the keys are kept afterwards ('0':
+# no expiry; a key that expires already keeps its time), 2 the incarnation. Marks the
+# frames ended (subscriptions made later start closed) and appends the end entry every
+# node's readers wake up for: {last = accepted so far, e = epoch}; nil when the incarnation
+# is gone (a late end must not end a new session's frames).
 END = _CHECK_TYPES + """
 local stream, meta, sizes, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local st = redis.pcall('HMGET', meta, 'accepted', 'epoch')
 local err = wrong(meta, st, 'hash') or wrong(done, redis.pcall('XLEN', done), 'stream')
 if err then return err end
+local stale
+err, stale = gone(KEYS[5], 'active', ARGV[2])
+if err then return err end
+if stale then return false end
 local accepted, e = integer(meta, 'accepted', st[1]); if e then return e end
 redis.call('HSET', meta, 'ended', '1')
 redis.call('XADD', done, '*', 'last', string.format('%d', accepted), 'e', st[2] or '')
 if ARGV[1] ~= '0' then
   -- Kept a while for readers that were away, then gone; a key that already expires
   -- (the manager's retention) keeps its own time.
-  for _, key in ipairs(KEYS) do
+  for _, key in ipairs({stream, meta, sizes, done}) do
     if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[1]) end
   end
 end
@@ -236,4 +275,5 @@ class Script:
 
 
 SCRIPTS = {name: Script(name, text) for name, text in
-           (("decide", DECIDE), ("start", START), ("stop", STOP), ("stats", STATS), ("end", END))}
+           (("decide", DECIDE), ("start", START), ("stop", STOP), ("stats", STATS), ("open", OPEN),
+                                             ("end", END))}

@@ -169,7 +169,8 @@ class _SessionCore:
                 if ring is None:
                     ctx = self._ctx
                     ring = self._ring_made = self._ring_class(ctx.client, self._names.keys, ctx.url, ctx.clock,
-                                                              activity=activity(self._names.keys))
+                                                              activity=activity(self._names.keys),
+                                                              incarnation=self._inc)
         return ring
 
     def __repr__(self) -> str:
