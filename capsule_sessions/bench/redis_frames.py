@@ -17,7 +17,9 @@ W14 and W15 are timed as W1-W7 are (``harness.py``: calibrated batches, interlea
 rounds, medians, per-round ratios). In W16 the producer stamps each frame with its
 sequence number and ``time.monotonic_ns()`` (one clock for every process on Linux) just
 before the store; the reader takes the time when it holds a usable array. The library's
-ring is the same whichever backend is built (the Redis ring is Python and Lua).
+figures are a user's calls on a ``RedisSessionManager``'s session (whose ring checks the
+session's incarnation and touches it in each script), and are the same whichever backend
+is built (the Redis ring is Python and Lua).
 """
 
 from __future__ import annotations
@@ -90,19 +92,26 @@ def _client(url: str) -> Any:
     return redis.Redis.from_url(url)
 
 
-def _ring(client: Any, url: str, tag: str) -> Any:
-    from ..redis._frames import RedisFrameRing
-    from ..redis._keys import SessionKeys
+def _session(url: str, tag: str) -> tuple[Any, Any]:
+    """(manager, session) of session ``tag``, made by whichever node asks first: the
+    library's figures are a user's calls on a session (its ring also checks the session's
+    incarnation and touches it), not the bare ring's."""
+    from ..errors import SessionExistsError
+    from ..redis import RedisSessionManager
 
-    return RedisFrameRing(client, SessionKeys("bench", tag), url, time.monotonic)
+    manager = RedisSessionManager(url, 1024, namespace="bench", cleanup_interval=None)
+    try:
+        return manager, manager.create(tag)
+    except SessionExistsError:
+        return manager, manager.get(tag)
 
 
 def _store_cases(url: str, size: int) -> dict[tuple[str, str], Case]:
     data: Any = payload(size, seed=size)  # an array: what a camera loop stores
     client = _client(url)
-    ring = _ring(client, url, f"w14-{size}")
+    manager, session = _session(url, f"w14-{size}")
     clock = FakeClock()
-    store = ring.store_frame
+    store = session.store_frame
 
     def library_op() -> None:
         clock.t += TICK
@@ -135,7 +144,7 @@ def _store_cases(url: str, size: int) -> dict[tuple[str, str], Case]:
 
     wid = f"{W14_ID}_{size // 1024}k"
     return {
-        (wid, LIBRARY): Case(library_op, library_run, keep=[ring]),
+        (wid, LIBRARY): Case(library_op, library_run, keep=[session], close=manager.stop),
         (wid, BARE): Case(bare_op, bare_run, close=client.close),
         (wid, PIPELINED): Case(lambda: pipelined_run(1), pipelined_run),
     }
@@ -143,13 +152,13 @@ def _store_cases(url: str, size: int) -> dict[tuple[str, str], Case]:
 
 def _latest_cases(url: str, size: int) -> dict[tuple[str, str], Case]:
     client = _client(url)
-    ring = _ring(client, url, f"w15-{size}")
+    manager, session = _session(url, f"w15-{size}")
     key = f"bench:w15-{size}:bare"
     for seq in range(2):
         data: Any = payload(size, seed=seq)
-        ring.store_frame(data, source="cam", max_recent=2, now=float(seq))
+        session.store_frame(data, source="cam", max_recent=2, now=float(seq))
         client.xadd(key, {"d": memoryview(data)}, maxlen=2, approximate=False)
-    latest = ring.latest_visual_frames
+    latest = session.latest_visual_frames
     xrevrange = client.xrevrange
 
     def library_run(n: int) -> None:
@@ -162,7 +171,7 @@ def _latest_cases(url: str, size: int) -> dict[tuple[str, str], Case]:
 
     wid = f"{W15_ID}_{size // 1024}k"
     return {
-        (wid, LIBRARY): Case(lambda: latest(10.0, now=1.0), library_run, keep=[ring]),
+        (wid, LIBRARY): Case(lambda: latest(10.0, now=1.0), library_run, keep=[session], close=manager.stop),
         (wid, BARE): Case(lambda: xrevrange(key, count=2), bare_run, close=client.close),
     }
 
@@ -211,7 +220,7 @@ def _pace(target_ns: int) -> None:
 def _w16_producer(url: str, orders: Any, answers: Any) -> None:
     """Node A: for each order (target, tag, t_go ns, frames), stores the frames paced
     at W16_INTERVAL_S from t_go, each stamped just before its store; then ends the
-    stream (the library's close_subscriptions, an end entry for bare redis-py)."""
+    stream (the library's delete of the session, an end entry for bare redis-py)."""
     try:
         client = _client(url)
         frame: Any = payload(W16_FRAME_BYTES, seed=16)
@@ -221,17 +230,18 @@ def _w16_producer(url: str, orders: Any, answers: Any) -> None:
             if order is None:
                 return
             target, tag, t_go, frames = order
-            ring = _ring(client, url, tag) if target == LIBRARY else None
+            manager, session = _session(url, tag) if target == LIBRARY else (None, None)
             key = f"bench:{tag}:bare"
             for seq in range(frames):
                 _pace(t_go + int(seq * W16_INTERVAL_S * 1e9))
                 STAMP.pack_into(frame, 0, seq, time.monotonic_ns())
-                if ring is not None:
-                    ring.store_frame(frame, source="cam", max_recent=2, now=seq * W16_INTERVAL_S)
+                if session is not None:
+                    session.store_frame(frame, source="cam", max_recent=2, now=seq * W16_INTERVAL_S)
                 else:
                     client.xadd(key, {"d": memoryview(frame)}, maxlen=2, approximate=False)
-            if ring is not None:
-                ring.close_subscriptions()
+            if manager is not None:
+                manager.delete(tag)  # ends the session: every node's subscriptions close
+                manager.stop()
             else:
                 client.xadd(key, {"end": "1"}, maxlen=2, approximate=False)
             answers.put(("stored", frames))
@@ -259,7 +269,8 @@ def _w16_reader(url: str, orders: Any, answers: Any) -> None:
             if target == LIBRARY:
                 from ..errors import SubscriptionClosed
 
-                sub = _ring(client, url, tag).subscribe_visual_frames(W16_BUFFER, policy=W16_POLICY)
+                manager, session = _session(url, tag)
+                sub = session.subscribe_visual_frames(W16_BUFFER, policy=W16_POLICY)
                 answers.put(("subscribed", tag))
                 while True:
                     try:
@@ -274,6 +285,7 @@ def _w16_reader(url: str, orders: Any, answers: Any) -> None:
                     if seq >= warmup:
                         latencies.append((now - stamp) / 1e3)
                 dropped = sub.dropped
+                manager.stop()
             else:
                 key = f"bench:{tag}:bare"
                 last_id = "0-0"
