@@ -212,6 +212,24 @@ def redis_url(redis_server_process):
     return redis_server_process.url
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_process():
+    """One real Redis Cluster (three masters) for the whole run, made on first use
+    (tests/redis_server.py)."""
+    from redis_server import RedisClusterServers
+
+    cluster = RedisClusterServers()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_process):
+    """The URL of one node of the run's Redis Cluster, every node emptied before the test."""
+    redis_cluster_process.flush()
+    return redis_cluster_process.url
+
+
 @pytest.fixture
 def world():
     """For the shared-memory tests: a unique namespace (``world.ns``) and what the test

@@ -9,17 +9,16 @@ from __future__ import annotations
 import os
 import time
 
-import redis
-
 from capsule_sessions import ChatMessage, DialogContextItem, MaxSessionsError, SessionError, SessionExistsError
 from capsule_sessions.redis import RedisSessionManager
+from redis_server import raw_client
 
 GATE_READY = "test:gate:ready"
 GATE_OPEN = "test:gate:open"
 
 
 def gate(url: str) -> None:
-    client = redis.Redis.from_url(url)
+    client = raw_client(url)
     client.incr(GATE_READY)
     deadline = time.monotonic() + 60
     while not client.exists(GATE_OPEN):
@@ -50,7 +49,7 @@ def create_many(url: str, node: int, ids: list[str], max_concurrent: int) -> dic
 
 def end_all(url: str, node: int, ids: list[str], idle_now_offset: float) -> list[str]:
     """Delete or evict every id (half the nodes evict), recording each callback in Redis."""
-    client = redis.Redis.from_url(url)
+    client = raw_client(url)
 
     def on_end(session: object) -> None:
         client.rpush("test:ended", f"{node}:{session.id}")  # type: ignore[attr-defined]
@@ -81,7 +80,7 @@ def bump(url: str, node: int, id: str, times: int) -> dict[str, list[int]]:
 def wait_done(url: str, node: int, id: str, timeout: float) -> tuple[bool, float]:
     m = manager(url)
     s = m.get(id)
-    client = redis.Redis.from_url(url)
+    client = raw_client(url)
     client.rpush("test:waiting", node)
     started = time.monotonic()
     done = s.wait_pipeline_done(timeout)
@@ -112,7 +111,7 @@ def skewed_node(url: str, skew: float, id: str) -> dict[str, float]:
 
 def store_until_killed(url: str, id: str) -> None:
     """Write and acknowledge, forever: the test SIGKILLs this node mid-way."""
-    client = redis.Redis.from_url(url)
+    client = raw_client(url)
     m = manager(url)
     s = m.create(id)
     n = 0
@@ -135,7 +134,7 @@ def end_and_die(url: str, id: str) -> None:
 def churn(url: str, seconds: float) -> None:
     """Create, write and delete sessions as fast as it can (the test kills the server, or
     this node, mid-way); counts its rounds in test:churned."""
-    client = redis.Redis.from_url(url)
+    client = raw_client(url)
     m = RedisSessionManager(url, 20, cleanup_interval=None)
     deadline = time.monotonic() + seconds
     n = 0

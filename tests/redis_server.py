@@ -7,6 +7,7 @@ off, in a temporary directory, and shut down afterwards (never a mock, never fak
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 STARTUP_SECONDS = 10.0
 
@@ -90,6 +92,73 @@ def redis_server(*extra_args: str) -> Iterator[RedisServer]:
         server.close()
 
 
+class RedisClusterServers:
+    """A real Redis Cluster: ``MASTERS`` redis-servers with cluster mode on, on free
+    loopback ports with persistence off, their slots assigned by ``redis-cli --cluster
+    create`` (Debian's redis-server package ships it). ``url`` names one node, as a
+    user's URL would; the client finds the others."""
+
+    MASTERS = 3
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="capsule-redis-cluster-")
+        self.servers: list[RedisServer] = []
+        try:
+            for i in range(self.MASTERS):
+                node_dir = f"{self.dir}/{i}"
+                os.mkdir(node_dir)
+                # The bus port defaults to the port + 10000, past 65535 for a high free port.
+                self.servers.append(RedisServer(("--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                                                 "--cluster-config-file", f"{node_dir}/nodes.conf",
+                                                 "--dir", node_dir)))
+            cli = shutil.which("redis-cli")
+            if cli is None:
+                raise RuntimeError("redis-cli is not installed (Debian's redis-server package has it)")
+            subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers),
+                            "--cluster-replicas", "0", "--cluster-yes"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            deadline = time.monotonic() + STARTUP_SECONDS
+            while not all(_cluster_ok(s.port) for s in self.servers):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        except BaseException:
+            self.close()
+            raise
+        self.url = self.servers[0].url
+
+    def flush(self) -> None:
+        for server in self.servers:
+            flush(server.url)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _cluster_ok(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"CLUSTER INFO\r\n")
+            return b"cluster_state:ok" in s.recv(4096)
+    except OSError:
+        return False
+
+
+def raw_client(url: str) -> Any:
+    """A plain redis-py client for ``url``: a cluster client when it names a Redis
+    Cluster node (which answers only for its own slots)."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    client = redis.Redis.from_url(url)
+    if str(client.info("cluster").get("cluster_enabled", 0)) == "1":
+        client.close()
+        return RedisCluster.from_url(url)
+    return client
+
+
 def flush(url: str) -> None:
     """Empty the server between tests (FLUSHALL over a raw socket: no client library)."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
@@ -98,4 +167,4 @@ def flush(url: str) -> None:
         s.recv(16)
 
 
-__all__ = ["RedisServer", "free_port", "flush", "redis_server"]
+__all__ = ["RedisClusterServers", "RedisServer", "free_port", "flush", "raw_client", "redis_server"]

@@ -1,6 +1,8 @@
 """The semantics across nodes (issue 13), each with real processes: up to 8 spawned
 nodes (tests/redis_nodes.py), each with its own manager and connections, racing on one
-real redis-server. A node is a process here; on several machines it is the same code.
+real redis-server, and again on a real Redis Cluster of three masters (where membership
+changes in steps of one slot each: docs/redis.md, "Redis Cluster"). A node is a process
+here; on several machines it is the same code.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-import redis
 
 import redis_nodes
 from capsule_sessions import ChatMessage, SessionNotFoundError, SessionState
 from capsule_sessions.redis import RedisSessionManager
+from capsule_sessions.redis._keys import registry_key
+from redis_server import raw_client
 
 NODES = 8
 
@@ -27,9 +30,15 @@ def pool():
         yield executor
 
 
+@pytest.fixture(params=["one-server", "redis-cluster"])
+def redis_url(request):
+    """Each test on one redis-server and on a Redis Cluster."""
+    return request.getfixturevalue("redis_cluster_url" if request.param == "redis-cluster" else "redis_url")
+
+
 @pytest.fixture
 def raw(redis_url):
-    client = redis.Redis.from_url(redis_url)
+    client = raw_client(redis_url)
     yield client
     client.close()
 
@@ -66,8 +75,8 @@ def test_max_concurrent_holds_across_nodes(race, raw):
                    [([f"n{node}-{i}" for i in range(100)], 50) for node in range(NODES)])
     created = [id for r in results for id in r["created"]]
     assert len(created) == 50 and sum(len(r["max"]) for r in results) == NODES * 100 - 50
-    assert raw.zcard("capsule:registry") == 50
-    assert sorted(m.decode() for m in raw.zrange("capsule:registry", 0, -1)) == sorted(created)
+    assert raw.zcard(registry_key("capsule")) == 50
+    assert sorted(m.decode() for m in raw.zrange(registry_key("capsule"), 0, -1)) == sorted(created)
 
 
 def test_an_id_is_made_once_whichever_node_asks(race, raw):

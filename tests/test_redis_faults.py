@@ -9,6 +9,7 @@ the URL, so a hang would show as a slow test and a failed bound.
 from __future__ import annotations
 
 import multiprocessing
+import re
 import signal
 import subprocess
 import threading
@@ -26,12 +27,14 @@ from capsule_sessions.redis import (
     SessionStoreError,
 )
 from capsule_sessions.redis import _codec as codec
+from capsule_sessions.redis._keys import registry_key
 from redis_server import RedisServer, free_port, redis_server
 
 TIMEOUTS = "?socket_timeout=0.5&socket_connect_timeout=0.5"
 # A call against a dead or frozen server ends within this (the timeouts above, one retry
 # of a refused connection, the backoff): far from a hang.
 BOUND_SECONDS = 2.5
+REGISTRY = registry_key("capsule")
 
 
 @pytest.fixture
@@ -162,7 +165,7 @@ def test_after_a_restart_the_manager_carries_on(server):
 def _invariants(client, url, namespace="capsule", max_concurrent=None):
     """What must hold whatever was interrupted: the registry and the session hashes
     agree, and everything stored reads back."""
-    members = {x.decode() for x in client.zrange(f"{namespace}:registry", 0, -1)}
+    members = {x.decode() for x in client.zrange(registry_key(namespace), 0, -1)}
     if max_concurrent is not None:
         assert len(members) <= max_concurrent
     live = set()
@@ -202,7 +205,7 @@ def test_no_half_applied_change_when_the_server_dies_mid_run(tmp_path):
             worker.kill()
             worker.join()
             server.start()
-            assert client.zcard("capsule:registry") > 0
+            assert client.zcard(REGISTRY) > 0
             _invariants(client, url, max_concurrent=20)
         client.close()
 
@@ -330,8 +333,8 @@ def test_keys_of_another_type_are_data_errors(planted):
     client.set("capsule:{a}:history", "a string")
     with pytest.raises(RedisDataError):
         a.history_snapshot()
-    client.delete("capsule:registry")
-    client.set("capsule:registry", "a string")
+    client.delete(REGISTRY)
+    client.set(REGISTRY, "a string")
     for call in (m.count, m.list, lambda: "a" in m, lambda: m.create("c"), m.evict_idle):
         with pytest.raises(RedisDataError):
             call()
@@ -344,15 +347,15 @@ def test_a_foreign_key_under_a_new_id_is_not_overwritten(planted):
         m.create("c")
     assert client.hgetall("capsule:{c}:session") == {b"someone": b"else"}
     client.hset("capsule:{d}:session", mapping={"kind": codec.KIND, "id": "not-d"})
-    client.zadd("capsule:registry", {"d": 99})
+    client.zadd(REGISTRY, {"d": 99})
     with pytest.raises(RedisDataError, match="the session 'not-d'"):
         m.get("d")
 
 
 def test_a_registry_member_that_is_not_text(planted):
     m, client, *_ = planted
-    client.zadd("capsule:registry", {b"\xff\xfe": 100})
-    with pytest.raises(RedisDataError, match="capsule:registry"):
+    client.zadd(REGISTRY, {b"\xff\xfe": 100})
+    with pytest.raises(RedisDataError, match=re.escape(REGISTRY)):
         m.list()
 
 

@@ -57,6 +57,41 @@ def connect(url: str) -> redis.Redis:
         raise ValueError(f"url {masked(url)!r} is not a valid Redis URL: {exc}") from None
 
 
+def cluster_enabled(hello: Any) -> bool:
+    """Whether a ``HELLO`` reply (a map, or a flat list of pairs) is a Redis Cluster
+    node's. HELLO is a connection command, which a least-privilege ACL user may run
+    (INFO is not)."""
+    if isinstance(hello, list):
+        hello = dict(zip(hello[::2], hello[1::2], strict=False))
+    return isinstance(hello, dict) and hello.get(b"mode", hello.get("mode")) in (b"cluster", "cluster")
+
+
+def _cluster_options() -> dict[str, Any]:
+    # The cluster client follows MOVED and ASK itself, and retries a command after a
+    # connection error only once it has refreshed its map of the slots.
+    return {"socket_timeout": DEFAULT_TIMEOUT, "socket_connect_timeout": DEFAULT_TIMEOUT, "decode_responses": False}
+
+
+def connect_cluster(url: str) -> Any:
+    """A thread-safe Redis Cluster client, found from the node ``url`` names."""
+    from redis.cluster import RedisCluster
+
+    if url.startswith("unix://"):
+        raise ValueError(f"url {masked(url)!r} names a Redis Cluster node by a unix socket: the cluster's "
+                         "nodes are reached by host and port")
+    return RedisCluster.from_url(url, **_cluster_options())
+
+
+def connect_cluster_async(url: str) -> Any:
+    """The asyncio Redis Cluster client for ``url``."""
+    from redis.asyncio.cluster import RedisCluster
+
+    if url.startswith("unix://"):
+        raise ValueError(f"url {masked(url)!r} names a Redis Cluster node by a unix socket: the cluster's "
+                         "nodes are reached by host and port")
+    return RedisCluster.from_url(url, **_cluster_options())
+
+
 def connect_async(url: str) -> redis.asyncio.Redis:
     """The asyncio client for ``url`` (its connections belong to the running event loop)."""
     import redis.asyncio

@@ -23,11 +23,17 @@ def encoded(text: str) -> bytes:
 class Context:
     url: str
     namespace: str
-    client: Any  # redis.Redis, or redis.asyncio.Redis for the asyncio twin
+    client: Any  # redis.Redis, or redis.asyncio.Redis for the asyncio twin (or their cluster clients)
     scripts: Scripts
     clock: Callable[[], float]
     # The clock when it is the server's (instants are then the server's Unix time).
     server_clock: ServerClock | None
+    # On Redis Cluster: the client of the node that serves a key (a frame ring talks to
+    # its session's node directly, on connections of its own, as it does to one server).
+    node_client: Callable[[bytes], Any] | None = None
+
+    def client_for(self, key: bytes) -> Any:
+        return self.client if self.node_client is None else self.node_client(key)
 
 
 @functools.lru_cache(maxsize=4096)

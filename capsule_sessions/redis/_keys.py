@@ -3,7 +3,11 @@ Cluster keeps a session's keys on one shard (one script can change them all) and
 spreads sessions over shards; the namespace keeps deployments apart on one server.
 
     <namespace>:{<session id>}:<what>      a session's keys
-    <namespace>:registry                   the cluster-wide set of live sessions
+    <namespace>:{\\r}:registry              the cluster-wide set of live sessions
+    <namespace>:{\\r}:incs                  on Redis Cluster: each registered id's incarnation
+
+The registry's keys share the tag ``\\r``, which no escaped session id can be (see
+``_tag``), so they are one slot of their own: one script can change both.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def _tag(session_id: str) -> str:
     # Braces would end the hash tag early; they are escaped so every id has a tag of its own.
     # An empty tag ("{}") is no tag to Redis (it would hash each whole key, and spread the
     # session over slots): the empty id gets "\e", which no escaped id can be (there a
-    # backslash is always followed by another, "(" or ")").
+    # backslash is always followed by another, "(" or ")"); nor "\r", the registry's tag.
     if not session_id:
         return "\\e"
     return session_id.replace("\\", "\\\\").replace("{", "\\(").replace("}", "\\)")
@@ -45,5 +49,12 @@ class SessionKeys:
         return self.prefix + what
 
 
+REGISTRY_TAG = "\\r"
+
+
 def registry_key(namespace: str) -> str:
-    return f"{namespace}:registry"
+    return f"{namespace}:{{{REGISTRY_TAG}}}:registry"
+
+
+def incs_key(namespace: str) -> str:
+    return f"{namespace}:{{{REGISTRY_TAG}}}:incs"

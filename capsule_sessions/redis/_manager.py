@@ -2,11 +2,14 @@
 every node (process, machine) that uses the same server and namespace.
 
 Membership is the registry (a sorted set of live ids, in the order they were made) plus
-each session's hash; the two change together in one script (``_scripts``): ``create``
-checks ``max_concurrent`` and the id and adds both; a claim (``delete``, ``close``,
-idle eviction) takes the session out and marks it ended, and exactly one caller in the
-cluster gets it back and runs ``on_session_end``. ``_ManagerCore`` holds what the sync
-and asyncio twins share (everything but I/O).
+each session's hash; on one server the two change together in one script
+(``_scripts``): ``create`` checks ``max_concurrent`` and the id and adds both; a claim
+(``delete``, ``close``, idle eviction) takes the session out and marks it ended, and
+exactly one caller in the cluster gets it back and runs ``on_session_end``. On Redis
+Cluster, where one script reaches one slot, the same changes are made in steps, each
+atomic on its own slot, ordered so that every outcome a crash can leave is either
+still correct or repaired by the next node that looks (``_scripts``, docs/redis.md).
+``_ManagerCore`` holds what the sync and asyncio twins share (everything but I/O).
 
 Each node keeps one object per live session it has seen, so ``get`` returns the same
 object on a node (``pipeline_cancel`` and subscriptions are the node's), rebuilt when
@@ -29,16 +32,21 @@ from ..errors import MaxSessionsError, SessionError, SessionExistsError, Session
 from ..session import _mode
 from . import _codec as c
 from ._clock import ServerClock, measure
-from ._connect import check_url, connect
+from ._connect import check_url, cluster_enabled, connect, connect_cluster
 from ._context import Context, encoded, key_names
-from ._errors import RedisDataError, masked, translated
-from ._keys import check_namespace, registry_key
+from ._errors import RedisDataError, SessionStoreError, masked, translated
+from ._keys import check_namespace, incs_key, registry_key
 from ._scripts import Scripts
 from ._session import RETENTION_SECONDS, RedisSession, _SessionCore, ring_keys
 
 log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=_SessionCore)
+
+# On Redis Cluster a create's hash is pending (no other node can make the id, nobody
+# sees the session) until the create has its place in the registry; a node that died
+# in between leaves it to expire after this long. A create slower than that fails.
+PENDING_SECONDS = 10.0
 
 
 class _ManagerCore(Generic[S]):
@@ -68,6 +76,8 @@ class _ManagerCore(Generic[S]):
         self._lock = threading.Lock()
         self._closed = False
         self._registry = encoded(registry_key(self.namespace))
+        self._registry_keys = [self._registry, encoded(incs_key(self.namespace))]
+        self._cluster = False
         result: float | None = cleanup_interval
         return result
 
@@ -104,6 +114,43 @@ class _ManagerCore(Generic[S]):
         if reply != b"ok":
             raise RedisDataError(f"Redis at {self.url} answered create with {reply!r}")
 
+    def _prepare_args(self, ctx: Context, id: str, mode: PipelineMode, character_id: str) -> tuple[
+            list[bytes], list[Any], c.Record]:
+        """PREPARE's keys and arguments (Redis Cluster), and the record it makes."""
+        keys, args, record = self._create_args(ctx, id, mode, character_id)
+        _, _, kind, inc, mode_text, character, now = args
+        return keys[1:], [encoded(id), kind, inc, mode_text, character, now, str(int(PENDING_SECONDS * 1000))], record
+
+    def _acquire_args(self, id: str, inc: str, replace: bytes | None) -> list[Any]:
+        return [encoded(id), inc, str(self.max_concurrent), "" if replace is None else "1", replace or b""]
+
+    def _acquired(self, reply: Any, id: str) -> bytes | None:
+        """ACQUIRE's reply: None when this incarnation has its place; the incarnation
+        registered under the id when another holds it (b"" for none recorded)."""
+        if not isinstance(reply, list) or not reply or reply[0] not in (b"ok", b"max", b"exists"):
+            raise RedisDataError(f"Redis at {self.url} answered a registry change with {reply!r:.80}")
+        if reply[0] == b"max":
+            raise MaxSessionsError(f"max concurrent sessions reached ({self.max_concurrent})")
+        if reply[0] == b"ok":
+            return None
+        other = reply[1] if len(reply) > 1 else b""
+        return other if isinstance(other, bytes) else b""
+
+    def _pending_lost(self, id: str) -> SessionStoreError:
+        return SessionStoreError(f"Redis at {self.url}: creating session {id!r} took longer than "
+                                 f"{PENDING_SECONDS:g} s, so its pending record expired; nothing was made")
+
+    def _stale(self, ids: builtins.list[str], incs: dict[bytes, bytes],
+               hashes: builtins.list[builtins.list[Any]]) -> builtins.list[tuple[str, bytes]]:
+        """The registry places whose session is not live nor being made (Redis Cluster:
+        left by a node that died between two steps), as (id, registered inc)."""
+        stale = []
+        for id, (inc, ended) in zip(ids, hashes, strict=True):
+            registered = incs.get(encoded(id), b"")
+            if not registered or inc != registered or ended != b"0":
+                stale.append((id, registered))
+        return stale
+
     def _room_error(self, count: int, exists: bool, id: str) -> SessionError | None:
         """The error create would raise first (for a call whose other arguments are bad:
         SessionManager checks the limit and the id before them)."""
@@ -118,7 +165,7 @@ class _ManagerCore(Generic[S]):
         return key_names(self.namespace, id).keys.key("session")
 
     def _live_record(self, values: dict[bytes, bytes], id: str) -> c.Record | None:
-        if not values:
+        if not values or b"pending" in values:  # (pending: being made on Redis Cluster)
             return None
         record = c.record_of(values, self._key(id), id)
         return None if record.ended else record
@@ -156,6 +203,8 @@ class _ManagerCore(Generic[S]):
         keys = [self._registry, *names.all(ring_keys(names.keys))]
         args = [encoded(id), c.KIND, "0" if now is None else "1", "" if now is None else c.instant_text(now),
                 repr(self.idle_timeout), str(int(RETENTION_SECONDS * 1000))]
+        if self._cluster:  # CLAIM_ONE: the session's keys and the arguments after the id
+            return keys[1:], args[1:]
         return keys, args
 
     def _claimed(self, ctx: Context, reply: Any, id: str) -> S | None:
@@ -221,13 +270,20 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
         clock: Callable[[], float] | None = None,
     ) -> None:
         interval = self._setup(url, max_concurrent, idle_timeout, namespace, cleanup_interval, on_session_end, clock)
-        client = connect(self._url)
+        client: Any = connect(self._url)
+        with translated(self._url):
+            if cluster_enabled(client.execute_command("HELLO")):
+                client.close()
+                client = connect_cluster(self._url)
+                self._cluster = True
         server_clock = None
         if self._injected_clock is None:
             with translated(self._url):
-                server_clock = ServerClock(measure(client))
+                server_clock = ServerClock(measure(self._clock_client(client)))
         self._client = client
         self._ctx = self._context(client, server_clock)
+        if self._cluster:
+            self._ctx.node_client = lambda key: client.get_node_from_key(key).redis_connection
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         if interval is not None:
@@ -236,11 +292,16 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
                 name="capsule-sessions-redis-cleanup", daemon=True)
             self._thread.start()
 
+    def _clock_client(self, client: Any) -> Any:
+        """Whose TIME is the clock: the server's, or on Redis Cluster the node that holds
+        the registry (every manager of the namespace reads the same one)."""
+        return client.get_node_from_key(self._registry).redis_connection if self._cluster else client
+
     def _refresh_clock(self) -> None:
         server_clock = self._ctx.server_clock
         if server_clock is not None and server_clock.due():
             with translated(self._url):
-                server_clock.update(measure(self._client))
+                server_clock.update(measure(self._clock_client(self._client)))
 
     def create(self, id: str, mode: PipelineMode = PipelineMode.OMNI, character_id: str = "") -> RedisSession:
         """A new session, cluster-wide: MaxSessionsError when ``max_concurrent`` sessions
@@ -253,7 +314,7 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
             character_id = v.text(character_id, "character_id")
         except (TypeError, ValueError):
             with translated(self._url):
-                pipe = self._client.pipeline(transaction=True)
+                pipe = self._client.pipeline(transaction=not self._cluster)
                 pipe.zcard(self._registry)
                 pipe.zscore(self._registry, encoded(id))
                 count, score = pipe.execute()
@@ -261,11 +322,80 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
             if error is not None:
                 raise error from None
             raise
+        if self._cluster:
+            return self._create_in_steps(id, mode, character_id)
         keys, args, record = self._create_args(self._ctx, id, mode, character_id)
         with translated(self._url):
             reply = self._ctx.scripts.create(keys=keys, args=args)
         self._create_reply(reply, id)
         return self._adopt(self._ctx, record)
+
+    def _create_in_steps(self, id: str, mode: PipelineMode, character_id: str) -> RedisSession:
+        """create on Redis Cluster: PREPARE the hash (pending: the id is this node's),
+        ACQUIRE a place in the registry, CONFIRM the hash. A failed step takes back what
+        the earlier ones did; what a crash leaves expires or is repaired."""
+        keys, args, record = self._prepare_args(self._ctx, id, mode, character_id)
+        scripts = self._ctx.scripts
+        with translated(self._url):
+            self._create_reply(scripts.prepare(keys=keys, args=args), id)
+        acquired = False
+        try:
+            with translated(self._url):
+                self._acquire(id, record.inc)
+                acquired = True
+                if not scripts.confirm(keys=keys[:1], args=[record.inc]):
+                    raise self._pending_lost(id)
+        except BaseException:
+            self._undo_create(keys[0], id, record.inc, acquired)
+            raise
+        return self._adopt(self._ctx, record)
+
+    def _acquire(self, id: str, inc: str) -> None:
+        """A place in the registry for this incarnation. Another incarnation registered
+        under the id is stale (this node's pending hash holds the id, so that one is not
+        live): its place is taken over. At the limit, the registry is repaired once."""
+        replace: bytes | None = None
+        repaired = False
+        while True:
+            try:
+                other = self._acquired(self._ctx.scripts.acquire(
+                    keys=self._registry_keys, args=self._acquire_args(id, inc, replace)), id)
+            except MaxSessionsError:
+                if repaired or not self._repair():
+                    raise
+                repaired = True
+                continue
+            if other is None:
+                return
+            if replace is not None:  # changed again under this create: another node is at it
+                raise SessionExistsError(f"session {id!r} already exists")
+            replace = other
+
+    def _undo_create(self, session_key: bytes, id: str, inc: str, acquired: bool) -> None:
+        try:
+            with translated(self._url):
+                if acquired:
+                    self._ctx.scripts.release(keys=self._registry_keys, args=[encoded(id), inc])
+                self._ctx.scripts.abandon(keys=[session_key], args=[inc])
+        except SessionError as exc:  # what is left expires (the hash) or is repaired (the place)
+            log.warning("capsule_sessions.redis: could not take back a failed create of %r: %s", id, exc)
+
+    def _repair(self) -> bool:
+        """Free the registry places whose session is not live nor being made (Redis
+        Cluster: a node died between two steps); True when one was freed."""
+        with translated(self._url):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zrange(self._registry, 0, -1)
+            pipe.hgetall(self._registry_keys[1])
+            raw, incs = pipe.execute()
+            ids = self._ids(raw)
+            pipe = self._client.pipeline(transaction=False)
+            for id in ids:
+                pipe.hmget(key_names(self.namespace, id).session, ["inc", "ended"])
+            stale = self._stale(ids, incs, pipe.execute())
+            freed = [self._ctx.scripts.release(keys=self._registry_keys, args=[encoded(id), inc])
+                     for id, inc in stale]
+        return any(freed)
 
     def get(self, id: str) -> RedisSession:
         checked = self._id_or_none(id)
@@ -273,7 +403,7 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
             raise self._not_found(id)
         names = key_names(self.namespace, checked)
         with translated(self._url):
-            values: dict[bytes, bytes] = self._client.hgetall(names.session)  # type: ignore[assignment]
+            values: dict[bytes, bytes] = self._client.hgetall(names.session)
         record = self._live_record(values, checked)
         if record is None:
             raise self._not_found(id)
@@ -292,8 +422,19 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
     def _claim(self, id: str, now: float | None) -> RedisSession | None:
         keys, args = self._claim_args(id, now)
         with translated(self._url):
-            reply = self._ctx.scripts.claim(keys=keys, args=args)
-        return self._claimed(self._ctx, reply, id)
+            if not self._cluster:
+                reply = self._ctx.scripts.claim(keys=keys, args=args)
+                return self._claimed(self._ctx, reply, id)
+            reply = self._ctx.scripts.claim_one(keys=keys, args=args)
+        session = self._claimed(self._ctx, reply, id)
+        if session is not None:
+            try:
+                with translated(self._url):
+                    self._ctx.scripts.release(keys=self._registry_keys, args=[encoded(id), session._inc])
+            except SessionError as exc:  # this node ends it all the same; the place is repaired
+                log.warning("capsule_sessions.redis: session %r ended, but its registry place was not freed: %s",
+                            id, exc)
+        return session
 
     def delete(self, id: str) -> None:
         """End session ``id`` (on_session_end on this node, CLOSED, subscriptions closed);
@@ -341,6 +482,9 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
         if checked is None:
             return False
         with translated(self._url):
+            if self._cluster:  # a live hash is registered: it is confirmed after its place is taken
+                values = self._client.hmget(key_names(self.namespace, checked).session, ["kind", "ended", "pending"])
+                return bool(values[0] == c.KIND.encode() and values[1] == b"0" and values[2] is None)
             return self._client.zscore(self._registry, encoded(checked)) is not None
 
     def evict_idle(self, now: float | None = None) -> builtins.list[RedisSession]:
@@ -349,6 +493,8 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
         whose record is corrupted is skipped, and its RedisDataError raised once the
         others were ended."""
         now_s = v.instant(self._ctx.clock() if now is None else now, "now")[0]
+        if self._cluster:
+            self._repair()
         ids = self._registry_ids()
         corrupted: RedisDataError | None = None
         candidates = []

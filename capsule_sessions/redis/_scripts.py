@@ -2,10 +2,12 @@
 field or key, is one script, so Redis runs it atomically (no other client's command
 runs in between) and a node that dies mid-call leaves either all of it or none.
 
-KEYS of one session share its hash tag (``_keys``); the registry is a key of its own,
-so the two scripts that change membership (CREATE and CLAIM) name keys of two hash
-slots: fine on one server (with replicas or Sentinel), refused by Redis Cluster
-(docs/redis.md, "Redis Cluster"). Every other script names one session's keys only.
+KEYS of one session share its hash tag (``_keys``); the registry's keys have a tag of
+their own. On one server (with replicas or Sentinel) the two scripts that change
+membership, CREATE and CLAIM, name keys of both. Redis Cluster refuses a script whose
+keys are in two slots, so there membership changes in steps, each one script of one
+slot (PREPARE, ACQUIRE, CONFIRM for a create; CLAIM_ONE, RELEASE for an end; docs/redis.md,
+"Redis Cluster"). Every other script names one session's keys only.
 
 Lua numbers are doubles: counters are returned as the strings Redis keeps (never
 through a Lua number), and instants are compared in Lua only where Python compares them
@@ -76,6 +78,95 @@ for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
 return redis.call('HGETALL', session)
 """
 
+# -- Redis Cluster: membership in steps of one slot each ---------------------------------
+# The registry (its zset, and a hash of each registered id's incarnation) is the count
+# and the list; a session's hash says whether that incarnation is live. A create writes
+# the hash as pending first (so no other node can make the id), then takes a place in
+# the registry, then confirms the hash; an end claims the hash (exactly one caller),
+# then frees the place. A node that dies between two steps leaves a pending hash, which
+# expires, or a registry entry whose hash is not live, which the next node to look frees
+# (RELEASE, compare-and-swap on the incarnation: docs/redis.md, "Redis Cluster").
+
+# KEYS: session hash, history, dialog, the ring's keys...
+# ARGV: id, kind, inc, mode, character_id, now, pending_ms
+PREPARE = """
+local session = KEYS[1]
+local kind = redis.call('HGET', session, 'kind')
+if kind and kind ~= ARGV[2] then return 'foreign' end
+if not kind and redis.call('EXISTS', session) == 1 then return 'foreign' end
+if kind and redis.call('HGET', session, 'ended') ~= '1' then return 'exists' end
+redis.call('DEL', unpack(KEYS))
+redis.call('HSET', session, 'kind', ARGV[2], 'id', ARGV[1], 'inc', ARGV[3], 'mode', ARGV[4],
+  'character_id', ARGV[5], 'created', ARGV[6], 'active', ARGV[6], 'state', '0', 'owner', '',
+  'pseq', '0', 'pfin', '0', 'tseq', '0', 'greeted', '0', 'ended', '0', 'closed', '0', 'pending', '1')
+redis.call('PEXPIRE', session, ARGV[7])
+return 'ok'
+"""
+
+# KEYS: registry, incs. ARGV: id, inc, max_concurrent, '1' to replace a stale place,
+# the incarnation registered there ('' for none). {'ok'}, {'max'}, or {'exists', the
+# registered incarnation}.
+ACQUIRE = """
+local registry, incs = KEYS[1], KEYS[2]
+local other = redis.call('HGET', incs, ARGV[1]) or ''
+if redis.call('ZSCORE', registry, ARGV[1]) then
+  if ARGV[4] ~= '1' or other ~= ARGV[5] then return {'exists', other} end
+elseif redis.call('ZCARD', registry) >= tonumber(ARGV[3]) then
+  return {'max'}
+end
+local last = redis.call('ZRANGE', registry, -1, -1, 'WITHSCORES')
+local order = 1
+if last[2] then order = tonumber(last[2]) + 1 end
+redis.call('ZADD', registry, order, ARGV[1])
+redis.call('HSET', incs, ARGV[1], ARGV[2])
+return {'ok'}
+"""
+
+# KEYS: session hash. ARGV: inc. 1 when the pending hash is this incarnation's and is now
+# live; 0 when it is not (it expired: the create took longer than its pending time).
+CONFIRM = """
+local found = redis.call('HMGET', KEYS[1], 'inc', 'pending')
+if found[1] ~= ARGV[1] or not found[2] then return 0 end
+redis.call('HDEL', KEYS[1], 'pending')
+redis.call('PERSIST', KEYS[1])
+return 1
+"""
+
+# A create that failed takes its pending hash back. KEYS: session hash. ARGV: inc.
+ABANDON = """
+local found = redis.call('HMGET', KEYS[1], 'inc', 'pending')
+if found[1] == ARGV[1] and found[2] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+# Frees a registry place, only if it is still this incarnation's. KEYS: registry, incs.
+# ARGV: id, inc ('' for a place without a recorded incarnation).
+RELEASE = """
+local registry, incs = KEYS[1], KEYS[2]
+local found = redis.call('HGET', incs, ARGV[1])
+if (found or '') ~= ARGV[2] then return 0 end
+redis.call('ZREM', registry, ARGV[1])
+redis.call('HDEL', incs, ARGV[1])
+return 1
+"""
+
+# CLAIM on the session's slot alone: exactly one caller gets the record back.
+# KEYS: session hash, history, dialog, the ring's keys...
+# ARGV: kind, idle ('1': only when now - active > idle_timeout), now, idle_timeout, retention_ms
+CLAIM_ONE = """
+local session = KEYS[1]
+local found = redis.call('HMGET', session, 'kind', 'ended', 'pending', 'active')
+if found[1] ~= ARGV[1] or found[2] ~= '0' or found[3] then return false end
+if ARGV[2] == '1' then
+  local active = tonumber(found[4])
+  if active == nil then return 'corrupt' end
+  if not (tonumber(ARGV[3]) - active > tonumber(ARGV[4])) then return false end
+end
+redis.call('HSET', session, 'ended', '1')
+for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+return redis.call('HGETALL', session)
+"""
+
 # KEYS: session hash. ARGV: inc, then field, value pairs.
 SET = """
 if redis.call('HGET', KEYS[1], 'inc') ~= ARGV[1] then return false end
@@ -83,10 +174,11 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
-# manager.touch(id): whichever incarnation is live. KEYS: session hash. ARGV: kind, now.
+# manager.touch(id): whichever incarnation is live (on Redis Cluster, not one being made).
+# KEYS: session hash. ARGV: kind, now.
 TOUCH_LIVE = """
-local found = redis.call('HMGET', KEYS[1], 'kind', 'ended')
-if found[1] ~= ARGV[1] or found[2] ~= '0' then return 0 end
+local found = redis.call('HMGET', KEYS[1], 'kind', 'ended', 'pending')
+if found[1] ~= ARGV[1] or found[2] ~= '0' or found[3] then return 0 end
 redis.call('HSET', KEYS[1], 'active', ARGV[2])
 return 1
 """
@@ -169,7 +261,8 @@ return {redis.call('GET', KEYS[2])}
 SOURCES = {
     "create": CREATE, "claim": CLAIM, "set": SET, "touch_live": TOUCH_LIVE, "increment": INCREMENT,
     "finish": FINISH, "greet": GREET, "add_message": ADD_MESSAGE, "set_dialog": SET_DIALOG,
-    "snapshot": SNAPSHOT, "dialog": DIALOG,
+    "snapshot": SNAPSHOT, "dialog": DIALOG, "prepare": PREPARE, "acquire": ACQUIRE, "confirm": CONFIRM,
+    "abandon": ABANDON, "release": RELEASE, "claim_one": CLAIM_ONE,
 }
 
 
@@ -226,3 +319,9 @@ class Scripts:
     set_dialog: Any
     snapshot: Any
     dialog: Any
+    prepare: Any
+    acquire: Any
+    confirm: Any
+    abandon: Any
+    release: Any
+    claim_one: Any

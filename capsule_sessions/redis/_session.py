@@ -168,7 +168,8 @@ class _SessionCore:
                 ring = self._ring_made
                 if ring is None:
                     ctx = self._ctx
-                    ring = self._ring_made = self._ring_class(ctx.client, self._names.keys, ctx.url, ctx.clock,
+                    ring = self._ring_made = self._ring_class(ctx.client_for(self._names.session),
+                                                              self._names.keys, ctx.url, ctx.clock,
                                                               activity=activity(self._names.keys),
                                                               incarnation=self._inc)
         return ring
