@@ -7,6 +7,7 @@ waits for the test to open it, so the calls race for real.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from capsule_sessions import ChatMessage, DialogContextItem, MaxSessionsError, SessionError, SessionExistsError
@@ -153,3 +154,22 @@ def churn(url: str, seconds: float) -> None:
             client.incr("test:churned")
         except SessionError:
             pass
+
+
+def die_between_steps(url: str, step: str, id: str, max_concurrent: int, pending_seconds: float) -> None:
+    """On Redis Cluster: create (``step="confirm"``) or delete (``step="release"``)
+    session ``id``, SIGKILLed just before that step's script runs, as a node that dies
+    between two steps of a membership change (its pending hashes last
+    ``pending_seconds``)."""
+    from capsule_sessions.redis import _manager
+
+    def die(**kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _manager.PENDING_SECONDS = pending_seconds
+    m = manager(url, max_concurrent)
+    setattr(m._ctx.scripts, step, die)
+    if step == "confirm":
+        m.create(id)
+    else:
+        m.delete(id)

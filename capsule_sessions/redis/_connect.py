@@ -92,6 +92,17 @@ def connect_cluster_async(url: str) -> Any:
     return RedisCluster.from_url(url, **_cluster_options())
 
 
+def node_url(url: str, host: str, port: int) -> str:
+    """``url`` with another node's address: the same scheme, credentials, database and
+    options (how the asyncio twin reaches one node of a Redis Cluster directly)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{address}" if credentials else address))
+
+
 def connect_async(url: str) -> redis.asyncio.Redis:
     """The asyncio client for ``url`` (its connections belong to the running event loop)."""
     import redis.asyncio
