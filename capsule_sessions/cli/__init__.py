@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from ._errors import UsageError
+from ._errors import StoreError, UsageError
 from ._extras import EXTRA_OF, MissingExtra, missing_message
 
 PROG = "capsule-sessions"
@@ -26,6 +26,7 @@ COMMANDS = {
                "attach to another process's shared sessions and show its drops and latency from here"),
     "bench": ("capsule_sessions.cli.bench", "benchmark both backends (workloads and targets: docs/bench.md)"),
 }
+EXIT_STORE_FAILED = 1
 EXIT_USAGE = 2
 
 
@@ -97,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, MissingExtra) as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_STORE_FAILED
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -17,8 +17,9 @@ from ._errors import UsageError
 EXIT_CODES = """exit status:
   0    every source was read to its end (or for --seconds)
   1    at least one source failed (missing, corrupt, unsupported codec, ended
-       early, no camera, or every frame rejected by the ingest config); the
-       other sessions still ran
+       early, no camera, or every frame rejected by the ingest config), and
+       the other sessions still ran; or the Redis server (--redis) could not
+       be reached, or failed during the run
   2    usage error: a bad flag or SOURCE, or a needed optional extra is missing
   3    the run's counts did not add up (a bug worth reporting)
   130  interrupted (Ctrl-C)"""
@@ -127,11 +128,33 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_subscribers
                         help="put every session's frame ring in shared memory under namespace NS, so other "
                              "processes can attach to it (capsule-sessions attach --namespace NS); "
                              "compiled backend only, Linux (docs/shared-memory.md)")
+    parser.add_argument("--redis", default=None, metavar="URL",
+                        help="keep the sessions in Redis at URL (redis://, rediss:// or unix://; the redis extra), "
+                             "where other processes and machines see them (capsule-sessions attach --redis URL; "
+                             "docs/redis.md)")
+    parser.add_argument("--redis-namespace", default=None, metavar="NS",
+                        help="the namespace of the sessions in Redis: 1-64 of A-Z a-z 0-9 _ . - "
+                             "(default: capsule, the library's)")
 
 
 def check_backend(name: object) -> None:
     if name is not None and name not in available_backends():
         raise UsageError(f"backend {name!r} is not available here (available: {', '.join(available_backends())})")
+
+
+def check_redis(args: argparse.Namespace) -> str:
+    """``--redis`` with the flags demo and ingest share: the Redis namespace to use, or a
+    UsageError."""
+    from ._redis import check_flags
+
+    conflicts = {}
+    if args.shared is not None:
+        conflicts["--shared"] = ("the frames go either to Redis, for every process and machine, or to this "
+                                 "machine's shared memory: give one")
+    if args.backend is not None:
+        conflicts["--backend"] = ("--backend picks the in-process frame ring, and with --redis the frames are "
+                                  "in Redis")
+    return check_flags(args.redis, args.redis_namespace, conflicts)
 
 
 def check_shared(namespace: str | None, backend: str | None) -> None:

@@ -127,12 +127,17 @@ def footnotes(summary: JsonObject) -> list[str]:
         if s["message"]:
             text += f" - {s['status']}: {s['message']}"
         notes.append(text)
-    notes.append("latency: time.monotonic at receive - at store; a sampler's p50/p99 is the age of the "
+    # With --redis, frames are stamped on the Redis server's clock, and so is every latency.
+    clock = "the Redis server's clock (read through this process's offset to it)" if summary.get("redis") \
+        else "time.monotonic"
+    notes.append(f"latency: {clock} at receive - at store; a sampler's p50/p99 is the age of the "
                  "newest frame latest_visual_frames() returned, on the session's clock")
     on_video_time = [s["id"] for s in summary["sessions"] if s["clock"] == "video"]
     if on_video_time:
         notes.append(f"video time: the clock of {', '.join(on_video_time)} follows the stream's timestamps (pts), "
                      "so the rate limit, ttl and sampler interval there are seconds of video")
+    if summary.get("store_error"):
+        notes.append(f"FAILED the session store: {summary['store_error']}")
     problems = summary["accounting_problems"]
     if problems:
         notes += [f"ACCOUNTING ERROR {p}" for p in problems]
@@ -295,7 +300,7 @@ def print_summary(summary: JsonObject, *, title: str, use_rich: bool | None = No
         console.print(_rich_table(title, *sessions))
         console.print(_rich_table("Subscribers", *subscribers))
         for note in notes:
-            style = "bold red" if note.startswith("ACCOUNTING ERROR") else "dim"
+            style = "bold red" if note.startswith(("ACCOUNTING ERROR", "FAILED")) else "dim"
             console.print(note, style=style, markup=False, highlight=False, overflow="fold")
         return
     out(plain_table(title, *sessions))
@@ -372,7 +377,8 @@ class LiveDisplay(_Display):
 
     def _render(self, run: Run) -> FittedTables:
         headers, rows = _live_rows(run)
-        return _rich_table(f"{self.title} - backend {run.backend} - {run.elapsed():.1f} s", headers, rows)
+        where = f"sessions in {run.store}" if run.store else f"backend {run.backend}"
+        return _rich_table(f"{self.title} - {where} - {run.elapsed():.1f} s", headers, rows)
 
     def _emit(self, text: str) -> None:
         if self._live is None:

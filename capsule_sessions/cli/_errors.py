@@ -1,4 +1,4 @@
-"""The two kinds of failure the main job reports in one line instead of a traceback."""
+"""The kinds of failure the main job reports in one line instead of a traceback."""
 
 
 class UsageError(ValueError):
@@ -7,3 +7,8 @@ class UsageError(ValueError):
 
 class SourceError(Exception):
     """One source cannot be opened or read; its session stops, the others keep running."""
+
+
+class StoreError(Exception):
+    """The session store (``--redis``) could not be reached or failed before anything ran:
+    the command exits with status 1."""

@@ -15,6 +15,8 @@ EXTRA_OF = {
     "pytest_benchmark": "test",
     "faster_fifo": "bench",
     "iceoryx2": "bench",
+    "redis": "redis",
+    "hiredis": "redis",
 }
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from . import _report
 from ._display import counted, make_display, print_summary
+from ._redis import attach_hint
 from ._runner import Run, RunOptions
 from ._sources import Source
 from ._summary import summarize
@@ -30,13 +31,16 @@ def run_job(command: str, sources: Sequence[Source], options: RunOptions, args: 
     if options.shared is not None:
         display.message(f"sessions shared in namespace {options.shared!r}: "
                         f"capsule-sessions attach --namespace {options.shared}")
+    if options.redis is not None:
+        display.message(f"sessions in {run.store}: {attach_hint(run.store_url, options.redis_namespace)}")
     display.start(run)
     try:
         result = run.execute(display.update)
     finally:
         display.stop(run)
     summary = summarize(result, command=command)
-    print_summary(summary, title=f"{title} - backend {result.backend} - {counted(len(result.sessions), 'session')} - "
+    where = f"sessions in {result.store}" if result.store else f"backend {result.backend}"
+    print_summary(summary, title=f"{title} - {where} - {counted(len(result.sessions), 'session')} - "
                                  f"{result.seconds:.1f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
@@ -49,6 +53,6 @@ def run_job(command: str, sources: Sequence[Source], options: RunOptions, args: 
         return EXIT_INTERRUPTED
     if summary["accounting_problems"]:
         return EXIT_ACCOUNTING
-    if result.failed:
+    if result.failed or result.store_error:
         return EXIT_SOURCE_FAILED
     return EXIT_OK

@@ -8,19 +8,25 @@ the last one, so for each subscriber ``delivered + dropped + queued == accepted`
 Shutdown order: producers end (their source ended, failed, hit ``seconds``, or the run
 was interrupted); the samplers stop; the sessions are deleted from the manager, which
 closes their subscriptions, so the consumers drain what is queued and finish.
+
+With ``RunOptions.redis`` the manager is a ``RedisSessionManager``: the sessions live in
+Redis, where other processes read them, and the run's one clock is the one the frames
+are stamped with there (the Redis server's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .. import Session, SessionExistsError, SessionManager, VisualFrame, VisualInputConfig
+from .. import MaxSessionsError, Session, SessionExistsError, SessionManager, VisualFrame, VisualInputConfig
+from . import _redis
 from ._consumers import AsyncConsumer, AsyncLoop, Consumer, ThreadConsumer, VisionSampler, plan
-from ._errors import SourceError, UsageError
+from ._errors import SourceError, StoreError, UsageError
 from ._extras import MissingExtra, require
 from ._sources import Source
 from ._streamtime import StoreTimes, StreamClock
@@ -62,6 +68,10 @@ class RunOptions:
     # Set: every session's frame ring is in shared memory under this namespace, for
     # other processes to attach to (compiled backend only).
     shared: str | None = None
+    # Set: the sessions live in Redis at this URL, under redis_namespace (and clock is
+    # replaced by the one their frames are stamped with, the Redis server's).
+    redis: str | None = None
+    redis_namespace: str = _redis.DEFAULT_NAMESPACE
     clock: Callable[[], float] = time.monotonic
 
 
@@ -79,10 +89,14 @@ class Producer:
         self.store_times = StoreTimes() if stream_clock is not None else None
         self._stop = stop
         self._notify = notify
+        self._store_errors = _redis.store_errors(options.redis)
+        # What fails this source with a message of one line, not "unexpected ...".
+        self._known_failures: tuple[type[BaseException], ...] = (SourceError, MissingExtra, *self._store_errors)
         self.offered = 0
         self.accepted = 0
         self.rate_limited = 0
         self.rejected = 0
+        self.store_failed = 0  # stores the session store (--redis) failed: the source stops there
         self.bytes = 0
         self.status = "starting"
         self.message = ""
@@ -186,7 +200,7 @@ class Producer:
                 # A camera has no end of its own: it stopped sending (unplugged, taken).
                 self._fail(f"ended early after {self.offered} frames: the stream stopped at "
                            f"{clock() - t0:.1f} s of {limit:g} s")
-        except (SourceError, MissingExtra) as exc:
+        except self._known_failures as exc:
             self._fail(str(exc))
         except Exception as exc:  # one broken source must not stop the other sessions
             self._fail(f"unexpected {type(exc).__name__}: {exc}")
@@ -203,6 +217,10 @@ class Producer:
         self.offered += 1
         try:
             ok, nbytes = store(rgb, seq, t, now)
+        except self._store_errors:
+            # A store whose reply was lost may or may not have been applied: counted apart.
+            self.store_failed += 1
+            raise
         except ValueError as exc:
             if self.options.config is None:  # only the ingest config may turn frames down
                 raise
@@ -246,6 +264,8 @@ class SessionRun:
     # cannot overshoot at the start, as one counted from the run's start can.
     timeline: list[tuple[float, int]] = field(default_factory=list)
     first_in_timeline: bool = False
+    # The session's visual_stats() once its producer ended ({} when the store failed).
+    stats: dict[str, int] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -267,6 +287,12 @@ class RunResult:
     seconds: float
     interrupted: bool
     options: RunOptions
+    # Where the sessions were, when not in this process: "Redis at URL, namespace 'NS'",
+    # and that URL (its password masked).
+    store: str = ""
+    store_url: str = ""
+    # The first failure of the session store (--redis) while shutting down, or "".
+    store_error: str = ""
 
     @property
     def failed(self) -> list[SessionRun]:
@@ -282,12 +308,44 @@ class Run:
         self.on_message = on_message
         self._stop = threading.Event()
         self._changed = threading.Event()
+        self._store_errors = _redis.store_errors(options.redis)
+        self.store_error = ""
+        self.sessions: list[SessionRun] = []
+        # A SessionManager, or a RedisSessionManager: the same methods, not a subclass.
+        self.manager: Any = self._make_manager(max(1, len(sources)))
+        self.backend: str = self.manager.backend
+        self.store_url: str = "" if options.redis is None else self.manager.url
+        self.store = "" if options.redis is None else \
+            f"Redis at {self.store_url}, namespace {options.redis_namespace!r}"
+        if options.redis is not None:
+            # Frames get their received_at from the store's clock, and latency, pacing
+            # and the samplers' now must be on that clock too.
+            self.options = options = dataclasses.replace(options, clock=_redis.store_clock(self.manager))
         try:
-            self.manager = SessionManager(max(1, len(sources)), backend=options.backend, shared=options.shared)
+            async_consumers = self._build(sources)
+        except self._store_errors as exc:
+            self.store_error = str(exc)  # said once, by the StoreError
+            self._abandon()
+            raise StoreError(f"--redis: {exc}") from None
+        except BaseException:
+            self._abandon()  # sessions in Redis would outlive this process
+            raise
+        self.async_loop = AsyncLoop(async_consumers)
+        self.started_at = options.clock()
+        self.interrupted = False
+
+    def _make_manager(self, max_concurrent: int) -> Any:
+        options = self.options
+        if options.redis is not None:
+            return _redis.open_manager(options.redis, max_concurrent, options.redis_namespace)
+        try:
+            return SessionManager(max_concurrent, backend=options.backend, shared=options.shared)
         except (ImportError, TypeError, ValueError) as exc:  # shared= on the pure backend, a bad name
             raise UsageError(f"--shared: {exc}") from None
-        self.backend = self.manager.backend
-        self.sessions: list[SessionRun] = []
+
+    def _build(self, sources: Sequence[Source]) -> list[AsyncConsumer]:
+        """A session per source, its producer and its subscribers; the async consumers."""
+        options = self.options
         async_consumers: list[AsyncConsumer] = []
         specs = plan(options.subscribers, buffer=options.buffer, slow_work=options.slow_work)
         stamped_raw = options.jpeg_quality is None
@@ -298,6 +356,7 @@ class Run:
             stream_clock = None if options.realtime or source.live else StreamClock(options.clock)
             producer = Producer(session, source, options, self._stop, self._producer_done, stream_clock)
             run = SessionRun(session, source, producer)
+            self.sessions.append(run)
             stored_at = None if producer.store_times is None else producer.store_times.get
             for spec in specs:
                 if spec.kind == "sampler":
@@ -312,22 +371,57 @@ class Run:
                 run.consumers.append(consumer)
                 if isinstance(consumer, AsyncConsumer):
                     async_consumers.append(consumer)
-            self.sessions.append(run)
-        self.async_loop = AsyncLoop(async_consumers)
-        self.started_at = options.clock()
-        self.interrupted = False
+        return async_consumers
 
     def _create(self, session_id: str) -> Session:
+        options = self.options
         try:
-            return self.manager.create(session_id)
-        except SessionExistsError:
-            if self.options.shared is None:
+            session: Session = self.manager.create(session_id)
+            return session
+        except (SessionExistsError, MaxSessionsError) as exc:
+            if options.redis is not None:
+                raise UsageError(self._taken_message(session_id, exc)) from None
+            if options.shared is None or not isinstance(exc, SessionExistsError):
                 raise
             # Another live process shares this id in the namespace: nothing has run yet;
             # the sessions made so far end (their shared memory is unlinked).
             self.manager.close()
-            raise UsageError(f"--shared {self.options.shared}: another live process already shares a session "
+            raise UsageError(f"--shared {options.shared}: another live process already shares a session "
                              f"{session_id!r} in that namespace; choose another namespace") from None
+
+    def _taken_message(self, session_id: str, exc: Exception) -> str:
+        # The limit is checked before the id, so a taken id may come back as the limit.
+        if isinstance(exc, SessionExistsError) or session_id in self.manager:
+            what = f"another process has a live session {session_id!r} there"
+        else:
+            # max_concurrent counts every session of the namespace, whoever made it.
+            what = (f"it holds other processes' live sessions, and this run's limit is its own "
+                    f"{self.manager.max_concurrent}")
+        return (f"--redis: {self.store}: {what}; choose another --redis-namespace (a session left by a killed "
+                f"process is evicted once idle for {self.manager.idle_timeout:g} s by a node that evicts)")
+
+    def _abandon(self) -> None:
+        """Nothing has run: end the sessions made so far and let go of the manager. Never
+        close() a Redis manager: that ends every session of the namespace, on every node."""
+        for run in self.sessions:
+            self._end(run)
+        self.manager.stop()
+
+    def _end(self, run: SessionRun) -> None:
+        """Delete the session, which closes its subscriptions so the consumers drain and
+        finish. When the store cannot be reached, this node's subscriptions are closed
+        here instead: a consumer must never wait for an end that will not come."""
+        try:
+            self.manager.delete(run.id)
+        except self._store_errors as exc:
+            self._store_failed(exc)
+            for consumer in run.consumers:
+                consumer.subscription.close()
+
+    def _store_failed(self, exc: BaseException) -> None:
+        if not self.store_error:
+            self.store_error = str(exc)
+            self.on_message(f"--redis: {exc}")
 
     def _producer_done(self, producer: Producer) -> None:
         if producer.failed:
@@ -396,15 +490,25 @@ class Run:
         for run in self.sessions:
             for sampler in run.samplers:
                 sampler.join()
-            # Deleting closes the session's subscriptions: consumers drain and finish.
-            self.manager.delete(run.id)
+            run.stats = self._stats(run)
+            self._end(run)
         for run in self.sessions:
             for consumer in run.consumers:
                 if isinstance(consumer, ThreadConsumer):
                     consumer.join()
         self.async_loop.join()
+        # stop(), not close(): a Redis manager's close() ends every session of the
+        # namespace, other processes' too; this run's own were deleted above.
         self.manager.stop()
-        return RunResult(self.backend, self.sessions, self.elapsed(), self.interrupted, self.options)
+        return RunResult(self.backend, self.sessions, self.elapsed(), self.interrupted, self.options, self.store,
+                         self.store_url, self.store_error)
+
+    def _stats(self, run: SessionRun) -> dict[str, int]:
+        try:
+            return dict(run.session.visual_stats())
+        except self._store_errors as exc:
+            self._store_failed(exc)
+            return {}
 
     def execute(self, on_tick: Callable[[Run], None] = lambda run: None) -> RunResult:
         self.start()

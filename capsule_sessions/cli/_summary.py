@@ -66,8 +66,9 @@ def session_summary(run: SessionRun) -> JsonObject:
         "accepted": producer.accepted,
         "rate_limited": producer.rate_limited,
         "rejected": producer.rejected,
+        "store_failed": producer.store_failed,
         "bytes": producer.bytes,
-        "ring": run.session.visual_stats(),
+        "ring": run.stats,
         "active_seconds": round(seconds, 4),
         "fps": round(producer.accepted / seconds, 2) if seconds > 0 else 0.0,
         "mb_per_s": round(producer.bytes / seconds / 1e6, 2) if seconds > 0 else 0.0,
@@ -82,9 +83,11 @@ def accounting_problems(summary: JsonObject) -> list[str]:
     problems = []
     for s in summary["sessions"]:
         ring = s["ring"]
-        if s["offered"] != s["accepted"] + s["rate_limited"] + s["rejected"]:
-            problems.append(f"{s['id']}: offered {s['offered']} != accepted + rate-limited + rejected")
-        if (ring["accepted"], ring["rate_limited"]) != (s["accepted"], s["rate_limited"]):
+        if s["offered"] != s["accepted"] + s["rate_limited"] + s["rejected"] + s["store_failed"]:
+            problems.append(f"{s['id']}: offered {s['offered']} != accepted + rate-limited + rejected"
+                            + (" + failed by the store" if s["store_failed"] else ""))
+        # No stats when the session store failed at the end: that failure is reported.
+        if ring and (ring["accepted"], ring["rate_limited"]) != (s["accepted"], s["rate_limited"]):
             problems.append(f"{s['id']}: the session's visual_stats() disagree with the producer's counts")
         for sub in s["subscribers"]:
             total = sub["delivered"] + sub["dropped"] + sub["queued"]
@@ -102,14 +105,17 @@ def accounting_problems(summary: JsonObject) -> list[str]:
 
 
 def summarize(result: RunResult, *, command: str = "") -> JsonObject:
+    options = result.options
     out: JsonObject = {
         "command": command,
         "backend": result.backend,
         "seconds": round(result.seconds, 3),
         "interrupted": result.interrupted,
-        "uses_config": result.options.config is not None,
-        "jpeg": result.options.jpeg_quality is not None,
-        "shared": result.options.shared,
+        "uses_config": options.config is not None,
+        "jpeg": options.jpeg_quality is not None,
+        "shared": options.shared,
+        "redis": None if options.redis is None else {"url": result.store_url, "namespace": options.redis_namespace},
+        "store_error": result.store_error,
         "sessions": [session_summary(run) for run in result.sessions],
     }
     out["accounting_problems"] = accounting_problems(out)

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import EXIT_CODES, add_common_arguments, check_backend, check_shared, int_at_least, plain, seconds, size
+from ._args import (
+    EXIT_CODES,
+    add_common_arguments,
+    check_backend,
+    check_redis,
+    check_shared,
+    int_at_least,
+    plain,
+    seconds,
+    size,
+)
 from ._errors import UsageError
 from ._runner import RunOptions
 from ._sources import SyntheticSource
@@ -40,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ._job import run_job
 
+    redis_namespace = check_redis(args)
     check_backend(args.backend)
     check_shared(args.shared, args.backend)
     if args.fps > 10_000:
@@ -63,5 +74,7 @@ def run(args: argparse.Namespace) -> int:
         sampler_interval=args.sampler_interval,
         session_prefix="cam",
         shared=args.shared,
+        redis=args.redis,
+        redis_namespace=redis_namespace,
     )
     return run_job("demo", sources, options, args)

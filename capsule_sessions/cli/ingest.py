@@ -36,7 +36,16 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ._args import EXIT_CODES, add_common_arguments, check_backend, check_shared, int_at_least, plain, seconds
+from ._args import (
+    EXIT_CODES,
+    add_common_arguments,
+    check_backend,
+    check_redis,
+    check_shared,
+    int_at_least,
+    plain,
+    seconds,
+)
 from ._errors import UsageError
 from ._extras import require
 from ._runner import JPEG_MIME, RAW_MIME, RunOptions
@@ -120,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("nothing to ingest: give at least one SOURCE, or --sample")
     if len(specs) > 64:
         raise UsageError("at most 64 sources")
+    redis_namespace = check_redis(args)
     check_backend(args.backend)
     check_shared(args.shared, args.backend)
     if args.jpeg:
@@ -143,5 +153,7 @@ def run(args: argparse.Namespace) -> int:
         ttl=config.frame_ttl,
         sampler_interval=args.sampler_interval,
         shared=args.shared,
+        redis=args.redis,
+        redis_namespace=redis_namespace,
     )
     return run_job("ingest", sources, options, args)
