@@ -254,7 +254,7 @@ def test_a_bad_namespace_is_a_usage_error(argv, capsys):
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    ([], "--namespace NS is required"),
+    ([], "give exactly one of --namespace NS (sessions shared in this machine's memory) or --redis URL"),
     (["--namespace", "n", "--buffer", "65"], "--buffer: must be an integer in 1..64"),
     (["--namespace", "n", "--policy", "drop_all"], "--policy: invalid choice"),
     (["--namespace", "n", "--seconds", "0"], "--seconds: must be a number of seconds > 0"),

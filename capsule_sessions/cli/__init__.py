@@ -23,7 +23,8 @@ COMMANDS = {
     "demo": ("capsule_sessions.cli.demo", "simulated multi-camera ingest into one SessionManager"),
     "ingest": ("capsule_sessions.cli.ingest", "decode video files, URLs, cameras or synthetic sources into sessions"),
     "attach": ("capsule_sessions.cli.attach",
-               "attach to another process's shared sessions and show its drops and latency from here"),
+               "attach to another process's sessions (shared memory or Redis) and show its drops and latency "
+               "from here"),
     "bench": ("capsule_sessions.cli.bench", "benchmark both backends (workloads and targets: docs/bench.md)"),
 }
 EXIT_STORE_FAILED = 1

@@ -1,15 +1,18 @@
-"""The engine behind ``attach``: this process as a reader of another one's shared sessions.
+"""The engine behind ``attach``: this process as a reader of another one's sessions.
 
-It waits for sessions to appear in ``list_shared(namespace)``, attaches to each (and to
-ones that appear later, asked every ``poll`` seconds), subscribes once per session, and
-receives on one thread per session until the session ends (``SubscriptionClosed``: its
-owner deleted it or died), ``seconds`` have passed since the first attach, or the run is
-interrupted. Then each subscription is closed and drained, so at the end its
-``delivered`` is exactly the frames this process received.
+It waits for sessions to appear in a store (``_attach_stores``: shared memory, listed by
+``list_shared(namespace)``, or Redis, listed by a ``RedisSessionManager``'s ``list()``),
+attaches to each (and to ones that appear later, asked every ``poll`` seconds),
+subscribes once per session, and receives on one thread per session until the session
+ends (``SubscriptionClosed``: its owner deleted it or, in shared memory, died),
+``seconds`` have passed since the first attach, or the run is interrupted. Then each
+subscription is closed and drained, so at the end its ``delivered`` is exactly the
+frames this process received.
 
-Per frame it measures the store-to-receive latency, ``time.monotonic()`` at receipt
-minus the frame's ``received_at`` (the owner's ``time.monotonic()`` at the store, one
-clock for every process of a Linux machine), and checks the bytes (``frame_problem``).
+Per frame it measures the store-to-receive latency, the store's clock at receipt minus
+the frame's ``received_at`` (the producer's reading of the same clock at the store:
+``time.monotonic()``, one clock for every process of a Linux machine, or the Redis
+server's), and checks the bytes (``frame_problem``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import SessionNotFoundError, SharedMemoryError, SubscriptionClosed, VisualFrame, attach, list_shared
+from .. import Subscription, SubscriptionClosed, VisualFrame
+from ._attach_stores import Gone, Store, Unusable
 from ._consumers import stamp_matches
 from ._latency import LatencyHistogram
 
@@ -54,7 +58,10 @@ def frame_problem(frame: VisualFrame) -> tuple[bool, str]:
 
 @dataclass
 class AttachOptions:
+    # The shared-memory namespace, or with ``redis`` the Redis one.
     namespace: str
+    # Set: the sessions are in Redis at this URL (its password masked).
+    redis: str | None = None
     # From the first attach; None: until every session ended.
     seconds: float | None = None
     # How long to wait for the first session to appear.
@@ -63,8 +70,9 @@ class AttachOptions:
     policy: str = "drop_oldest"
     # Seconds of simulated work per frame (a model's), so a slow reader's drops show.
     work: float = 0.0
-    poll: float = 0.2  # how often list_shared() is asked for sessions that appeared since
+    poll: float = 0.2  # how often the store is asked for sessions that appeared since
     refresh: float = 0.25
+    # The store's clock, the one frames are stamped with (Store.clock).
     clock: Callable[[], float] = time.monotonic
 
 
@@ -72,17 +80,18 @@ class SessionReader:
     """One attached session: its read-side handle, one subscription, and a thread that
     receives its frames, measures them and checks them."""
 
-    def __init__(self, session_id: str, handle: Any, options: AttachOptions, stop: threading.Event,
-                 notify: Callable[[SessionReader], None]) -> None:
+    def __init__(self, session_id: str, handle: Any, subscription: Subscription, store: Store,
+                 options: AttachOptions, stop: threading.Event, notify: Callable[[SessionReader], None]) -> None:
         self.id = session_id
         self.handle = handle
+        self.store = store
         self.options = options
         self.clock = options.clock
         self._stop = stop
         self._notify = notify
         self.stop_reason = "stopped"  # the status when _stop ends it (the Attacher sets it)
-        self.subscription = handle.subscribe_visual_frames(options.buffer, policy=options.policy)
-        self.owner_pid: int = int(getattr(handle, "owner_pid", 0) or 0)
+        self.subscription = subscription
+        self.owner_pid = store.owner_pid(handle)  # None: the session belongs to no process (Redis)
         self.latency = LatencyHistogram()
         self.received = 0
         self.bytes = 0
@@ -158,11 +167,9 @@ class SessionReader:
             self._notify(self)
 
     def _read_stats(self) -> None:
-        # The owner's counters as it published them: readable after the session ended.
         try:
-            self.ring = dict(self.handle.visual_stats())
-            self.shared = dict(self.handle.shared_stats())
-        except Exception:  # a segment gone bad at the very end: the summary goes without
+            self.ring, self.shared = self.store.stats(self.handle)
+        except Exception:  # a segment gone bad, or Redis gone, at the very end: the summary goes without
             pass
 
     # -- reading the state ------------------------------------------------------------
@@ -201,7 +208,7 @@ class SessionReader:
         self.thread.join()
 
     def close(self) -> None:
-        self.handle.close()
+        self.store.release(self.handle)
 
 
 @dataclass
@@ -214,19 +221,26 @@ class AttachResult:
     waited: float = 0.0
     interrupted: bool = False
     options: AttachOptions | None = None
+    where: str = ""  # "namespace NS", or "Redis at URL, namespace NS"
+    list_error: str = ""  # why the last listing of the store failed, if it did
 
 
 class Attacher:
-    """Find, attach, receive, and let go. ``execute()`` does all of it."""
+    """Find, attach, receive, and let go. ``execute()`` does all of it; the store is the
+    caller's to close."""
 
-    def __init__(self, options: AttachOptions, on_message: Callable[[str], None] = lambda text: None) -> None:
+    def __init__(self, options: AttachOptions, store: Store,
+                 on_message: Callable[[str], None] = lambda text: None) -> None:
         self.options = options
+        self.store = store
         self.namespace = options.namespace
+        self.where = store.where
         self.on_message = on_message
         self.readers: list[SessionReader] = []
         self.missed: list[str] = []
         self.failed: dict[str, str] = {}
-        self._seen: set[str] = set()
+        self.list_error = ""
+        self._seen: set[object] = set()
         self._stop = threading.Event()
         self._changed = threading.Event()
         self.created_at = options.clock()
@@ -243,26 +257,21 @@ class Attacher:
 
     def discover(self) -> int:
         """Attach to the sessions listed that are new; returns how many it attached."""
+        try:
+            listed = self.store.listed()
+        except Unusable as exc:  # said once per run of failures; the readers carry on
+            if not self.list_error:
+                self.on_message(str(exc))
+            self.list_error = str(exc)
+            return 0
+        self.list_error = ""
         attached = 0
-        for session_id in list_shared(self.namespace):
-            if session_id in self._seen:
+        for key, session_id in listed:
+            if key in self._seen:
                 continue
-            self._seen.add(session_id)
-            try:
-                handle = attach(session_id, namespace=self.namespace)
-            except SessionNotFoundError:  # it ended between the listing and the attach
-                self.missed.append(session_id)
-                continue
-            except SharedMemoryError as exc:
-                self.failed[session_id] = f"cannot attach: {exc}"
-                self.on_message(f"{session_id}: {self.failed[session_id]}")
-                continue
-            try:
-                reader = SessionReader(session_id, handle, self.options, self._stop, self._reader_done)
-            except (SharedMemoryError, ValueError) as exc:  # e.g. all 32 subscription slots taken
-                handle.close()
-                self.failed[session_id] = f"cannot subscribe: {exc}"
-                self.on_message(f"{session_id}: {self.failed[session_id]}")
+            self._seen.add(key)
+            reader = self._attach(key, session_id)
+            if reader is None:
                 continue
             if self.started_at is None:
                 self.started_at = reader.started_at
@@ -270,6 +279,23 @@ class Attacher:
             reader.start()
             attached += 1
         return attached
+
+    def _attach(self, key: object, session_id: str) -> SessionReader | None:
+        store = self.store
+        handle = None
+        try:
+            handle = store.open(key, session_id)
+            sub = store.subscribe(handle, self.options.buffer, self.options.policy)
+        except Gone:
+            self.missed.append(session_id)
+        except Unusable as exc:
+            self.failed[session_id] = str(exc)
+            self.on_message(f"{session_id}: {exc}")
+        else:
+            return SessionReader(session_id, handle, sub, store, self.options, self._stop, self._reader_done)
+        if handle is not None:
+            store.release(handle)
+        return None
 
     def wait_for_sessions(self) -> bool:
         """Attach to what is there, waiting up to ``wait`` for the first session."""
@@ -326,7 +352,7 @@ class Attacher:
         waited = (self.started_at if self.started_at is not None else self.options.clock()) - self.created_at
         seconds = self.elapsed() if self.started_at is not None else 0.0
         return AttachResult(self.namespace, self.readers, self.missed, self.failed, seconds, waited,
-                            self.interrupted, self.options)
+                            self.interrupted, self.options, self.where, self.list_error)
 
     def execute(self, on_tick: Callable[[Attacher], None] = lambda attacher: None) -> AttachResult:
         try:

@@ -452,8 +452,9 @@ def attach_table(summary: JsonObject) -> Rows:
 
 def attach_footnotes(summary: JsonObject) -> list[str]:
     notes = []
+    in_redis = summary.get("redis") is not None
     for s in summary["sessions"]:
-        text = f"{s['id']}: owner pid {s['owner_pid']}"
+        text = f"{s['id']}: in Redis" if in_redis else f"{s['id']}: owner pid {s['owner_pid']}"
         if s["source"]:
             text += f", {s['source']} ({s['width']}x{s['height']} {s['mime_type']})"
         if s["message"]:
@@ -462,9 +463,15 @@ def attach_footnotes(summary: JsonObject) -> list[str]:
     if summary["missed"]:
         notes.append(f"ended before this process could attach: {', '.join(summary['missed'])}")
     if summary["sessions"]:
-        notes.append("latency: time.monotonic in this process at receipt - the frame's received_at, the owner's "
-                     "time.monotonic at its store (one clock for every process on Linux; for a session on video "
-                     "time, ingest without --realtime, it is not a latency)")
+        if in_redis:
+            clock = ("the Redis server's clock in this process at receipt - the frame's received_at, the "
+                     "producer's reading of the server's clock at its store (each process reads it through its "
+                     "own offset to the server, measured when it connected")
+        else:
+            clock = ("time.monotonic in this process at receipt - the frame's received_at, the owner's "
+                     "time.monotonic at its store (one clock for every process on Linux")
+        notes.append(f"latency: {clock}; for a session on video time, ingest without --realtime, it is not a "
+                     "latency)")
         notes.append("accepted: frames the session accepted in its whole life (its visual_stats()); this process "
                      "subscribed later, so delivered + dropped <= accepted")
         stamped = sum(s["stamped"] for s in summary["sessions"])
@@ -525,8 +532,7 @@ class AttachView:
 
     def _render(self, attacher: Attacher) -> FittedTables:
         headers, rows = _attach_live_rows(attacher)
-        return _rich_table(f"{self.title} - namespace {attacher.namespace} - {attacher.elapsed():.1f} s",
-                           headers, rows)
+        return _rich_table(f"{self.title} - {attacher.where} - {attacher.elapsed():.1f} s", headers, rows)
 
     def start(self, attacher: Attacher) -> None:
         if self.mode != "live":

@@ -160,8 +160,14 @@ def attach_problems(summary: JsonObject) -> tuple[list[str], list[str]]:
     accounting: list[str] = []
     failures: list[str] = []
     if not summary["sessions"] and not summary["failed"]:
-        failures.append(f"no shared session appeared in namespace {summary['namespace']!r} "
-                        f"within {summary['wait']:g} s")
+        if summary["redis"] is None:
+            failures.append(f"no shared session appeared in namespace {summary['namespace']!r} "
+                            f"within {summary['wait']:g} s")
+        else:
+            failures.append(f"no session appeared in Redis at {summary['redis']}, namespace "
+                            f"{summary['namespace']!r}, within {summary['wait']:g} s")
+        if summary["list_error"]:
+            failures.append(summary["list_error"])
     for session_id, why in summary["failed"].items():
         failures.append(f"{session_id}: {why}")
     for s in summary["sessions"]:
@@ -187,6 +193,8 @@ def summarize_attach(result: AttachResult) -> JsonObject:
     out: JsonObject = {
         "command": "attach",
         "namespace": result.namespace,
+        "redis": options.redis if options else None,
+        "list_error": result.list_error,
         "pid": os.getpid(),
         "seconds": round(result.seconds, 3),
         "waited": round(result.waited, 3),
