@@ -341,6 +341,25 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 
 
 
+def start_command(*args: str, backend: str = "cython") -> subprocess.Popen:
+    """``python -m capsule_sessions ARGS`` in a child process on ``backend``, its output
+    piped as text (read it with ``finish_command``)."""
+    return subprocess.Popen([sys.executable, "-m", "capsule_sessions", *args], env=child_env(backend),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_command(proc: subprocess.Popen, timeout: float = CHILD_DEADLINE) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a ``start_command`` child; killed, and the test
+    failed, when it outlives ``timeout``."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{proc.args} hung\nstdout:\n{out}\nstderr:\n{err}")
+    return proc.returncode, out, err
+
+
 def run_child(code: str, backend: str, timeout: float = CHILD_DEADLINE) -> tuple[int, str, str]:
     """Run ``code`` in a child interpreter on ``backend``: (exit code, stdout, stderr)."""
     return finish(start_child(code, backend, timeout))

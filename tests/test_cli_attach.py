@@ -6,8 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -18,7 +16,7 @@ import pytest
 import capsule_sessions as cs
 from capsule_sessions import VisualFrame, cli
 from capsule_sessions.cli._attacher import frame_problem
-from support import child_env
+from support import finish_command, start_command
 
 
 def _shm_available() -> bool:
@@ -50,21 +48,6 @@ def namespace():
     assert ours(ns) == [], "shared memory left behind"
 
 
-def command(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "capsule_sessions", *args], env=child_env("cython"),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"{proc.args} hung\nstdout:\n{out}\nstderr:\n{err}")
-    return proc.returncode, out, err
-
-
 # -- across processes: one demo, three readers at once ---------------------------------
 @pytest.fixture(scope="module")
 def demo_and_readers(tmp_path_factory):
@@ -77,14 +60,16 @@ def demo_and_readers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attach")
     files = {name: tmp / f"{name}.json" for name in ("demo", "fast", "slow", "short")}
     readers = {
-        "fast": command("attach", "--namespace", ns, "--wait", "20", "--display", "none", "--json", str(files["fast"])),
-        "slow": command("attach", "--namespace", ns, "--wait", "20", "--display", "plain", "--policy", "drop_newest",
-                        "--buffer", "1", "--slow-ms", "40", "--json", str(files["slow"])),
-        "short": command("attach", "--namespace", ns, "--wait", "20", "--display", "none", "--seconds", "0.5",
-                         "--json", str(files["short"])),
+        "fast": start_command("attach", "--namespace", ns, "--wait", "20", "--display", "none",
+                              "--json", str(files["fast"])),
+        "slow": start_command("attach", "--namespace", ns, "--wait", "20", "--display", "plain",
+                              "--policy", "drop_newest", "--buffer", "1", "--slow-ms", "40",
+                              "--json", str(files["slow"])),
+        "short": start_command("attach", "--namespace", ns, "--wait", "20", "--display", "none", "--seconds", "0.5",
+                               "--json", str(files["short"])),
     }
-    demo = command("demo", "--shared", ns, "--seconds", "2", *DEMO, "--json", str(files["demo"]))
-    results = {"demo": finish(demo), **{name: finish(proc) for name, proc in readers.items()}}
+    demo = start_command("demo", "--shared", ns, "--seconds", "2", *DEMO, "--json", str(files["demo"]))
+    results = {"demo": finish_command(demo), **{name: finish_command(proc) for name, proc in readers.items()}}
     summaries = {name: json.loads(path.read_text()) if path.exists() else None for name, path in files.items()}
     return {"namespace": ns, "pid": demo.pid, "results": results, "summaries": summaries}
 
