@@ -16,9 +16,10 @@ WAIT_SLICE_S = 0.1
 # below it, handing the GIL over costs more than the copy.
 NOGIL_COPY_MIN_BYTES = 16384
 # A shared session's store copies frames of this many bytes or more with non-temporal
-# stores (ext/capsule_sessions/_stream_copy.h): a frame this large is read by other
-# processes, and caching it on the way only evicts it again. Measured on a 32 MiB-L3
-# EPYC rotating three buffers: memcpy is faster up to 2 MiB, streaming from 4 MiB on.
+# stores or memcpy, whichever measures cheaper in the process
+# (ext/capsule_sessions/_stream_copy.h): a frame this large is read by other processes,
+# and caching it on the way may only evict it again. Measured on a 32 MiB-L3 EPYC
+# rotating three buffers: memcpy is faster up to 2 MiB, streaming from 4 MiB on.
 STREAM_COPY_MIN_BYTES = 4 * 1024 * 1024
 # The compiled twin reuses a buffer up to this size for any frame that fits in it;
 # a larger one only for a frame that fills at least a quarter of it.

@@ -316,13 +316,26 @@ def test_a_forked_child_of_the_owner_refuses_to_store(manager):
     assert cam.shared_stats()["readers"] == 1
 
 
-@pytest.mark.parametrize("offset, extra", [(0, 0), (1, 1), (13, 63), (63, 65), (32, 4095)])
-def test_frames_copied_with_streaming_stores_arrive_byte_for_byte(manager, namespace, offset, extra):
-    """From STREAM_COPY_MIN_BYTES on, a store copies with non-temporal stores: an
-    unaligned head, whole 64-byte lines and a tail; every byte lands whatever the
-    source's alignment and the size's remainder."""
-    from capsule_sessions._limits import STREAM_COPY_MIN_BYTES
+@pytest.fixture
+def large_copy():
+    """``large_copy(method)`` pins the copy of large stores to "memcpy" or "stream"
+    (_stream_copy.h); the measured choice is back after the test."""
+    shm = pytest.importorskip("capsule_sessions._shm")
+    yield shm._force_large_copy
+    shm._force_large_copy(None)
 
+
+@pytest.mark.parametrize("method", ["stream", "memcpy"])
+@pytest.mark.parametrize("offset, extra", [(0, 0), (1, 1), (13, 63), (63, 65), (32, 4095)])
+def test_large_frames_arrive_byte_for_byte_whichever_copy(manager, namespace, large_copy, method, offset, extra):
+    """From STREAM_COPY_MIN_BYTES on, a store copies with non-temporal stores (an
+    unaligned head, whole 64-byte lines and a tail) or memcpy, whichever measures
+    cheaper: every byte lands whatever the source's alignment and the size's remainder."""
+    from capsule_sessions._limits import STREAM_COPY_MIN_BYTES
+    from capsule_sessions._shm import _large_copy_state
+
+    large_copy(method)
+    used = _large_copy_state()[method]["copies"]
     size = STREAM_COPY_MIN_BYTES + extra
     backing = np.random.default_rng(offset).integers(0, 256, size + 64, dtype=np.uint8)
     source = backing[offset:offset + size]
@@ -337,3 +350,39 @@ def test_frames_copied_with_streaming_stores_arrive_byte_for_byte(manager, names
             assert bytes(seen[-1].data) == source.tobytes()
     finally:
         reader.close()
+    assert _large_copy_state()[method]["copies"] == used + 3
+
+
+def test_the_large_copy_policy_runs_each_method_then_keeps_the_cheaper_and_tries_the_other():
+    """_stream_copy.h's choice: a run of 8 copies of each first, then the cheaper one, and
+    once every 1024 copies a run of 8 of the other; a run's first half is not timed
+    (the destinations are still in the other method's cache state)."""
+    shm = pytest.importorskip("capsule_sessions._shm")
+    pick = shm._pick_large_copy
+    assert [pick(call, 0, 0) for call in range(16)] == (
+        [("memcpy", call >= 4) for call in range(8)] + [("stream", call >= 4) for call in range(8)])
+    for cheap, dear, costs in (("memcpy", "stream", (100, 200)), ("stream", "memcpy", (200, 100))):
+        assert pick(5000, *costs) == (cheap, True)
+        assert [pick(4 * 1024 + i, *costs) for i in range(10)] == (
+            [(dear, i >= 4) for i in range(8)] + [(cheap, True), (cheap, True)])
+
+
+def test_large_stores_use_the_copy_that_measures_cheaper_and_try_the_other(manager, large_copy):
+    """The machine decides which copy is faster (_stream_copy.h): each is measured, the
+    cheaper one copies most frames, and the other still gets a run now and then."""
+    from capsule_sessions._limits import STREAM_COPY_MIN_BYTES
+    from capsule_sessions._shm import _large_copy_state
+
+    large_copy(None)
+    before = _large_copy_state()
+    frame = np.zeros(STREAM_COPY_MIN_BYTES, dtype=np.uint8)
+    cam = manager.create("big")
+    for _ in range(2100):  # two periods of 1024 copies, past the first runs of each
+        assert cam.store_frame(frame, source="c", max_recent=2)
+    after = _large_copy_state()
+    counts = {m: after[m]["copies"] - before[m]["copies"] for m in after}
+    assert sum(counts.values()) == 2100
+    assert all(after[m]["ns_per_mib"] > 0 for m in after)
+    cheaper = min(after, key=lambda m: after[m]["ns_per_mib"])
+    assert min(counts.values()) >= 8  # every method had at least one run
+    assert counts[cheaper] > 0

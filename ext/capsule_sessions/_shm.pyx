@@ -166,7 +166,15 @@ cdef extern from *:
     int __builtin_ctzll(unsigned long long x) nogil
 
 cdef extern from "_stream_copy.h" nogil:
-    void cs_stream_copy(char *dst, const char *src, size_t n)
+    void cs_large_copy(char *dst, const char *src, size_t n)
+    int cs_copy_pick(uint64_t call, uint64_t plain, uint64_t stream, int *measured)
+    uint64_t cs_copy_cost[2]
+    uint64_t cs_copy_used[2]
+    int cs_copy_forced
+    enum:
+        CS_COPY_PLAIN
+        CS_COPY_STREAM
+        CS_COPY_AUTO
 
 cdef extern from "Python.h":
     int PyObject_GenericSetAttr(object o, object name, object value) except -1
@@ -203,6 +211,33 @@ def _forked():
 
 
 os.register_at_fork(after_in_child=_forked)
+
+_LARGE_COPY_METHODS = {"memcpy": CS_COPY_PLAIN, "stream": CS_COPY_STREAM}
+
+
+def _large_copy_state():
+    """How the copies of large stores went in this process (_stream_copy.h): per method
+    (``"memcpy"``, ``"stream"``) its recent cost in ns per MiB (0: not measured yet) and
+    how many copies used it. For the tests and the curious."""
+    return {name: {"ns_per_mib": cs_copy_cost[m], "copies": cs_copy_used[m]}
+            for name, m in _LARGE_COPY_METHODS.items()}
+
+
+def _pick_large_copy(uint64_t call, uint64_t memcpy_cost, uint64_t stream_cost):
+    """(method, measured) of large copy number ``call`` given the methods' costs: the
+    policy of _stream_copy.h, for the tests."""
+    cdef int measured = 0
+    cdef int method = cs_copy_pick(call, memcpy_cost, stream_cost, &measured)
+    return ("memcpy" if method == CS_COPY_PLAIN else "stream"), bool(measured)
+
+
+def _force_large_copy(method):
+    """Pin the copy of large stores to ``"memcpy"`` or ``"stream"``, or ``None``: choose by
+    measured cost (the default). For the tests, which must check both."""
+    if method is not None and method not in _LARGE_COPY_METHODS:
+        raise ValueError(f"method must be 'memcpy', 'stream' or None, got {method!r}")
+    global cs_copy_forced
+    cs_copy_forced = CS_COPY_AUTO if method is None else _LARGE_COPY_METHODS[method]
 cdef int64_t WAIT_SLICE_NS = <int64_t>(_limits.WAIT_SLICE_S * 1e9)
 cdef Py_ssize_t NOGIL_COPY_MIN = _limits.NOGIL_COPY_MIN_BYTES
 cdef Py_ssize_t STREAM_COPY_MIN = _limits.STREAM_COPY_MIN_BYTES

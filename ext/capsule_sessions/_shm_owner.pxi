@@ -289,7 +289,7 @@ cdef class SharedRing:
             return
         with nogil:
             if n >= STREAM_COPY_MIN:
-                cs_stream_copy(dst, from_, n)
+                cs_large_copy(dst, from_, n)
             else:
                 memcpy(dst, from_, n)
 
