@@ -19,7 +19,7 @@ import pytest
 import redis
 
 import redis_nodes
-from capsule_sessions import ChatMessage, DialogContextItem, SessionNotFoundError, SessionState
+from capsule_sessions import ChatMessage, DialogContextItem, SessionNotFoundError, SessionState, SubscriptionClosed
 from capsule_sessions.redis import (
     RedisDataError,
     RedisSessionManager,
@@ -160,6 +160,29 @@ def test_after_a_restart_the_manager_carries_on(server):
         assert [x.content for x in m.get("a").history_snapshot()] == ["y"]
     finally:
         m.stop()
+
+
+def test_a_restart_that_lost_the_session_closes_its_subscriptions_on_every_node(server):
+    """The session is gone with the empty server: its subscriptions here and on another
+    node close (queued frames first) instead of waiting on a stream nobody writes, and
+    a new session of the id is not theirs."""
+    url = url_of(server)
+    m, other = (RedisSessionManager(url, 4, cleanup_interval=None) for _ in range(2))
+    try:
+        s = m.create("a")
+        here, there = s.subscribe_visual_frames(4), other.get("a").subscribe_visual_frames(4)
+        assert s.store_frame(b"1" * 8, source="cam", max_recent=2)
+        assert bytes(there.get(timeout=5).data) == b"1" * 8
+        server.restart()  # empty: persistence is off
+        fresh = m.create("a")
+        assert fresh.store_frame(b"2" * 8, source="cam", max_recent=2)
+        assert bytes(here.get(timeout=5).data) == b"1" * 8  # queued before the restart
+        for sub in (here, there):
+            with pytest.raises(SubscriptionClosed):
+                sub.get(timeout=5)
+    finally:
+        m.stop()
+        other.stop()
 
 
 def _invariants(client, url, namespace="capsule", max_concurrent=None):
