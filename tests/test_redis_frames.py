@@ -112,6 +112,43 @@ def test_the_keys_are_hash_tagged_and_hold_raw_bytes(redis_url):
     assert client.lrange(names[2], 0, -1) == [b"256"]
 
 
+def test_a_ring_without_local_subscribers_sends_the_callers_bytes_without_a_copy_of_its_own(redis_url, monkeypatch):
+    """A store's bytes are copied into the command it sends; the frame's own copy (what
+    local subscribers share) is made only when this ring has one. The caller's buffer is
+    free again when the store returns, and what is stored is what it held then."""
+    from capsule_sessions.redis import _frames
+
+    copies = []
+    real_copy = _frames.copy_bytes
+    monkeypatch.setattr(_frames, "copy_bytes", lambda data: copies.append(1) or real_copy(data))
+    ring, _, _ = new_ring(redis_url)
+    grid = np.arange(48, dtype=np.uint16).reshape(4, 12)  # C-contiguous, 2-byte items
+    held = bytearray(b"abcdefgh")
+    assert ring.store_frame(grid, source="cam", max_recent=4, now=1.0)
+    assert ring.store_frame(held, source="cam", max_recent=4, now=2.0)
+    held.extend(b"!")  # resizable again: the store let go of it
+    assert ring.store_frame(grid[:, ::2], source="cam", max_recent=4, now=3.0)  # strided: gathered by the copy
+    assert len(copies) == 1
+    sub = ring.subscribe_visual_frames(4)
+    assert ring.store_frame(held, source="cam", max_recent=4, now=4.0)
+    assert len(copies) == 2  # a local subscriber shares the frame: it is copied once
+    held[:] = b"changed"
+    assert bytes(sub.get(timeout=5).data) == b"abcdefgh!"
+    assert [bytes(f.data) for f in ring.latest_visual_frames(10, now=4.0)] == [
+        grid.tobytes(), b"abcdefgh", np.ascontiguousarray(grid[:, ::2]).tobytes(), b"abcdefgh!"]
+
+
+def test_a_store_prepared_without_a_copy_makes_one_for_a_subscriber_that_came_since(redis_url):
+    ring, _, _ = new_ring(redis_url)
+    data = np.arange(64, dtype=np.uint8)
+    store = _prepare(ring._core, data, "cam", 2, 0.0, "", 0, 0, 0, 0, 1.0, copy=False)
+    assert store.payload is None and store.view is not None
+    frame = store.frame_bytes()
+    assert bytes(frame) == data.tobytes() and not np.shares_memory(frame, data) and not frame.flags.writeable
+    store.release()
+    assert store.view is None
+
+
 def test_an_xadd_the_script_did_not_open_adds_nothing(redis_url):
     # At rest the stream's last id is the last one there is: only a store's own MULTI
     # (its script first) can append, so a frame is never in the ring uncounted.

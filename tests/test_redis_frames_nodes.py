@@ -147,6 +147,19 @@ def test_a_slow_consumer_drops_from_its_own_queue_by_its_policy(redis_url):
 
 
 @pytest.mark.timeout(120)
+def test_a_store_after_a_restart_while_idle_reconnects_as_a_pooled_call_does():
+    """A ring stores on a connection of its own (no pool checkout per store); one the
+    server closed while the ring was idle is made again before the store, as the pool
+    does for the other calls, instead of failing the first store after a restart."""
+    with redis_server() as server:
+        url = server.url
+        ring = RedisFrameRing(client_for(url, timeout=1.0), SessionKeys(new_namespace(), "cam"), url, FakeClock())
+        assert store(ring, 0)
+        server.restart()  # nothing was sent in between: the ring's connection is dead
+        assert store(ring, 1)
+        assert ring.visual_stats()["accepted"] == 1  # restarted empty: a new life of the keys
+
+
 def test_a_redis_restart_is_a_clear_error_for_stores_and_readers_reconnect():
     with redis_server() as server:
         url = server.url

@@ -27,9 +27,10 @@ and forwards its visual methods to. The design, in short (docs/redis.md, "Frames
   appends an entry to the session's end stream, which every reader waits on too; a
   reader books what was accepted before the end, then closes.
 
-Every call is made on a connection of the client's pool, with the client's timeouts and
-no retry (a retried store could be stored twice): a failure to reach the server is a
-RedisUnavailableError naming the URL, raised within the configured timeout.
+Every call is made on a connection of the client's pool (a store: on the ring's own,
+made with the pool's settings), with the client's timeouts and no retry (a retried store
+could be stored twice): a failure to reach the server is a RedisUnavailableError naming
+the URL, raised within the configured timeout.
 """
 
 from __future__ import annotations
@@ -107,15 +108,24 @@ def _no_script(reply: object) -> bool:
 
 
 class _Store:
-    """One store, checked and copied: the commands that store it, and its frame's fields."""
+    """One store, checked: the commands that store it, and its frame's fields. Its bytes
+    are ``payload`` (copied: a frame local subscribers get) or ``view`` (the caller's
+    C-contiguous bytes, packed into the command without a copy of their own: a ring
+    with no local subscriber sends them, and keeps nothing)."""
 
-    __slots__ = ("payload", "source", "keep", "min_ns", "seconds", "now_ns", "mime_type", "width", "height",
-                 "timestamp_ms", "frame_seq", "error", "commands", "packed")
+    __slots__ = ("payload", "view", "nbytes", "source", "keep", "min_ns", "seconds", "now_ns", "mime_type", "width",
+                 "height", "timestamp_ms", "frame_seq", "error", "commands", "packed")
 
-    def __init__(self, core: _Core, payload: np.ndarray[Any, Any] | None, source: str, keep: int, min_ns: int,
-                 seconds: float, now_ns: int, mime_type: str, width: int, height: int, timestamp_ms: int,
+    def __init__(self, core: _Core, payload: np.ndarray[Any, Any] | memoryview | None, source: str, keep: int,
+                 min_ns: int, seconds: float, now_ns: int, mime_type: str, width: int, height: int, timestamp_ms: int,
                  frame_seq: int, error: TypeError | None) -> None:
-        self.payload = payload
+        self.payload: np.ndarray[Any, Any] | None = None
+        self.view: memoryview | None = None
+        if isinstance(payload, memoryview):
+            self.view = payload
+        else:
+            self.payload = payload
+        self.nbytes = 0 if payload is None else payload.nbytes
         self.source = source
         self.keep = keep
         self.min_ns = min_ns
@@ -129,11 +139,28 @@ class _Store:
         self.error = error
         self.commands: list[Command] = []
         self.packed: bytes | None = None
-        if payload is not None:
-            base: object = payload.base  # copy_bytes' bytes: sent as they are, not copied again
-            data = base if type(base) is bytes else payload.tobytes()
+        if self.view is not None:
+            self.commands = core.store_commands(self, self.view)
+            self.packed = core.pack_store(self.commands)
+        elif self.payload is not None:
+            base: object = self.payload.base  # copy_bytes' bytes: sent as they are, not copied again
+            data = base if type(base) is bytes else self.payload.tobytes()
             self.commands = core.store_commands(self, data)
             self.packed = core.pack_store(self.commands)
+
+    def frame_bytes(self) -> np.ndarray[Any, Any]:
+        """The frame's bytes for local subscribers: the copy, made now if the store was
+        prepared without one (a subscriber came after it was prepared)."""
+        if self.payload is None:
+            assert self.view is not None
+            self.payload = np.frombuffer(self.view.tobytes(), dtype=np.uint8)
+        return self.payload
+
+    def release(self) -> None:
+        """Let go of the caller's buffer (its export ends with the store)."""
+        view, self.view = self.view, None
+        if view is not None:
+            view.release()
 
 
 class _Core:
@@ -212,10 +239,10 @@ class _Core:
         now_hi, now_lo = codec.split_ns(store.now_ns)
         limit: tuple[Any, Any] = codec.split_ns(store.min_ns) if store.min_ns > 0 else ("", "")
         return [now_hi, now_lo, limit[0], limit[1], store.keep, source,
-                0 if store.payload is None else store.payload.nbytes, received_at, codec.new_epoch(),
+                store.nbytes, received_at, codec.new_epoch(),
                 self.activity_field, "1" if check_only else "", self.incarnation]
 
-    def store_commands(self, store: _Store, data: bytes) -> list[Command]:
+    def store_commands(self, store: _Store, data: bytes | memoryview) -> list[Command]:
         """The store's MULTI: DECIDE opens the stream for the XADD (or does not: then the
         XADD fails on the poisoned last id), XSETID closes it again."""
         source, received_at = codec.text_bytes(store.source), repr(store.seconds)
@@ -232,11 +259,11 @@ class _Core:
             if head is None or tail is None:
                 return None
             self.store_frame_bytes = (head, tail)
-        middle = pack(commands[1:3])
-        if middle is None:
+        if _pack_command is None:
             return None
         head, tail = self.store_frame_bytes
-        return head + middle + tail
+        # One join: the frame's bytes are copied once here, after hiredis packed them.
+        return b"".join((head, _pack_command(commands[1]), _pack_command(commands[2]), tail))
 
     def check_command(self, store: _Store) -> Command:
         """The rate check alone (counted when limited)."""
@@ -284,9 +311,8 @@ class _Core:
         if seq <= 0 or epoch is None:
             return False
         if subscribers:
-            assert store.payload is not None
             # The reader may have read it first: then its array is the frame's.
-            payload = self.cache.share(epoch, seq, store.payload)
+            payload = self.cache.share(epoch, seq, store.frame_bytes())
             frame = VisualFrame(payload, store.mime_type, store.width, store.height, store.source,
                                 store.timestamp_ms, store.frame_seq, store.seconds)
             for q in subscribers:
@@ -534,6 +560,7 @@ class RedisFrameRing:
         self._subscribers: list[RedisQueue] = []
         self._ended = False
         self._fork_gen = _fork.generation
+        self._own_connection: Any = None
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         _refuse_copy(self, protocol)
@@ -548,17 +575,36 @@ class RedisFrameRing:
             raise RuntimeError(REENTERED_MESSAGE)
         self._busy = True
 
-    def _exchange(self, commands: Sequence[Command], packed: bytes | None = None) -> list[Any]:
-        """Send ``commands`` (``packed``: as bytes already) on one connection of the pool,
-        in one write, and read every reply (an error reply is returned as its exception,
-        not raised)."""
+    def _store_connection(self) -> Any:
+        """The ring's own connection, for stores (made under the ring's lock, which every
+        store holds): a pool's checkout and return cost 8 us, more than the rest of a
+        store's client work. It is checked as the pool checks one it hands out: a
+        connection with something to read (a reply nobody read, or the server closed it)
+        is made again."""
+        conn = self._own_connection
+        if conn is None:
+            pool = self._core.client.connection_pool
+            conn = self._own_connection = pool.connection_class(**pool.connection_kwargs)
+        else:
+            try:
+                stale = conn.can_read()
+            except self._core.errors:
+                stale = True
+            if stale:
+                conn.disconnect()
+        return conn
+
+    def _exchange(self, commands: Sequence[Command], packed: bytes | None = None, own: bool = False) -> list[Any]:
+        """Send ``commands`` (``packed``: as bytes already) on one connection of the pool
+        (``own``: the ring's own, with its lock held), in one write, and read every reply
+        (an error reply is returned as its exception, not raised)."""
         import redis.exceptions as rx
 
         core = self._core
         check_not_forked(self._fork_gen)
         pool = core.client.connection_pool
         try:
-            conn = pool.get_connection()
+            conn = self._store_connection() if own else pool.get_connection()
         except core.errors as exc:
             raise core.failure(exc) from exc
         try:
@@ -578,7 +624,8 @@ class RedisFrameRing:
                 raise core.failure(exc) from exc
             raise
         finally:
-            pool.release(conn)
+            if not own:
+                pool.release(conn)
 
     def _load(self) -> None:
         """Load every script (after the server lost them: a restart, SCRIPT FLUSH)."""
@@ -640,12 +687,15 @@ class RedisFrameRing:
     def _store(self, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
                height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
         store = _prepare(self._core, data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
-                         frame_seq, now)
+                         frame_seq, now, copy=bool(self._subscribers))
         if store.error is not None:
             if store.min_ns > 0 and self._rate_limited(store):
                 return False
             raise store.error
-        return self._send(store)
+        try:
+            return self._send(store)
+        finally:
+            store.release()
 
     def _store_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
                     width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
@@ -668,10 +718,10 @@ class RedisFrameRing:
         with self._lock:
             self._claim()
             try:
-                outcome = core.stored(self._exchange(store.commands, store.packed))
+                outcome = core.stored(self._exchange(store.commands, store.packed, own=True))
                 if outcome is None:
                     self._load()
-                    outcome = core.stored(self._exchange(store.commands, store.packed))
+                    outcome = core.stored(self._exchange(store.commands, store.packed, own=True))
                     if outcome is None:
                         raise RedisUnavailableError(f"Redis at {masked(core.url)} keeps losing its scripts")
                 subscribers = self._subscribers
@@ -764,9 +814,26 @@ class RedisFrameRing:
             raise error
 
 
+def _flat_view(data: Any) -> memoryview | None:
+    """``data``'s bytes as a flat memoryview, when they are one C-contiguous run (None:
+    they need the copy that gathers them, or cannot be read)."""
+    try:
+        view = memoryview(data)
+    except (TypeError, ValueError, BufferError):
+        return None
+    try:
+        if view.c_contiguous:
+            return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    except (TypeError, ValueError):
+        pass
+    view.release()
+    return None
+
+
 def _prepare(core: _Core, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
-             height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> _Store:
-    """store_frame's checks, in the pure ring's order, then the one copy of the bytes. A
+             height: Any, timestamp_ms: Any, frame_seq: Any, now: Any, copy: bool = True) -> _Store:
+    """store_frame's checks, in the pure ring's order, then the one copy of the bytes
+    (``copy=False``, when the ring has no local subscriber: into the command itself). A
     buffer that cannot be read is the store's ``error``: the pure ring reads the bytes
     after its rate check, so a rate-limited one is False there (and counted), whatever
     its bytes."""
@@ -777,6 +844,10 @@ def _prepare(core: _Core, data: Any, source: Any, max_recent: Any, min_interval:
     mime_type, width, height, timestamp_ms, frame_seq = v.frame_fields(
         data, mime_type, width, height, timestamp_ms, frame_seq)
     seconds, now_ns = core.read_now(now)
+    view = None if copy or _pack_command is None else _flat_view(data)
+    if view is not None:
+        return _Store(core, view, source, keep, min_ns, seconds, now_ns, mime_type, width, height, timestamp_ms,
+                      frame_seq, None)
     try:
         payload = copy_bytes(data)
     except TypeError as exc:
