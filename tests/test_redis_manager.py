@@ -562,6 +562,26 @@ def test_the_default_clock_is_the_servers(make_redis, raw):
     assert clock() >= readings[-1]
 
 
+def test_a_node_without_eviction_measures_the_servers_clock_again_in_get_and_list(make_redis, monkeypatch):
+    """The offset to the server's clock was measured again only by the cleanup loop: a
+    node made with cleanup_interval=None (a worker that only reads) kept its first
+    offset forever, and its local clock's drift with it."""
+    from capsule_sessions.redis import _clock, _manager
+
+    m = make_redis(server_clock=True, cleanup_interval=None)
+    m.create("a")
+    measured = []
+    real = _manager.measure
+    monkeypatch.setattr(_manager, "measure", lambda client: measured.append(1) or real(client))
+    m.get("a")
+    m.list()
+    assert measured == []  # not due yet
+    monkeypatch.setattr(_clock, "REFRESH_SECONDS", 0.0)
+    m.get("a")
+    m.list()
+    assert len(measured) == 2
+
+
 def test_an_injected_clock_drives_everything(make_redis):
     clock = FakeClock(50.0)
     m = make_redis(idle_timeout=1, clock=clock)

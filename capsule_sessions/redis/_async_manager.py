@@ -228,6 +228,7 @@ class AsyncRedisSessionManager(_ManagerCore[AsyncRedisSession]):
         if checked is None:
             raise self._not_found(id)
         ctx = await self._ready()
+        await self._refresh_clock()
         with translated(self._url):
             values = await ctx.client.hgetall(key_names(self.namespace, checked).session)
         record = self._live_record(values, checked)
@@ -288,6 +289,7 @@ class AsyncRedisSessionManager(_ManagerCore[AsyncRedisSession]):
 
     async def list(self) -> builtins.list[AsyncRedisSession]:
         ctx = await self._ready()
+        await self._refresh_clock()  # RedisSessionManager._refresh_clock
         ids = await self._registry_ids()
         sessions = []
         for id, values in zip(ids, await self._records(ids), strict=True):

@@ -4,8 +4,9 @@ Nodes whose own clocks disagree must still agree on how old a frame is and how l
 session has been idle, so every node reads the server's ``TIME`` once at start (the
 sample with the shortest round trip of a few), keeps the offset to its own
 ``time.monotonic`` and adds it on every read: an instant costs no round trip. The
-offset is measured again every ``REFRESH_SECONDS`` by the cleanup loop, so the local
-clock's drift (parts per million) does not pile up. A new offset never makes the clock
+offset is measured again every ``REFRESH_SECONDS`` by the cleanup loop, and by a
+manager's ``get`` and ``list`` (a node without eviction), so the local clock's drift
+(parts per million) does not pile up. A new offset never makes the clock
 go backwards: instants read on one node never decrease.
 
 Instants are seconds since the Unix epoch on the server's clock, so ``to_dict()`` on

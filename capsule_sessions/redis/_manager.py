@@ -298,6 +298,9 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
         return client.get_node_from_key(self._registry).redis_connection if self._cluster else client
 
     def _refresh_clock(self) -> None:
+        """Measure the server clock's offset again when it is due (REFRESH_SECONDS): the
+        cleanup loop does, and so do get and list, for a node that runs no eviction (a
+        worker that only reads) and would otherwise drift from the others."""
         server_clock = self._ctx.server_clock
         if server_clock is not None and server_clock.due():
             with translated(self._url):
@@ -401,6 +404,7 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
         checked = self._id_or_none(id)
         if checked is None:
             raise self._not_found(id)
+        self._refresh_clock()
         names = key_names(self.namespace, checked)
         with translated(self._url):
             values: dict[bytes, bytes] = self._client.hgetall(names.session)
@@ -461,6 +465,7 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
     # In this class body `list` is the method below, so annotations name the builtin in full.
     def list(self) -> builtins.list[RedisSession]:
         """Every live session of the namespace, in the order they were made."""
+        self._refresh_clock()
         ids = self._registry_ids()
         sessions = []
         for id, values in zip(ids, self._records(ids), strict=True):
