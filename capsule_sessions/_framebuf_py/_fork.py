@@ -7,7 +7,7 @@ does not have). The compiled twin's ``_fork.pxi``.
 from __future__ import annotations
 
 import os
-from typing import NoReturn, SupportsIndex
+from typing import Any, NoReturn, SupportsIndex
 
 from ..errors import FORKED_MESSAGE
 
@@ -35,6 +35,15 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def check_not_forked(generation: int) -> None:
     if generation != _fork.generation:
         raise RuntimeError(FORKED_MESSAGE)
+
+
+def _made_by_ring(args: tuple[Any, ...], kwargs: dict[str, Any], refused: str) -> tuple[Any, Any]:
+    """What a ring passed along with its key to make a handle (the ring, and the handle's
+    queue or size); TypeError(``refused``) for a handle made by hand, which would have
+    nothing behind it."""
+    if len(args) != 3 or args[0] is not _MAKE or kwargs:
+        raise TypeError(refused)
+    return args[1], args[2]
 
 
 def _refuse_copy(obj: object, protocol: SupportsIndex) -> NoReturn:

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from .. import _validate as v
 from ..errors import LOAN_EXPORTED_MESSAGE, LOAN_FINISHED_MESSAGE, LOAN_NOT_BY_HAND_MESSAGE
-from ._fork import _MAKE, _fork, _refuse_copy, check_not_forked
+from ._fork import _fork, _made_by_ring, _refuse_copy, check_not_forked
 
 if TYPE_CHECKING:
     from ._ring import FrameRing
@@ -54,13 +54,11 @@ class FrameLoan(metaclass=abc.ABCMeta):
     _fork_gen: int
 
     def __new__(cls, *args: Any, **kwargs: Any) -> FrameLoan:
-        # Only the ring makes these; one made by hand would have no ring to commit to.
-        if len(args) != 3 or args[0] is not _MAKE or kwargs:
-            raise TypeError(LOAN_NOT_BY_HAND_MESSAGE)
+        ring, nbytes = _made_by_ring(args, kwargs, LOAN_NOT_BY_HAND_MESSAGE)
         loan = super().__new__(cls)
-        loan._ring = args[1]
-        loan._nbytes = args[2]
-        loan._memory = lend(args[2])
+        loan._ring = ring
+        loan._nbytes = nbytes
+        loan._memory = lend(nbytes)
         loan._lock = threading.RLock()
         loan._fork_gen = _fork.generation
         return loan

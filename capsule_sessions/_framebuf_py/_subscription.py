@@ -16,7 +16,7 @@ from .. import _limits
 from .. import _validate as v
 from .._records import VisualFrame
 from ..errors import NOT_BY_HAND_MESSAGE, SubscriptionClosed
-from ._fork import _MAKE, _refuse_copy, check_not_forked
+from ._fork import _made_by_ring, _refuse_copy, check_not_forked
 from ._queue import _Queue
 
 if TYPE_CHECKING:
@@ -36,12 +36,10 @@ class Subscription(metaclass=abc.ABCMeta):
     _ring: FrameRing
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Subscription:
-        # Only the ring makes these; one made by hand would have no queue behind it.
-        if len(args) != 3 or args[0] is not _MAKE or kwargs:
-            raise TypeError(NOT_BY_HAND_MESSAGE)
+        ring, q = _made_by_ring(args, kwargs, NOT_BY_HAND_MESSAGE)
         sub = super().__new__(cls)
-        sub._ring = args[1]
-        sub._queue = args[2]
+        sub._ring = ring
+        sub._queue = q
         return sub
 
     def __del__(self) -> None:
