@@ -132,9 +132,14 @@ def end_and_die(url: str, id: str) -> None:
     manager(url, on_session_end=on_end).delete(id)
 
 
-def churn(url: str, seconds: float) -> None:
+def churn(url: str, seconds: float, pending_seconds: float | None = None) -> None:
     """Create, write and delete sessions as fast as it can (the test kills the server, or
-    this node, mid-way); counts its rounds in test:churned."""
+    this node, mid-way); counts its rounds in test:churned. ``pending_seconds``: how long
+    its pending hashes last on Redis Cluster."""
+    if pending_seconds is not None:
+        from capsule_sessions.redis import _manager
+
+        _manager.PENDING_SECONDS = pending_seconds
     client = raw_client(url)
     m = RedisSessionManager(url, 20, cleanup_interval=None)
     deadline = time.monotonic() + seconds

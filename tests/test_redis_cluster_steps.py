@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import signal
+import time
 
 import pytest
 from redis.crc import key_slot
@@ -178,9 +179,42 @@ def test_the_asyncio_twin_on_the_cluster(url, raw):
     asyncio.run(run())
 
 
-def _wait_gone(raw, key: bytes, timeout: float = 10.0) -> None:
-    import time
+def test_nodes_killed_mid_churn_leave_a_registry_that_agrees_with_the_live_sessions(make, raw, url):
+    """Four nodes create, write and delete 40 ids against a limit of 20 as fast as they
+    can, and are SIGKILLed mid-way (between two steps, some of them): the limit held
+    throughout, and once the pending hashes expired and a cleanup pass ran, the registry
+    lists exactly the live sessions, each with its incarnation."""
+    ctx = multiprocessing.get_context("spawn")
+    nodes = [ctx.Process(target=redis_nodes.churn, args=(url, 30.0, 0.5)) for _ in range(4)]
+    for node in nodes:
+        node.start()
+    try:
+        deadline = time.monotonic() + 60
+        while int(raw.get("test:churned") or 0) < 200:  # under way on every node
+            assert time.monotonic() < deadline and all(node.is_alive() for node in nodes)
+            assert raw.zcard(registry_key("capsule")) <= 20
+            time.sleep(0.01)
+    finally:
+        for node in nodes:
+            node.kill()
+            node.join()
+    assert raw.zcard(registry_key("capsule")) <= 20
+    time.sleep(1.0)  # the dead nodes' pending hashes expire
+    m = make(20)
+    m.evict_idle()  # the cleanup pass: frees the places no live session holds
+    registered = {id.decode(): inc for id, inc in raw.hgetall(incs_key("capsule")).items()}
+    assert sorted(registered) == sorted(member.decode() for member in raw.zrange(registry_key("capsule"), 0, -1))
+    live = {}
+    for id in (f"s{i}" for i in range(40)):
+        inc, ended, pending = raw.hmget(key_names("capsule", id).session, ["inc", "ended", "pending"])
+        if inc is not None and ended == b"0" and pending is None:
+            live[id] = inc
+    assert registered == live and len(live) == m.count() == len(m.list())
+    for id in live:
+        m.get(id).add_message(ChatMessage("user", "still works"))
 
+
+def _wait_gone(raw, key: bytes, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while raw.exists(key):
         assert time.monotonic() < deadline, f"{key!r} did not expire"
