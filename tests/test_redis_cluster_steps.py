@@ -170,6 +170,12 @@ def test_the_asyncio_twin_on_the_cluster(url, raw):
             assert await x.store_frame(b"f" * 64, source="cam", max_recent=2)
             assert bytes((await asyncio.wait_for(sub.__anext__(), 5)).data) == b"f" * 64
             assert [bytes(f.data) for f in await (await b.get("x")).latest_visual_frames(60)] == [b"f" * 64]
+            seq = await x.mark_pipeline_running()
+            waiter = asyncio.create_task((await b.get("x")).wait_pipeline_done(10))
+            await asyncio.sleep(0.3)  # subscribed to the pipeline's channel on its node
+            assert not waiter.done()
+            await x.mark_pipeline_finished(seq)
+            assert await asyncio.wait_for(waiter, 5)  # woken across nodes on the cluster
             await b.delete("x")
             assert not await a.contains("x") and await a.count() == 1
             await a.create("z")
