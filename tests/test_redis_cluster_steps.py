@@ -144,6 +144,24 @@ def test_a_create_at_the_limit_frees_a_dead_nodes_place_first(make, url):
     assert [s.id for s in m.list()] == ["next"]
 
 
+def test_creates_refused_at_the_limit_repair_the_registry_at_most_once_a_second(make, monkeypatch):
+    """Each repair reads every session's hash: at the limit under load, every refused
+    create would run one."""
+    m = make(1)
+    m.create("a")
+    repairs = []
+    real = m._repair
+    monkeypatch.setattr(m, "_repair", lambda: repairs.append(1) or real())
+    for _ in range(3):
+        with pytest.raises(MaxSessionsError):
+            m.create("b")
+    assert len(repairs) == 1
+    monkeypatch.setattr(redis_manager, "REPAIR_AT_LIMIT_SECONDS", 0.0)
+    with pytest.raises(MaxSessionsError):
+        m.create("b")
+    assert len(repairs) == 2
+
+
 def test_a_stale_place_of_an_id_is_taken_over_by_its_next_incarnation(make, raw, url):
     m = make(5)
     m.create("cam")

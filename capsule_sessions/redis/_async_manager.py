@@ -187,7 +187,7 @@ class AsyncRedisSessionManager(_ManagerCore[AsyncRedisSession]):
                 other = self._acquired(await ctx.scripts.acquire(
                     keys=self._registry_keys, args=self._acquire_args(id, inc, replace)), id)
             except MaxSessionsError:
-                if repaired or not await self._repair():
+                if repaired or not self._repair_due() or not await self._repair():
                     raise
                 repaired = True
                 continue

@@ -22,6 +22,7 @@ import builtins
 import datetime
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -47,6 +48,10 @@ S = TypeVar("S", bound=_SessionCore)
 # sees the session) until the create has its place in the registry; a node that died
 # in between leaves it to expire after this long. A create slower than that fails.
 PENDING_SECONDS = 10.0
+# A create that finds the registry full repairs it first (a dead node's place may be
+# what fills it), at most this often per node: at the limit under load every refused
+# create would otherwise read every session's hash.
+REPAIR_AT_LIMIT_SECONDS = 1.0
 
 
 class _ManagerCore(Generic[S]):
@@ -78,6 +83,7 @@ class _ManagerCore(Generic[S]):
         self._registry = encoded(registry_key(self.namespace))
         self._registry_keys = [self._registry, encoded(incs_key(self.namespace))]
         self._cluster = False
+        self._repaired_at = float("-inf")
         result: float | None = cleanup_interval
         return result
 
@@ -135,6 +141,14 @@ class _ManagerCore(Generic[S]):
             return None
         other = reply[1] if len(reply) > 1 else b""
         return other if isinstance(other, bytes) else b""
+
+    def _repair_due(self) -> bool:
+        """Whether a create at the limit may repair the registry now (REPAIR_AT_LIMIT_SECONDS)."""
+        now = time.monotonic()
+        if now - self._repaired_at < REPAIR_AT_LIMIT_SECONDS:
+            return False
+        self._repaired_at = now
+        return True
 
     def _pending_lost(self, id: str) -> SessionStoreError:
         return SessionStoreError(f"Redis at {self.url}: creating session {id!r} took longer than "
@@ -364,7 +378,7 @@ class RedisSessionManager(_ManagerCore[RedisSession]):
                 other = self._acquired(self._ctx.scripts.acquire(
                     keys=self._registry_keys, args=self._acquire_args(id, inc, replace)), id)
             except MaxSessionsError:
-                if repaired or not self._repair():
+                if repaired or not self._repair_due() or not self._repair():
                     raise
                 repaired = True
                 continue
