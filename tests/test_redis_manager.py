@@ -242,6 +242,7 @@ def test_the_limit_is_checked_first_then_the_id(make_redis):
     ({"namespace": "a b"}, ValueError), ({"namespace": 5}, TypeError), ({"namespace": ""}, ValueError),
     ({"url": "http://127.0.0.1:1"}, ValueError), ({"url": 5}, TypeError),
     ({"url": "redis://127.0.0.1:notaport"}, ValueError),
+    ({"url": "redis://127.0.0.1:1/zz"}, ValueError), ({"url": "unix:///tmp/r.sock?db=x"}, ValueError),
 ])
 def test_bad_manager_arguments(redis_url, kwargs, error):
     args = {"url": redis_url, "max_concurrent": 4, "cleanup_interval": None, **kwargs}

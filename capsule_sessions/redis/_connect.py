@@ -31,7 +31,23 @@ def check_url(url: object) -> str:
         raise TypeError(f"url must be a str, got {type(url).__name__}")
     if not url.startswith(_SCHEMES):
         raise ValueError(f"url must start with redis://, rediss:// or unix://, got {masked(url)!r}")
+    _check_database(url)
     return str.__str__(url)
+
+
+def _check_database(url: str) -> None:
+    """redis-py reads a database that is not a number (``redis://host/1a``) as none, and
+    connects to database 0: another deployment's, perhaps. Refused here instead."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    named = parse_qs(parts.query).get("db", [])
+    if parts.scheme in ("redis", "rediss") and parts.path.strip("/"):
+        named.append(parts.path.strip("/"))
+    for db in named:
+        if not (db.isascii() and db.isdigit()):
+            raise ValueError(f"url {masked(url)!r} names the database {db!r}: a database is a number "
+                             "(redis://host:port/0)")
 
 
 def _options(errors: tuple[type[Exception], ...], retry_class: Any, backoff: Any) -> dict[str, Any]:
