@@ -212,6 +212,17 @@ def redis_url(redis_server_process):
     return redis_server_process.url
 
 
+@pytest.fixture
+def raw(redis_url):
+    """A plain redis-py client of the test's server (a cluster client on a Redis Cluster):
+    what a test reads and plants keys with, beside the library."""
+    from redis_server import raw_client
+
+    client = raw_client(redis_url)
+    yield client
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster_process():
     """One real Redis Cluster (three masters) for the whole run, made on first use

@@ -17,7 +17,6 @@ import redis_nodes
 from capsule_sessions import ChatMessage, SessionNotFoundError, SessionState
 from capsule_sessions.redis import RedisSessionManager
 from capsule_sessions.redis._keys import registry_key
-from redis_server import raw_client
 
 NODES = 8
 
@@ -34,13 +33,6 @@ def pool():
 def redis_url(request):
     """Each test on one redis-server and on a Redis Cluster."""
     return request.getfixturevalue("redis_cluster_url" if request.param == "redis-cluster" else "redis_url")
-
-
-@pytest.fixture
-def raw(redis_url):
-    client = raw_client(redis_url)
-    yield client
-    client.close()
 
 
 @pytest.fixture

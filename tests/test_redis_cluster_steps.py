@@ -21,19 +21,17 @@ from capsule_sessions.redis import AsyncRedisSessionManager, RedisSessionManager
 from capsule_sessions.redis import _manager as redis_manager
 from capsule_sessions.redis._context import key_names
 from capsule_sessions.redis._keys import incs_key, registry_key
-from redis_server import raw_client
 
 
 @pytest.fixture
-def url(redis_cluster_url):
+def redis_url(redis_cluster_url):
+    """Every test here on the Redis Cluster (conftest's ``raw`` reads it too)."""
     return redis_cluster_url
 
 
 @pytest.fixture
-def raw(url):
-    client = raw_client(url)
-    yield client
-    client.close()
+def url(redis_url):
+    return redis_url
 
 
 @pytest.fixture

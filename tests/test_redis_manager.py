@@ -18,7 +18,6 @@ import time
 import types
 
 import pytest
-import redis
 from redis.crc import key_slot
 
 from capsule_sessions import (
@@ -59,13 +58,6 @@ def make_redis(redis_url, clock):
     yield make
     for manager in made:
         manager.stop()
-
-
-@pytest.fixture
-def raw(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 @pytest.fixture
