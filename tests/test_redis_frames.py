@@ -61,6 +61,7 @@ def backend() -> str:
 
 import asyncio  # noqa: E402
 import math  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 
@@ -147,6 +148,48 @@ def test_a_store_prepared_without_a_copy_makes_one_for_a_subscriber_that_came_si
     assert bytes(frame) == data.tobytes() and not np.shares_memory(frame, data) and not frame.flags.writeable
     store.release()
     assert store.view is None
+
+
+def test_a_thread_waiting_in_get_reads_the_stream_itself(redis_url, monkeypatch):
+    """A frame stored on another node reaches a thread blocked in get() without a
+    hand-over from the subscription's reader thread (a wake-up per frame, 40-90 us on a
+    loaded machine): the waiting thread reads the stream while it waits. A thread that
+    is not waiting leaves the reading to the reader thread, which keeps the books."""
+    from capsule_sessions.redis._frames_queue import RedisQueue
+
+    readers = []
+    real_push = RedisQueue.push_read
+
+    def push_read(self, frame, seq, epoch):
+        readers.append(threading.current_thread().name)
+        return real_push(self, frame, seq, epoch)
+
+    monkeypatch.setattr(RedisQueue, "push_read", push_read)
+    ring, keys, _ = new_ring(redis_url)
+    other_node = RedisFrameRing(client_for(redis_url), keys, redis_url, FakeClock())
+    sub = ring.subscribe_visual_frames(8)
+    got = []
+
+    def consume():
+        for _ in range(20):
+            got.append(bytes(sub.get(timeout=10).data))
+
+    consumer = threading.Thread(target=consume, name="consumer")
+    consumer.start()
+    try:
+        for seq in range(20):
+            time.sleep(0.02)  # the consumer is back in get() by then
+            assert other_node.store_frame(bytes([seq]) * 8, source="cam", max_recent=32, now=float(seq))
+    finally:
+        consumer.join(30)
+    assert got == [bytes([seq]) * 8 for seq in range(20)]
+    assert readers.count("consumer") >= 18, readers  # (the first may come before it waits)
+    readers.clear()
+    for seq in range(20, 25):  # nobody waits now: the reader thread books them
+        assert other_node.store_frame(bytes([seq]) * 8, source="cam", max_recent=32, now=float(seq))
+    wait_for(lambda: sub.qsize() == 5)
+    assert readers and "consumer" not in readers
+    assert sub.delivered == 20 and sub.dropped == 0
 
 
 def test_an_xadd_the_script_did_not_open_adds_nothing(redis_url):

@@ -21,13 +21,22 @@ restart with it, so the queue books a new epoch's frames from 0 again.
 
 from __future__ import annotations
 
+import datetime
+import queue
+import time
+from typing import Any
+
+from .. import _limits
+from .. import _validate as v
 from .._framebuf_py import Subscription
+from .._framebuf_py._fork import check_not_forked
 from .._framebuf_py._queue import _Queue
 from .._records import VisualFrame
+from ..errors import SubscriptionClosed
 
 
 class RedisQueue(_Queue):
-    __slots__ = ("epoch", "read_through")
+    __slots__ = ("epoch", "read_through", "reader", "consumers", "consumer_left_at")
 
     def __init__(self, maxsize: int, policy: str, booked_seq: int, epoch: bytes | None) -> None:
         super().__init__(maxsize, policy, booked_seq)
@@ -35,6 +44,12 @@ class RedisQueue(_Queue):
         self.epoch = epoch
         # The highest sequence number the reader has read from the stream.
         self.read_through = booked_seq
+        # The sync ring's reader (_frames._Reader), which a thread waiting in get may
+        # step itself; None for the asyncio ring's (a task on its loop).
+        self.reader: Any = None
+        # Threads waiting in get now, and when the last one left (lock held to change).
+        self.consumers = 0
+        self.consumer_left_at = float("-inf")
 
     def _book(self, frame: VisualFrame, seq: int) -> None:
         # The pure queue's booking (lock held): queued, or counted as dropped.
@@ -119,3 +134,37 @@ class RedisSubscription(Subscription):
     one), reading a local queue that a background reader fills from the stream."""
 
     __slots__ = ()
+
+    def _get_blocking(self, timeout: float | datetime.timedelta | None) -> VisualFrame:
+        """Subscription.get: a thread that would wait reads the stream itself when the
+        reader's connection is free, so the frame is its own at once; else it waits for
+        the reader thread as the in-process queue's getters do."""
+        q: RedisQueue = self._queue  # type: ignore[assignment]
+        reader = q.reader
+        if reader is None:
+            return super()._get_blocking(timeout)
+        seconds = v.timeout_seconds(timeout)
+        check_not_forked(q.fork_gen)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        with q.lock:
+            q.consumers += 1
+        try:
+            while True:
+                with q.lock:
+                    if q.items:
+                        return q.take()
+                    if q.closed:
+                        raise SubscriptionClosed("subscription is closed")
+                left = _limits.WAIT_SLICE_S if deadline is None else min(_limits.WAIT_SLICE_S,
+                                                                           deadline - time.monotonic())
+                if left <= 0:
+                    raise queue.Empty
+                if reader.try_step(left):
+                    continue
+                with q.lock:
+                    if not q.items and not q.closed:
+                        q.cond.wait(left)
+        finally:
+            with q.lock:
+                q.consumers -= 1
+                q.consumer_left_at = time.monotonic()
