@@ -495,7 +495,7 @@ class _Reader:
     thread (40-90 us on a loaded 2-core machine, and a wake-up per frame). Whoever reads
     holds ``lock``: one conversation on the connection at a time."""
 
-    __slots__ = ("core", "q", "lock", "conn", "failures", "check", "__weakref__")
+    __slots__ = ("core", "q", "lock", "conn", "failures", "check", "looked_at", "__weakref__")
 
     def __init__(self, core: _Core, q: RedisQueue) -> None:
         self.core = core
@@ -504,6 +504,7 @@ class _Reader:
         self.conn: Any = None
         self.failures = 0
         self.check = False
+        self.looked_at = time.monotonic()
 
     def run(self) -> None:
         """The thread: steps while no reader waits in ``get`` (for CONSUMER_GRACE_S after
@@ -561,6 +562,7 @@ class _Reader:
                 if not core.checked(q, _command(conn, *core.look_command())):
                     return False
                 self.check = False
+                self.looked_at = time.monotonic()
             reply = _command(conn, *core.xread_args(q, block_ms))
             if core.new_epoch_in(q, reply) and not core.checked(q, _command(conn, *core.look_command())):
                 return False
@@ -572,7 +574,9 @@ class _Reader:
                 q.end(*end)
                 return False
             self.failures = 0
-            self.check = reply is None
+            # Idle: a look at the session (a new epoch; an incarnation gone without its
+            # end) once per READ_BLOCK_MS, however short the reads of a polling get.
+            self.check = reply is None and time.monotonic() - self.looked_at >= READ_BLOCK_MS / 1000
         except (rx.ConnectionError, rx.TimeoutError, OSError) as exc:
             self._drop()
             self.failures += 1
