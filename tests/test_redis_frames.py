@@ -192,6 +192,32 @@ def test_a_thread_waiting_in_get_reads_the_stream_itself(redis_url, monkeypatch)
     assert sub.delivered == 20 and sub.dropped == 0
 
 
+def test_an_interrupt_while_get_reads_the_stream_leaves_the_subscription_working(redis_url):
+    """Ctrl-C lands while the waiting thread is inside its own read of the stream: the
+    KeyboardInterrupt reaches the caller, the half-read connection is not reused, and
+    the next get receives the next frame with the books balanced."""
+    import signal
+
+    ring, keys, _ = new_ring(redis_url)
+    other_node = RedisFrameRing(client_for(redis_url), keys, redis_url, FakeClock())
+    sub = ring.subscribe_visual_frames(8)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            sub.get(timeout=10)  # blocked in its XREAD when the signal comes
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert other_node.store_frame(b"after" * 2, source="cam", max_recent=4, now=1.0)
+    assert bytes(sub.get(timeout=10).data) == b"after" * 2
+    assert sub.delivered == 1 and sub.dropped == 0 and sub.qsize() == 0
+
+
 def test_an_xadd_the_script_did_not_open_adds_nothing(redis_url):
     # At rest the stream's last id is the last one there is: only a store's own MULTI
     # (its script first) can append, so a frame is never in the ring uncounted.
