@@ -386,3 +386,23 @@ def test_help_documents_redis(command, capsys):
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "--redis URL" in out and "--redis-namespace NS" in out
+
+
+def test_a_session_made_again_between_its_listing_and_the_subscribe_is_gone_not_a_crash(redis_url, namespace, node):
+    """The worker lists a session, which ends and is made again under its id before the
+    worker subscribes: the old object's subscribe raises SessionNotFoundError (its
+    incarnation is gone), which the worker reads as "gone", as for an ended session."""
+    from capsule_sessions.cli._attach_stores import Gone, RedisSessions
+
+    node.create("cam0")
+    store = RedisSessions(redis_url, namespace)
+    try:
+        [(key, session_id)] = store.listed()
+        node.delete("cam0")
+        node.create("cam0")
+        with pytest.raises(Gone):
+            store.subscribe(store.open(key, session_id), 4, "drop_oldest")
+        [(fresh, _)] = store.listed()  # the new incarnation is listed as a new session
+        assert fresh is not key and not store.subscribe(store.open(fresh, "cam0"), 4, "drop_oldest").closed
+    finally:
+        store.close()

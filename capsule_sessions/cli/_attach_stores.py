@@ -77,9 +77,8 @@ class RedisSessions:
     ``delete``, and ``close()`` stops it without ``RedisSessionManager.close()``, which
     would end every session of the namespace on every node. Its instants are the Redis
     server's clock, read through this process's offset to it, measured when it connects
-    (the eviction thread is also what measures it again; over a run the local clock's
-    drift, parts per million, stays far below the latencies shown); the producer's
-    frames are stamped on the same server clock, so a latency is one clock minus itself.
+    and again each minute by its list() (the polling below); the producer's frames are
+    stamped on the same server clock, so a latency is one clock minus itself.
     """
 
     def __init__(self, url: str, namespace: str = DEFAULT_NAMESPACE) -> None:
@@ -108,6 +107,8 @@ class RedisSessions:
     def subscribe(self, handle: RedisSession, buffer: int, policy: str) -> Subscription:
         try:
             sub = handle.subscribe_visual_frames(buffer, policy=policy)
+        except SessionNotFoundError:  # it ended, and its id was made again, since it was listed
+            raise Gone(handle.id) from None
         except self._errors as exc:
             raise Unusable(f"cannot subscribe: {exc}") from None
         if sub.closed:  # a subscription to a session that ended starts closed
