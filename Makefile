@@ -47,9 +47,10 @@ lint: $(STAMP)
 	$(PY) -m mypy --strict capsule_sessions tests/typing
 
 # The Redis tests start their own redis-server (tests/redis_server.py): Debian's, installed
-# here when it is missing (as root, or through sudo).
+# here when it or redis-cli (which makes the tests' Redis Cluster; Debian's redis-tools,
+# a dependency of redis-server) is missing, as root or through sudo.
 redis-server:
-	@command -v redis-server >/dev/null || { \
+	@{ command -v redis-server && command -v redis-cli; } >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; \
 	  $$SUDO service redis-server stop >/dev/null 2>&1 || true; }
