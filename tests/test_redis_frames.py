@@ -218,6 +218,40 @@ def test_an_interrupt_while_get_reads_the_stream_leaves_the_subscription_working
     assert sub.delivered == 1 and sub.dropped == 0 and sub.qsize() == 0
 
 
+def test_an_interrupt_as_get_counts_itself_in_leaves_the_reader_thread_reading(redis_url):
+    """A waiting get counts itself so the reader thread stands aside; a KeyboardInterrupt
+    as it leaves the lock after counting must not leave the count up, or no frame would
+    be read again while nobody waits."""
+
+    class InterruptOnce:
+        def __init__(self, lock):
+            self.lock, self.armed = lock, True
+
+        def __enter__(self):
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            self.lock.__exit__(*exc)
+            if self.armed:
+                self.armed = False
+                raise KeyboardInterrupt
+
+    ring, keys, _ = new_ring(redis_url)
+    other_node = RedisFrameRing(client_for(redis_url), keys, redis_url, FakeClock())
+    sub = ring.subscribe_visual_frames(8)
+    q = sub._queue
+    real_lock = q.lock
+    q.lock = InterruptOnce(real_lock)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sub.get(timeout=1)
+    finally:
+        q.lock = real_lock
+    assert q.consumers == 0
+    assert other_node.store_frame(b"read" * 2, source="cam", max_recent=4, now=1.0)
+    wait_for(lambda: sub.qsize() == 1)  # the reader thread books it: nobody waits
+
+
 def test_an_xadd_the_script_did_not_open_adds_nothing(redis_url):
     # At rest the stream's last id is the last one there is: only a store's own MULTI
     # (its script first) can append, so a frame is never in the ring uncounted.

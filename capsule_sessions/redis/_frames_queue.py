@@ -146,9 +146,13 @@ class RedisSubscription(Subscription):
         seconds = v.timeout_seconds(timeout)
         check_not_forked(q.fork_gen)
         deadline = None if seconds is None else time.monotonic() + seconds
-        with q.lock:
-            q.consumers += 1
+        counted = False
         try:
+            # Counted inside the try: an interrupt as the lock is left must not leave the
+            # count up, or the reader thread would stand aside for good.
+            with q.lock:
+                q.consumers += 1
+                counted = True
             while True:
                 with q.lock:
                     if q.items:
@@ -165,6 +169,7 @@ class RedisSubscription(Subscription):
                     if not q.items and not q.closed:
                         q.cond.wait(left)
         finally:
-            with q.lock:
-                q.consumers -= 1
-                q.consumer_left_at = time.monotonic()
+            if counted:
+                with q.lock:
+                    q.consumers -= 1
+                    q.consumer_left_at = time.monotonic()
