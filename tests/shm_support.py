@@ -213,7 +213,7 @@ class Header(ctypes.Structure):
 class Sub(ctypes.Structure):
     _fields_ = [("state", U64), ("epoch", U64), ("reader", U64), ("policy", U64), ("maxsize", U64), ("closed", U64),
                 ("pad0", U64 * 2), ("head", U64), ("dropped", U64), ("pad1", U64 * 6), ("tail", U64),
-                ("delivered", U64), ("wake", ctypes.c_uint32), ("sleepers", ctypes.c_uint32), ("pad2", U64 * 5),
+                ("delivered", U64), ("pad2", U64 * 6),
                 ("entries", U64 * 64)]
 
 
@@ -232,6 +232,19 @@ OFF_READERS = _align(OFF_BUFFERS + 32 * 4096)
 OFF_LEASES = _align(OFF_READERS + 64 * 32)
 OFF_SUBS = _align(OFF_LEASES + 4 * 32 * 4096)
 TOTAL_SIZE = _align(OFF_SUBS + ctypes.sizeof(Sub) * 32)
+
+
+def claimed_by(reader: int) -> int:
+    """A subscription slot's state while reader slot ``reader`` claims it (CS_SUB_CLAIMED_BY)."""
+    return 1 | (reader + 1) << 8
+
+
+def patch_file(path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
 
 
 def header_of(raw: bytes) -> Header:

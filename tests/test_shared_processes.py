@@ -12,8 +12,10 @@ import os
 import queue
 import random
 import signal
+import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -23,8 +25,21 @@ from hypothesis import strategies as st
 
 from capsule_sessions import Session, SessionNotFoundError, attach, list_shared
 from capsule_sessions.errors import SharedMemoryError, SubscriptionClosed
-from shm_support import OFF_READERS, SHM_DIR, Header, data_entries, describe, entries, stamp, stamp_digest
-from support import FakeClock
+from shm_support import (
+    OFF_READERS,
+    SHM_DIR,
+    Header,
+    Sub,
+    claimed_by,
+    data_entries,
+    describe,
+    entries,
+    patch_file,
+    stamp,
+    stamp_digest,
+    sub_offset,
+)
+from support import FakeClock, child_env
 
 pytestmark = [pytest.mark.cython]
 # As tests/test_fuzz.py: CAPSULE_SESSIONS_FUZZ_EXAMPLES scales the hypothesis examples.
@@ -293,6 +308,131 @@ def test_killed_reader_is_reclaimed_and_never_stops_the_producer(world, reap):
     assert session.visual_stats()["accepted"] == seq
     frames = attach("cam", namespace=world.ns).latest_visual_frames(1e9)
     assert [describe(f)[DIGEST] for f in frames] == [stamp_digest(f.frame_seq, len(f.data)) for f in frames]
+
+
+def reader_index_of(control, pid: int) -> int:
+    raw = control.read_bytes()
+    return next(r for r in range(32) if struct.unpack_from("<Q", raw, OFF_READERS + 64 * r)[0] == pid)
+
+
+def store_until(session, predicate, seconds: float) -> float | None:
+    """Store frames every 10 ms until ``predicate()``: how long it took (None: never)."""
+    begin = time.monotonic()
+    seq = 1000
+    while time.monotonic() - begin < seconds:
+        seq += 1
+        session.store_frame(stamp(seq, 4 * KB), source="cam", max_recent=2, frame_seq=seq)
+        if predicate():
+            return time.monotonic() - begin
+        time.sleep(0.01)
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_killed_as_it_exits_leaves_no_subscription(world):
+    """Guarantee 5 at the exit of a reader: the library's exit handler gives the reader
+    slot back before the interpreter's finalizers release the subscriptions; a SIGKILL
+    between the two (here an exit handler that runs right after the library's) must not
+    leave a subscription active with no reader that reaping could find. (A soak run
+    that killed readers as they exited once ended with such a subscription.)"""
+    session = world.session("cam")
+    session.store_frame(stamp(1, 4 * KB), source="cam", max_recent=2, frame_seq=1)
+    child = world.popen([sys.executable, "-c", textwrap.dedent(f"""
+        import atexit, os, signal, sys
+        atexit.register(os.kill, os.getpid(), signal.SIGKILL)  # registered first: runs last
+        from capsule_sessions import attach
+        cam = attach("cam", namespace={world.ns!r})
+        sub = cam.subscribe_visual_frames(buffer=4)
+        print("ready", flush=True)
+        sys.stdin.readline()
+    """)], env=child_env("cython"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    for seq in range(2, 5):  # entries queued for it
+        session.store_frame(stamp(seq, 4 * KB), source="cam", max_recent=2, frame_seq=seq)
+    assert session.shared_stats()["subscriptions"] == 1
+    child.stdin.write("exit\n")
+    child.stdin.flush()
+    assert child.wait(15) == -signal.SIGKILL
+    took = store_until(session, lambda: (session.shared_stats()["readers"], session.shared_stats()["subscriptions"])
+                       == (1, 0), 3.0)
+    assert took is not None and took < 1.5, session.shared_stats()
+    # Every subscription slot is free again.
+    handle = attach("cam", namespace=world.ns)
+    subs = [handle.subscribe_visual_frames() for _ in range(32)]
+    handle.close()
+    del subs
+
+
+@pytest.mark.timeout(60)
+def test_a_subscription_outliving_its_reader_slot_is_closed_and_touches_nothing(world):
+    """After the exit handler gave the slot back (and released its queue, which another
+    reader may claim at once), a subscription still referenced is closed: get raises
+    SubscriptionClosed, the counters read as released, and nothing is written into the
+    queue or the reader table (a waiting get used to index the table with slot -1)."""
+    session = world.session("cam")
+    child = world.popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from capsule_sessions import attach, _shm
+        from capsule_sessions.errors import SubscriptionClosed
+        cam = attach("cam", namespace={world.ns!r})
+        sub = cam.subscribe_visual_frames(buffer=4)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        _shm._leave_live_slots()
+        print("left", flush=True)
+        sys.stdin.readline()  # another reader claims the released queue meanwhile
+        try:
+            sub.get(timeout=0.2)
+        except SubscriptionClosed:
+            print("closed", sub.closed, sub.qsize(), sub.delivered, flush=True)
+        sub.close()
+        del sub
+    """)], env=child_env("cython"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    session.store_frame(stamp(1, 4 * KB), source="cam", max_recent=2, frame_seq=1)
+    child.stdin.write("leave\n")
+    child.stdin.flush()
+    assert child.stdout.readline() == "left\n"
+    assert store_until(session, lambda: session.shared_stats()["subscriptions"] == 0, 3.0) is not None
+    handle = attach("cam", namespace=world.ns)
+    subs = [handle.subscribe_visual_frames(buffer=4) for _ in range(32)]
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    assert child.stdout.readline() == "closed True 0 0\n"
+    assert child.wait(15) == 0
+    session.store_frame(stamp(2, 4 * KB), source="cam", max_recent=2, frame_seq=2)
+    assert all(not sub.closed and sub.get(timeout=5).frame_seq == 2 for sub in subs)
+    handle.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_claim_cut_short_by_sigkill_is_reclaimed(world):
+    """A reader killed between claiming a free subscription slot and writing its reader
+    index into it leaves the slot claimed with the index of whoever held it last (here a
+    live reader: the owner's own). The claim names its claimant in the slot's state, so
+    the reaper still frees it."""
+    session = world.session("cam")
+    session.store_frame(stamp(1, 4 * KB), source="cam", max_recent=2, frame_seq=1)
+    control = SHM_DIR / f"capsule.{world.ns}.cam"
+    reader = world.reader()
+    reader.call("attach", h="h", id="cam", ns=world.ns)
+    dead = reader_index_of(control, reader.pid)
+    live = reader_index_of(control, os.getpid())
+    where = sub_offset(31)
+    patch_file(control, where + Sub.state.offset, struct.pack("<Q", claimed_by(dead)))
+    patch_file(control, where + Sub.reader.offset, struct.pack("<Q", live))
+    os.kill(reader.pid, signal.SIGKILL)
+    reader.proc.wait(10)
+
+    def freed():
+        return struct.unpack_from("<Q", control.read_bytes(), where + Sub.state.offset)[0] == 0
+
+    took = store_until(session, freed, 3.0)
+    assert took is not None and took < 1.5
+    handle = attach("cam", namespace=world.ns)
+    subs = [handle.subscribe_visual_frames() for _ in range(32)]
+    handle.close()
+    del subs
 
 
 # -- 3. the producer killed while readers wait ---------------------------------------------

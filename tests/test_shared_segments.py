@@ -36,6 +36,7 @@ from shm_support import (
     Meta,
     Sub,
     entries,
+    patch_file,
     stamp,
     sub_offset,
 )
@@ -138,14 +139,6 @@ def write_segment(name: str, data: bytes) -> None:
     fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def patch_file(path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
     finally:
         os.close(fd)
 

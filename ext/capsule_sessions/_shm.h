@@ -22,7 +22,7 @@
 #include <linux/futex.h>
 
 #define CS_MAGIC 0x31534e5343415043ULL   /* "CPACSNS1" read little-endian */
-#define CS_VERSION 3u
+#define CS_VERSION 4u
 #define CS_MAX_RING 256u        /* max_recent of a shared session */
 #define CS_MAX_BUFFERS 4096u    /* > ring + every queue + every lease budget + open stores */
 #define CS_MAX_READERS 32u      /* attached handles (processes) at once */
@@ -38,6 +38,9 @@
 #define CS_SUB_CLAIMED 1u
 #define CS_SUB_ACTIVE 2u
 #define CS_SUB_RELEASED 3u
+/* A claim names its reader in the state word itself: a claimant killed before it
+ * wrote `reader` leaves a slot that the reaper can still tell is the dead reader's. */
+#define CS_SUB_CLAIMED_BY(r) (CS_SUB_CLAIMED | (((uint64_t)(r) + 1u) << 8))
 
 typedef struct {
     uint64_t serial;    /* names the data segment; 0: no segment */

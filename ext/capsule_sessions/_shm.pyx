@@ -83,6 +83,7 @@ cdef extern from "_shm.h" nogil:
     uint64_t CS_SUB_CLAIMED
     uint64_t CS_SUB_ACTIVE
     uint64_t CS_SUB_RELEASED
+    uint64_t CS_SUB_CLAIMED_BY(uint64_t reader)
     uint64_t CS_MAGIC
     uint64_t CS_DATA_MAGIC
     uint64_t CS_OFF_BUFFERS

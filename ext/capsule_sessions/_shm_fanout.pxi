@@ -147,18 +147,14 @@ cdef fan_reap_readers(SharedRing ring, bint now):
     ring._reaped_at = t
     cdef cs_header *h = ring._h
     cdef cs_reader *readers = cs_readers(h)
-    cdef cs_sub *subs = cs_subs(h)
-    cdef uint32_t r, i
+    cdef uint32_t r
     for r in range(CS_MAX_READERS):
         pid = cs_load(&readers[r].pid)
         if pid == 0 or process_alive(pid, cs_load(&readers[r].start_time)):
             continue
-        for i in range(CS_MAX_SUBS):
-            if cs_load(&subs[i].reader) == r and cs_load(&subs[i].state) in (CS_SUB_CLAIMED, CS_SUB_ACTIVE):
-                cs_store(&subs[i].state, CS_SUB_RELEASED)
+        release_subs_of_reader(h, r)
         memset(cs_leases(h, r), 0, CS_MAX_BUFFERS * sizeof(uint32_t))
         cs_store(&readers[r].start_time, 0)
         cs_store(&readers[r].sleeping, 0)
         cs_store(&readers[r].pid, 0)
-        cs_add(&h.subs_version, 1)  # its subscriptions are released: the next store looks
     fan_reap_subscribers(ring, False)

@@ -61,6 +61,10 @@ cdef class _ReaderSlot:
         cdef cs_reader *readers = cs_readers(self.h)
         cdef int index = self.index
         self.index = -1
+        # Its subscriptions go first, while the slot still names a live process: one
+        # killed after this slot left (between the exit handler and the finalizers that
+        # release them) would leave them active with no reader the reaper could find.
+        release_subs_of_reader(self.h, index)
         memset(self.leases, 0, CS_MAX_BUFFERS * sizeof(uint32_t))
         cs_store(&readers[index].start_time, 0)
         cs_store(&readers[index].pid, 0)

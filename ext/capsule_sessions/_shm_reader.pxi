@@ -387,7 +387,7 @@ cdef class AttachedSession:
         cdef uint32_t i
         for i in range(CS_MAX_SUBS):
             s = &subs[i]
-            if cs_cas(&s.state, CS_SUB_FREE, CS_SUB_CLAIMED):
+            if cs_cas(&s.state, CS_SUB_FREE, CS_SUB_CLAIMED_BY(self._slot.index)):
                 cs_store(&s.reader, self._slot.index)
                 cs_store(&s.policy, 1 if policy == "drop_oldest" else 0)
                 cs_store(&s.maxsize, maxsize)

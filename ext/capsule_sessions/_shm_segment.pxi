@@ -190,6 +190,22 @@ def read_owner(str name):
     return session_id, h.owner_pid, h.owner_start, h.nonce, bool(cs_load(&h.closed))
 
 
+cdef void release_subs_of_reader(cs_header *h, uint32_t reader) noexcept:
+    """Release every subscription reader slot ``reader`` holds or is claiming; the
+    owner counts their entries out and frees them at its next store."""
+    cdef cs_sub *subs = cs_subs(h)
+    cdef uint32_t i
+    cdef uint64_t state
+    cdef bint released = False
+    for i in range(CS_MAX_SUBS):
+        state = cs_load(&subs[i].state)
+        if state == CS_SUB_CLAIMED_BY(reader) or (state == CS_SUB_ACTIVE and cs_load(&subs[i].reader) == reader):
+            if cs_cas(&subs[i].state, state, CS_SUB_RELEASED):
+                released = True
+    if released:
+        cs_add(&h.subs_version, 1)
+
+
 cdef _leave_if_last(cs_header *h, int leaving, str data_prefix):
     """Reader slot ``leaving`` is going away from an ended session: when no other live
     process is attached, unlink every data segment (and the control segment, in case

@@ -89,12 +89,22 @@ cdef class SharedSubscription:
     def __deepcopy__(self, memo):
         raise TypeError("cannot pickle or copy 'Subscription' object")
 
+    cdef inline bint _gone(self) noexcept:
+        """Released. A subscription whose reader slot has left is released now: leaving
+        released its queue (at exit, the exit handler runs before the finalizers), which
+        may be another reader's since, so nothing is written to it again."""
+        if not self._released and self._reader._slot.index < 0:
+            self._release_slot()
+        return self._released
+
     cdef void _release_slot(self) noexcept:
         if self._released:
             return
         self._released = True
         self._dropped_at_release = cs_load(&self._s.dropped)
         self._delivered_at_release = cs_load(&self._s.delivered)
+        if self._reader._slot.index < 0:
+            return  # released by the slot's leaving
         cs_store(&self._s.closed, 1)
         cs_store(&self._s.state, CS_SUB_RELEASED)  # the owner counts its entries out, then frees it
         cs_add(&self._reader._h.subs_version, 1)
@@ -110,22 +120,22 @@ cdef class SharedSubscription:
 
     @property
     def closed(self):
-        return self._released or cs_load(&self._s.closed) != 0 or self._reader._owner_gone()
+        return self._gone() or cs_load(&self._s.closed) != 0 or self._reader._owner_gone()
 
     @property
     def dropped(self):
-        if self._released:
+        if self._gone():
             return self._dropped_at_release + self._lost
         return cs_load(&self._s.dropped) + self._lost
 
     @property
     def delivered(self):
-        if self._released:
+        if self._gone():
             return self._delivered_at_release
         return cs_load(&self._s.delivered)
 
     def qsize(self):
-        if self._released:
+        if self._gone():
             return 0
         cdef uint64_t head = cs_load(&self._s.head)
         cdef uint64_t tail = cs_load(&self._s.tail)
@@ -143,7 +153,7 @@ cdef class SharedSubscription:
         cdef cs_sub *s = self._s
         cdef uint64_t tail, head, entry
         cdef uint32_t index
-        while not self._released:
+        while not self._gone():
             tail = cs_load(&s.tail)
             head = cs_load(&s.head)
             if tail >= head:
@@ -172,7 +182,7 @@ cdef class SharedSubscription:
         return None
 
     cdef bint _ended(self):
-        return self._released or cs_load(&self._s.closed) != 0 or self._reader._owner_gone_lately()
+        return self._gone() or cs_load(&self._s.closed) != 0 or self._reader._owner_gone_lately()
 
     cdef object _take_or_raise(self):
         """A frame, None when there is none yet, SubscriptionClosed when there never will be."""
@@ -189,8 +199,8 @@ cdef class SharedSubscription:
 
     cdef _wait_for_push(self, int64_t timeout_ns):
         """Sleep until a push or a close, at most ``timeout_ns``, GIL released."""
-        if self._released:
-            return
+        if self._gone():
+            return  # (a left slot's index no longer names a reader entry)
         cdef cs_sub *s = self._s
         cdef cs_header *h = self._reader._h
         cdef uint64_t *sleeping = &cs_readers(h)[self._reader._slot.index].sleeping
@@ -260,7 +270,7 @@ cdef class SharedSubscription:
 
     def close(self):
         """Stop receiving; wakes every waiter. Idempotent. Frames still queued can be read."""
-        if self._released:
+        if self._gone():
             return
         cs_store(&self._s.closed, 1)
         wake_readers(self._reader._h)  # a thread waiting in get() on this one
