@@ -2,9 +2,10 @@
 
 The same keys, scripts, entries and results (``_frames.py`` holds the design); each
 method is a coroutine of the same name. A subscription is the same ``Subscription`` on a
-local queue; its reader is a task on the event loop that subscribed (a blocking XREAD on
-a connection of its own), so ``await sub.aget()`` and ``async for`` never block the loop,
-and a thread may still ``get()`` from it. A loan's ``commit`` is a coroutine.
+local queue; its reader (``_Reader``, the sync twin's step for step) is a task on the
+event loop that subscribed (a blocking XREAD on a connection of its own), so ``await
+sub.aget()`` and ``async for`` never block the loop, and a thread may still ``get()``
+from it. A loan's ``commit`` is a coroutine.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .._records import VisualFrame
 from . import _frames_codec as codec
 from ._errors import RedisDataError, RedisUnavailableError, masked
 from ._frames import (
-    RECONNECT_MAX_S,
+    READ_BLOCK_MS,
+    RECONNECT_MAX_FAILURES,
     START,
     STOP,
     Command,
@@ -88,50 +90,88 @@ async def _sleep(q: RedisQueue, seconds: float) -> None:
         await asyncio.sleep(min(left, 0.05))
 
 
-async def _read_frames(core: _Core, q: RedisQueue) -> None:
-    """A subscription's reader task: the stream into the queue until it is closed."""
-    import redis.exceptions as rx
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
+class _Reader:
+    """A subscription's reader task: the stream into the queue until it is closed (the
+    sync twin's ``_Reader``, step for step). No ``try_step`` and no ``lock``: asyncio
+    waiters do not read themselves, so the task is the connection's only user."""
 
-    conn: Any = None
-    failures = 0
-    check = False
-    try:
-        while not q.closed:
-            try:
-                if conn is None:
-                    conn = core.reader_connection(Retry(NoBackoff(), 0))
-                if check:
-                    if not core.checked(q, await _command(conn, *core.look_command())):
-                        return
-                    check = False
-                reply = await _command(conn, *core.xread_args(q))
-                if core.new_epoch_in(q, reply) and not core.checked(q, await _command(conn, *core.look_command())):
+    __slots__ = ("core", "q", "conn", "failures", "check", "looked_at", "__weakref__")
+
+    def __init__(self, core: _Core, q: RedisQueue) -> None:
+        self.core = core
+        self.q = q
+        self.conn: Any = None
+        self.failures = 0
+        self.check = False
+        self.looked_at = time.monotonic()
+
+    async def run(self) -> None:
+        """The task: steps until the queue ends, with backoff after a failure."""
+        try:
+            while not self.q.closed:
+                if not await self.step(READ_BLOCK_MS):
                     return
-                end = core.deliver(q, reply)
-                if end is not None:
-                    rest = core.rest_args(q, *end)
-                    if rest is not None:
-                        core.book(q, await _command(conn, *rest))
-                    q.end(*end)
-                    return
-                failures = 0
-                check = reply is None
-            except (rx.ConnectionError, rx.TimeoutError, OSError, asyncio.TimeoutError) as exc:
-                if conn is not None:
-                    await conn.disconnect(nowait=True)
-                failures += 1
-                check = True
-                if failures == 1:
-                    log.info("subscription to %r lost Redis at %s (%s); reconnecting", core.stream,
-                             masked(core.url), exc)
-                await _sleep(q, backoff(failures))
-            except (rx.RedisError, RedisDataError) as exc:
-                log.warning("subscription to %r: %s", core.stream, exc)
-                check = True
-                await _sleep(q, RECONNECT_MAX_S)
-    finally:
+                pause = self.pause()
+                if pause:
+                    await _sleep(self.q, pause)
+        finally:
+            await self._drop()
+
+    def pause(self) -> float:
+        """How long to wait before the next step (backoff after failures)."""
+        if self.failures:
+            return backoff(self.failures)
+        return 0.0
+
+    async def step(self, block_ms: int) -> bool:
+        """One blocking read and what it brings; False once the queue ended."""
+        import redis.exceptions as rx
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        core, q = self.core, self.q
+        try:
+            if self.conn is None:
+                self.conn = core.reader_connection(Retry(NoBackoff(), 0))
+            conn = self.conn
+            if self.check:
+                if not core.checked(q, await _command(conn, *core.look_command())):
+                    return False
+                self.check = False
+                self.looked_at = time.monotonic()
+            reply = await _command(conn, *core.xread_args(q, block_ms))
+            if core.new_epoch_in(q, reply) and not core.checked(q, await _command(conn, *core.look_command())):
+                return False
+            end = core.deliver(q, reply)
+            if end is not None:
+                rest = core.rest_args(q, *end)
+                if rest is not None:
+                    core.book(q, await _command(conn, *rest))
+                q.end(*end)
+                return False
+            self.failures = 0
+            # Idle: a look at the session (a new epoch; an incarnation gone without its
+            # end) once per READ_BLOCK_MS.
+            self.check = reply is None and time.monotonic() - self.looked_at >= READ_BLOCK_MS / 1000
+        except (rx.ConnectionError, rx.TimeoutError, OSError, asyncio.TimeoutError) as exc:
+            await self._drop()
+            self.failures += 1
+            self.check = True
+            if self.failures == 1:
+                log.info("subscription to %r lost Redis at %s (%s); reconnecting", core.stream,
+                         masked(core.url), exc)
+        except (rx.RedisError, RedisDataError) as exc:
+            log.warning("subscription to %r: %s", core.stream, exc)
+            self.check = True
+            self.failures = max(self.failures, RECONNECT_MAX_FAILURES)
+        except BaseException:
+            await self._drop()  # cut off mid-conversation (the task cancelled): not reused
+            self.check = True
+            raise
+        return True
+
+    async def _drop(self) -> None:
+        conn, self.conn = self.conn, None
         if conn is not None:
             try:
                 await conn.disconnect(nowait=True)
@@ -306,7 +346,7 @@ class AsyncRedisFrameRing:
                 q.closed = True
             else:
                 self._subscribers = self._subscribers + [q]
-                task = asyncio.get_running_loop().create_task(_read_frames(core, q),
+                task = asyncio.get_running_loop().create_task(_Reader(core, q).run(),
                                                               name=f"capsule-redis-sub {core.stream}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
