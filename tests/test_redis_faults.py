@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 
+import numpy as np
 import pytest
 import redis
 
@@ -441,6 +442,10 @@ def test_rediss_with_a_ca_in_the_url(tls_files):
             s = m.create("a")
             s.add_message(ChatMessage("user", "over TLS"))
             assert m.get("a").history_snapshot()[0].content == "over TLS"
+            # A TLS socket has no sendmsg: a store joins its buffers into one write.
+            frame = np.arange(300_000, dtype=np.uint32).view(np.uint8)
+            assert s.store_frame(frame, source="cam", max_recent=2)
+            assert [bytes(f.data) for f in s.latest_visual_frames(60)] == [frame.tobytes()]
         finally:
             m.stop()
         with pytest.raises(RedisUnavailableError):  # without the CA, the certificate is refused

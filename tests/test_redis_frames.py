@@ -139,6 +139,24 @@ def test_a_ring_without_local_subscribers_sends_the_callers_bytes_without_a_copy
         grid.tobytes(), b"abcdefgh", np.ascontiguousarray(grid[:, ::2]).tobytes(), b"abcdefgh!"]
 
 
+def test_a_frame_the_socket_takes_in_parts_is_sent_whole(redis_url):
+    """A store sends its frame's bytes from the caller's buffer with sendmsg; a socket
+    with a small send buffer takes them in parts, and the rest follows from where the
+    last part ended (a resend or a skip would corrupt the command or the frame)."""
+    import socket
+
+    ring, _, _ = new_ring(redis_url)
+    assert ring.store_frame(b"first", source="cam", max_recent=4, now=1.0)
+    conn = ring._own_connection
+    conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    frames = [np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+              for seed, size in enumerate((8 * 1024 * 1024 + 3, 1, 70_001))]
+    for i, frame in enumerate(frames):
+        assert ring.store_frame(frame, source="cam", max_recent=4, now=2.0 + i)
+    assert ring._own_connection is conn  # the same connection throughout: nothing was dropped
+    assert [bytes(f.data) for f in ring.latest_visual_frames(60, now=5.0)] == [b"first"] + [f.tobytes() for f in frames]
+
+
 def test_a_store_prepared_without_a_copy_makes_one_for_a_subscriber_that_came_since(redis_url):
     ring, _, _ = new_ring(redis_url)
     data = np.arange(64, dtype=np.uint8)
@@ -250,6 +268,101 @@ def test_an_interrupt_as_get_counts_itself_in_leaves_the_reader_thread_reading(r
     assert q.consumers == 0
     assert other_node.store_frame(b"read" * 2, source="cam", max_recent=4, now=1.0)
     wait_for(lambda: sub.qsize() == 1)  # the reader thread books it: nobody waits
+
+
+def _wake_ups(thread):
+    """How often ``thread`` has slept and woken so far (its voluntary context switches)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+def test_the_reader_thread_sleeps_while_a_thread_waits_in_get(redis_url):
+    """While a thread waits in get (reading the stream itself), the reader thread stands
+    aside asleep until it must read again, rather than waking every few ms to look."""
+    import os
+    import queue
+
+    if not os.path.exists("/proc/self/task"):
+        pytest.skip("a thread's wake-ups are counted in /proc")
+
+    ring, keys, _ = new_ring(redis_url)
+    sub = ring.subscribe_visual_frames(4)
+    q = sub._queue
+    [reader] = [t for t in threading.enumerate() if t.name == f"capsule-redis-sub {keys.key('frames')}"]
+    timed_out = []
+
+    def consume():
+        with pytest.raises(queue.Empty):
+            sub.get(timeout=1.5)
+        timed_out.append(True)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    try:
+        wait_for(lambda: q.consumers == 1)
+        time.sleep(0.25)  # the read the reader thread was in (READ_BLOCK_MS) is over
+        before = _wake_ups(reader)
+        time.sleep(0.5)
+        woken = _wake_ups(reader) - before
+    finally:
+        consumer.join(10)
+    assert timed_out == [True]
+    assert woken <= 3, woken  # polling every CONSUMER_GRACE_S woke it 50 times or more
+    sub.close()
+
+
+def test_the_reader_thread_reads_again_once_the_waiting_thread_left(redis_url):
+    """The reader thread, asleep while a thread waits in get, is woken when the last one
+    leaves (with a frame or at its timeout) and books what another node stores next."""
+    import queue
+
+    ring, keys, _ = new_ring(redis_url)
+    other_node = RedisFrameRing(client_for(redis_url), keys, redis_url, FakeClock())
+    sub = ring.subscribe_visual_frames(8)
+    with pytest.raises(queue.Empty):
+        sub.get(timeout=0.3)
+    for seq in range(3):
+        assert other_node.store_frame(bytes([seq]) * 4, source="cam", max_recent=8, now=float(seq))
+    wait_for(lambda: sub.qsize() == 3, timeout=2)
+    assert [bytes(sub.get(timeout=0).data) for _ in range(3)] == [bytes([seq]) * 4 for seq in range(3)]
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(bytes(sub.get(timeout=5).data)))
+    consumer.start()
+    wait_for(lambda: sub._queue.consumers == 1)
+    time.sleep(0.2)  # asleep by now
+    assert other_node.store_frame(b"got", source="cam", max_recent=8, now=3.0)
+    consumer.join(10)
+    assert got == [b"got"]
+    assert other_node.store_frame(b"then", source="cam", max_recent=8, now=4.0)
+    wait_for(lambda: sub.qsize() == 1, timeout=2)
+    assert sub.delivered == 4 and sub.dropped == 0
+
+
+def test_a_waiting_get_whose_read_failed_leaves_reconnecting_to_the_reader_thread(redis_url):
+    """The connection a waiting get reads on is cut while the reader thread sleeps beside
+    it: the failure wakes the reader thread, which reconnects and reads, so the get still
+    receives the next frame (it does not reconnect itself, nor wait for its timeout)."""
+    ring, keys, client = new_ring(redis_url)
+    other_node = RedisFrameRing(client_for(redis_url), keys, redis_url, FakeClock())
+    sub = ring.subscribe_visual_frames(8)
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(bytes(sub.get(timeout=5).data)))
+    consumer.start()
+    try:
+        wait_for(lambda: sub._queue.consumers == 1)
+        time.sleep(0.25)  # the reader thread stands aside: the waiting get reads
+        wait_for(lambda: any(c["cmd"] == "xread" for c in client.client_list()))
+        for blocked in [c for c in client.client_list() if c["cmd"] == "xread"]:
+            client.client_kill_filter(_id=blocked["id"])
+        wait_for(lambda: sub._queue.reader.failures > 0)
+        assert other_node.store_frame(b"after", source="cam", max_recent=8, now=1.0)
+    finally:
+        consumer.join(10)
+    assert got == [b"after"]
+    assert sub.delivered == 1 and sub.dropped == 0
 
 
 def test_an_xadd_the_script_did_not_open_adds_nothing(redis_url):

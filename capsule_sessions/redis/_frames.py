@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -91,6 +92,7 @@ try:  # the redis extra's parser packs a command in C; without it, redis-py's ow
     from hiredis import pack_command as _pack_command
 except ImportError:  # pragma: no cover - the extra installs hiredis
     _pack_command = None
+_EMPTY_LAST = b"$0\r\n\r\n"
 
 
 def pack(commands: Sequence[Command]) -> bytes | None:
@@ -143,7 +145,7 @@ class _Store:
         self.frame_seq = frame_seq
         self.error = error
         self.commands: list[Command] = []
-        self.packed: bytes | None = None
+        self.packed: list[bytes | memoryview] | None = None
         if self.view is not None:
             self.commands = core.store_commands(self, self.view)
             self.packed = core.pack_store(self.commands)
@@ -249,26 +251,31 @@ class _Core:
 
     def store_commands(self, store: _Store, data: bytes | memoryview) -> list[Command]:
         """The store's MULTI: DECIDE opens the stream for the XADD (or does not: then the
-        XADD fails on the poisoned last id), XSETID closes it again."""
+        XADD fails on the poisoned last id), whose MAXLEN trims the ring to ``keep``, and
+        XSETID closes it again. The bytes are the XADD's last argument (pack_store)."""
         source, received_at = codec.text_bytes(store.source), repr(store.seconds)
         return [("MULTI",), self.script(DECIDE, self.write_keys, self.decide_args(store, False, source, received_at)),
-                ("XADD", self.stream_name, "NOMKSTREAM", "*", b"d", data, b"s", source,
+                ("XADD", self.stream_name, "NOMKSTREAM", "MAXLEN", store.keep, "*", b"s", source,
                  b"m", codec.text_bytes(store.mime_type), b"w", store.width, b"h", store.height,
-                 b"t", store.timestamp_ms, b"f", store.frame_seq, b"r", received_at, b"n", store.now_ns),
+                 b"t", store.timestamp_ms, b"f", store.frame_seq, b"r", received_at, b"n", store.now_ns, b"d", data),
                 ("XSETID", self.stream_name, POISON), ("EXEC",)]
 
-    def pack_store(self, commands: list[Command]) -> bytes | None:
-        """A store's MULTI as bytes: its constant commands are packed once per ring."""
-        if self.store_frame_bytes is None:
-            head, tail = pack(commands[:1]), pack(commands[3:])
-            if head is None or tail is None:
-                return None
-            self.store_frame_bytes = (head, tail)
+    def pack_store(self, commands: list[Command]) -> list[bytes | memoryview] | None:
+        """A store's MULTI as the buffers to send, in order: the frame's bytes are one of
+        them, never copied into another (packing and joining copied a 1080p frame twice,
+        which cost more than sending it). Its constant commands are packed once per ring."""
         if _pack_command is None:
             return None
+        if self.store_frame_bytes is None:
+            self.store_frame_bytes = (_pack_command(commands[0]), b"\r\n" + b"".join(map(_pack_command, commands[3:])))
         head, tail = self.store_frame_bytes
-        # One join: the frame's bytes are copied once here, after hiredis packed them.
-        return b"".join((head, _pack_command(commands[1]), _pack_command(commands[2]), tail))
+        xadd = commands[2]
+        data = xadd[-1]
+        # The XADD packed with an empty last argument, which hiredis ends with "$0" and
+        # an empty line: the frame's length stands in for it, then its bytes follow.
+        packed = _pack_command(xadd[:-1] + (b"",))
+        return [b"".join((head, _pack_command(commands[1]), packed[:-len(_EMPTY_LAST)], b"$%d\r\n" % len(data))),
+                data, tail]
 
     def check_command(self, store: _Store) -> Command:
         """The rate check alone (counted when limited)."""
@@ -479,6 +486,41 @@ class _Core:
         return None if start > last else ("XRANGE", self.stream_name, f"{era}-{start}", f"{era}-{last}")
 
 
+def send_buffers(conn: Any, buffers: list[bytes | memoryview]) -> None:
+    """Send ``buffers`` on a redis-py connection in one write: one sendmsg on a plain
+    socket (no copy of a frame's bytes into a joined one), joined on any other (TLS has
+    no sendmsg). Failures as redis-py's own send: the connection is dropped and the error
+    is redis-py's."""
+    import redis.exceptions as rx
+
+    sock = getattr(conn, "_sock", None)
+    if type(sock) is not socket.socket:
+        conn.send_packed_command([b"".join(buffers)])  # connects, if it must, as redis-py does
+        return
+    try:
+        conn.check_health()  # (which may connect again: the socket is read after it)
+        sock = conn._sock
+        if type(sock) is not socket.socket:
+            raise rx.ConnectionError("the connection was lost in its health check")
+        pending: list[bytes | memoryview] = list(buffers)
+        while pending:
+            sent = sock.sendmsg(pending)
+            while pending and sent >= len(pending[0]):
+                sent -= len(pending[0])
+                pending.pop(0)
+            if sent:  # a part of one: the rest of it, without copying it
+                pending[0] = memoryview(pending[0])[sent:]
+    except TimeoutError:  # (socket.timeout)
+        conn.disconnect()
+        raise rx.TimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        conn.disconnect()
+        raise rx.ConnectionError(f"Error while writing to socket: {exc}") from exc
+    except BaseException:
+        conn.disconnect()  # half a command may be on the wire
+        raise
+
+
 def backoff(failures: int) -> float:
     return min(RECONNECT_MAX_S, RECONNECT_FIRST_S * float(1 << min(failures - 1, 16)))
 
@@ -509,19 +551,22 @@ class _Reader:
     def run(self) -> None:
         """The thread: steps while no reader waits in ``get`` (for CONSUMER_GRACE_S after
         one left: it is likely back at once), and after a failure whoever waits, with
-        backoff (the waiting threads leave reconnecting to it)."""
+        backoff (the waiting threads leave reconnecting to it). While it stands aside it
+        sleeps on the queue's ``reader_cond``, woken when it has to read again."""
+        q = self.q
         try:
-            while not self.q.closed:
-                if not self.failures and (self.q.consumers
-                                          or time.monotonic() - self.q.consumer_left_at < CONSUMER_GRACE_S):
-                    _sleep(self.q, CONSUMER_GRACE_S)
-                    continue
+            while not q.closed:
+                with q.lock:
+                    grace_left = q.consumer_left_at + CONSUMER_GRACE_S - time.monotonic()
+                    if not self.failures and (q.consumers or grace_left > 0):
+                        q.reader_cond.wait(None if q.consumers else grace_left)
+                        continue
                 with self.lock:
                     if not self.step(READ_BLOCK_MS):
                         return
                     pause = self.pause()
                 if pause:
-                    _sleep(self.q, pause)
+                    _sleep(q, pause)
         finally:
             with self.lock:
                 if self.conn is not None:
@@ -584,10 +629,12 @@ class _Reader:
             if self.failures == 1:
                 log.info("subscription to %r lost Redis at %s (%s); reconnecting", core.stream,
                          masked(core.url), exc)
+            q.wake_reader()
         except (rx.RedisError, RedisDataError) as exc:
             log.warning("subscription to %r: %s", core.stream, exc)
             self.check = True
             self.failures = max(self.failures, RECONNECT_MAX_FAILURES)
+            q.wake_reader()
         except BaseException:
             self._drop()  # cut off mid-conversation (an interrupt in a waiting get): not reused
             self.check = True
@@ -663,10 +710,11 @@ class RedisFrameRing:
                 conn.disconnect()
         return conn
 
-    def _exchange(self, commands: Sequence[Command], packed: bytes | None = None, own: bool = False) -> list[Any]:
-        """Send ``commands`` (``packed``: as bytes already) on one connection of the pool
-        (``own``: the ring's own, with its lock held), in one write, and read every reply
-        (an error reply is returned as its exception, not raised)."""
+    def _exchange(self, commands: Sequence[Command], packed: list[bytes | memoryview] | None = None,
+                  own: bool = False) -> list[Any]:
+        """Send ``commands`` (``packed``: as the buffers to send already) on one connection
+        of the pool (``own``: the ring's own, with its lock held), in one write, and read
+        every reply (an error reply is returned as its exception, not raised)."""
         import redis.exceptions as rx
 
         core = self._core
@@ -678,8 +726,10 @@ class RedisFrameRing:
             raise core.failure(exc) from exc
         try:
             if packed is None:
-                packed = pack(commands)
-            conn.send_packed_command(conn.pack_commands(commands) if packed is None else [packed])
+                whole = pack(commands)
+                conn.send_packed_command(conn.pack_commands(commands) if whole is None else [whole])
+            else:
+                send_buffers(conn, packed)
             replies = []
             for _ in commands:
                 try:

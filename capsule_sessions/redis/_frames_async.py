@@ -198,7 +198,8 @@ class AsyncRedisFrameRing:
         return f"<AsyncRedisFrameRing {self._core.stream!r} at {masked(self._core.url)}>"
 
     # -- plumbing ----------------------------------------------------------------------
-    async def _exchange(self, commands: Sequence[Command], packed: bytes | None = None) -> list[Any]:
+    async def _exchange(self, commands: Sequence[Command], packed: list[bytes | memoryview] | None = None
+                        ) -> list[Any]:
         """RedisFrameRing._exchange on an asyncio connection."""
         import redis.exceptions as rx
 
@@ -211,8 +212,10 @@ class AsyncRedisFrameRing:
             raise core.failure(exc) from exc
         try:
             if packed is None:
-                packed = pack(commands)
-            await conn.send_packed_command(conn.pack_commands(commands) if packed is None else [packed])
+                whole = pack(commands)
+                await conn.send_packed_command(conn.pack_commands(commands) if whole is None else [whole])
+            else:
+                await conn.send_packed_command(packed)  # its writer's writelines takes the buffers
             replies = []
             for _ in commands:
                 try:

@@ -20,9 +20,10 @@ an old object's call never touches a new session's frames.
 A frame's bytes never pass through Lua (a script's 64 KiB argument alone costs more on
 the server than the whole XADD of it). A store is one MULTI of three commands: DECIDE
 (this script, given everything but the bytes) takes the rate check, the source switch
-and the trim, counts, and when it accepts the frame sets the stream's last id to
-"<epoch>-<seq - 1>"; then a native ``XADD frames NOMKSTREAM * ...`` with the bytes,
-whose automatic id is therefore "<epoch>-<seq>" (an epoch is a number above 2**62, past
+and the trim of the sizes, counts, and when it accepts the frame sets the stream's last
+id to "<epoch>-<seq - 1>"; then a native ``XADD frames NOMKSTREAM MAXLEN keep * ...``
+with the bytes, which trims the stream and whose automatic id is therefore
+"<epoch>-<seq>" (an epoch is a number above 2**62, past
 any clock's milliseconds, so the id's sequence part is what grows); then ``XSETID frames
 POISON``. At rest the stream's last id is POISON, the last id there is, so an XADD that
 DECIDE did not open (a rate-limited frame, a script the server lost) fails and adds
@@ -149,7 +150,7 @@ if switch then
   redis.call('DEL', sizes)
   bytes = 0
 elseif n + 1 > keep then
-  redis.call('XTRIM', stream, 'MAXLEN', keep - 1)
+  -- (the stream: by the XADD's MAXLEN, natively, after the frame is in)
   if keep > 1 then redis.call('LTRIM', sizes, 1 - keep, -1) else redis.call('DEL', sizes) end
   bytes = bytes - leaving
 end

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import queue
+import threading
 import time
 from typing import Any
 
@@ -36,7 +37,7 @@ from ..errors import SubscriptionClosed
 
 
 class RedisQueue(_Queue):
-    __slots__ = ("epoch", "read_through", "reader", "consumers", "consumer_left_at")
+    __slots__ = ("epoch", "read_through", "reader", "consumers", "consumer_left_at", "reader_cond")
 
     def __init__(self, maxsize: int, policy: str, booked_seq: int, epoch: bytes | None) -> None:
         super().__init__(maxsize, policy, booked_seq)
@@ -50,6 +51,12 @@ class RedisQueue(_Queue):
         # Threads waiting in get now, and when the last one left (lock held to change).
         self.consumers = 0
         self.consumer_left_at = float("-inf")
+        # What the reader thread waits on while it stands aside for those threads, so it
+        # sleeps until it has to read again rather than looking every few milliseconds:
+        # notified when the last of them left, when one's read failed (reconnecting is
+        # the reader thread's) and when the queue closed. Not self.cond: a push's
+        # notify() there must wake a waiting get, not the reader thread.
+        self.reader_cond = threading.Condition(self.lock)
 
     def _book(self, frame: VisualFrame, seq: int) -> None:
         # The pure queue's booking (lock held): queued, or counted as dropped.
@@ -116,6 +123,16 @@ class RedisQueue(_Queue):
                 self.booked_seq = last
         self.close()
 
+    def close(self) -> None:
+        super().close()
+        with self.lock:
+            self.reader_cond.notify_all()
+
+    def wake_reader(self) -> None:
+        """A waiting get's read failed: the reader thread takes over (it reconnects)."""
+        with self.lock:
+            self.reader_cond.notify_all()
+
     def position(self) -> str:
         """The stream id the reader's next read starts after: past everything booked or
         read (from the start when the epoch is not known yet)."""
@@ -171,5 +188,9 @@ class RedisSubscription(Subscription):
         finally:
             if counted:
                 with q.lock:
-                    q.consumers -= 1
-                    q.consumer_left_at = time.monotonic()
+                    try:
+                        q.consumers -= 1
+                        q.consumer_left_at = time.monotonic()
+                    finally:  # an interrupt between the two must not keep the reader asleep
+                        if not q.consumers:
+                            q.reader_cond.notify_all()
