@@ -526,7 +526,8 @@ def backoff(failures: int) -> float:
 
 
 def _command(conn: Any, *args: Any) -> Any:
-    conn.send_command(*args)
+    # Packed by hiredis: redis-py packs a command in Python (3 us of a reader's XREAD).
+    conn.send_packed_command(conn.pack_command(*args) if _pack_command is None else [_pack_command(args)])
     return conn.read_response(disable_decoding=True)
 
 
