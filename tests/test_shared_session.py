@@ -318,19 +318,23 @@ def test_a_forked_child_of_the_owner_refuses_to_store(manager):
 
 @pytest.fixture
 def large_copy():
-    """``large_copy(method)`` pins the copy of large stores to "memcpy" or "stream"
-    (_stream_copy.h); the measured choice is back after the test."""
+    """``large_copy(method)`` pins the copy of large stores to one method (_stream_copy.h);
+    the measured choice is back after the test."""
     shm = pytest.importorskip("capsule_sessions._shm")
     yield shm._force_large_copy
     shm._force_large_copy(None)
 
 
-@pytest.mark.parametrize("method", ["stream", "memcpy"])
+LARGE_COPIES = ["memcpy", "stream", "memcpy_split", "stream_split"]
+
+
+@pytest.mark.parametrize("method", LARGE_COPIES)
 @pytest.mark.parametrize("offset, extra", [(0, 0), (1, 1), (13, 63), (63, 65), (32, 4095)])
 def test_large_frames_arrive_byte_for_byte_whichever_copy(manager, namespace, large_copy, method, offset, extra):
     """From STREAM_COPY_MIN_BYTES on, a store copies with non-temporal stores (an
-    unaligned head, whole 64-byte lines and a tail) or memcpy, whichever measures
-    cheaper: every byte lands whatever the source's alignment and the size's remainder."""
+    unaligned head, whole 64-byte lines and a tail) or memcpy, alone or split with a
+    helper thread, whichever measures cheapest: every byte lands whatever the source's
+    alignment and the size's remainder."""
     from capsule_sessions._limits import STREAM_COPY_MIN_BYTES
     from capsule_sessions._shm import _large_copy_state
 
@@ -353,18 +357,114 @@ def test_large_frames_arrive_byte_for_byte_whichever_copy(manager, namespace, la
     assert _large_copy_state()[method]["copies"] == used + 3
 
 
-def test_the_large_copy_policy_runs_each_method_then_keeps_the_cheaper_and_tries_the_other():
-    """_stream_copy.h's choice: a run of 8 copies of each first, then the cheaper one, and
-    once every 1024 copies a run of 8 of the other; a run's first half is not timed
-    (the destinations are still in the other method's cache state)."""
+def test_the_large_copy_policy_runs_each_method_then_keeps_the_cheapest_and_tries_the_others():
+    """_stream_copy.h's choice: a run of 8 copies of each method first, then the cheapest,
+    and once every 1024 copies a run of 8 of each other one; a run's first half is not
+    timed (the destinations are still in the other method's cache state)."""
     shm = pytest.importorskip("capsule_sessions._shm")
     pick = shm._pick_large_copy
-    assert [pick(call, 0, 0) for call in range(16)] == (
-        [("memcpy", call >= 4) for call in range(8)] + [("stream", call >= 4) for call in range(8)])
-    for cheap, dear, costs in (("memcpy", "stream", (100, 200)), ("stream", "memcpy", (200, 100))):
-        assert pick(5000, *costs) == (cheap, True)
-        assert [pick(4 * 1024 + i, *costs) for i in range(10)] == (
-            [(dear, i >= 4) for i in range(8)] + [(cheap, True), (cheap, True)])
+    unmeasured = dict.fromkeys(LARGE_COPIES, 0)
+    assert [pick(call, unmeasured) for call in range(32)] == [
+        (LARGE_COPIES[call // 8], call % 8 >= 4) for call in range(32)]
+    for cheap in LARGE_COPIES:
+        costs = {name: 100 if name == cheap else 200 + i for i, name in enumerate(LARGE_COPIES)}
+        others = [name for name in LARGE_COPIES if name != cheap]
+        assert pick(5000, costs) == (cheap, True)
+        assert [pick(4 * 1024 + i, costs) for i in range(26)] == (
+            [(others[i // 8], i % 8 >= 4) for i in range(24)] + [(cheap, True), (cheap, True)])
+
+
+def test_a_split_gives_the_helper_less_when_it_copies_slower():
+    """The storing thread's share of a split moves a quarter of the way toward the share
+    at which both parts would end together, within 1/8 and 7/8."""
+    shm = pytest.importorskip("capsule_sessions._shm")
+    after = shm._split_share_after
+    assert after(512, 500, 100, 1000, 100) == 512  # even: stays
+    # The helper took twice as long for its half: balanced is 2/3 for the storing thread.
+    assert after(512, 500, 100, 1000, 200) == (3 * 512 + 682) // 4
+    assert after(512, 500, 200, 1000, 100) == (3 * 512 + 341) // 4
+    share = 512
+    for _ in range(40):  # a helper that barely runs: the storing thread copies 7/8
+        share = after(share, share * 1000 // 1024, 100, 1000, 10**9)
+    assert share == 896
+    for _ in range(40):
+        share = after(share, share * 1000 // 1024, 10**9, 1000, 100)
+    assert share == 128
+    with pytest.raises(ValueError, match="mine"):
+        after(512, 1001, 1, 1000, 1)
+
+
+@pytest.mark.parametrize("method", ["memcpy_split", "stream_split"])
+def test_split_copies_from_threads_at_once_each_land_whole(manager, large_copy, method):
+    """One helper thread serves one split at a time: a store that finds it busy copies
+    alone (counted), and every frame is whole either way."""
+    import threading
+
+    from capsule_sessions._limits import STREAM_COPY_MIN_BYTES
+    from capsule_sessions._shm import _large_copy_state
+
+    large_copy(method)
+    size = STREAM_COPY_MIN_BYTES + 4097
+    cams = [manager.create(f"big{i}") for i in range(2)]
+    sources = [np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8) for i in range(2)]
+    before = _large_copy_state()
+    failures: list = []
+
+    def store(i):
+        try:
+            for seq in range(20):
+                sources[i][:8] = seq
+                assert cams[i].store_frame(sources[i], source="c", max_recent=2, frame_seq=seq)
+                [*_, last] = cams[i].latest_visual_frames(10)
+                assert last.frame_seq == seq and bytes(last.data) == sources[i].tobytes()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=store, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures and not any(t.is_alive() for t in threads)
+    after = _large_copy_state()
+    assert after[method]["copies"] - before[method]["copies"] == 40
+
+
+def test_a_forked_child_splits_its_copies_with_a_helper_of_its_own(namespace, large_copy):
+    """The helper thread is its process's: a child forked while it exists (the parent
+    split a copy) starts its own at its first split, rather than waiting on one that
+    fork did not copy."""
+    import multiprocessing
+
+    from capsule_sessions._limits import STREAM_COPY_MIN_BYTES
+
+    large_copy("stream_split")
+    frame = np.random.default_rng(7).integers(0, 256, STREAM_COPY_MIN_BYTES + 64, dtype=np.uint8)
+    with cs.SessionManager(2, shared=namespace, cleanup_interval=None) as parent:
+        assert parent.create("p").store_frame(frame, source="c", max_recent=2)
+        results = multiprocessing.get_context("fork").Queue()
+
+        def child():
+            from capsule_sessions._shm import _large_copy_state
+
+            alone = _large_copy_state()["split_alone"]["copies"]  # (the parent's count, inherited)
+            with cs.SessionManager(2, shared=namespace + "c", cleanup_interval=None) as mgr:
+                cam = mgr.create("c")
+                for seq in range(3):
+                    assert cam.store_frame(frame, source="c", max_recent=2, frame_seq=seq)
+                whole = bytes(cam.latest_visual_frames(10)[-1].data) == frame.tobytes()
+            results.put((whole, _large_copy_state()["split_alone"]["copies"] - alone))
+
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            pytest.fail("the forked child's split copy hung")
+        assert proc.exitcode == 0
+        whole, alone = results.get(timeout=5)
+        assert whole and alone == 0  # its own helper copied the halves
 
 
 def test_large_stores_use_the_copy_that_measures_cheaper_and_try_the_other(manager, large_copy):
@@ -380,9 +480,9 @@ def test_large_stores_use_the_copy_that_measures_cheaper_and_try_the_other(manag
     for _ in range(2100):  # two periods of 1024 copies, past the first runs of each
         assert cam.store_frame(frame, source="c", max_recent=2)
     after = _large_copy_state()
-    counts = {m: after[m]["copies"] - before[m]["copies"] for m in after}
+    counts = {m: after[m]["copies"] - before[m]["copies"] for m in LARGE_COPIES}
     assert sum(counts.values()) == 2100
-    assert all(after[m]["ns_per_mib"] > 0 for m in after)
-    cheaper = min(after, key=lambda m: after[m]["ns_per_mib"])
+    assert all(after[m]["ns_per_mib"] > 0 for m in LARGE_COPIES)
+    cheaper = min(LARGE_COPIES, key=lambda m: after[m]["ns_per_mib"])
     assert min(counts.values()) >= 8  # every method had at least one run
     assert counts[cheaper] > 0

@@ -168,14 +168,20 @@ cdef extern from *:
 
 cdef extern from "_stream_copy.h" nogil:
     void cs_large_copy(char *dst, const char *src, size_t n)
-    int cs_copy_pick(uint64_t call, uint64_t plain, uint64_t stream, int *measured)
-    uint64_t cs_copy_cost[2]
-    uint64_t cs_copy_used[2]
-    int cs_copy_forced
+    int cs_copy_pick(uint64_t call, const uint64_t *cost, int *measured)
     enum:
         CS_COPY_PLAIN
         CS_COPY_STREAM
+        CS_COPY_PLAIN_SPLIT
+        CS_COPY_STREAM_SPLIT
+        CS_COPY_METHODS
         CS_COPY_AUTO
+    uint64_t cs_copy_cost[CS_COPY_METHODS]
+    uint64_t cs_copy_used[CS_COPY_METHODS]
+    uint64_t cs_copy_alone
+    uint64_t cs_split_share
+    uint64_t cs_split_share_after(uint64_t share, size_t mine, uint64_t mine_ns, size_t n, uint64_t theirs_ns)
+    int cs_copy_forced
 
 cdef extern from "Python.h":
     int PyObject_GenericSetAttr(object o, object name, object value) except -1
@@ -213,30 +219,48 @@ def _forked():
 
 os.register_at_fork(after_in_child=_forked)
 
-_LARGE_COPY_METHODS = {"memcpy": CS_COPY_PLAIN, "stream": CS_COPY_STREAM}
+_LARGE_COPY_METHODS = {"memcpy": CS_COPY_PLAIN, "stream": CS_COPY_STREAM, "memcpy_split": CS_COPY_PLAIN_SPLIT,
+                       "stream_split": CS_COPY_STREAM_SPLIT}
+_LARGE_COPY_NAMES = {m: name for name, m in _LARGE_COPY_METHODS.items()}
 
 
 def _large_copy_state():
     """How the copies of large stores went in this process (_stream_copy.h): per method
-    (``"memcpy"``, ``"stream"``) its recent cost in ns per MiB (0: not measured yet) and
-    how many copies used it. For the tests and the curious."""
-    return {name: {"ns_per_mib": cs_copy_cost[m], "copies": cs_copy_used[m]}
-            for name, m in _LARGE_COPY_METHODS.items()}
+    (``"memcpy"``, ``"stream"``, and each split with the helper thread) its recent cost in
+    ns per MiB (0: not measured yet) and how many copies used it; ``"split_alone"``:
+    split copies one thread made (the helper was busy with another); ``"split_share"``:
+    the storing thread's part of a split, in 1/1024ths. For the tests and the curious."""
+    state = {name: {"ns_per_mib": cs_copy_cost[m], "copies": cs_copy_used[m]}
+             for name, m in _LARGE_COPY_METHODS.items()}
+    state["split_alone"] = {"copies": cs_copy_alone}
+    state["split_share"] = {"of_1024": cs_split_share}
+    return state
 
 
-def _pick_large_copy(uint64_t call, uint64_t memcpy_cost, uint64_t stream_cost):
-    """(method, measured) of large copy number ``call`` given the methods' costs: the
-    policy of _stream_copy.h, for the tests."""
+def _split_share_after(uint64_t share, size_t mine, uint64_t mine_ns, size_t n, uint64_t theirs_ns):
+    """The storing thread's next share of a split (_stream_copy.h), for the tests."""
+    if mine > n:
+        raise ValueError(f"mine must be at most n, got {mine} > {n}")
+    return cs_split_share_after(share, mine, mine_ns, n, theirs_ns)
+
+
+def _pick_large_copy(uint64_t call, costs):
+    """(method, measured) of large copy number ``call`` given each method's cost (a
+    mapping of the method names to ns per MiB): the policy of _stream_copy.h, for the
+    tests."""
+    cdef uint64_t cost[CS_COPY_METHODS]
     cdef int measured = 0
-    cdef int method = cs_copy_pick(call, memcpy_cost, stream_cost, &measured)
-    return ("memcpy" if method == CS_COPY_PLAIN else "stream"), bool(measured)
+    for name, m in _LARGE_COPY_METHODS.items():
+        cost[m] = costs[name]
+    cdef int method = cs_copy_pick(call, cost, &measured)
+    return _LARGE_COPY_NAMES[method], bool(measured)
 
 
 def _force_large_copy(method):
-    """Pin the copy of large stores to ``"memcpy"`` or ``"stream"``, or ``None``: choose by
-    measured cost (the default). For the tests, which must check both."""
+    """Pin the copy of large stores to one method (a name of _large_copy_state), or
+    ``None``: choose by measured cost (the default). For the tests, which check each."""
     if method is not None and method not in _LARGE_COPY_METHODS:
-        raise ValueError(f"method must be 'memcpy', 'stream' or None, got {method!r}")
+        raise ValueError(f"method must be one of {sorted(_LARGE_COPY_METHODS)} or None, got {method!r}")
     global cs_copy_forced
     cs_copy_forced = CS_COPY_AUTO if method is None else _LARGE_COPY_METHODS[method]
 cdef int64_t WAIT_SLICE_NS = <int64_t>(_limits.WAIT_SLICE_S * 1e9)
