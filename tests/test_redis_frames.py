@@ -568,6 +568,64 @@ def test_the_asyncio_twin_stores_subscribes_and_commits_loans(redis_url):
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
+def test_the_asyncio_twin_sends_the_callers_bytes_without_a_copy_of_its_own(redis_url, monkeypatch):
+    """As the sync ring: the frame's own copy is made only when the ring has a local
+    subscriber (one that came while the store waited for the lock gets a copy made
+    then), and the caller's buffer is free again once the store returned, failed too."""
+    import redis.asyncio
+
+    from capsule_sessions.redis import RedisUnavailableError, _frames
+
+    copies = []
+    real_copy = _frames.copy_bytes
+    monkeypatch.setattr(_frames, "copy_bytes", lambda data: copies.append(1) or real_copy(data))
+
+    async def main():
+        client = redis.asyncio.Redis.from_url(redis_url)
+        ring = AsyncRedisFrameRing(client, SessionKeys(f"t{uuid.uuid4().hex[:10]}", "async"), redis_url,
+                                   FakeClock())
+        held = bytearray(b"abcdefgh")
+        numbers = np.arange(48, dtype=np.uint16)
+        assert await ring.store_frame(held, source="cam", max_recent=8, now=1.0)
+        held.extend(b"!")  # a bytearray with an exported view raises BufferError here
+        assert await ring.store_frame(numbers, source="cam", max_recent=8, now=2.0)
+        numbers.resize(60)  # numpy refuses while a view of it is alive
+        assert copies == []
+        # A subscriber that came while a store prepared without a copy waited for the lock.
+        await ring._lock.acquire()
+        subscribing = asyncio.create_task(ring.subscribe_visual_frames(8))
+        await asyncio.sleep(0)  # waiting for the lock, first
+        storing = asyncio.create_task(ring.store_frame(held, source="cam", max_recent=8, now=3.0))
+        await asyncio.sleep(0)  # prepared, and waiting for the lock after it
+        ring._lock.release()
+        sub = await subscribing
+        try:
+            assert await storing
+            held.extend(b"?")
+            assert copies == []
+            assert await ring.store_frame(held, source="cam", max_recent=8, now=4.0)  # a subscriber: one copy
+            assert copies == [1]
+            held[:] = b"changed"
+            assert [bytes((await sub.aget(timeout=5)).data) for _ in range(2)] == [b"abcdefgh!", b"abcdefgh!?"]
+            assert [bytes(f.data) for f in await ring.latest_visual_frames(10, now=4.0)] == [
+                b"abcdefgh", np.arange(48, dtype=np.uint16).tobytes(), b"abcdefgh!", b"abcdefgh!?"]
+        finally:
+            sub.close()  # its reader ends, whatever failed here
+        await client.aclose()
+        dead = "redis://127.0.0.1:1/0"
+        dead_client = redis.asyncio.Redis.from_url(dead, socket_connect_timeout=0.5)
+        dead_ring = AsyncRedisFrameRing(dead_client, SessionKeys("t", "dead"), dead, FakeClock())
+        try:
+            await dead_ring.store_frame(held, source="cam", max_recent=8, now=5.0)
+        except RedisUnavailableError:
+            held.extend(b".")  # while the error's traceback holds the store's frames
+        else:
+            raise AssertionError("stored into a dead server")
+        await dead_client.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
 # -- the pure ring and the Redis ring, driven alike -------------------------------------
 
 SOURCES = st.sampled_from(["", "cam", "screen"])

@@ -284,8 +284,11 @@ class AsyncRedisFrameRing:
 
     async def _store(self, data: Any, source: Any, max_recent: Any, min_interval: Any, mime_type: Any, width: Any,
                      height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
+        # Without a local subscriber, the frame's own copy is not made: the command
+        # carries the caller's bytes (one that comes while the store waits for the lock
+        # gets the copy made then).
         store = _prepare(self._core, data, source, max_recent, min_interval, mime_type, width, height, timestamp_ms,
-                         frame_seq, now)
+                         frame_seq, now, copy=bool(self._subscribers))
         if store.error is not None:
             if store.min_ns > 0:
                 async with self._lock:
@@ -293,7 +296,10 @@ class AsyncRedisFrameRing:
                 if self._core.decided(reply)[0] == 0:
                     return False
             raise store.error
-        return await self._send(store)
+        try:
+            return await self._send(store)
+        finally:
+            store.release()  # a failed store's traceback must not keep the caller's buffer
 
     async def _store_loan(self, loan: FrameLoan, source: Any, max_recent: Any, min_interval: Any, mime_type: Any,
                           width: Any, height: Any, timestamp_ms: Any, frame_seq: Any, now: Any) -> bool:
