@@ -626,6 +626,48 @@ def test_the_asyncio_twin_sends_the_callers_bytes_without_a_copy_of_its_own(redi
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
+def test_an_asyncio_reader_ends_when_a_send_swallowed_its_cancellation(redis_url, monkeypatch):
+    """Python 3.11's asyncio.wait_for (redis-py's send, with a timeout) returns the send's
+    result when a cancellation lands as the send completes. The reader task ends anyway,
+    or a loop's shutdown would wait for it forever while its subscription is alive."""
+    import redis.asyncio
+
+    from capsule_sessions.redis import _frames_async
+
+    if not hasattr(asyncio.Task, "cancelling"):
+        pytest.skip("a task counts its cancellation requests from Python 3.11")
+    real_command = _frames_async._command
+    swallowed = []
+
+    async def command(conn, *args):
+        try:
+            return await real_command(conn, *args)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(args[0])
+            return None  # as wait_for returns the result of a send that completed
+
+    monkeypatch.setattr(_frames_async, "_command", command)
+
+    async def main():
+        client = redis.asyncio.Redis.from_url(redis_url)
+        ring = AsyncRedisFrameRing(client, SessionKeys(f"t{uuid.uuid4().hex[:10]}", "async"), redis_url,
+                                   FakeClock())
+        sub = await ring.subscribe_visual_frames(4)
+        [task] = ring._tasks
+        await asyncio.sleep(0.2)  # in its blocking read
+        task.cancel()
+        ended, _ = await asyncio.wait({task}, timeout=2)
+        sub.close()  # (ends it within a read, if the cancellation did not)
+        await asyncio.wait({task}, timeout=5)
+        await client.aclose()
+        return ended
+
+    ended = asyncio.run(asyncio.wait_for(main(), 30))
+    assert swallowed and ended
+
+
 # -- the pure ring and the Redis ring, driven alike -------------------------------------
 
 SOURCES = st.sampled_from(["", "cam", "screen"])

@@ -90,6 +90,15 @@ async def _sleep(q: RedisQueue, seconds: float) -> None:
         await asyncio.sleep(min(left, 0.05))
 
 
+def _raise_if_cancelled(task: asyncio.Task[Any] | None) -> None:
+    """Python 3.11's asyncio.wait_for (redis-py's send, on a connection with a timeout)
+    returns when a cancellation lands as the send completes: the reader would read on,
+    and a loop's shutdown (asyncio.run cancels the tasks left) would wait for it forever."""
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
+
+
 class _Reader:
     """A subscription's reader task: the stream into the queue until it is closed (the
     sync twin's ``_Reader``, step for step). No ``try_step`` and no ``lock``: asyncio
@@ -107,10 +116,12 @@ class _Reader:
 
     async def run(self) -> None:
         """The task: steps until the queue ends, with backoff after a failure."""
+        task = asyncio.current_task()
         try:
             while not self.q.closed:
                 if not await self.step(READ_BLOCK_MS):
                     return
+                _raise_if_cancelled(task)
                 pause = self.pause()
                 if pause:
                     await _sleep(self.q, pause)
