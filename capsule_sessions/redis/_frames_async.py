@@ -226,7 +226,9 @@ class AsyncRedisFrameRing:
                 whole = pack(commands)
                 await conn.send_packed_command(conn.pack_commands(commands) if whole is None else [whole])
             else:
-                await conn.send_packed_command(packed)  # its writer's writelines takes the buffers
+                # Joined, one copy: asyncio's writelines may keep a buffer it could not
+                # send yet past the call (3.12+), and these may be the caller's bytes.
+                await conn.send_packed_command([b"".join(packed)])
             replies = []
             for _ in commands:
                 try:
