@@ -26,6 +26,9 @@ def cython_required() -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from redis_server import sweep_orphaned_servers
+
+    sweep_orphaned_servers()  # what a killed earlier run left running
     if cython_required() and "cython" not in available_backends():
         from capsule_sessions import _backend
 

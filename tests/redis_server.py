@@ -8,6 +8,7 @@ off, in a temporary directory, and shut down afterwards (never a mock, never fak
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,46 @@ from contextlib import contextmanager
 from typing import Any
 
 STARTUP_SECONDS = 10.0
+# A server's directory names the test process that started it, so a server whose test
+# process was killed (a timeout, a SIGKILL) is known for an orphan by the next run.
+DIR_PREFIX = "capsule-redis-"
+_OWNED_DIR = re.compile(rf"^({re.escape(tempfile.gettempdir())}/{DIR_PREFIX}(?:cluster-)?(\d+)-[^/]+)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphaned_servers() -> list[int]:
+    """SIGKILL every redis-server whose starting test process is gone, and remove its
+    directory (they are started in sessions of their own, so they outlive a killed
+    run). Returns their pids."""
+    swept = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm", "rb") as f:  # (redis-server rewrites its argv)
+                program = f.read().strip()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        match = _OWNED_DIR.match(cwd)
+        if program != b"redis-server" or match is None or _alive(int(match.group(2))):
+            continue
+        try:
+            os.kill(int(entry), signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        swept.append(int(entry))
+        shutil.rmtree(match.group(1), ignore_errors=True)
+    return swept
 
 
 def free_port() -> int:
@@ -48,7 +89,7 @@ class RedisServer:
         self.binary = binary
         self.extra_args = extra_args
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="capsule-redis-")
+        self.dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.start()
@@ -101,7 +142,7 @@ class RedisClusterServers:
     MASTERS = 3
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="capsule-redis-cluster-")
+        self.dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}cluster-{os.getpid()}-")
         self.servers: list[RedisServer] = []
         try:
             for i in range(self.MASTERS):

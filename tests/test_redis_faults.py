@@ -12,6 +12,7 @@ import multiprocessing
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -29,7 +30,7 @@ from capsule_sessions.redis import (
 )
 from capsule_sessions.redis import _codec as codec
 from capsule_sessions.redis._keys import registry_key
-from redis_server import RedisServer, free_port, redis_server
+from redis_server import RedisServer, free_port, redis_server, sweep_orphaned_servers
 
 TIMEOUTS = "?socket_timeout=0.5&socket_connect_timeout=0.5"
 # A call against a dead or frozen server ends within this (the timeouts above, one retry
@@ -459,3 +460,39 @@ def test_close_ends_the_others_then_says_one_was_corrupted(planted):
     with pytest.raises(RedisDataError, match="state"):
         m.close()
     assert b.state is SessionState.CLOSED and m.count() == 0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # killed, not reaped yet
+    except FileNotFoundError:
+        return True
+
+
+def test_a_server_whose_test_process_was_killed_is_swept_by_the_next_run():
+    """A test's redis-server runs in a session of its own, so it outlives a test process
+    killed by a timeout; the next run's start kills it (and only such orphans)."""
+    import os
+    from pathlib import Path
+
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); from redis_server import RedisServer; "
+            "s = RedisServer(); print(s.proc.pid, s.dir, flush=True); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    pid, directory = int(out[0]), out[1]
+    mine = RedisServer()  # a live run's server: not an orphan
+    try:
+        assert not _gone(pid), "the orphan should have outlived its test process"
+        swept = sweep_orphaned_servers()
+        assert pid in swept and mine.proc.pid not in swept
+        deadline = time.monotonic() + 10
+        while not _gone(pid):
+            assert time.monotonic() < deadline, "the orphaned redis-server is still running"
+            time.sleep(0.01)
+        assert not os.path.exists(directory)
+        assert mine.proc.poll() is None
+    finally:
+        mine.close()
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
