@@ -559,7 +559,8 @@ class _Reader:
             while not q.closed:
                 with q.lock:
                     grace_left = q.consumer_left_at + CONSUMER_GRACE_S - time.monotonic()
-                    if not self.failures and (q.consumers or grace_left > 0):
+                    # (closed looked at again under the lock: a close notifies under it)
+                    if not q.closed and not self.failures and (q.consumers or grace_left > 0):
                         q.reader_cond.wait(None if q.consumers else grace_left)
                         continue
                 with self.lock:
