@@ -34,6 +34,7 @@ from ._frames import (
     Command,
     _Core,
     _no_script,
+    _pack_command,
     _prepare,
     _prepare_loan,
     _Store,
@@ -77,7 +78,8 @@ class AsyncFrameLoan(FrameLoan):
 
 
 async def _command(conn: Any, *args: Any) -> Any:
-    await conn.send_command(*args)
+    # Packed by hiredis, as the sync twin's (redis-py packs a command in Python).
+    await conn.send_packed_command(conn.pack_command(*args) if _pack_command is None else [_pack_command(args)])
     return await conn.read_response(disable_decoding=True)
 
 
