@@ -151,7 +151,7 @@ COMPILED_ONLY_MEMBERS = {
     # interrupt lands) comes between counting a frame and queueing it.
     "FrameRing": {"_copy_frame", "_take_evicted_buffer", "_replace_subscribers", "_queue_for_fan_out"},
     "_FanOut": {"push", "pop", "claim", "release", "wait_for_runner", "next_pending"},  # C runner state
-    "_Queue": {"wants", "grow", "wake_parked", "wait_take", "try_take"},  # lazy frames, C ring, GIL-free waits
+    "_Queue": {"wants", "grow", "wake_parked", "wait_take"},  # lazy frames, C ring, GIL-free waits
     "_FrameBuffer": set(),
 }
 

@@ -10,6 +10,7 @@ import collections
 import threading
 
 from .._records import VisualFrame
+from ..errors import SubscriptionClosed
 from ._fork import _fork
 
 # An asyncio reader parked on a queue: its loop and the future a producer resolves.
@@ -118,3 +119,13 @@ class _Queue:
     def take(self) -> VisualFrame:
         self.delivered += 1
         return self.items.popleft()
+
+    def try_take(self) -> VisualFrame | None:
+        """A frame, or None when there is none yet; SubscriptionClosed once closed and
+        emptied. (The compiled twin's takes the lock itself; here the caller holds it,
+        so an async reader parks its waiter under the same lock.)"""
+        if self.items:
+            return self.take()
+        if self.closed:
+            raise SubscriptionClosed("subscription is closed")
+        return None

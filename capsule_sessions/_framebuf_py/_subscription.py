@@ -110,11 +110,10 @@ class Subscription(metaclass=abc.ABCMeta):
         q = self._queue
         check_not_forked(q.fork_gen)
         with q.lock:
-            if q.items:
-                return q.take()
-            if q.closed:
-                raise SubscriptionClosed("subscription is closed")
+            frame = q.try_take()
+        if frame is None:
             raise queue.Empty
+        return frame
 
     async def aget(self, timeout: float | datetime.timedelta | None = None) -> VisualFrame:
         """Await the next frame without blocking the loop; ``queue.Empty`` on timeout."""
@@ -128,10 +127,9 @@ class Subscription(metaclass=abc.ABCMeta):
         check_not_forked(q.fork_gen)
         while True:
             with q.lock:
-                if q.items:
-                    return q.take()
-                if q.closed:
-                    raise SubscriptionClosed("subscription is closed")
+                frame = q.try_take()
+                if frame is not None:
+                    return frame
                 fut = loop.create_future()
                 waiter = (loop, fut)
                 q.async_waiters.append(waiter)

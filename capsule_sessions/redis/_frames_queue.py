@@ -33,7 +33,6 @@ from .._framebuf_py import Subscription
 from .._framebuf_py._fork import check_not_forked
 from .._framebuf_py._queue import _Queue
 from .._records import VisualFrame
-from ..errors import SubscriptionClosed
 
 
 class RedisQueue(_Queue):
@@ -172,10 +171,9 @@ class RedisSubscription(Subscription):
                 counted = True
             while True:
                 with q.lock:
-                    if q.items:
-                        return q.take()
-                    if q.closed:
-                        raise SubscriptionClosed("subscription is closed")
+                    frame = q.try_take()
+                if frame is not None:
+                    return frame
                 left = _limits.WAIT_SLICE_S if deadline is None else min(_limits.WAIT_SLICE_S,
                                                                            deadline - time.monotonic())
                 if left <= 0:
