@@ -12,7 +12,6 @@ import copy
 import gc
 import math
 import pickle
-import queue
 import re
 import sys
 import threading
@@ -27,7 +26,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 import capsule_sessions
 from capsule_sessions import FrameLoan, Session, _framebuf_py, _limits, available_backends
 from capsule_sessions.errors import LOAN_EXPORTED_MESSAGE, LOAN_FINISHED_MESSAGE, LOAN_NOT_BY_HAND_MESSAGE
-from support import FakeClock, assert_handed_out, payload, run_child, seq_of
+from support import FakeClock, assert_handed_out, drain, normalise, outcome, payload, run_child, seq_of
 
 # Every test here runs on a shared session too (tests/conftest.py).
 ALSO_SHARED = True
@@ -181,24 +180,10 @@ def test_a_commit_gives_what_store_frame_gives_in_the_same_situation(backend):
         assert commit_bytes(loaned, data, **kwargs) is expected, (data[:8], kwargs)
         assert loaned.visual_stats() == stored.visual_stats()
         assert loaned.last_active_at == stored.last_active_at
-        assert frames_of(loaned.latest_visual_frames(1e9)) == frames_of(stored.latest_visual_frames(1e9))
+        assert normalise(loaned.latest_visual_frames(1e9)) == normalise(stored.latest_visual_frames(1e9))
         assert (subs[1].qsize(), subs[1].dropped) == (subs[0].qsize(), subs[0].dropped)
     assert stored.visual_stats()["rate_limited"] == 2 and stored.visual_stats()["source_resets"] == 2
-    assert frames_of(drain(subs[1])) == frames_of(drain(subs[0]))
-
-
-def frames_of(frames):
-    return [(f.data.tobytes(), f.mime_type, f.width, f.height, f.source, f.timestamp_ms, f.frame_seq, f.received_at)
-            for f in frames]
-
-
-def drain(sub):
-    out = []
-    while True:
-        try:
-            out.append(sub.get_nowait())
-        except queue.Empty:
-            return out
+    assert normalise(drain(subs[1])) == normalise(drain(subs[0]))
 
 
 def test_a_rate_limited_commit_returns_false_and_finishes_the_loan(session, clock):
@@ -494,16 +479,16 @@ def test_loans_from_several_threads_commit_while_stores_race_them(session, clock
     def lender(index: int) -> None:
         try:
             start.wait()
-            outcome = []
+            committed = []
             for n in range(per_thread):
                 seq = index * 1000 + n
                 held = [session.loan_frame(len(payload(seq))) for _ in range(3)]  # several open at once
                 for extra in held[1:]:
                     extra.cancel()
                 fill(held[0], payload(seq))
-                outcome.append(held[0].commit(source="cam", max_recent=8, min_interval=0.0005, frame_seq=seq,
-                                              now=clock() + n * 0.001))
-            results[f"lender{index}"] = outcome
+                committed.append(held[0].commit(source="cam", max_recent=8, min_interval=0.0005, frame_seq=seq,
+                                                now=clock() + n * 0.001))
+            results[f"lender{index}"] = committed
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -696,14 +681,6 @@ PAIR = ("python", "cython")
 SIZES = st.one_of(st.integers(0, 16), st.integers(0, 4096), st.integers(16384, 20000))
 
 
-def outcome(fn, *args, **kwargs):
-    """('ok', result) or ('error', type, message): what a call did, comparably."""
-    try:
-        return ("ok", fn(*args, **kwargs))
-    except Exception as exc:  # noqa: BLE001 - compared between backends
-        return ("error", type(exc).__name__, str(exc))
-
-
 class LoansAgree(RuleBasedStateMachine):
     """A python-backend and a cython-backend session, driven by the same mixed stores,
     loans, writes, views, commits, cancels and drops: every result, error message, frame
@@ -719,7 +696,7 @@ class LoansAgree(RuleBasedStateMachine):
         self.views: list[tuple[object, object]] = []
 
     def both(self, calls):
-        a, b = (outcome(call) for call in calls)
+        a, b = (outcome(call, catch=Exception) for call in calls)
         assert a == b, f"{PAIR[0]} gave {a!r:.300}, {PAIR[1]} gave {b!r:.300}"
         return a
 
@@ -737,7 +714,7 @@ class LoansAgree(RuleBasedStateMachine):
 
     @rule(target=loans, size=st.one_of(SIZES, st.sampled_from([-1, True, 1.5])), seed=st.integers(0, 2**16))
     def lend(self, size, seed):
-        made = [outcome(s.loan_frame, size) for s in self.sessions]
+        made = [outcome(lambda s=s: s.loan_frame(size), catch=Exception) for s in self.sessions]
         assert made[0][0] == made[1][0] and (made[0][0] == "ok" or made[0] == made[1]), made
         if made[0][0] != "ok":
             return multiple()
@@ -762,7 +739,7 @@ class LoansAgree(RuleBasedStateMachine):
         makers = {"array": lambda loan: loan.array, "slice": lambda loan: loan.array[1:],
                   "memoryview": lambda loan: memoryview(loan.array),
                   "reshaped": lambda loan: loan.as_array((1, loan.nbytes))}
-        made = [outcome(makers[kind], loan) for loan in pair]
+        made = [outcome(lambda loan=loan: makers[kind](loan), catch=Exception) for loan in pair]
         assert made[0][0] == made[1][0], made
         if made[0][0] == "ok":
             self.views.append((made[0][1], made[1][1]))
@@ -798,12 +775,12 @@ class LoansAgree(RuleBasedStateMachine):
 
     @rule(ttl=st.sampled_from([0.0, 0.01, 10.0]))
     def latest(self, ttl):
-        a, b = (frames_of(s.latest_visual_frames(ttl)) for s in self.sessions)
+        a, b = (normalise(s.latest_visual_frames(ttl)) for s in self.sessions)
         assert a == b
 
     @rule()
     def read(self):
-        a, b = (frames_of(drain(sub)) for sub in self.subs)
+        a, b = (normalise(drain(sub)) for sub in self.subs)
         assert a == b
 
     @invariant()
