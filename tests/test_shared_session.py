@@ -374,24 +374,45 @@ def test_the_large_copy_policy_runs_each_method_then_keeps_the_cheapest_and_trie
             [(others[i // 8], i % 8 >= 4) for i in range(24)] + [(cheap, True), (cheap, True)])
 
 
-def test_a_split_gives_the_helper_less_when_it_copies_slower():
-    """The storing thread's share of a split moves a quarter of the way toward the share
-    at which both parts would end together, within 1/8 and 7/8."""
+@pytest.mark.parametrize("dst", [0, 1, 63, 64, 4096 + 17])
+@pytest.mark.parametrize("n", [1, 64, 128 * 1024, 128 * 1024 + 1, 4 * 1024 * 1024 + 4097, 6_220_800])
+def test_a_split_copy_is_cut_into_chunks_that_tile_it_on_whole_lines(dst, n):
+    """A split copy's chunks (_stream_copy.h), which the storing thread and the helper
+    take in turn, cover every byte once, in order, each at most 128 KiB past the unaligned
+    head, and every boundary inside the copy is on a 64-byte line of the destination."""
     shm = pytest.importorskip("capsule_sessions._shm")
-    after = shm._split_share_after
-    assert after(512, 500, 100, 1000, 100) == 512  # even: stays
-    # The helper took twice as long for its half: balanced is 2/3 for the storing thread.
-    assert after(512, 500, 100, 1000, 200) == (3 * 512 + 682) // 4
-    assert after(512, 500, 200, 1000, 100) == (3 * 512 + 341) // 4
-    share = 512
-    for _ in range(40):  # a helper that barely runs: the storing thread copies 7/8
-        share = after(share, share * 1000 // 1024, 100, 1000, 10**9)
-    assert share == 896
-    for _ in range(40):
-        share = after(share, share * 1000 // 1024, 10**9, 1000, 100)
-    assert share == 128
-    with pytest.raises(ValueError, match="mine"):
-        after(512, 1001, 1, 1000, 1)
+    chunks = shm._split_chunks(dst, n)
+    assert chunks[0][0] == 0 and chunks[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all(start < end for start, end in chunks)
+    assert all((dst + start) % 64 == 0 for start, _ in chunks[1:])
+    head = -dst % 64
+    assert all(end - start <= 128 * 1024 + (head if k == 0 else 0) for k, (start, end) in enumerate(chunks))
+    assert len(chunks) == max(1, -(-(n - min(head, n)) // (128 * 1024)))
+
+
+@pytest.mark.parametrize("method", ["memcpy_split", "stream_split"])
+def test_the_helper_copies_chunks_of_split_copies(manager, large_copy, method):
+    """The helper thread takes part: within a few stores (at most 5 s, so a busy
+    machine only makes it slower) it has copied chunks of a split, and every frame
+    is whole."""
+    import time
+
+    from capsule_sessions._limits import STREAM_COPY_MIN_BYTES
+    from capsule_sessions._shm import _large_copy_state
+
+    large_copy(method)
+    source = np.random.default_rng(3).integers(0, 256, 2 * STREAM_COPY_MIN_BYTES + 13, dtype=np.uint8)
+    cam = manager.create("big")
+    helped = _large_copy_state()["split_helped"]["chunks"]
+    deadline = time.monotonic() + 5.0
+    seq = 0
+    while _large_copy_state()["split_helped"]["chunks"] == helped:
+        assert time.monotonic() < deadline, "the helper never copied a chunk"
+        seq += 1
+        source[:8] = seq % 256
+        assert cam.store_frame(source, source="c", max_recent=2, frame_seq=seq)
+        assert bytes(cam.latest_visual_frames(10)[-1].data) == source.tobytes()
 
 
 @pytest.mark.parametrize("method", ["memcpy_split", "stream_split"])

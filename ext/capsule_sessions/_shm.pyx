@@ -28,7 +28,7 @@ cimport cython
 from cpython.buffer cimport PyBUF_FULL_RO, PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN, EINTR, ENOENT, errno
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
 from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_RDWR
@@ -179,8 +179,8 @@ cdef extern from "_stream_copy.h" nogil:
     uint64_t cs_copy_cost[CS_COPY_METHODS]
     uint64_t cs_copy_used[CS_COPY_METHODS]
     uint64_t cs_copy_alone
-    uint64_t cs_split_share
-    uint64_t cs_split_share_after(uint64_t share, size_t mine, uint64_t mine_ns, size_t n, uint64_t theirs_ns)
+    uint64_t cs_copy_helped
+    int cs_split_chunk(uintptr_t dst, size_t n, uint64_t idx, size_t *start, size_t *end)
     int cs_copy_forced
 
 cdef extern from "Python.h":
@@ -228,20 +228,26 @@ def _large_copy_state():
     """How the copies of large stores went in this process (_stream_copy.h): per method
     (``"memcpy"``, ``"stream"``, and each split with the helper thread) its recent cost in
     ns per MiB (0: not measured yet) and how many copies used it; ``"split_alone"``:
-    split copies one thread made (the helper was busy with another); ``"split_share"``:
-    the storing thread's part of a split, in 1/1024ths. For the tests and the curious."""
+    split copies one thread made (the helper was busy with another, or the copy was one
+    chunk); ``"split_helped"``: chunks of splits the helper copied. For the tests and the
+    curious."""
     state = {name: {"ns_per_mib": cs_copy_cost[m], "copies": cs_copy_used[m]}
              for name, m in _LARGE_COPY_METHODS.items()}
     state["split_alone"] = {"copies": cs_copy_alone}
-    state["split_share"] = {"of_1024": cs_split_share}
+    state["split_helped"] = {"chunks": cs_copy_helped}
     return state
 
 
-def _split_share_after(uint64_t share, size_t mine, uint64_t mine_ns, size_t n, uint64_t theirs_ns):
-    """The storing thread's next share of a split (_stream_copy.h), for the tests."""
-    if mine > n:
-        raise ValueError(f"mine must be at most n, got {mine} > {n}")
-    return cs_split_share_after(share, mine, mine_ns, n, theirs_ns)
+def _split_chunks(uintptr_t dst, size_t n):
+    """The [start, end) byte ranges a split copy of ``n`` bytes to address ``dst`` is cut
+    into (_stream_copy.h), for the tests."""
+    cdef size_t start = 0, end = 0
+    cdef uint64_t idx = 0
+    chunks = []
+    while cs_split_chunk(dst, n, idx, &start, &end):
+        chunks.append((start, end))
+        idx += 1
+    return chunks
 
 
 def _pick_large_copy(uint64_t call, costs):
