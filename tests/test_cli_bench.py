@@ -256,7 +256,9 @@ def test_quick_across_processes_on_the_peers(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "### W10" in printed and "### W11" in printed and "### W1-W7" not in printed
-    assert table_header(printed, "target")[:4] == ["target", "readers", "producer frames/s", "frames/s per reader"]
+    header = table_header(printed, "target")
+    assert header[:4] == ["target", "readers", "producer frames/s", "frames/s per reader"]
+    assert header[-3:] == ["producer CPU us/frame", "reader CPU us/frame", "note"]
 
     results = json.loads(out.read_text())
     assert results["workloads"] == [ipc.W10_ID, ipc.W11_ID] and results["ipc_targets"] == PEERS
@@ -282,6 +284,11 @@ def test_quick_across_processes_on_the_peers(tmp_path, capsys):
                 assert r["out_of_order"] == 0, where
                 if r["received"]:
                     assert r["p99_us"] >= r["p50_us"] > 0, where
+                if wid == ipc.W10_ID and r["published"] > 1:
+                    # The processes' CPU per frame: a producer that published in its window
+                    # spent CPU on it; a reader's mark needs frames on both sides of it.
+                    assert r["producer_cpu_us"] > 0, where
+                    assert r["reader_cpu_us"] is None or r["reader_cpu_us"] > 0, where
                 if target != "frigate":
                     assert r["torn"] == 0, where
                 assert r["shm_left"] == [], where

@@ -173,6 +173,7 @@ def _produce(producer: Producer, spec: StreamSpec, control: Control) -> JsonObje
     while (wait := t_go - clock()) > 0:
         time.sleep(wait / 1e9)
     seq = in_window = 0
+    cpu_at_t1 = 0
     due = t_go
     try:
         while True:
@@ -187,14 +188,17 @@ def _produce(producer: Producer, spec: StreamSpec, control: Control) -> JsonObje
             pack(view, o0, seq, now)
             pack(view, o1, seq, now)
             pack(view, o2, seq, now)
+            if now >= t1 and not in_window:
+                cpu_at_t1 = time.process_time_ns()  # every thread of the producer's process
             publish(frame, seq)
             if now >= t1:
                 in_window += 1
             seq += 1
     finally:
         control.stop.set()
+    cpu_ns = time.process_time_ns() - cpu_at_t1 if in_window else 0
     return {"published": seq, "window_published": in_window, "fps": in_window / spec.window_s,
-            "counters": producer.counters()}
+            "cpu_us_per_frame": cpu_ns / in_window / 1e3 if in_window else None, "counters": producer.counters()}
 
 
 def _consume(reader: Reader, spec: StreamSpec, control: Control) -> JsonObject:
@@ -213,6 +217,7 @@ def _consume(reader: Reader, spec: StreamSpec, control: Control) -> JsonObject:
     t2 = t1 + int(spec.window_s * 1e9)
     hard_end = t2 + int(RESULT_GRACE_S / 2 * 1e9)
     stop_seen = False
+    cpu_marks: list[tuple[int, int]] = []  # (the process's CPU ns, frames received) at t1, at t2
     while True:
         got = receive(POLL_S)
         if got is None:
@@ -225,6 +230,8 @@ def _consume(reader: Reader, spec: StreamSpec, control: Control) -> JsonObject:
         data: Any = got[0]  # a uint8 array, read through the buffer protocol
         expected = got[1]
         t = clock()
+        if len(cpu_marks) < 2 and t >= (t1, t2)[len(cpu_marks)]:
+            cpu_marks.append((time.process_time_ns(), len(seqs)))
         first = unpack(data, o0)
         bad = is_torn(data, offsets, expected) or unpack(data, o0) != first  # or changed while held
         torn += bad
@@ -240,7 +247,11 @@ def _consume(reader: Reader, spec: StreamSpec, control: Control) -> JsonObject:
     at_a = np.array(got_at, dtype=np.int64)
     in_window = int(np.count_nonzero((at_a >= t1) & (at_a < t2)))
     latencies = (at_a - sent_a)[sent_a >= t1]
+    if len(cpu_marks) == 1:
+        cpu_marks.append((time.process_time_ns(), len(seqs)))
+    (cpu_1, n_1), (cpu_2, n_2) = cpu_marks if cpu_marks else ((0, 0), (0, 0))
     return {"received": len(seqs), "window_received": in_window, "fps": in_window / spec.window_s,
+            "cpu_us_per_frame": (cpu_2 - cpu_1) / (n_2 - n_1) / 1e3 if n_2 > n_1 else None,
             "torn": torn, "out_of_order": int(np.count_nonzero(np.diff(seq_a) <= 0)) if len(seqs) > 1 else 0,
             "counters": reader.counters(), "latencies_ns": latencies.tobytes()}
 
@@ -469,6 +480,11 @@ def _run_group(peer_name: str, specs: list[StreamSpec], progress: Callable[[Stre
                        errors[k], forced, swept) for k, spec in enumerate(specs)]
 
 
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def _percentile_us(latencies: np.ndarray[Any, np.dtype[np.int64]], q: float) -> float | None:
     return float(np.percentile(latencies, q)) / 1e3 if latencies.size else None
 
@@ -508,6 +524,8 @@ def _summarize(spec: StreamSpec, results: dict[tuple[str, int], JsonObject], err
         "ok": not errors,
         "published": published,
         "producer_fps": producer["fps"],
+        "producer_cpu_us": producer["cpu_us_per_frame"],
+        "reader_cpu_us": _mean([r["cpu_us_per_frame"] for r in readers if r is not None]),
         "fps_per_reader": sum(rates) / len(rates),
         "fps_slowest_reader": min(rates),
         "received": sum(r["received"] for r in per_reader),
@@ -524,7 +542,8 @@ def _summarize(spec: StreamSpec, results: dict[tuple[str, int], JsonObject], err
     return out
 
 
-_MEDIANS = ("producer_fps", "fps_per_reader", "fps_slowest_reader", "p50_us", "p99_us")
+_MEDIANS = ("producer_fps", "producer_cpu_us", "reader_cpu_us", "fps_per_reader", "fps_slowest_reader", "p50_us",
+            "p99_us")
 _SUMS = ("published", "received", "dropped", "torn", "out_of_order", "forced_exits")
 
 

@@ -138,13 +138,15 @@ def _w10_table(results: JsonObject) -> list[str]:
         offered = e["dropped"] + e["received"]
         return [_num(e["producer_fps"]), _num(e["fps_per_reader"]), _num(e["fps_slowest_reader"]),
                 f"{100 * e['dropped'] / offered:.0f}%" if offered else "",
-                str(e["torn"]), _uncounted(e), _num(e["p50_us"]), _num(e["p99_us"])]
+                str(e["torn"]), _uncounted(e), _num(e["p50_us"]), _num(e["p99_us"]),
+                _num(e.get("producer_cpu_us")), _num(e.get("reader_cpu_us"))]
 
-    rows = _ipc_stream_rows(results, ipc.W10_ID, cells, 8)
+    rows = _ipc_stream_rows(results, ipc.W10_ID, cells, 10)
     if not rows:
         return []
     return _table(["target", "readers", "producer frames/s", "frames/s per reader", "slowest reader", "dropped",
-                   "torn", "lost uncounted", "p50 us", "p99 us", "note"], rows)
+                   "torn", "lost uncounted", "p50 us", "p99 us", "producer CPU us/frame", "reader CPU us/frame",
+                   "note"], rows)
 
 
 def _w11_table(results: JsonObject) -> list[str]:
@@ -261,7 +263,9 @@ def markdown(results: JsonObject) -> str:
          "time at the start, middle and end) did not all match, changed while held, or named another frame "
          "than the transport did (must be 0). Lost uncounted: neither received nor counted as dropped by "
          "the transport's own counter (n/a: the transport counts no drops). Latency: the producer's stamp "
-         "just before the store to the reader holding a usable numpy array. " + _ipc_peers_note(results)),
+         "just before the store to the reader holding a usable numpy array. CPU per frame: the process's "
+         "CPU time (every thread) over the window, per frame it published or received (readers averaged). "
+         + _ipc_peers_note(results)),
         (f"### W11: 64 KiB frames paced at 1 kHz to reader processes ({s.get('w11_frames', 0):,} frames, "
          f"median of {s.get('ipc_repeats', 0)})", _w11_table(results),
          "Store-to-receive latency on time.monotonic_ns(), which is one clock for every process on Linux, "
