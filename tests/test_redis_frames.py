@@ -807,3 +807,56 @@ def test_the_pure_ring_and_the_redis_ring_agree(redis_url):
         max_examples=40, stateful_step_count=50, deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.function_scoped_fixture]))
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "python"])
+def test_a_stores_replies_read_straight_from_hiredis_are_redis_pys_own(redis_url, parser):
+    """_frames.read_replies (a store's five replies, read from hiredis's reader without
+    redis-py's read_response): the same values as redis-py gives, an error reply as its
+    exception (at the top and inside EXEC's array), and redis-py's ConnectionError when
+    the server closes the connection mid-read; with redis-py's pure-Python parser it
+    reads through read_response."""
+    import redis._parsers as parsers
+    import redis.exceptions as rx
+
+    from capsule_sessions.redis._frames import read_replies
+
+    parser_class = parsers._HiredisParser if parser == "hiredis" else parsers._RESP2Parser
+    connections = [redis.Redis.from_url(redis_url, parser_class=parser_class).connection_pool.get_connection()
+                   for _ in range(2)]
+    commands = [("SET", "k", "v"), ("MULTI",), ("INCR", "k"), ("GET", "k"), ("EXEC",), ("NOSUCHCOMMAND",),
+                ("EVALSHA", "0" * 40, "0"), ("GET", "k")]
+    got = []
+    for conn, read in zip(connections, ("ours", "redis-py"), strict=True):
+        conn.send_packed_command(conn.pack_commands(commands))
+        if read == "ours":
+            replies = read_replies(conn, len(commands))
+        else:
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response(disable_decoding=True))
+                except rx.ResponseError as exc:
+                    replies.append(exc)
+        got.append([(type(r), str(r)) if isinstance(r, Exception) else r for r in replies])
+        if isinstance(replies[4], list):
+            got[-1][4] = [(type(r), str(r)) if isinstance(r, Exception) else r for r in replies[4]]
+    assert got[0] == got[1]
+    ours = got[0]
+    assert ours[0] == b"OK" and ours[1] == b"OK" and ours[2] == ours[3] == b"QUEUED"
+    assert ours[4][0][0] is rx.ResponseError and ours[4][1] == b"v"  # INCR of "v" failed inside EXEC
+    assert ours[5][0] is rx.ResponseError and ours[6][0] is rx.NoScriptError and ours[7] == b"v"
+
+    killed, killer = connections
+    victim = _client_id(killed)
+    killer.send_command("CLIENT", "KILL", "ID", victim)
+    assert killer.read_response() == 1
+    with pytest.raises(rx.ConnectionError):
+        read_replies(killed, 1)  # the server closed it: nothing more comes
+    for conn in connections:
+        conn.disconnect()
+
+
+def _client_id(conn) -> int:
+    conn.send_command("CLIENT", "ID")
+    return int(conn.read_response())
