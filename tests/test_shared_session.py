@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 import pickle
 import queue
@@ -383,7 +384,7 @@ def test_a_split_copy_is_cut_into_chunks_that_tile_it_on_whole_lines(dst, n):
     shm = pytest.importorskip("capsule_sessions._shm")
     chunks = shm._split_chunks(dst, n)
     assert chunks[0][0] == 0 and chunks[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
     assert all(start < end for start, end in chunks)
     assert all((dst + start) % 64 == 0 for start, _ in chunks[1:])
     head = -dst % 64

@@ -530,7 +530,7 @@ def read_replies(conn: Any, count: int) -> list[Any]:
     connection or a timeout raises its ConnectionError or TimeoutError."""
     import redis.exceptions as rx
 
-    parser = getattr(conn, "_parser", None)
+    parser: Any = getattr(conn, "_parser", None)
     reader = getattr(parser, "_reader", None)
     # What hiredis gives for "not a whole reply yet": False, or redis-py's own marker.
     incomplete = getattr(sys.modules.get(type(parser).__module__), "NOT_ENOUGH_DATA", False)
