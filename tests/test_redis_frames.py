@@ -314,9 +314,58 @@ def test_the_reader_thread_sleeps_while_a_thread_waits_in_get(redis_url):
     sub.close()
 
 
+def test_a_frame_loops_gets_do_not_wake_the_reader_thread_per_frame(redis_url):
+    """A thread that calls get in a loop, each frame arriving while it waits, leaves and
+    comes back once per frame: the reader thread is not woken for each (it looks again
+    every READER_PARK_S), so a frame's get does not pay for waking it."""
+    import os
+
+    if not os.path.exists("/proc/self/task"):
+        pytest.skip("a thread's wake-ups are counted in /proc")
+
+    ring, keys, _ = new_ring(redis_url)
+    other_node = RedisFrameRing(client_for(redis_url), keys, redis_url, FakeClock())
+    sub = ring.subscribe_visual_frames(4)
+    q = sub._queue
+    [reader] = [t for t in threading.enumerate() if t.name == f"capsule-redis-sub {keys.key('frames')}"]
+    frames = 60
+    got = []
+    asking = threading.Event()
+
+    def consume():
+        for _ in range(frames):
+            asking.set()
+            got.append(sub.get(timeout=5).frame_seq)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    try:
+        wait_for(lambda: q.consumers == 1)
+        time.sleep(0.25)  # the read the reader thread was in (READ_BLOCK_MS) is over
+        before = _wake_ups(reader)
+        started = time.monotonic()
+        for seq in range(frames):
+            wait_for(lambda: q.consumers == 1)
+            asking.clear()
+            assert other_node.store_frame(b"x", source="cam", max_recent=2, frame_seq=seq, now=float(seq))
+            if seq < frames - 1:
+                wait_for(asking.is_set)  # it has the frame, and asks for the next
+        consumer.join(10)
+        woken = _wake_ups(reader) - before
+        took = time.monotonic() - started
+    finally:
+        consumer.join(10)
+    assert got == list(range(frames))
+    # Once per READER_PARK_S of the loop (and the grace after its end) at most; a wake-up
+    # per get was 60 or more.
+    assert woken <= 3 + took / 0.25, (woken, took)
+    sub.close()
+
+
 def test_the_reader_thread_reads_again_once_the_waiting_thread_left(redis_url):
-    """The reader thread, asleep while a thread waits in get, is woken when the last one
-    leaves (with a frame or at its timeout) and books what another node stores next."""
+    """The reader thread, asleep while a thread waits in get, reads again once the last
+    one left (with a frame or at its timeout; it looks within READER_PARK_S) and books
+    what another node stores next."""
     import queue
 
     ring, keys, _ = new_ring(redis_url)

@@ -77,6 +77,12 @@ RECONNECT_MAX_FAILURES = 6
 # A reader thread leaves the reading to a thread waiting in get, and this long after it
 # returned (it usually asks again at once: a frame loop).
 CONSUMER_GRACE_S = 0.01
+# While a thread waits in get, the reader thread sleeps this long at most before it looks
+# again whether one still waits: a get that returns does not wake it (a wake-up per
+# frame cost the frame's get 12-16 us on this project's 2-core VM), so a thread that
+# returned and did not come back (a slow consumer, a get_nowait poller) is read for again
+# within READER_PARK_S + CONSUMER_GRACE_S, and a waiting thread wakes it 4 times a second.
+READER_PARK_S = 0.25
 # close_subscriptions keeps the ended frames' keys this long (then they expire): a
 # reader that was away (a restart, a partition) shorter than that still sees the end.
 # The manager's retention of an ended session's keys (_session.RETENTION_SECONDS).
@@ -588,7 +594,8 @@ class _Reader:
         """The thread: steps while no reader waits in ``get`` (for CONSUMER_GRACE_S after
         one left: it is likely back at once), and after a failure whoever waits, with
         backoff (the waiting threads leave reconnecting to it). While it stands aside it
-        sleeps on the queue's ``reader_cond``, woken when it has to read again."""
+        sleeps on the queue's ``reader_cond``: woken by a failed read and by close, and
+        looking again every READER_PARK_S while a thread waits."""
         q = self.q
         try:
             while not q.closed:
@@ -596,7 +603,7 @@ class _Reader:
                     grace_left = q.consumer_left_at + CONSUMER_GRACE_S - time.monotonic()
                     # (closed looked at again under the lock: a close notifies under it)
                     if not q.closed and not self.failures and (q.consumers or grace_left > 0):
-                        q.reader_cond.wait(None if q.consumers else grace_left)
+                        q.reader_cond.wait(READER_PARK_S if q.consumers else grace_left)
                         continue
                 with self.lock:
                     if not self.step(READ_BLOCK_MS):

@@ -185,10 +185,7 @@ class RedisSubscription(Subscription):
                         q.cond.wait(left)
         finally:
             if counted:
+                # No wake-up of the reader thread: it looks again within READER_PARK_S.
                 with q.lock:
-                    try:
-                        q.consumers -= 1
-                        q.consumer_left_at = time.monotonic()
-                    finally:  # an interrupt between the two must not keep the reader asleep
-                        if not q.consumers:
-                            q.reader_cond.notify_all()
+                    q.consumers -= 1
+                    q.consumer_left_at = time.monotonic()
