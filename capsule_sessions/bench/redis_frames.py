@@ -518,7 +518,7 @@ def sections(results: JsonObject) -> list[tuple[str, list[str], str]]:
                             "p99 ratio"], rows),
                     "Two spawned processes; latency from the producer's stamp just before the store to the "
                     "reader holding a usable array. Both rings keep 2 frames. The library's reader is a "
-                    f"subscription (buffer={W16_BUFFER}, {W16_POLICY}) whose thread reads with XREAD BLOCK and "
-                    "hands frames to the reading thread; redis-py's is a loop of XREAD BLOCK. Ratios are medians "
-                    "of the per-round ratios."))
+                    f"subscription (buffer={W16_BUFFER}, {W16_POLICY}) read by get(), whose waiting thread reads "
+                    "with XREAD BLOCK itself; redis-py's is a loop of XREAD BLOCK. Ratios are medians of the "
+                    "per-round ratios."))
     return out
