@@ -499,6 +499,66 @@ def test_a_corrupted_entry_is_a_redis_data_error_naming_the_key(redis_url, chang
         ring.latest_visual_frames(math.inf, now=1.0)
 
 
+# The order a store writes an entry's fields in (read without a dict), and another one.
+_STORE_ORDER = ("s", "m", "w", "h", "t", "f", "r", "n", "d")
+_OTHER_ORDER = ("d", "n", "r", "f", "t", "h", "w", "m", "s")
+
+
+def _entry_in(client, key, order, entry_id, **changes):
+    fields = {"d": b"abc", "s": "cam", "m": "", "w": "0", "h": "0", "t": "0", "f": "0", "r": "1.0",
+              "n": "1000000000"}
+    fields.update(changes)
+    client.xadd(key, {k: fields[k] for k in order if fields.get(k) is not None}, id=entry_id)
+
+
+@pytest.mark.parametrize("order", [_STORE_ORDER, _OTHER_ORDER], ids=["store-order", "other-order"])
+@pytest.mark.parametrize("changes", [
+    {"w": "-1"}, {"f": "1e3"}, {"t": "07"}, {"r": "1.00"}, {"n": "999"}, {"n": None}, {"s": b"\xff\xfe"},
+    {"m": b"\xff"}, {"d": None},
+], ids=str)
+def test_a_subscriber_counts_an_entry_it_cannot_read_as_dropped(redis_url, order, changes):
+    # Entries in the order a store writes them are read without a dict of their fields:
+    # that way checks each field as the other does.
+    ring, keys, client = new_ring(redis_url)
+    sub = ring.subscribe_visual_frames(8)
+    key = frame_keys(keys)[0]
+    _entry_in(client, key, order, EPOCH + "-1", **changes)
+    _entry_in(client, key, order, EPOCH + "-2", f="2")
+    frame = sub.get(timeout=5)
+    assert (bytes(frame.data), frame.frame_seq, frame.received_at) == (b"abc", 2, 1.0)
+    assert sub.dropped == 1
+    sub.close()
+
+
+@pytest.mark.parametrize("order", [_STORE_ORDER, _OTHER_ORDER], ids=["store-order", "other-order"])
+def test_a_subscriber_reads_an_entry_in_any_order_of_its_fields(redis_url, order):
+    ring, keys, client = new_ring(redis_url)
+    sub = ring.subscribe_visual_frames(8)
+    _entry_in(client, frame_keys(keys)[0], order, EPOCH + "-1", s="caméra", m="image/jpeg", w="640", h="480",
+              t="-5", f="9")
+    frame = sub.get(timeout=5)
+    assert (bytes(frame.data), frame.source, frame.mime_type, frame.width, frame.height, frame.timestamp_ms,
+            frame.frame_seq, frame.received_at) == (b"abc", "caméra", "image/jpeg", 640, 480, -5, 9, 1.0)
+    assert sub.dropped == 0 and not frame.data.flags.writeable
+    sub.close()
+
+
+def test_the_frame_cache_hands_out_a_held_array_and_forgets_dead_ones():
+    import numpy as np
+
+    from capsule_sessions.redis._frames_codec import SWEEP_MIN, Cache
+
+    cache = Cache()
+    held = cache.share(b"e", 1, np.frombuffer(b"abc", dtype=np.uint8))
+    assert cache.share(b"e", 1, np.frombuffer(b"abc", dtype=np.uint8)) is held
+    other = np.frombuffer(b"abcd", dtype=np.uint8)
+    assert cache.share(b"e", 1, other) is other  # not the same bytes: the new array is the frame's
+    for seq in range(2, 10 * SWEEP_MIN):
+        cache.share(b"e", seq, np.frombuffer(b"x", dtype=np.uint8))  # dead as soon as shared
+    assert len(cache) <= 2 * SWEEP_MIN + 1  # swept as it doubled, not one entry per frame ever read
+    assert cache.share(b"e", 1, np.frombuffer(b"abcd", dtype=np.uint8)) is other  # still held: still shared
+
+
 def test_an_entry_this_library_wrote_reads_back(redis_url):
     ring, keys, client = new_ring(redis_url)
     _entry(client, frame_keys(keys)[0])  # the helper above writes what a store writes

@@ -439,7 +439,7 @@ class _Core:
                 log.warning("Redis key %r: a read gave the entry %.80r", self.stream, entry)
                 continue
             try:
-                seq, era, frame = codec.decode(self.stream, entry[0], codec.fields_of(entry[1]), self.cache)
+                seq, era, frame = codec.entry(self.stream, entry[0], entry[1], self.cache)
             except RedisDataError as exc:
                 # Not a frame: counted as dropped when its number can be read, else skipped.
                 log.warning("%s", exc)
@@ -471,10 +471,15 @@ class _Core:
         for before it books a frame of it."""
         if not self.incarnation:
             return False
+        # (the ids of the queue's epoch told by their start: no id is parsed on the way)
+        same = None if q.epoch is None else q.epoch + b"-"
         for name, entries in codec.stream_replies(reply):
             if name != self.stream_name:
                 continue
             for entry in codec.entries_of(self.stream, entries):
+                if same is not None and type(entry) is list and len(entry) == 2 and type(entry[0]) is bytes \
+                        and entry[0].startswith(same):
+                    continue
                 if isinstance(entry, (list, tuple)) and len(entry) == 2:
                     try:
                         era, _ = codec.id_of(self.stream, entry[0])
@@ -567,9 +572,14 @@ def backoff(failures: int) -> float:
 
 
 def _command(conn: Any, *args: Any) -> Any:
-    # Packed by hiredis: redis-py packs a command in Python (3 us of a reader's XREAD).
+    """One command's reply on a reader's connection (an error reply raised). Packed by
+    hiredis (redis-py packs a command in Python: 3 us of a reader's XREAD) and read as
+    a store's replies are (read_response's checks cost a frame's reader 2 us more)."""
     conn.send_packed_command(conn.pack_command(*args) if _pack_command is None else [_pack_command(args)])
-    return conn.read_response(disable_decoding=True)
+    (reply,) = read_replies(conn, 1)
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 class _Reader:

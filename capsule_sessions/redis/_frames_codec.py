@@ -32,6 +32,12 @@ EPOCH_LOW, EPOCH_HIGH = 2**62, 2**63
 _ID = re.compile(rb"([1-9][0-9]{18})-([1-9][0-9]{0,18})")
 _EPOCH = re.compile(rb"[1-9][0-9]{18}")
 _INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
+# The order store_commands writes an entry's fields in: an entry read back in it is read
+# without a dict of its fields (a frame's decode is on every subscriber's path).
+ORDER = [b"s", b"m", b"w", b"h", b"t", b"f", b"r", b"n", b"d"]
+# A Cache sweeps its dead references once it holds this many more entries than it last
+# kept alive.
+SWEEP_MIN = 64
 
 
 
@@ -43,22 +49,36 @@ class Cache:
     """The arrays of the frames this process holds, by (epoch, seq): a frame read twice
     (by latest_visual_frames, by subscribers, by the node that stored it) is handed out
     as one array, as the in-process ring shares one array between all its readers. The
-    first array of a frame stays its array while anything holds it."""
+    first array of a frame stays its array while anything holds it.
 
-    __slots__ = ("_arrays", "_lock")
+    Plain weak references, swept of dead ones as the table doubles: a
+    WeakValueDictionary's keyed references and their callbacks cost a reader 2 us per
+    frame, more than the rest of its decode."""
+
+    __slots__ = ("_refs", "_lock", "_sweep_at")
 
     def __init__(self) -> None:
-        self._arrays: weakref.WeakValueDictionary[tuple[bytes, int], np.ndarray[Any, Any]] = (
-            weakref.WeakValueDictionary())
+        self._refs: dict[tuple[bytes, int], weakref.ref[np.ndarray[Any, Any]]] = {}
         self._lock = threading.Lock()
+        self._sweep_at = SWEEP_MIN
 
     def share(self, era: bytes, seq: int, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        key = (era, seq)
         with self._lock:
-            held = self._arrays.get((era, seq))
-            if held is not None and held.nbytes == array.nbytes:
-                return held
-            self._arrays[(era, seq)] = array
+            ref = self._refs.get(key)
+            if ref is not None:
+                held = ref()
+                if held is not None and held.nbytes == array.nbytes:
+                    return held
+            self._refs[key] = weakref.ref(array)
+            if len(self._refs) > self._sweep_at:
+                self._refs = {k: r for k, r in self._refs.items() if r() is not None}
+                self._sweep_at = 2 * len(self._refs) + SWEEP_MIN
             return array
+
+    def __len__(self) -> int:
+        """Entries held, dead ones included until the next sweep."""
+        return len(self._refs)
 
 
 def text_bytes(value: str) -> bytes:
@@ -163,28 +183,44 @@ def decode(key: str, entry_id: object, fields: dict[bytes, Any], cache: Cache,
            ns: int | None = None) -> tuple[int, bytes, VisualFrame]:
     """One entry as (seq, epoch, frame) (``ns``: its received ns, already read); a
     RedisDataError naming ``key`` when it is not one this library wrote."""
-    era, seq = id_of(key, entry_id)
     if fields.keys() != FIELDS:
+        id_of(key, entry_id)  # a bad id is named first, as in entry()
         raise _fail(key, f"entry {entry_id!r} has the fields {sorted(fields)}")
-    data = fields[b"d"]
+    return _frame(key, entry_id, fields[b"s"], fields[b"m"], fields[b"w"], fields[b"h"], fields[b"t"], fields[b"f"],
+                  fields[b"r"], fields[b"n"] if ns is None else ns, fields[b"d"], cache)
+
+
+def entry(key: str, entry_id: object, raw: object, cache: Cache) -> tuple[int, bytes, VisualFrame]:
+    """decode() of an entry's fields as a read gave them: a flat list in ORDER (as this
+    library writes them) is read as it is; anything else through fields_of."""
+    if type(raw) is list and len(raw) == 18 and raw[0::2] == ORDER:
+        source, mime, width, height, timestamp, seq, at, ns, data = raw[1::2]
+        return _frame(key, entry_id, source, mime, width, height, timestamp, seq, at, ns, data, cache)
+    return decode(key, entry_id, fields_of(raw), cache)
+
+
+def _frame(key: str, entry_id: object, raw_source: object, raw_mime: object, raw_width: object, raw_height: object,
+           raw_timestamp: object, raw_seq: object, raw_at: object, raw_ns: object, data: object,
+           cache: Cache) -> tuple[int, bytes, VisualFrame]:
+    era, seq = id_of(key, entry_id)
     if not isinstance(data, bytes):
         raise _fail(key, f"entry {entry_id!r} data is not a string")
-    source = _text(key, "source", fields[b"s"])
-    mime_type = _text(key, "mime_type", fields[b"m"])
-    width = _number(fields[b"w"], 0, INT32_MAX)
-    height = _number(fields[b"h"], 0, INT32_MAX)
-    timestamp_ms = _number(fields[b"t"], INT64_MIN, INT64_MAX)
-    frame_seq = _number(fields[b"f"], INT64_MIN, INT64_MAX)
+    source = _text(key, "source", raw_source)
+    mime_type = _text(key, "mime_type", raw_mime)
+    width = _number(raw_width, 0, INT32_MAX)
+    height = _number(raw_height, 0, INT32_MAX)
+    timestamp_ms = _number(raw_timestamp, INT64_MIN, INT64_MAX)
+    frame_seq = _number(raw_seq, INT64_MIN, INT64_MAX)
     if width is None or height is None or timestamp_ms is None or frame_seq is None:
         raise _fail(key, f"entry {entry_id!r} has a width, height, timestamp_ms or frame_seq that is not an "
-                         f"integer in range: {[fields[k] for k in (b'w', b'h', b't', b'f')]!r:.120}")
-    raw_at = fields[b"r"]
+                         f"integer in range: {[raw_width, raw_height, raw_timestamp, raw_seq]!r:.120}")
     try:
-        received_at = float(raw_at)
+        received_at = float(raw_at)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise _fail(key, f"entry {entry_id!r} received_at is {raw_at!r}") from None
+    ns = raw_ns if type(raw_ns) is int else _number(raw_ns, _NS_LOW, _NS_HIGH)
     if ns is None:
-        ns = received_ns(key, fields)
+        raise _fail(key, f"received ns is {raw_ns!r:.40}, not an integer")
     if (repr(received_at).encode() != raw_at or not abs(received_at) < MAX_INSTANT_SECONDS
             or int(received_at * 1e9) != ns):
         raise _fail(key, f"entry {entry_id!r} received_at {raw_at!r} does not match its {ns} ns")
