@@ -67,7 +67,7 @@ import uuid  # noqa: E402
 
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test  # noqa: E402
 from redis_frames_support import client_for  # noqa: E402
@@ -155,6 +155,36 @@ def test_a_frame_the_socket_takes_in_parts_is_sent_whole(redis_url):
         assert ring.store_frame(frame, source="cam", max_recent=4, now=2.0 + i)
     assert ring._own_connection is conn  # the same connection throughout: nothing was dropped
     assert [bytes(f.data) for f in ring.latest_visual_frames(60, now=5.0)] == [b"first"] + [f.tobytes() for f in frames]
+
+
+@settings(max_examples=150, deadline=None)
+@given(stores=st.lists(st.tuples(
+    st.sampled_from(["cam", "screen", "caméra", "\ud800"]), st.integers(1, 64), st.sampled_from([0.0, 0.033, 1e-9]),
+    st.sampled_from(["", "image/jpeg"]), st.integers(0, 2**31 - 1), st.integers(0, 4),
+    st.integers(-(2**63), 2**63 - 1), st.integers(-(2**63), 2**63 - 1),
+    st.floats(-4.6e9, 4.6e9, allow_nan=False), st.binary(max_size=40)), min_size=1, max_size=6),
+    incarnation=st.sampled_from([None, "inc-1"]))
+def test_a_stores_packed_buffers_are_its_commands_packed_by_hiredis(stores, incarnation):
+    # pack_store formats only what changes between stores into parts packed once per
+    # shape of store; what it sends must be, byte for byte, the commands hiredis packs.
+    import hiredis
+
+    from capsule_sessions.redis import _frames, _frames_codec
+
+    keys = SessionKeys("t", "packing")
+    core = _frames._Core(object(), keys, "redis://x", FakeClock(), ("capsule:{packing}:session", "active"),
+                         incarnation)
+    original = _frames_codec.new_epoch
+    try:
+        _frames_codec.new_epoch = lambda: str(2**62 + 11)  # else each packing proposes its own
+        for source, keep, interval, mime, width, height, ts, seq, now, data in stores:
+            store = _prepare(core, data, source, keep, interval, mime, width, height, ts, seq, now, copy=False)
+            assert store.error is None and store.packed is not None
+            packed = b"".join(bytes(part) for part in store.packed)
+            assert packed == b"".join(hiredis.pack_command(c) for c in store.commands)
+            store.release()
+    finally:
+        _frames_codec.new_epoch = original
 
 
 def test_a_store_prepared_without_a_copy_makes_one_for_a_subscriber_that_came_since(redis_url):

@@ -31,6 +31,7 @@ from ._frames import (
     RECONNECT_MAX_FAILURES,
     START,
     STOP,
+    STORE_REPLIES,
     Command,
     _Core,
     _no_script,
@@ -211,8 +212,8 @@ class AsyncRedisFrameRing:
         return f"<AsyncRedisFrameRing {self._core.stream!r} at {masked(self._core.url)}>"
 
     # -- plumbing ----------------------------------------------------------------------
-    async def _exchange(self, commands: Sequence[Command], packed: list[bytes | memoryview] | None = None
-                        ) -> list[Any]:
+    async def _exchange(self, commands: Sequence[Command], packed: list[bytes | memoryview] | None = None,
+                        replies: int | None = None) -> list[Any]:
         """RedisFrameRing._exchange on an asyncio connection."""
         import redis.exceptions as rx
 
@@ -231,13 +232,13 @@ class AsyncRedisFrameRing:
                 # Joined, one copy: asyncio's writelines may keep a buffer it could not
                 # send yet past the call (3.12+), and these may be the caller's bytes.
                 await conn.send_packed_command([b"".join(packed)])
-            replies = []
-            for _ in commands:
+            read = []
+            for _ in range(len(commands) if replies is None else replies):
                 try:
-                    replies.append(await conn.read_response(disable_decoding=True))
+                    read.append(await conn.read_response(disable_decoding=True))
                 except rx.ResponseError as exc:
-                    replies.append(exc)
-            return replies
+                    read.append(exc)
+            return read
         except BaseException as exc:
             await conn.disconnect(nowait=True)
             if isinstance(exc, core.async_errors):
@@ -324,10 +325,10 @@ class AsyncRedisFrameRing:
     async def _send(self, store: _Store) -> bool:
         core = self._core
         async with self._lock:
-            outcome = core.stored(await self._exchange(store.commands, store.packed))
+            outcome = core.stored(await self._exchange((), store.packed, STORE_REPLIES))
             if outcome is None:
                 await self._load()
-                outcome = core.stored(await self._exchange(store.commands, store.packed))
+                outcome = core.stored(await self._exchange((), store.packed, STORE_REPLIES))
                 if outcome is None:
                     raise RedisUnavailableError(f"Redis at {masked(core.url)} keeps losing its scripts")
             subscribers = self._subscribers
