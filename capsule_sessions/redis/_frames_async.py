@@ -107,9 +107,18 @@ class _Reader:
     sync twin's ``_Reader``, step for step). No ``try_step`` and no ``lock``: asyncio
     waiters do not read themselves, so the task is the connection's only user."""
 
-    __slots__ = ("core", "q", "conn", "failures", "check", "looked_at", "__weakref__")
+    __slots__ = ("core", "q", "conn", "failures", "check", "looked_at", "lost", "refused", "no_retry", "__weakref__")
 
     def __init__(self, core: _Core, q: RedisQueue) -> None:
+        import redis.exceptions as rx
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # What a step catches, looked up once (as the sync twin's).
+        self.lost: tuple[type[BaseException], ...] = (rx.ConnectionError, rx.TimeoutError, OSError,
+                                                      asyncio.TimeoutError)
+        self.refused: tuple[type[BaseException], ...] = (rx.RedisError, RedisDataError)
+        self.no_retry: Callable[[], Any] = lambda: Retry(NoBackoff(), 0)
         self.core = core
         self.q = q
         self.conn: Any = None
@@ -139,14 +148,10 @@ class _Reader:
 
     async def step(self, block_ms: int) -> bool:
         """One blocking read and what it brings; False once the queue ended."""
-        import redis.exceptions as rx
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
         core, q = self.core, self.q
         try:
             if self.conn is None:
-                self.conn = core.reader_connection(Retry(NoBackoff(), 0))
+                self.conn = core.reader_connection(self.no_retry())
             conn = self.conn
             if self.check:
                 if not core.checked(q, await _command(conn, *core.look_command())):
@@ -167,14 +172,14 @@ class _Reader:
             # Idle: a look at the session (a new epoch; an incarnation gone without its
             # end) once per READ_BLOCK_MS.
             self.check = reply is None and time.monotonic() - self.looked_at >= READ_BLOCK_MS / 1000
-        except (rx.ConnectionError, rx.TimeoutError, OSError, asyncio.TimeoutError) as exc:
+        except self.lost as exc:
             await self._drop()
             self.failures += 1
             self.check = True
             if self.failures == 1:
                 log.info("subscription to %r lost Redis at %s (%s); reconnecting", core.stream,
                          masked(core.url), exc)
-        except (rx.RedisError, RedisDataError) as exc:
+        except self.refused as exc:
             log.warning("subscription to %r: %s", core.stream, exc)
             self.check = True
             self.failures = max(self.failures, RECONNECT_MAX_FAILURES)
