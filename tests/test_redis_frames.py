@@ -309,6 +309,20 @@ def _wake_ups(thread):
     raise AssertionError("no voluntary_ctxt_switches in /proc")
 
 
+def _reader_thread(keys):
+    """The thread of the one subscription to the frames of ``keys``."""
+    [reader] = [t for t in threading.enumerate() if t.name == f"capsule-redis-sub {keys.key('frames')}"]
+    return reader
+
+
+def _wake_ups_once_waiting(q, reader):
+    """``reader``'s wake-ups so far, once a thread waits in get and the read the reader
+    thread was in (READ_BLOCK_MS) is over."""
+    wait_for(lambda: q.consumers == 1)
+    time.sleep(0.25)
+    return _wake_ups(reader)
+
+
 def test_the_reader_thread_sleeps_while_a_thread_waits_in_get(redis_url):
     """While a thread waits in get (reading the stream itself), the reader thread stands
     aside asleep until it must read again, rather than waking every few ms to look."""
@@ -321,7 +335,7 @@ def test_the_reader_thread_sleeps_while_a_thread_waits_in_get(redis_url):
     ring, keys, _ = new_ring(redis_url)
     sub = ring.subscribe_visual_frames(4)
     q = sub._queue
-    [reader] = [t for t in threading.enumerate() if t.name == f"capsule-redis-sub {keys.key('frames')}"]
+    reader = _reader_thread(keys)
     timed_out = []
 
     def consume():
@@ -332,9 +346,7 @@ def test_the_reader_thread_sleeps_while_a_thread_waits_in_get(redis_url):
     consumer = threading.Thread(target=consume)
     consumer.start()
     try:
-        wait_for(lambda: q.consumers == 1)
-        time.sleep(0.25)  # the read the reader thread was in (READ_BLOCK_MS) is over
-        before = _wake_ups(reader)
+        before = _wake_ups_once_waiting(q, reader)
         time.sleep(0.5)
         woken = _wake_ups(reader) - before
     finally:
@@ -357,7 +369,7 @@ def test_a_frame_loops_gets_do_not_wake_the_reader_thread_per_frame(redis_url):
     other_node = RedisFrameRing(client_for(redis_url), keys, redis_url, FakeClock())
     sub = ring.subscribe_visual_frames(4)
     q = sub._queue
-    [reader] = [t for t in threading.enumerate() if t.name == f"capsule-redis-sub {keys.key('frames')}"]
+    reader = _reader_thread(keys)
     frames = 60
     got = []
     asking = threading.Event()
@@ -370,9 +382,7 @@ def test_a_frame_loops_gets_do_not_wake_the_reader_thread_per_frame(redis_url):
     consumer = threading.Thread(target=consume)
     consumer.start()
     try:
-        wait_for(lambda: q.consumers == 1)
-        time.sleep(0.25)  # the read the reader thread was in (READ_BLOCK_MS) is over
-        before = _wake_ups(reader)
+        before = _wake_ups_once_waiting(q, reader)
         started = time.monotonic()
         for seq in range(frames):
             wait_for(lambda: q.consumers == 1)
