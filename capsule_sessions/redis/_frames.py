@@ -637,6 +637,14 @@ def _command(conn: Any, *args: Any) -> Any:
     return reply
 
 
+def _no_retry() -> Any:
+    """A reader connection's retry: none (the reader retries itself, with backoff)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return Retry(NoBackoff(), 0)
+
+
 class _Reader:
     """A subscription's reader: the stream into the queue until it is closed. Its thread
     reads while nobody waits in the subscription's ``get``; a thread that waits there
@@ -644,18 +652,14 @@ class _Reader:
     thread (40-90 us on a loaded 2-core machine, and a wake-up per frame). Whoever reads
     holds ``lock``: one conversation on the connection at a time."""
 
-    __slots__ = ("core", "q", "lock", "conn", "failures", "check", "looked_at", "lost", "refused", "no_retry",
-                 "__weakref__")
+    __slots__ = ("core", "q", "lock", "conn", "failures", "check", "looked_at", "lost", "refused", "__weakref__")
 
     def __init__(self, core: _Core, q: RedisQueue) -> None:
         import redis.exceptions as rx
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
         # What a step catches, looked up once (imports in the step cost each frame 1.5 us).
         self.lost: tuple[type[BaseException], ...] = (rx.ConnectionError, rx.TimeoutError, OSError)
         self.refused: tuple[type[BaseException], ...] = (rx.RedisError, RedisDataError)
-        self.no_retry: Callable[[], Any] = lambda: Retry(NoBackoff(), 0)
         self.core = core
         self.q = q
         self.lock = threading.Lock()
@@ -715,7 +719,7 @@ class _Reader:
         core, q = self.core, self.q
         try:
             if self.conn is None:
-                self.conn = core.reader_connection(self.no_retry())
+                self.conn = core.reader_connection(_no_retry())
             conn = self.conn
             if self.check:
                 if not core.checked(q, _command(conn, *core.look_command())):

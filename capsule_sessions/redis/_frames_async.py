@@ -102,23 +102,28 @@ def _raise_if_cancelled(task: asyncio.Task[Any] | None) -> None:
         raise asyncio.CancelledError
 
 
+def _no_retry() -> Any:
+    """A reader connection's retry: none (the reader retries itself, with backoff)."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return Retry(NoBackoff(), 0)
+
+
 class _Reader:
     """A subscription's reader task: the stream into the queue until it is closed (the
     sync twin's ``_Reader``, step for step). No ``try_step`` and no ``lock``: asyncio
     waiters do not read themselves, so the task is the connection's only user."""
 
-    __slots__ = ("core", "q", "conn", "failures", "check", "looked_at", "lost", "refused", "no_retry", "__weakref__")
+    __slots__ = ("core", "q", "conn", "failures", "check", "looked_at", "lost", "refused", "__weakref__")
 
     def __init__(self, core: _Core, q: RedisQueue) -> None:
         import redis.exceptions as rx
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
 
         # What a step catches, looked up once (as the sync twin's).
         self.lost: tuple[type[BaseException], ...] = (rx.ConnectionError, rx.TimeoutError, OSError,
                                                       asyncio.TimeoutError)
         self.refused: tuple[type[BaseException], ...] = (rx.RedisError, RedisDataError)
-        self.no_retry: Callable[[], Any] = lambda: Retry(NoBackoff(), 0)
         self.core = core
         self.q = q
         self.conn: Any = None
@@ -151,7 +156,7 @@ class _Reader:
         core, q = self.core, self.q
         try:
             if self.conn is None:
-                self.conn = core.reader_connection(self.no_retry())
+                self.conn = core.reader_connection(_no_retry())
             conn = self.conn
             if self.check:
                 if not core.checked(q, await _command(conn, *core.look_command())):

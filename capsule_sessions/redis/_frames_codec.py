@@ -172,10 +172,11 @@ def _number(raw: object, low: int, high: int) -> int | None:
 _NS_LOW, _NS_HIGH = -(2**62), 2**62
 
 
-def received_ns(key: str, fields: dict[bytes, Any]) -> int:
-    ns = _number(fields.get(b"n"), _NS_LOW, _NS_HIGH)
+def received_ns(key: str, raw: object) -> int:
+    """An entry's received ns from its raw ``n`` field."""
+    ns = _number(raw, _NS_LOW, _NS_HIGH)
     if ns is None:
-        raise _fail(key, f"received ns is {fields.get(b'n')!r:.40}, not an integer")
+        raise _fail(key, f"received ns is {raw!r:.40}, not an integer")
     return ns
 
 
@@ -184,10 +185,10 @@ def decode(key: str, entry_id: object, fields: dict[bytes, Any], cache: Cache,
     """One entry as (seq, epoch, frame) (``ns``: its received ns, already read); a
     RedisDataError naming ``key`` when it is not one this library wrote."""
     if fields.keys() != FIELDS:
-        id_of(key, entry_id)  # a bad id is named first, as in entry()
+        id_of(key, entry_id)  # a bad id is named before bad fields, as _frame names it first
         raise _fail(key, f"entry {entry_id!r} has the fields {sorted(fields)}")
     return _frame(key, entry_id, fields[b"s"], fields[b"m"], fields[b"w"], fields[b"h"], fields[b"t"], fields[b"f"],
-                  fields[b"r"], fields[b"n"] if ns is None else ns, fields[b"d"], cache)
+                  fields[b"r"], fields[b"n"], fields[b"d"], cache, ns)
 
 
 def entry(key: str, entry_id: object, raw: object, cache: Cache) -> tuple[int, bytes, VisualFrame]:
@@ -201,7 +202,7 @@ def entry(key: str, entry_id: object, raw: object, cache: Cache) -> tuple[int, b
 
 def _frame(key: str, entry_id: object, raw_source: object, raw_mime: object, raw_width: object, raw_height: object,
            raw_timestamp: object, raw_seq: object, raw_at: object, raw_ns: object, data: object,
-           cache: Cache) -> tuple[int, bytes, VisualFrame]:
+           cache: Cache, ns: int | None = None) -> tuple[int, bytes, VisualFrame]:
     era, seq = id_of(key, entry_id)
     if not isinstance(data, bytes):
         raise _fail(key, f"entry {entry_id!r} data is not a string")
@@ -218,9 +219,8 @@ def _frame(key: str, entry_id: object, raw_source: object, raw_mime: object, raw
         received_at = float(raw_at)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise _fail(key, f"entry {entry_id!r} received_at is {raw_at!r}") from None
-    ns = raw_ns if type(raw_ns) is int else _number(raw_ns, _NS_LOW, _NS_HIGH)
     if ns is None:
-        raise _fail(key, f"received ns is {raw_ns!r:.40}, not an integer")
+        ns = received_ns(key, raw_ns)
     if (repr(received_at).encode() != raw_at or not abs(received_at) < MAX_INSTANT_SECONDS
             or int(received_at * 1e9) != ns):
         raise _fail(key, f"entry {entry_id!r} received_at {raw_at!r} does not match its {ns} ns")
@@ -243,7 +243,7 @@ def latest(key: str, reply: object, ttl_ns: int, now_ns: int, cache: Cache) -> l
         if not isinstance(entry, (list, tuple)) or len(entry) != 2:
             raise _fail(key, f"a read gave the entry {entry!r:.80}")
         fields = fields_of(entry[1])
-        ns = received_ns(key, fields)
+        ns = received_ns(key, fields.get(b"n"))
         if now_ns - ns <= ttl_ns:
             frames.append(decode(key, entry[0], fields, cache, ns)[2])
     return frames
