@@ -606,24 +606,55 @@ def test_an_entry_this_library_wrote_reads_back(redis_url):
     assert bytes(frame.data) == b"abc" and frame.received_at == 1.0
 
 
-@pytest.mark.parametrize("what, corrupt", [
-    ("frames", lambda c, k: c.set(k[0], "x")),
-    ("frames:meta", lambda c, k: c.set(k[1], "x")),
-    ("frames:sizes", lambda c, k: c.set(k[2], "x")),
-    ("frames:meta", lambda c, k: c.hset(k[1], "accepted", "many")),
-    ("frames:meta", lambda c, k: c.hset(k[1], "last_hi", "1.5")),
-    ("frames:meta", lambda c, k: c.hset(k[1], "bytes", "")),
-    ("frames:sizes", lambda c, k: (c.delete(k[2]), c.rpush(k[2], "big"))),
-])
-def test_a_corrupted_key_fails_a_store_naming_it_and_changes_nothing(redis_url, what, corrupt):
+# What a store with the keys corrupted is (after a first store at 1.0): accepted, then
+# rate-limited (its count is its only write), then a source switch (which counts, and
+# clears the stream and the sizes, so they are checked before).
+_ACCEPTED = {"source": "cam", "now": 2.0}
+_LIMITED = {"source": "cam", "now": 1.2}
+_SWITCH = {"source": "screen", "now": 2.0}
+
+
+@pytest.mark.parametrize("what, corrupt, store", [
+    ("frames", lambda c, k: c.set(k[0], "x"), _ACCEPTED),
+    ("frames:meta", lambda c, k: c.set(k[1], "x"), _ACCEPTED),
+    ("frames:sizes", lambda c, k: c.set(k[2], "x"), _ACCEPTED),
+    ("frames:meta", lambda c, k: c.hset(k[1], "accepted", "many"), _ACCEPTED),
+    ("frames:meta", lambda c, k: c.hset(k[1], "accepted", "inf"), _ACCEPTED),
+    ("frames:meta", lambda c, k: c.hset(k[1], "last_hi", "1.5"), _ACCEPTED),
+    ("frames:meta", lambda c, k: c.hset(k[1], "epoch", "x"), _ACCEPTED),
+    ("frames:meta", lambda c, k: c.set(k[1], "x"), _LIMITED),
+    ("frames:meta", lambda c, k: c.hset(k[1], "rate_limited", "many"), _LIMITED),
+    ("frames:meta", lambda c, k: c.hset(k[1], "source_resets", "1.5"), _SWITCH),
+    ("frames", lambda c, k: c.set(k[0], "x"), _SWITCH),
+    ("frames:sizes", lambda c, k: c.set(k[2], "x"), _SWITCH),
+], ids=str)
+def test_a_corrupted_key_fails_a_store_naming_it_and_changes_nothing(redis_url, what, corrupt, store):
     ring, keys, client = new_ring(redis_url)
     assert ring.store_frame(b"first", source="cam", max_recent=1, now=1.0)
     names = frame_keys(keys)
     corrupt(client, names)
     before = {name: client.dump(name) for name in names}
     with pytest.raises(RedisDataError, match=re.escape(keys.key(what))):
-        ring.store_frame(b"second", source="cam", max_recent=1, now=2.0, min_interval=0.5)
+        ring.store_frame(b"second", max_recent=1, min_interval=0.5, **store)
     assert {name: client.dump(name) for name in names} == before  # nothing half-applied
+
+
+@pytest.mark.parametrize("what, corrupt", [
+    ("frames:sizes", lambda c, k: c.rpush(k[2], "big")),
+    ("frames:sizes", lambda c, k: c.rpush(k[2], "-5")),
+    ("frames:sizes", lambda c, k: c.rpush(k[2], "2.5")),
+    ("frames:sizes", lambda c, k: c.set(k[2], "x")),
+    ("frames:meta", lambda c, k: c.set(k[1], "x")),
+    ("frames:meta", lambda c, k: c.hset(k[1], "accepted", "many")),
+    ("frames", lambda c, k: c.set(k[0], "x")),
+], ids=str)
+def test_a_corrupted_key_fails_visual_stats_naming_it(redis_url, what, corrupt):
+    # The ring's bytes are the sum of its sizes, taken when asked: a store never reads them.
+    ring, keys, client = new_ring(redis_url)
+    assert ring.store_frame(b"first", source="cam", max_recent=4, now=1.0)
+    corrupt(client, frame_keys(keys))
+    with pytest.raises(RedisDataError, match=re.escape(keys.key(what))):
+        ring.visual_stats()
 
 
 def test_nodes_share_one_ring_and_its_counts(redis_url):

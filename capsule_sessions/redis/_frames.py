@@ -257,11 +257,18 @@ class _Core:
         return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
     def decide_args(self, store: _Store, check_only: bool, source: bytes, received_at: str) -> list[Any]:
+        """DECIDE's arguments (_frames_lua): a limit's two parts and the check flag go
+        last, and only when there are some (each argument costs the script server time)."""
         now_hi, now_lo = codec.split_ns(store.now_ns)
-        limit: tuple[Any, Any] = codec.split_ns(store.min_ns) if store.min_ns > 0 else ("", "")
-        return [now_hi, now_lo, limit[0], limit[1], store.keep, source,
-                store.nbytes, received_at, codec.new_epoch(),
-                self.activity_field, "1" if check_only else "", self.incarnation]
+        args: list[Any] = [now_hi, now_lo, store.keep, source, store.nbytes, received_at, codec.new_epoch(),
+                           self.activity_field, self.incarnation]
+        if store.min_ns > 0:
+            args += codec.split_ns(store.min_ns)
+        elif check_only:
+            args += ("", "")
+        if check_only:
+            args.append("1")
+        return args
 
     def store_commands(self, store: _Store, data: bytes | memoryview) -> list[Command]:
         """The store's MULTI: DECIDE opens the stream for the XADD (or does not: then the
@@ -312,17 +319,20 @@ class _Core:
         if reply == 0:
             raise self.gone()
 
-    def decided(self, reply: Any) -> tuple[int, bytes | None]:
-        if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], int):
+    def decided(self, reply: Any) -> int:
+        """DECIDE's reply read: seq when accepted, 0 when rate-limited, -1 when a check
+        found no limit."""
+        if not isinstance(reply, int) or isinstance(reply, bool) or reply < GONE:
             raise RedisDataError(f"Redis at {masked(self.url)}: the store script of {self.stream!r} "
                                  f"answered {reply!r:.80}")
-        if reply[0] == GONE:
+        if reply == GONE:
             raise self.gone()
-        return reply[0], codec.epoch(self.meta, reply[1])
+        return reply
 
     def stored(self, replies: list[Any]) -> tuple[int, bytes | None] | None:
         """A store's replies read: (seq, epoch), seq 0 when rate-limited; None when the
-        server had lost the script (nothing happened: load it and store again)."""
+        server had lost the script (nothing happened: load it and store again). The
+        epoch is the XADD's id's: DECIDE opened the stream at it."""
         for reply in replies[:4]:
             self.reply(reply)
         results = self.reply(replies[4])
@@ -332,12 +342,14 @@ class _Core:
         decision, added, _ = results
         if _no_script(decision):
             return None
-        seq, epoch = self.decided(self.reply(decision))
-        if seq > 0:
-            if epoch is None or added != b"%s-%d" % (epoch, seq):
-                raise RedisDataError(f"Redis at {masked(self.url)}: key {self.stream!r} took frame {seq} as "
-                                     f"{added!r:.80}")
-        return seq, epoch
+        seq = self.decided(self.reply(decision))
+        if seq <= 0:
+            return seq, None
+        epoch, dash, number = added.partition(b"-") if isinstance(added, bytes) else (b"", b"", b"")
+        if not dash or number != b"%d" % seq:
+            raise RedisDataError(f"Redis at {masked(self.url)}: key {self.stream!r} took frame {seq} as "
+                                 f"{added!r:.80}")
+        return seq, codec.epoch(self.meta, epoch)
 
     def accepted(self, store: _Store, seq: int, epoch: bytes | None, subscribers: list[RedisQueue]) -> bool:
         """An accepted frame is offered to ``subscribers`` (this ring's, in accept order:
@@ -354,7 +366,8 @@ class _Core:
         return True
 
     def stats_command(self) -> Command:
-        return self.script(STATS, (self.stream_name, self.meta_name, self.activity_key), (self.incarnation,))
+        return self.script(STATS, (self.stream_name, self.meta_name, self.sizes_name, self.activity_key),
+                           (self.incarnation,))
 
     def stats(self, reply: Any) -> dict[str, int]:
         if reply is None:
@@ -517,7 +530,7 @@ class _Core:
 # store sit, by command: DECIDE's now (in two parts), nbytes, received_at and proposed
 # epoch; the XADD's timestamp_ms, frame_seq, received_at, received ns and bytes, last.
 # pack_store fills them in in this order.
-_STORE_VARYING = {1: (7, 8, 13, 14, 15), 2: (15, 17, 19, 21, 23)}
+_STORE_VARYING = {1: (7, 8, 11, 12, 13), 2: (15, 17, 19, 21, 23)}
 # Replies to a store: MULTI's, one QUEUED per command, EXEC's.
 STORE_REPLIES = 5
 
@@ -937,7 +950,7 @@ class RedisFrameRing:
         with self._lock:
             self._claim()
             try:
-                seq, _ = self._core.decided(self._call(self._core.check_command(store)))
+                seq = self._core.decided(self._call(self._core.check_command(store)))
             finally:
                 self._busy = False
         return seq == 0

@@ -319,7 +319,7 @@ class AsyncRedisFrameRing:
             if store.min_ns > 0:
                 async with self._lock:
                     reply = await self._call(self._core.check_command(store))
-                if self._core.decided(reply)[0] == 0:
+                if self._core.decided(reply) == 0:
                     return False
             raise store.error
         try:

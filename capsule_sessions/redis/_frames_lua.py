@@ -6,9 +6,10 @@ on Redis Cluster):
 
     frames        the stream: the ring itself, one entry per stored frame, its id
                   "<epoch>-<seq>"
-    frames:meta   a hash: accepted, rate_limited, source_resets, bytes, source, last_hi,
-                  last_lo (the last accepted instant), epoch, ended
-    frames:sizes  a list: the byte size of each entry of the stream, oldest first
+    frames:meta   a hash: accepted, rate_limited, source_resets, source, last_hi, last_lo
+                  (the last accepted instant), epoch, ended
+    frames:sizes  a list: the byte size of each entry of the stream, oldest first (their
+                  sum is visual_stats' bytes)
     frames:end    a stream: an entry here means "this session's frames ended"
 
 A session's ring also names the session hash (its ``activity`` key) and the incarnation
@@ -31,10 +32,11 @@ nothing.
 
 Instants arrive as two integers, ``ns // 10**9`` and ``ns % 10**9`` (exact in Lua's
 doubles, where an int64 of nanoseconds is not), so the rate check compares int64
-nanoseconds exactly as the pure ring does. Each script reads and checks everything first
-and writes afterwards, so a key that holds something else (another program's, or a
-corrupted value) fails the script before it changed anything; the error reply starts
-with ``CAPSULE_DATA`` and the client raises RedisDataError naming the key.
+nanoseconds exactly as the pure ring does. Each script reads and checks what it uses
+first and writes afterwards (or its first write is itself the check, and fails alone),
+so a key that holds something else (another program's, or a corrupted value) fails the
+script before it changed anything; the error reply starts with ``CAPSULE_DATA`` and the
+client raises RedisDataError naming the key.
 """
 
 from __future__ import annotations
@@ -57,110 +59,126 @@ end
 local function integer(key, field, value)
   if value == false or value == nil then return 0, nil end
   local n = tonumber(value)
-  if n == nil or n ~= math.floor(n) then
+  if n == nil or n % 1 ~= 0 then
     return nil, redis.error_reply('CAPSULE_DATA ' .. key .. ' field ' .. field .. ' is not an integer')
   end
   return n, nil
 end
 -- Whether the session hash no longer holds the incarnation ``inc`` ('' when the ring has
 -- none to check): the caller's object is then of an ended session whose id was used
--- again, or whose record expired. Its first value is an error reply when the hash is not
--- one; reading ``field`` checks that the hash can take the touch written later.
-local function gone(activity, field, inc)
+-- again, or whose record expired. Its first value is an error reply when the key is not a
+-- hash (then the touch written later would fail half-way).
+local function gone(activity, inc)
   if activity == '' then return nil, false end
-  local r = redis.pcall('HMGET', activity, 'inc', field)
+  local r = redis.pcall('HGET', activity, 'inc')
   local err = wrong(activity, r, 'hash')
   if err then return err, false end
-  return nil, inc ~= '' and r[1] ~= inc
+  return nil, inc ~= '' and r ~= inc
 end
 """
 
 # KEYS: stream, meta, sizes, activity (a hash, or the empty string: none).
-# ARGV: 1 now_hi, 2 now_lo, 3 min_hi ('' when there is no limit), 4 min_lo, 5 keep,
-# 6 source, 7 nbytes, 8 received_at (repr of the float), 9 an epoch if none is set,
-# 10 activity field, 11 '1': only the rate check (nothing is stored), 12 the incarnation.
-# Reply: {seq, epoch} when accepted (the XADD that follows gets "<epoch>-<seq>"), {0, ''}
-# when rate-limited, {-1, ''} when a check found no limit, {-2, ''} when the incarnation
-# is gone.
+# ARGV: 1 now_hi, 2 now_lo, 3 keep, 4 source, 5 nbytes, 6 received_at (repr of the float),
+# 7 an epoch if none is set, 8 activity field, 9 the incarnation; with a rate limit also
+# 10 min_hi, 11 min_lo; and 12 '1': only the rate check (nothing is stored; 10 and 11 are
+# then '' when there is no limit). Reply: seq when accepted (the XADD that follows gets
+# "<epoch>-<seq>", and tells the client the epoch), 0 when rate-limited, -1 when a check
+# found no limit, -2 when the incarnation is gone.
+#
+# A store runs this on every frame, and a script's server time is mostly its calls and
+# the values they hand to Lua (each call about as much as a native HGET; each field or
+# argument about a tenth of one): so it reads only what the frame needs (the last
+# instant only under a limit, the counters of a reset or a limited frame only then), and
+# the ring's byte count is the sum of the sizes list, taken when visual_stats asks, not
+# kept by every store.
 DECIDE = _CHECK_TYPES + """
 local stream, meta, sizes, activity = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local st = redis.pcall('HMGET', meta, 'last_hi', 'last_lo', 'source', 'epoch', 'accepted', 'bytes',
-                       'rate_limited', 'source_resets')
-local n = redis.pcall('LLEN', sizes)
-local length = redis.pcall('XLEN', stream)
-local err = wrong(meta, st, 'hash') or wrong(sizes, n, 'list') or wrong(stream, length, 'stream')
+local limit = ARGV[10] ~= nil and ARGV[10] ~= ''
+local st
+if limit then
+  st = redis.pcall('HMGET', meta, 'source', 'epoch', 'accepted', 'last_hi', 'last_lo')
+else
+  st = redis.pcall('HMGET', meta, 'source', 'epoch', 'accepted')
+end
+local err = wrong(meta, st, 'hash')
 if err then return err end
 local stale
-err, stale = gone(activity, ARGV[10], ARGV[12])
+err, stale = gone(activity, ARGV[9])
 if err then return err end
-if stale then return {-2, ''} end
-local last_hi, last_lo, accepted, bytes, unused, e
-last_hi, e = integer(meta, 'last_hi', st[1]); if e then return e end
-last_lo, e = integer(meta, 'last_lo', st[2]); if e then return e end
-accepted, e = integer(meta, 'accepted', st[5]); if e then return e end
-bytes, e = integer(meta, 'bytes', st[6]); if e then return e end
-unused, e = integer(meta, 'rate_limited', st[7]); if e then return e end
-unused, e = integer(meta, 'source_resets', st[8]); if e then return e end
-if st[4] and not string.match(st[4], '^%d+$') then
-  return redis.error_reply('CAPSULE_DATA ' .. meta .. ' field epoch is not a number')
-end
-if ARGV[3] ~= '' and st[1] then
-  local dhi = tonumber(ARGV[1]) - last_hi
-  local dlo = tonumber(ARGV[2]) - last_lo
+if stale then return -2 end
+local e
+if limit and st[4] then
+  local last_hi, last_lo
+  last_hi, e = integer(meta, 'last_hi', st[4]); if e then return e end
+  last_lo, e = integer(meta, 'last_lo', st[5]); if e then return e end
+  local dhi, dlo = ARGV[1] - last_hi, ARGV[2] - last_lo
   if dlo < 0 then dlo = dlo + 1000000000; dhi = dhi - 1 end
-  local min_hi = tonumber(ARGV[3])
-  if dhi < min_hi or (dhi == min_hi and dlo < tonumber(ARGV[4])) then
-    redis.call('HINCRBY', meta, 'rate_limited', 1)
-    return {0, ''}
+  local min_hi = ARGV[10] + 0
+  if dhi < min_hi or (dhi == min_hi and dlo < ARGV[11] + 0) then
+    -- The count is a limited frame's only write: a field that is not a counter fails it
+    -- before anything changed.
+    if wrong(meta, redis.pcall('HINCRBY', meta, 'rate_limited', 1), 'hash') then
+      return redis.error_reply('CAPSULE_DATA ' .. meta .. ' field rate_limited is not an integer')
+    end
+    return 0
   end
 end
-if ARGV[11] == '1' then
-  return {-1, ''}
+if ARGV[12] == '1' then
+  return -1
 end
-local epoch = st[4]
-if not epoch then
+local source, epoch = st[1] or '', st[2]
+local switch = source ~= ARGV[4]
+local n = redis.pcall('LLEN', sizes)
+err = wrong(sizes, n, 'list')
+if err then return err end
+local accepted = 0
+if epoch then
+  accepted, e = integer(meta, 'accepted', st[3]); if e then return e end
+else
+  err = wrong(stream, redis.pcall('XLEN', stream), 'stream')
+  if err then return err end
+end
+if switch and source ~= '' then
+  local _
+  _, e = integer(meta, 'source_resets', redis.call('HGET', meta, 'source_resets')); if e then return e end
+end
+local before
+local fresh = not epoch
+if fresh then
   -- A new life of the session's frames: whatever a stream or list held is nobody's.
-  epoch = ARGV[9]
-  accepted = 0
-  bytes = 0
+  epoch = ARGV[7]
   redis.call('DEL', stream, sizes)
 end
-local source = st[3] or ''
-local keep = tonumber(ARGV[5])
-local switch = source ~= ARGV[6]
-local leaving = 0
-if not switch and n + 1 > keep then
-  local old = redis.call('LRANGE', sizes, 0, n - keep)
-  for i = 1, #old do
-    local size = tonumber(old[i])
-    if size == nil then
-      return redis.error_reply('CAPSULE_DATA ' .. sizes .. ' holds a size that is not a number')
-    end
-    leaving = leaving + size
+before = epoch .. '-' .. string.format('%d', accepted)
+-- Opening the stream for the XADD that follows is the first write, and the check of the
+-- stream's type: a failure here changed nothing.
+local opened = redis.pcall('XSETID', stream, before)
+if opened['err'] then
+  if redis.call('EXISTS', stream) == 1 then
+    return redis.error_reply('CAPSULE_DATA ' .. stream .. ' cannot take frame ' .. before .. ' (epoch and accepted of '
+                             .. meta .. '): ' .. opened['err'])
   end
-end
-local before = epoch .. '-' .. string.format('%d', accepted)
-if length == 0 and redis.call('EXISTS', stream) == 0 then
+  -- (No stream yet: made empty, its last id that one.)
   redis.call('XADD', stream, before, '_', '')
   redis.call('XDEL', stream, before)
 end
+local seq = string.format('%d', accepted + 1)
 if switch then
   if source ~= '' then redis.call('HINCRBY', meta, 'source_resets', 1) end
-  redis.call('XTRIM', stream, 'MAXLEN', 0)
+  redis.call('XTRIM', stream, 'MAXLEN', '0')
   redis.call('DEL', sizes)
-  bytes = 0
-elseif n + 1 > keep then
-  -- (the stream: by the XADD's MAXLEN, natively, after the frame is in)
-  if keep > 1 then redis.call('LTRIM', sizes, 1 - keep, -1) else redis.call('DEL', sizes) end
-  bytes = bytes - leaving
+  n = 0
 end
-redis.call('XSETID', stream, before)
-redis.call('RPUSH', sizes, ARGV[7])
-local seq = string.format('%d', accepted + 1)
-redis.call('HSET', meta, 'accepted', seq, 'bytes', string.format('%d', bytes + tonumber(ARGV[7])), 'epoch', epoch,
-           'source', ARGV[6], 'last_hi', ARGV[1], 'last_lo', ARGV[2])
-if activity ~= '' then redis.call('HSET', activity, ARGV[10], ARGV[8]) end
-return {accepted + 1, epoch}
+redis.call('RPUSH', sizes, ARGV[5])
+-- (the stream: by the XADD's MAXLEN, natively, after the frame is in)
+if n >= ARGV[3] + 0 then redis.call('LTRIM', sizes, '-' .. ARGV[3], '-1') end
+if switch or fresh then
+  redis.call('HSET', meta, 'accepted', seq, 'epoch', epoch, 'source', ARGV[4], 'last_hi', ARGV[1], 'last_lo', ARGV[2])
+else
+  redis.call('HSET', meta, 'accepted', seq, 'last_hi', ARGV[1], 'last_lo', ARGV[2])
+end
+if activity ~= '' then redis.call('HSET', activity, ARGV[8], ARGV[6]) end
+return accepted + 1
 """
 
 # The ring cleared (no source, no frames, no rate limit), shared by start and stop.
@@ -168,7 +186,7 @@ _CLEAR = """
 local function clear(stream, meta, sizes, source)
   redis.call('XTRIM', stream, 'MAXLEN', 0)
   redis.call('DEL', sizes)
-  redis.call('HSET', meta, 'source', source, 'bytes', '0')
+  redis.call('HSET', meta, 'source', source)
   redis.call('HDEL', meta, 'last_hi', 'last_lo')
 end
 """
@@ -182,7 +200,7 @@ local err = wrong(meta, st, 'hash') or wrong(sizes, redis.pcall('LLEN', sizes), 
   or wrong(stream, redis.pcall('XLEN', stream), 'stream')
 if err then return err end
 local stale
-err, stale = gone(activity, ARGV[3], ARGV[4])
+err, stale = gone(activity, ARGV[4])
 if err then return err end
 if stale then return 0 end
 local _, e = integer(meta, 'source_resets', st[2]); if e then return e end
@@ -204,7 +222,7 @@ local err = wrong(meta, st, 'hash') or wrong(sizes, redis.pcall('LLEN', sizes), 
   or wrong(stream, redis.pcall('XLEN', stream), 'stream')
 if err then return err end
 local stale
-err, stale = gone(activity, ARGV[3], ARGV[4])
+err, stale = gone(activity, ARGV[4])
 if err then return err end
 if stale then return 0 end
 local source = st[1] or ''
@@ -215,22 +233,35 @@ if activity ~= '' then redis.call('HSET', activity, ARGV[3], ARGV[2]) end
 return 1
 """
 
-# KEYS: stream, meta, activity. ARGV: 1 the incarnation. Reply: accepted, rate_limited,
-# source_resets, frames, bytes (as the hash holds them: the client checks them); nil when
-# the incarnation is gone.
+# KEYS: stream, meta, sizes, activity. ARGV: 1 the incarnation. Reply: accepted,
+# rate_limited, source_resets (as the hash holds them: the client checks them), frames,
+# bytes (the sum of the sizes list); nil when the incarnation is gone.
 STATS = _CHECK_TYPES + """
-local err, stale = gone(KEYS[3], 'active', ARGV[1])
+local stream, meta, sizes = KEYS[1], KEYS[2], KEYS[3]
+local err, stale = gone(KEYS[4], ARGV[1])
 if err then return err end
 if stale then return false end
-local st = redis.call('HMGET', KEYS[2], 'accepted', 'rate_limited', 'source_resets', 'bytes')
-return {st[1] or '0', st[2] or '0', st[3] or '0', redis.call('XLEN', KEYS[1]), st[4] or '0'}
+local st = redis.pcall('HMGET', meta, 'accepted', 'rate_limited', 'source_resets')
+local each = redis.pcall('LRANGE', sizes, 0, -1)
+local length = redis.pcall('XLEN', stream)
+err = wrong(meta, st, 'hash') or wrong(sizes, each, 'list') or wrong(stream, length, 'stream')
+if err then return err end
+local bytes = 0
+for i = 1, #each do
+  local size = tonumber(each[i])
+  if size == nil or size % 1 ~= 0 or size < 0 then
+    return redis.error_reply('CAPSULE_DATA ' .. sizes .. ' holds a size that is not a number')
+  end
+  bytes = bytes + size
+end
+return {st[1] or '0', st[2] or '0', st[3] or '0', length, string.format('%d', bytes)}
 """
 
 # KEYS: meta, activity. ARGV: 1 the incarnation. Reply: accepted, epoch, ended (as the hash
 # holds them), or nil when the incarnation is gone. A subscription starts from it, and its
 # reader asks it again when idle (a new epoch; an incarnation that went without its end).
 OPEN = _CHECK_TYPES + """
-local err, stale = gone(KEYS[2], 'active', ARGV[1])
+local err, stale = gone(KEYS[2], ARGV[1])
 if err then return err end
 if stale then return false end
 return redis.call('HMGET', KEYS[1], 'accepted', 'epoch', 'ended')
@@ -247,7 +278,7 @@ local st = redis.pcall('HMGET', meta, 'accepted', 'epoch')
 local err = wrong(meta, st, 'hash') or wrong(done, redis.pcall('XLEN', done), 'stream')
 if err then return err end
 local stale
-err, stale = gone(KEYS[5], 'active', ARGV[2])
+err, stale = gone(KEYS[5], ARGV[2])
 if err then return err end
 if stale then return false end
 local accepted, e = integer(meta, 'accepted', st[1]); if e then return e end
