@@ -657,6 +657,25 @@ def test_a_corrupted_key_fails_visual_stats_naming_it(redis_url, what, corrupt):
         ring.visual_stats()
 
 
+@pytest.mark.parametrize("configured", [None, 1 << 20])
+def test_a_readers_connection_reads_a_frame_in_few_pieces(redis_url, configured):
+    # A 64 KiB frame's reply is a little over redis-py's 64 KiB buffer: a reader read its
+    # socket three times for it. A pool configured for more keeps its own.
+    from capsule_sessions.redis._frames import READER_READ_BYTES
+
+    extra = {} if configured is None else {"socket_read_size": configured}
+    client = redis.Redis.from_url(redis_url, **extra)
+    ring, _, _ = new_ring(redis_url, client=client)
+    conn = ring._core.reader_connection(None)
+    try:
+        conn.connect()
+        want = max(READER_READ_BYTES, configured or 0)
+        assert len(conn._parser._buffer) == want >= 2 * (64 << 10)
+    finally:
+        conn.disconnect()
+        client.close()
+
+
 def test_nodes_share_one_ring_and_its_counts(redis_url):
     clock = FakeClock()
     a, keys, client = new_ring(redis_url, clock=clock)
