@@ -661,7 +661,7 @@ def test_a_corrupted_key_fails_visual_stats_naming_it(redis_url, what, corrupt):
 def test_a_readers_connection_reads_a_frame_in_few_pieces(redis_url, configured):
     # A 64 KiB frame's reply is a little over redis-py's 64 KiB buffer: a reader read its
     # socket three times for it. A pool configured for more keeps its own.
-    from capsule_sessions.redis._frames import READER_READ_BYTES
+    from capsule_sessions.redis._connect import READ_BUFFER_BYTES
 
     extra = {} if configured is None else {"socket_read_size": configured}
     client = redis.Redis.from_url(redis_url, **extra)
@@ -669,10 +669,25 @@ def test_a_readers_connection_reads_a_frame_in_few_pieces(redis_url, configured)
     conn = ring._core.reader_connection(None)
     try:
         conn.connect()
-        want = max(READER_READ_BYTES, configured or 0)
+        want = max(READ_BUFFER_BYTES, configured or 0)
         assert len(conn._parser._buffer) == want >= 2 * (64 << 10)
     finally:
         conn.disconnect()
+        client.close()
+
+
+def test_a_managers_client_reads_a_frame_in_few_pieces(redis_url):
+    from capsule_sessions.redis._connect import READ_BUFFER_BYTES, connect
+
+    client = connect(redis_url)
+    try:
+        client.ping()
+        conn = client.connection_pool.get_connection()
+        try:
+            assert len(conn._parser._buffer) == READ_BUFFER_BYTES >= 2 * (64 << 10)
+        finally:
+            client.connection_pool.release(conn)
+    finally:
         client.close()
 
 

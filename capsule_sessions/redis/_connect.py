@@ -23,6 +23,10 @@ DEFAULT_TIMEOUT = 5.0
 # pooled connection was made): never on a timeout, where the server may have run the
 # command and a second run would apply it twice.
 RETRIES = 1
+# A connection's read buffer (redis-py's socket_read_size, 64 KiB by default): a reply
+# of a 64 KiB frame is a little more than that, so it took three reads of the socket
+# (each a poll and a recv) where one does, and larger frames one read per 64 KiB.
+READ_BUFFER_BYTES = 256 * 1024
 _SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -54,6 +58,7 @@ def _options(errors: tuple[type[Exception], ...], retry_class: Any, backoff: Any
     return {
         "socket_timeout": DEFAULT_TIMEOUT,
         "socket_connect_timeout": DEFAULT_TIMEOUT,
+        "socket_read_size": READ_BUFFER_BYTES,
         "retry": retry_class(backoff, RETRIES, supported_errors=errors),
         # Raw bytes back: frames are bytes, and every text is decoded (and checked) here.
         "decode_responses": False,

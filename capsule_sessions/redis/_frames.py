@@ -55,6 +55,7 @@ from .._limits import MAX_LOAN_BYTES
 from .._records import VisualFrame
 from ..errors import REENTERED_MESSAGE, SessionNotFoundError
 from . import _frames_codec as codec
+from ._connect import READ_BUFFER_BYTES
 from ._errors import RedisDataError, RedisUnavailableError, masked
 from ._frames_lua import POISON, SCRIPTS, Script
 from ._frames_queue import RedisQueue, RedisSubscription
@@ -83,10 +84,6 @@ CONSUMER_GRACE_S = 0.01
 # returned and did not come back (a slow consumer, a get_nowait poller) is read for again
 # within READER_PARK_S + CONSUMER_GRACE_S, and a waiting thread wakes it 4 times a second.
 READER_PARK_S = 0.25
-# A reader connection's read buffer (redis-py's socket_read_size, 64 KiB by default): a
-# 64 KiB frame's reply is a little more than that, so it took three reads of the socket
-# (each a poll and a recv) where two do, and larger frames one per 64 KiB.
-READER_READ_BYTES = 256 * 1024
 # close_subscriptions keeps the ended frames' keys this long (then they expire): a
 # reader that was away (a restart, a partition) shorter than that still sees the end.
 # The manager's retention of an ended session's keys (_session.RETENTION_SECONDS).
@@ -436,13 +433,15 @@ class _Core:
     # -- readers -----------------------------------------------------------------------
     def reader_connection(self, retry: Any) -> Any:
         """A reader's own connection: the client's settings, a read timeout past the
-        blocking read's, a read buffer for frames (READER_READ_BYTES), and ``retry``
+        blocking read's, a read buffer for frames (READ_BUFFER_BYTES), and ``retry``
         (none: the reader retries itself, with backoff)."""
         pool = self.client.connection_pool
         kwargs = dict(pool.connection_kwargs)
         configured = kwargs.get("socket_timeout")
         kwargs["socket_timeout"] = READ_BLOCK_MS / 1000 + (configured if configured else 5.0)
-        kwargs["socket_read_size"] = max(READER_READ_BYTES, kwargs.get("socket_read_size") or 0)
+        # (a client made elsewhere than _connect has redis-py's 64 KiB: a frame read takes
+        # three reads of the socket)
+        kwargs["socket_read_size"] = max(READ_BUFFER_BYTES, kwargs.get("socket_read_size") or 0)
         kwargs["retry"] = retry
         return pool.connection_class(**kwargs)
 
