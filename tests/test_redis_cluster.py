@@ -164,3 +164,14 @@ def test_nodes_with_skewed_clocks_agree_on_time(pool, parent):
     finally:
         evicting.stop()
     assert theirs.state is SessionState.INIT
+
+
+def test_a_cluster_client_reads_a_frame_in_few_pieces(redis_cluster_url):
+    from capsule_sessions.redis._connect import READ_BUFFER_BYTES, connect_cluster
+
+    client = connect_cluster(redis_cluster_url)
+    try:
+        node = client.get_default_node()
+        assert node.redis_connection.connection_pool.connection_kwargs["socket_read_size"] == READ_BUFFER_BYTES
+    finally:
+        client.close()

@@ -90,7 +90,8 @@ def cluster_enabled(hello: Any) -> bool:
 def _cluster_options() -> dict[str, Any]:
     # The cluster client follows MOVED and ASK itself, and retries a command after a
     # connection error only once it has refreshed its map of the slots.
-    return {"socket_timeout": DEFAULT_TIMEOUT, "socket_connect_timeout": DEFAULT_TIMEOUT, "decode_responses": False}
+    return {"socket_timeout": DEFAULT_TIMEOUT, "socket_connect_timeout": DEFAULT_TIMEOUT,
+            "socket_read_size": READ_BUFFER_BYTES, "decode_responses": False}
 
 
 def connect_cluster(url: str) -> Any:
