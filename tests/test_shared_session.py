@@ -359,20 +359,48 @@ def test_large_frames_arrive_byte_for_byte_whichever_copy(manager, namespace, la
 
 
 def test_the_large_copy_policy_runs_each_method_then_keeps_the_cheapest_and_tries_the_others():
-    """_stream_copy.h's choice: a run of 8 copies of each method first, then the cheapest,
-    and once every 1024 copies a run of 8 of each other one; a run's first half is not
-    timed (the destinations are still in the other method's cache state)."""
+    """_stream_copy.h's choice: a run of 32 copies of each method first, then the
+    cheapest, and once every 2048 copies a run of 32 of each other one; a run's first
+    half is not timed, nor the cheapest's first 16 copies after the others' runs (the
+    destinations are still in the other method's cache state)."""
     shm = pytest.importorskip("capsule_sessions._shm")
     pick = shm._pick_large_copy
+    run, period = 32, 2048
     unmeasured = dict.fromkeys(LARGE_COPIES, 0)
-    assert [pick(call, unmeasured) for call in range(32)] == [
-        (LARGE_COPIES[call // 8], call % 8 >= 4) for call in range(32)]
+    assert [pick(call, unmeasured) for call in range(4 * run)] == [
+        (LARGE_COPIES[call // run], call % run >= run // 2) for call in range(4 * run)]
     for cheap in LARGE_COPIES:
         costs = {name: 100 if name == cheap else 200 + i for i, name in enumerate(LARGE_COPIES)}
         others = [name for name in LARGE_COPIES if name != cheap]
+        # Right after the first runs: the cheapest, timed once it made half a run.
+        assert [pick(4 * run + i, costs) for i in range(run)] == [(cheap, i >= run // 2) for i in range(run)]
         assert pick(5000, costs) == (cheap, True)
-        assert [pick(4 * 1024 + i, costs) for i in range(26)] == (
-            [(others[i // 8], i % 8 >= 4) for i in range(24)] + [(cheap, True), (cheap, True)])
+        assert [pick(4 * period + i, costs) for i in range(3 * run + run)] == (
+            [(others[i // run], i % run >= run // 2) for i in range(3 * run)]
+            + [(cheap, i >= run // 2) for i in range(run)])
+
+
+def test_a_copy_method_is_timed_only_after_half_a_run_of_it_in_a_row(manager, large_copy):
+    """The first copies after a change of method find the destinations in the last
+    method's cache state (_stream_copy.h): whatever the policy's phase, a method's first
+    16 copies in a row are not timed."""
+    from capsule_sessions._limits import STREAM_COPY_MIN_BYTES
+    from capsule_sessions._shm import _large_copy_state
+
+    frame = np.zeros(STREAM_COPY_MIN_BYTES, dtype=np.uint8)
+    cam = manager.create("big")
+    large_copy("memcpy")
+    # Into the part of a period where the policy times every copy of the cheapest.
+    while not 200 <= _large_copy_state()["calls"]["copies"] % 2048 < 1900:
+        assert cam.store_frame(frame, source="c", max_recent=2)
+    for _ in range(20):
+        assert cam.store_frame(frame, source="c", max_recent=2)
+    large_copy("stream")
+    before = _large_copy_state()["stream"]
+    for _ in range(24):
+        assert cam.store_frame(frame, source="c", max_recent=2)
+    after = _large_copy_state()["stream"]
+    assert (after["copies"] - before["copies"], after["timed"] - before["timed"]) == (24, 24 - 16)
 
 
 @pytest.mark.parametrize("dst", [0, 1, 63, 64, 4096 + 17])
@@ -499,7 +527,7 @@ def test_large_stores_use_the_copy_that_measures_cheaper_and_try_the_other(manag
     before = _large_copy_state()
     frame = np.zeros(STREAM_COPY_MIN_BYTES, dtype=np.uint8)
     cam = manager.create("big")
-    for _ in range(2100):  # two periods of 1024 copies, past the first runs of each
+    for _ in range(2100):  # the first runs of each (32 copies), then past a period of 2048
         assert cam.store_frame(frame, source="c", max_recent=2)
     after = _large_copy_state()
     counts = {m: after[m]["copies"] - before[m]["copies"] for m in LARGE_COPIES}

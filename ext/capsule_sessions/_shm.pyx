@@ -176,7 +176,9 @@ cdef extern from "_stream_copy.h" nogil:
         CS_COPY_STREAM_SPLIT
         CS_COPY_METHODS
         CS_COPY_AUTO
-    uint64_t cs_copy_cost[CS_COPY_METHODS]
+    uint64_t cs_copy_cost(int m)
+    uint64_t cs_copy_timed[CS_COPY_METHODS]
+    uint64_t cs_copy_calls
     uint64_t cs_copy_used[CS_COPY_METHODS]
     uint64_t cs_copy_alone
     uint64_t cs_copy_helped
@@ -226,15 +228,17 @@ _LARGE_COPY_NAMES = {m: name for name, m in _LARGE_COPY_METHODS.items()}
 
 def _large_copy_state():
     """How the copies of large stores went in this process (_stream_copy.h): per method
-    (``"memcpy"``, ``"stream"``, and each split with the helper thread) its recent cost in
-    ns per MiB (0: not measured yet) and how many copies used it; ``"split_alone"``:
+    (``"memcpy"``, ``"stream"``, and each split with the helper thread) its cost in ns per
+    MiB (the median of its last timed copies; 0: not measured yet), how many copies used
+    it and how many of them were timed; ``"split_alone"``:
     split copies one thread made (the helper was busy with another, or the copy was one
-    chunk); ``"split_helped"``: chunks of splits the helper copied. For the tests and the
-    curious."""
-    state = {name: {"ns_per_mib": cs_copy_cost[m], "copies": cs_copy_used[m]}
+    chunk); ``"split_helped"``: chunks of splits the helper copied; ``"calls"``: large
+    copies so far, the policy's clock. For the tests and the curious."""
+    state = {name: {"ns_per_mib": cs_copy_cost(m), "copies": cs_copy_used[m], "timed": cs_copy_timed[m]}
              for name, m in _LARGE_COPY_METHODS.items()}
     state["split_alone"] = {"copies": cs_copy_alone}
     state["split_helped"] = {"chunks": cs_copy_helped}
+    state["calls"] = {"copies": cs_copy_calls}
     return state
 
 

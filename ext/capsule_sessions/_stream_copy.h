@@ -20,10 +20,16 @@
  * a copy of 300-700 us) and keeps each method's recent cost per MiB: it uses the cheapest
  * one, and once every CS_COPY_PERIOD copies each other one for CS_COPY_RUN copies, so that a
  * change of the machine's state is seen within a second at 2,000 frames/s, at a cost
- * of under 3% (a run of each of the three others). A method is measured only from the middle of a run of it on: the first
- * copies after a switch find the destinations in the other method's state (memcpy
- * leaves them cached, and non-temporal stores to cached lines are slow; streaming
- * leaves them uncached, and memcpy then reads every line first).
+ * of about 2% (a run of each of the three others). A method is measured only from the
+ * middle of a run of it on, and the cheapest only from CS_COPY_RUN / 2 copies after the
+ * others' runs: the first copies after a switch find the destinations in the other
+ * method's state (memcpy leaves them cached, and non-temporal stores to cached lines are
+ * slow; streaming leaves them uncached, and memcpy then reads every line first). How
+ * long that lasts: 1080p stores to one reader on the project's 2-core EPYC VM, after
+ * 200 streamed ones, took memcpy_split 355, 298, 283, 223 us for its 1st, 4th, 6th and
+ * 8th copies, 186 for the 9th to 16th, and 170 from there on (streaming: 245 throughout).
+ * With runs of 8 timed from their 5th copy, the split measured worse than streaming and
+ * was never chosen: W10 moved 3,950 frames/s where the split alone moves 4,500-4,900.
  */
 #ifndef CAPSULE_SESSIONS_STREAM_COPY_H
 #define CAPSULE_SESSIONS_STREAM_COPY_H
@@ -79,15 +85,24 @@ static inline void cs_stream_copy(char *dst, const char *src, size_t n)
  * the measured choice sees. */
 enum { CS_COPY_PLAIN = 0, CS_COPY_STREAM = 1, CS_COPY_PLAIN_SPLIT = 2, CS_COPY_STREAM_SPLIT = 3,
        CS_COPY_METHODS = 4, CS_COPY_AUTO = -1 };
-#define CS_COPY_PERIOD 1024
-#define CS_COPY_RUN 8
+#define CS_COPY_PERIOD 2048
+#define CS_COPY_RUN 32
 
 /* Process-wide, updated with relaxed atomics: a lost update only delays the choice. */
 static uint64_t cs_copy_calls;
-static uint64_t cs_copy_cost[CS_COPY_METHODS];  /* ns per MiB, a moving average; 0: not measured yet */
+/* Each method's last CS_COPY_SAMPLES timed copies, in ns per MiB (a ring, filled from
+ * cs_copy_timed[m] on); its cost is their median: a copy only ever looks slower than its
+ * method is (it was preempted, or faulted in a new segment's pages), and a median
+ * ignores up to half of them, where a moving average moved with each. A challenger's run
+ * is timed for CS_COPY_SAMPLES copies, so its cost is that run's. */
+#define CS_COPY_SAMPLES (CS_COPY_RUN / 2)
+static uint64_t cs_copy_samples[CS_COPY_METHODS][CS_COPY_SAMPLES];
+static uint64_t cs_copy_timed[CS_COPY_METHODS];
 static uint64_t cs_copy_used[CS_COPY_METHODS];
 static uint64_t cs_copy_alone;  /* split copies made by one thread: the helper was busy or missing, or the copy small */
 static int cs_copy_forced = CS_COPY_AUTO;  /* tests pin one method */
+static int cs_copy_last = CS_COPY_AUTO;  /* the method of the last copy, and how many in a row */
+static uint64_t cs_copy_streak;
 
 static inline uint64_t cs_copy_now_ns(void)
 {
@@ -265,23 +280,45 @@ static inline void cs_split_copy(int streaming, char *dst, const char *src, size
 
 /* The method of copy number ``call`` given each method's cost; ``*measured``: whether
  * its time counts. A run of each method first; then the cheapest, and once every
- * CS_COPY_PERIOD copies a run of each other one in turn. */
+ * CS_COPY_PERIOD copies a run of each other one in turn. A run is timed from its middle
+ * on, and the cheapest from CS_COPY_RUN / 2 copies after the runs (and the first runs)
+ * ended. */
 static inline int cs_copy_pick(uint64_t call, const uint64_t *cost, int *measured)
 {
     int best = 0, m;
     uint64_t phase = call % CS_COPY_PERIOD;
+    uint64_t others = (uint64_t)(CS_COPY_METHODS - 1) * CS_COPY_RUN;
     *measured = call % CS_COPY_RUN >= CS_COPY_RUN / 2;
     if (call < (uint64_t)CS_COPY_METHODS * CS_COPY_RUN)
         return (int)(call / CS_COPY_RUN);
     for (m = 1; m < CS_COPY_METHODS; m++)
         if (cost[m] < cost[best])
             best = m;
-    if (phase < (uint64_t)(CS_COPY_METHODS - 1) * CS_COPY_RUN) {
+    if (phase < others) {
         m = (int)(phase / CS_COPY_RUN);
         return m >= best ? m + 1 : m;
     }
-    *measured = 1;
+    *measured = phase >= others + CS_COPY_RUN / 2
+                && call >= (uint64_t)CS_COPY_METHODS * CS_COPY_RUN + CS_COPY_RUN / 2;
     return best;
+}
+
+/* Method ``m``'s cost: the median of its timed copies in ns per MiB (0: none yet). */
+static inline uint64_t cs_copy_cost(int m)
+{
+    uint64_t sorted[CS_COPY_SAMPLES], v;
+    uint64_t timed = __atomic_load_n(&cs_copy_timed[m], __ATOMIC_RELAXED);
+    int n = timed < CS_COPY_SAMPLES ? (int)timed : CS_COPY_SAMPLES, i, j;
+    if (n == 0)
+        return 0;
+    for (i = 0; i < n; i++) {  /* (insertion sort of at most 16) */
+        v = __atomic_load_n(&cs_copy_samples[m][i], __ATOMIC_RELAXED);
+        for (j = i; j > 0 && sorted[j - 1] > v; j--)
+            sorted[j] = sorted[j - 1];
+        sorted[j] = v;
+    }
+    v = sorted[n / 2];
+    return v ? v : 1;
 }
 
 static inline void cs_large_copy(char *dst, const char *src, size_t n)
@@ -289,13 +326,19 @@ static inline void cs_large_copy(char *dst, const char *src, size_t n)
     uint64_t call = __atomic_fetch_add(&cs_copy_calls, 1, __ATOMIC_RELAXED);
     int forced = __atomic_load_n(&cs_copy_forced, __ATOMIC_RELAXED), measured = 0, m;
     uint64_t costs[CS_COPY_METHODS];
-    uint64_t start, cost, old;
+    uint64_t start, cost, slot;
     int method;
     for (m = 0; m < CS_COPY_METHODS; m++)
-        costs[m] = __atomic_load_n(&cs_copy_cost[m], __ATOMIC_RELAXED);
+        costs[m] = cs_copy_cost(m);
     method = cs_copy_pick(call, costs, &measured);
     if (forced != CS_COPY_AUTO)
         method = forced;
+    /* The cheapest changed (or copies from threads at once interleave): not timed until
+     * it has made half a run in a row, for the reason of the runs. */
+    if (method != __atomic_exchange_n(&cs_copy_last, method, __ATOMIC_RELAXED))
+        __atomic_store_n(&cs_copy_streak, 0, __ATOMIC_RELAXED);
+    if (__atomic_fetch_add(&cs_copy_streak, 1, __ATOMIC_RELAXED) < CS_COPY_RUN / 2)
+        measured = 0;
     start = cs_copy_now_ns();
     if (method >= CS_COPY_PLAIN_SPLIT)
         cs_split_copy(method == CS_COPY_STREAM_SPLIT, dst, src, n);
@@ -305,17 +348,8 @@ static inline void cs_large_copy(char *dst, const char *src, size_t n)
     if (!measured)
         return;
     cost = (cs_copy_now_ns() - start) * (uint64_t)(1 << 20) / (n ? n : 1);
-    old = __atomic_load_n(&cs_copy_cost[method], __ATOMIC_RELAXED);
-    /* Down fast, up slowly: a copy only ever looks slower than its method is (it was
-     * preempted, or faulted in a new segment's pages), so a high sample moves the
-     * average by an eighth of at most twice it, a low one by three quarters. */
-    if (old == 0)
-        cost = cost ? cost : 1;
-    else if (cost <= old)
-        cost = (old + 3 * cost) / 4;
-    else
-        cost = (7 * old + (cost > 2 * old ? 2 * old : cost)) / 8;
-    __atomic_store_n(&cs_copy_cost[method], cost, __ATOMIC_RELAXED);
+    slot = __atomic_fetch_add(&cs_copy_timed[method], 1, __ATOMIC_RELAXED) % CS_COPY_SAMPLES;
+    __atomic_store_n(&cs_copy_samples[method][slot], cost, __ATOMIC_RELAXED);
 }
 
 #endif
