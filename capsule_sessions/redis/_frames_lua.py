@@ -142,14 +142,14 @@ if switch and source ~= '' then
   local _
   _, e = integer(meta, 'source_resets', redis.call('HGET', meta, 'source_resets')); if e then return e end
 end
-local before
 local fresh = not epoch
 if fresh then
   -- A new life of the session's frames: whatever a stream or list held is nobody's.
   epoch = ARGV[7]
   redis.call('DEL', stream, sizes)
+  n = 0
 end
-before = epoch .. '-' .. string.format('%d', accepted)
+local before = epoch .. '-' .. string.format('%d', accepted)
 -- Opening the stream for the XADD that follows is the first write, and the check of the
 -- stream's type: a failure here changed nothing.
 local opened = redis.pcall('XSETID', stream, before)
